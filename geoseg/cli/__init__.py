@@ -1,0 +1,73 @@
+"""The ``geoseg`` command line: a click group with one module per subcommand."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from typing import Any
+
+import click
+
+from geoseg import __version__
+from geoseg.errors import GeosegError
+
+__all__ = ["cli", "main"]
+
+# Dask reads this when distributed is first imported; its INFO chatter is not for users.
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+
+
+class UserFacingError(click.ClickException):
+    """A :class:`GeosegError` shown as one line on stderr, with exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"geoseg: error: {self.format_message()}", err=True)
+
+
+class GeosegGroup(click.Group):
+    """Turns library errors into clean messages instead of tracebacks."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GeosegError as exc:
+            raise UserFacingError(str(exc)) from exc
+
+
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, *_: Any) -> None:
+    click.echo(f"geoseg: warning: {message}", err=True)
+
+
+@click.group(cls=GeosegGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="geoseg")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+def cli(verbose: int, quiet: bool) -> None:
+    """Find roads and buildings in GeoTIFF scenes of any size."""
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    if not quiet and verbose == 0:
+        level = logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    for noisy in ("distributed", "rasterio", "fiona", "pyogrio", "timm", "tornado"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    warnings.showwarning = _show_warning
+
+
+def _register() -> None:
+    from geoseg.cli import model, predict
+
+    cli.add_command(predict.predict)
+    cli.add_command(model.model)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="geoseg")

@@ -1,0 +1,134 @@
+"""``geoseg model``: create, import and inspect model bundles."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from pydantic import ValidationError
+
+from geoseg.errors import ConfigError
+from geoseg.model import ModelSpec, Normalization, build_module, load_bundle, load_torch_state_dict
+from geoseg.model import save_bundle as _save
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _ints(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from exc
+
+
+def _floats(value: str | None) -> list[float]:
+    if not value:
+        return []
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from exc
+
+
+def spec_options(f: F) -> F:
+    opts = [
+        click.option("--name", default="geoseg-model", show_default=True),
+        click.option("--arch", default="Unet", show_default=True, help="smp architecture."),
+        click.option("--encoder", default="resnet18", show_default=True, help="smp encoder."),
+        click.option("--encoder-depth", type=click.IntRange(3, 5), default=5, show_default=True),
+        click.option("--decoder-channels", default="256,128,64,32,16", show_default=True),
+        click.option("--classes", default="background,building,road", show_default=True,
+                     help="Class names in index order."),
+        click.option("--bands", default="1,2,3", show_default=True, help="1-based input bands."),
+        click.option("--dtype", default="uint8", show_default=True, help="Input pixel type."),
+        click.option("--scale", type=float, default=255.0, show_default=True,
+                     help="Divide raw values by this."),
+        click.option("--mean", default=None, help="Per-band mean after scaling (comma list)."),
+        click.option("--std", default=None, help="Per-band std after scaling (comma list)."),
+        click.option("--chunk", type=int, default=512, show_default=True,
+                     help="Recommended chunk core, px."),
+        click.option("--halo", type=int, default=64, show_default=True,
+                     help="Recommended halo, px."),
+        click.option("--gsd", type=float, default=None, help="Ground sample distance, metres."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def build_spec(kw: dict[str, Any]) -> ModelSpec:
+    try:
+        return ModelSpec(
+            name=kw["name"], arch=kw["arch"], encoder=kw["encoder"],
+            encoder_depth=kw["encoder_depth"],
+            decoder_channels=_ints(kw["decoder_channels"])[: kw["encoder_depth"]],
+            classes=[c.strip() for c in kw["classes"].split(",") if c.strip()],
+            bands=_ints(kw["bands"]), dtype=kw["dtype"],
+            normalization=Normalization(scale=kw["scale"], mean=_floats(kw["mean"]),
+                                        std=_floats(kw["std"])),
+            chunk=kw["chunk"], halo=kw["halo"], gsd_m=kw["gsd"],
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid model options: {problems}") from exc
+
+
+@click.group()
+def model() -> None:
+    """Create, import and inspect model bundles (safetensors + model.json)."""
+
+
+@model.command("init")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights.")
+@spec_options
+def init(out: Path, seed: int, **kw: Any) -> None:
+    """Write a bundle with random weights to OUT, to try the pipeline before training."""
+    import torch
+
+    spec = build_spec(kw)
+    torch.manual_seed(seed)
+    bundle = _save(spec, build_module(spec).state_dict(), out)
+    click.echo(f"wrote {bundle.path} ({bundle.ident})")
+
+
+@model.command("import")
+@click.argument("weights", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@spec_options
+def import_(weights: Path, out: Path, **kw: Any) -> None:
+    """Wrap a plain smp state_dict (WEIGHTS.pth, loaded weights-only) as a bundle in OUT."""
+    spec = build_spec(kw)
+    bundle = _save(spec, load_torch_state_dict(weights), out)
+    click.echo(f"wrote {bundle.path} ({bundle.ident})")
+
+
+@model.command("info")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print model.json as JSON.")
+def info(bundle: Path, as_json: bool) -> None:
+    """Show a bundle's spec and verify its weights."""
+    b = load_bundle(bundle)
+    if as_json:
+        click.echo(json.dumps(b.spec.model_dump(), indent=2))
+        return
+    s = b.spec
+    n = s.normalization
+    rows = [
+        ("bundle", str(b.path)),
+        ("model", b.ident),
+        ("architecture", f"{s.arch} / {s.encoder} (depth {s.encoder_depth}, "
+                         f"decoder {s.decoder_channels})"),
+        ("input", f"bands {s.bands}, {s.dtype}"),
+        ("normalization", f"/ {n.scale:g}, mean {n.mean or 0}, std {n.std or 1}"),
+        ("classes", ", ".join(f"{i}={c}" for i, c in enumerate(s.classes))),
+        ("chunk / halo", f"{s.chunk} / {s.halo} px"),
+        ("gsd", f"{s.gsd_m:g} m" if s.gsd_m else "unknown"),
+        ("weights sha256", b.sha256),
+        ("weights size", f"{b.weights_path.stat().st_size / 2**20:.1f} MiB"),
+    ]
+    for k, v in rows:
+        click.echo(f"{k:>15}: {v}")

@@ -1,0 +1,64 @@
+"""Options shared by several subcommands."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def compute_options(f: F) -> F:
+    """Chunk, halo, batch, device, precision, threads, workers and scheduler options."""
+    opts = [
+        click.option("--chunk", type=click.IntRange(min=32), default=None,
+                     help="Chunk core size in pixels (default: the model's recommendation)."),
+        click.option("--halo", type=click.IntRange(min=0), default=None,
+                     help="Halo around each chunk in pixels (default: the model's)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Chunks per forward pass."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto, cpu, cuda or cuda:N."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+                     default="auto", show_default=True,
+                     help="auto picks bf16/fp16 autocast where the device runs it fast."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Torch threads per worker (default: torch's choice)."),
+        click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Local worker threads running chunks."),
+        click.option("--scheduler", default=None, metavar="ADDRESS",
+                     help="Dask scheduler address (tcp://host:8786); default: local."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+class Progress:
+    """A tqdm bar on a terminal; a log line per quarter elsewhere."""
+
+    def __init__(self, desc: str, log: Callable[[str], None]) -> None:
+        self.desc = desc
+        self.log = log
+        self.bar: Any = None
+        self.last_quarter = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=self.desc, unit="chunk", leave=False)
+            self.bar.update(done - self.bar.n)
+            return
+        quarter = 4 * done // max(total, 1)
+        if quarter != self.last_quarter:
+            self.last_quarter = quarter
+            self.log(f"{self.desc}: {done}/{total} chunks")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,350 @@
+"""Model bundles: ``model.json`` (a validated :class:`ModelSpec`) plus ``weights.safetensors``.
+
+A bundle is never a pickle. Loading checks the JSON against the schema, the weights file
+against the recorded SHA-256, and the tensors against the architecture the spec describes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from geoseg.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "Bundle",
+    "ModelSpec",
+    "Normalization",
+    "SCHEMA_VERSION",
+    "build_module",
+    "load_bundle",
+    "load_module",
+    "save_bundle",
+]
+
+SCHEMA_VERSION = 1
+SPEC_FILE = "model.json"
+WEIGHTS_FILE = "weights.safetensors"
+DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+
+
+class Normalization(BaseModel):
+    """Per-model input scaling, ``(x / scale - mean) / std`` per band; never computed per tile."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scale: float = Field(1.0, gt=0, description="Divide raw values by this first (e.g. 255).")
+    mean: list[float] = Field(default_factory=list, description="Per-band mean after scaling.")
+    std: list[float] = Field(default_factory=list, description="Per-band std after scaling.")
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: list[float]) -> list[float]:
+        if any(s <= 0 for s in v):
+            raise ValueError(f"std values must be > 0, got {v}")
+        return v
+
+    def arrays(self, bands: int) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) as float32 arrays of shape (bands, 1, 1)."""
+        mean = np.asarray(self.mean or [0.0] * bands, dtype=np.float32)
+        std = np.asarray(self.std or [1.0] * bands, dtype=np.float32)
+        if mean.shape != (bands,) or std.shape != (bands,):
+            raise ModelError(
+                f"normalization has {len(self.mean)} means and {len(self.std)} stds "
+                f"for {bands} bands"
+            )
+        return mean[:, None, None], std[:, None, None]
+
+    def apply(self, data: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """Normalize raw (bands, h, w) pixels to float32; invalid pixels become 0 (the mean)."""
+        mean, std = self.arrays(data.shape[0])
+        out = data.astype(np.float32)
+        out /= np.float32(self.scale)
+        out -= mean
+        out /= std
+        if valid is not None and not valid.all():
+            out[:, ~valid] = 0.0
+        return out
+
+
+class ModelSpec(BaseModel):
+    """Everything needed to rebuild a model and feed it correctly; stored as ``model.json``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = Field(SCHEMA_VERSION, description="model.json schema version")
+    name: str = Field("geoseg-model", min_length=1, description="Human-readable model name.")
+    arch: str = Field("Unet", description="segmentation-models-pytorch architecture class name.")
+    encoder: str = Field("resnet18", description="smp encoder name.")
+    encoder_depth: int = Field(5, ge=3, le=5, description="Number of encoder stages.")
+    decoder_channels: list[int] = Field(
+        default_factory=lambda: [256, 128, 64, 32, 16],
+        description="Decoder channels per stage (architectures that take them).",
+    )
+    bands: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
+    dtype: str = Field("uint8", description="Expected pixel data type of the input bands.")
+    normalization: Normalization = Field(default_factory=lambda: Normalization(scale=255.0))
+    classes: list[str] = Field(
+        default_factory=lambda: ["background", "building", "road"], min_length=2
+    )
+    activation: Literal["softmax"] = "softmax"
+    chunk: int = Field(512, ge=32, description="Recommended chunk core size, pixels.")
+    halo: int = Field(64, ge=0, description="Recommended halo on each side, pixels.")
+    gsd_m: float | None = Field(None, gt=0, description="Ground sample distance trained at, m.")
+    weights_sha256: str | None = Field(None, description="SHA-256 of weights.safetensors.")
+    description: str = ""
+
+    @field_validator("bands")
+    @classmethod
+    def _bands_positive(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError(f"bands are 1-based and must be >= 1, got {v}")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        if v not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {v!r}")
+        return v
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        import segmentation_models_pytorch as smp
+
+        if not (isinstance(getattr(smp, v, None), type)):
+            raise ValueError(f"unknown segmentation-models-pytorch architecture {v!r}")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _unique_classes(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"class names must be unique, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        n = len(self.bands)
+        for label, values in (("mean", self.normalization.mean), ("std", self.normalization.std)):
+            if values and len(values) != n:
+                raise ValueError(f"normalization.{label} has {len(values)} values for {n} bands")
+        if len(self.decoder_channels) != self.encoder_depth and self._takes_decoder_channels():
+            raise ValueError(
+                f"decoder_channels has {len(self.decoder_channels)} entries; "
+                f"encoder_depth {self.encoder_depth} needs {self.encoder_depth}"
+            )
+        return self
+
+    @property
+    def stride(self) -> int:
+        """Output stride of the encoder: chunk and halo sizes must be multiples of it (px)."""
+        return int(2**self.encoder_depth)
+
+    def _takes_decoder_channels(self) -> bool:
+        import segmentation_models_pytorch as smp
+
+        return "decoder_channels" in inspect.signature(getattr(smp, self.arch)).parameters
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded bundle: its directory, its spec, and the hash that identifies the weights."""
+
+    path: Path
+    spec: ModelSpec
+    sha256: str
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / WEIGHTS_FILE
+
+    @property
+    def ident(self) -> str:
+        """``name@hash12``: names a model in outputs, ledgers and attributes."""
+        return f"{self.spec.name}@{self.sha256[:12]}"
+
+
+def build_module(spec: ModelSpec) -> torch.nn.Module:
+    """The smp module described by ``spec``, randomly initialised (never downloads weights)."""
+    import segmentation_models_pytorch as smp
+
+    cls = getattr(smp, spec.arch)
+    kwargs: dict[str, Any] = {
+        "encoder_name": spec.encoder,
+        "encoder_weights": None,
+        "encoder_depth": spec.encoder_depth,
+        "in_channels": len(spec.bands),
+        "classes": len(spec.classes),
+    }
+    if spec._takes_decoder_channels():
+        kwargs["decoder_channels"] = tuple(spec.decoder_channels)
+    try:
+        return cls(**kwargs)
+    except Exception as exc:  # smp raises KeyError/ValueError/TypeError for bad combinations
+        raise ModelError(
+            f"cannot build {spec.arch} with encoder {spec.encoder!r} "
+            f"(depth {spec.encoder_depth}): {exc}"
+        ) from exc
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def save_bundle(
+    spec: ModelSpec, state_dict: dict[str, torch.Tensor], out: str | os.PathLike[str]
+) -> Bundle:
+    """Write ``state_dict`` and ``spec`` as a bundle directory, atomically (temp dir + rename)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    _check_state_dict(spec, state_dict, source=str(out))
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        digest = file_sha256(tmp / WEIGHTS_FILE)
+        spec = spec.model_copy(update={"weights_sha256": digest})
+        (tmp / SPEC_FILE).write_text(spec.model_dump_json(indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Bundle(out, spec, digest)
+
+
+def read_spec(path: str | os.PathLike[str]) -> ModelSpec:
+    """Parse and validate ``model.json`` in bundle directory ``path``."""
+    p = Path(path)
+    spec_file = p / SPEC_FILE if p.is_dir() else p
+    if not spec_file.exists():
+        raise ModelError(f"{p}: not a model bundle (no {SPEC_FILE})")
+    try:
+        raw = json.loads(spec_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{spec_file}: invalid JSON ({exc})") from exc
+    try:
+        return ModelSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ModelError(f"{spec_file}: invalid model spec: {problems}") from exc
+
+
+def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
+    """Read a bundle's spec and check its weights file (presence, and SHA-256 if recorded)."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"{p}: model bundle not found")
+    if not p.is_dir():
+        raise ModelError(f"{p}: a model bundle is a directory with {SPEC_FILE} and {WEIGHTS_FILE}")
+    spec = read_spec(p)
+    weights = p / WEIGHTS_FILE
+    if not weights.exists():
+        raise ModelError(f"{p}: missing {WEIGHTS_FILE}")
+    digest = file_sha256(weights) if verify or spec.weights_sha256 is None else spec.weights_sha256
+    if spec.weights_sha256 and digest != spec.weights_sha256:
+        raise ModelError(
+            f"{weights}: SHA-256 {digest[:12]}… does not match model.json "
+            f"({spec.weights_sha256[:12]}…); the file is corrupt or was replaced"
+        )
+    return Bundle(p, spec, digest)
+
+
+def load_module(bundle: Bundle) -> torch.nn.Module:
+    """Build the bundle's module and load its weights (strictly), in eval mode."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(bundle.weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{bundle.weights_path}: not a valid safetensors file ({exc})") from exc
+    module = build_module(bundle.spec)
+    _check_state_dict(bundle.spec, state, source=str(bundle.weights_path), module=module)
+    module.load_state_dict(state, strict=True)
+    return module.eval()
+
+
+def _check_state_dict(
+    spec: ModelSpec,
+    state: dict[str, torch.Tensor],
+    *,
+    source: str,
+    module: torch.nn.Module | None = None,
+) -> None:
+    """Raise :class:`ModelError` listing how ``state`` differs from the spec's architecture."""
+    expected = (module or build_module(spec)).state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} with wrong shape (e.g. {'; '.join(shapes[:3])})")
+        raise ModelError(
+            f"{source}: weights do not match {spec.arch}/{spec.encoder} with "
+            f"{len(spec.bands)} bands and {len(spec.classes)} classes: " + ", ".join(parts)
+        )
+
+
+def load_torch_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a plain PyTorch state_dict safely (``weights_only=True``); unwraps common nesting."""
+    import torch
+
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"{p}: no such file")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad or unsafe pickles
+        raise ModelError(f"{p}: cannot load as a weights-only state_dict ({_first_line(exc)})") from exc
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"{p}: does not hold a state_dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,484 @@
+"""The engine: per-chunk read → normalize → forward → trim, and the Dask graph for one scene.
+
+Each chunk is one Dask task that reads its own core plus halo straight from the file (cheaper
+than shipping halos between tasks), so a task needs only a small picklable description of its
+scene, chunk and model. Results stream back to the single writer on the client as they finish,
+with a bounded number of tasks in flight: no full-scene array exists anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import threading
+import uuid
+import warnings
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from geoseg.errors import ConfigError, InputError, ModelError
+from geoseg.grid import Chunk, ChunkGrid
+from geoseg.model import Bundle, ModelSpec, Normalization, load_module
+from geoseg.raster import RasterWriter, Scene, check_writable, read_padded
+
+if TYPE_CHECKING:
+    import torch
+    from distributed import Client
+
+__all__ = [
+    "BundleFactory",
+    "ChunkPlan",
+    "ChunkResult",
+    "PredictOptions",
+    "PredictOutputs",
+    "Predictor",
+    "PredictorFactory",
+    "TorchPredictor",
+    "check_compatible",
+    "get_predictor",
+    "open_client",
+    "predict_chunks",
+    "predict_scene",
+    "resolve_device",
+    "resolve_precision",
+]
+
+log = logging.getLogger(__name__)
+
+MASK_NODATA = 255
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class Predictor(Protocol):
+    """Maps a normalized float32 batch (N, bands, H, W) to class probabilities (N, K, H, W)."""
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+class PredictorFactory(Protocol):
+    """A small, picklable, hashable recipe that builds a :class:`Predictor` on a worker."""
+
+    def build(self) -> Predictor: ...
+
+    def __hash__(self) -> int: ...
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 instructions (AVX512-BF16 or AMX), where autocast pays."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → 'cuda' when a CUDA device is visible, else 'cpu'."""
+    import torch
+
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for, but no CUDA device is available")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' → what the device runs fast: bf16 (or fp16) on CUDA, bf16 on CPUs that have it."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+class TorchPredictor:
+    """Runs a torch module on a device with optional autocast, returning softmax probabilities."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        device: str = "cpu",
+        precision: str = "fp32",
+        activation: str | None = "softmax",
+    ) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.precision = precision
+        self.activation = activation
+        self.memory_format = torch.channels_last
+        self.module = module.eval().to(self.device, memory_format=self.memory_format)
+        self._lock = threading.Lock()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.contiguous(memory_format=self.memory_format)
+        with (
+            self._lock,
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+        ):
+            y = self.module(x)
+        y = y.float()
+        if self.activation == "softmax":
+            y = torch.softmax(y, dim=1)
+        return y.cpu().numpy()
+
+
+@dataclass(frozen=True)
+class BundleFactory:
+    """Builds a :class:`TorchPredictor` from a bundle directory; cached once per worker process."""
+
+    path: str
+    sha256: str
+    device: str = "cpu"
+    precision: str = "fp32"
+    threads: int | None = None
+
+    def build(self) -> Predictor:
+        import torch
+
+        from geoseg.model import load_bundle
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        bundle = load_bundle(self.path)
+        if bundle.sha256 != self.sha256:
+            raise ModelError(f"{self.path}: weights changed while running (hash {bundle.sha256[:12]})")
+        return TorchPredictor(load_module(bundle), self.device, self.precision, bundle.spec.activation)
+
+
+_PREDICTORS: dict[Hashable, Predictor] = {}
+_PREDICTORS_LOCK = threading.Lock()
+LOAD_COUNT: dict[Hashable, int] = {}
+
+
+def get_predictor(factory: PredictorFactory) -> Predictor:
+    """The predictor for ``factory`` in this process, built on first use only."""
+    with _PREDICTORS_LOCK:
+        pred = _PREDICTORS.get(factory)
+        if pred is None:
+            pred = factory.build()
+            _PREDICTORS[factory] = pred
+            LOAD_COUNT[factory] = LOAD_COUNT.get(factory, 0) + 1
+        return pred
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """What every chunk task of one scene shares: input bands, normalization, class count."""
+
+    scene: Scene
+    bands: tuple[int, ...]
+    normalization: Normalization
+    n_classes: int
+
+
+@dataclass
+class ChunkResult:
+    """uint8 outputs for a chunk's core: probabilities (K, h, w) 0–255, class ids (1, h, w)."""
+
+    chunk: Chunk
+    probs: np.ndarray
+    mask: np.ndarray
+    valid: np.ndarray
+    skipped: bool = False
+
+
+def _core(chunk: Chunk, arr: np.ndarray) -> np.ndarray:
+    tr, tc = chunk.trim
+    return arr[..., tr : tr + int(chunk.core.height), tc : tc + int(chunk.core.width)]
+
+
+def quantize(probs: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float probabilities (K, h, w) → uint8 0–255 probabilities and uint8 class ids (1, h, w)."""
+    classes = np.argmax(probs, axis=0).astype(np.uint8)
+    q = np.rint(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if not valid.all():
+        classes[~valid] = MASK_NODATA
+        q[:, ~valid] = 0
+    return q, classes[None]
+
+
+def predict_chunks(
+    plan: ChunkPlan, chunks: Sequence[Chunk], factory: PredictorFactory
+) -> list[ChunkResult]:
+    """One task: read each chunk with its halo, run the model on those with valid pixels, trim."""
+    results: list[ChunkResult | None] = [None] * len(chunks)
+    todo: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    for i, chunk in enumerate(chunks):
+        data, valid = read_padded(plan.scene, chunk.padded, plan.bands)
+        core_valid = _core(chunk, valid)
+        if not core_valid.any():
+            h, w = core_valid.shape
+            results[i] = ChunkResult(
+                chunk,
+                np.zeros((plan.n_classes, h, w), np.uint8),
+                np.full((1, h, w), MASK_NODATA, np.uint8),
+                core_valid,
+                skipped=True,
+            )
+            continue
+        x = plan.normalization.apply(data, valid)
+        todo.setdefault(x.shape, []).append((i, x, core_valid))
+    if todo:
+        predictor = get_predictor(factory)
+        for items in todo.values():
+            probs = predictor(np.stack([x for _, x, _ in items]))
+            for (i, _, core_valid), p in zip(items, probs, strict=True):
+                chunk = chunks[i]
+                q, classes = quantize(_core(chunk, p), core_valid)
+                results[i] = ChunkResult(chunk, q, classes, core_valid)
+    return [r for r in results if r is not None]
+
+
+def check_compatible(scene: Scene, spec: ModelSpec) -> list[str]:
+    """Raise if ``scene`` cannot feed the model; return warnings for doubtful fits."""
+    usable = [b for b in range(1, scene.count + 1) if b != scene.alpha_band]
+    missing = [b for b in spec.bands if b > scene.count]
+    if missing:
+        raise InputError(
+            f"{scene.path}: has {scene.count} band(s) but the model reads bands "
+            f"{spec.bands} ({len(spec.bands)} bands)"
+        )
+    if scene.alpha_band in spec.bands:
+        raise InputError(f"{scene.path}: model band {scene.alpha_band} is this scene's alpha band")
+    if scene.dtype != spec.dtype:
+        raise InputError(
+            f"{scene.path}: pixel type is {scene.dtype} but the model expects {spec.dtype} "
+            f"(its normalization assumes {spec.dtype} values); rescale the scene or use a "
+            "model trained on this data type"
+        )
+    notes = []
+    if len(usable) > len(spec.bands):
+        notes.append(
+            f"{scene.path}: has {len(usable)} image bands; the model reads bands {spec.bands}"
+        )
+    if spec.gsd_m:
+        ratio = scene.gsd_m / spec.gsd_m
+        if ratio > 2 or ratio < 0.5:
+            notes.append(
+                f"{scene.path}: ground sample distance {scene.gsd_m:.3g} m is {ratio:.2g}x the "
+                f"model's {spec.gsd_m:.3g} m; expect poor results (resample the scene)"
+            )
+    return notes
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to run: sizes in pixels; ``None`` takes the bundle's recommendation."""
+
+    chunk: int | None = None
+    halo: int | None = None
+    batch_size: int = 1
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None
+    workers: int = 1
+    scheduler: str | None = None
+    max_in_flight: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+
+@dataclass
+class PredictOutputs:
+    """What one scene produced."""
+
+    scene: str
+    probs: Path
+    mask: Path
+    chunks: int
+    skipped: int
+    redundancy: float
+    warnings: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def open_client(options: PredictOptions) -> Iterator[Client]:
+    """A Dask client: the given scheduler, or an in-process local cluster of worker threads."""
+    from distributed import Client, LocalCluster
+
+    if options.scheduler:
+        try:
+            client = Client(options.scheduler, timeout="20s")
+        except OSError as exc:
+            raise ConfigError(f"cannot reach Dask scheduler {options.scheduler}: {exc}") from exc
+        with client:
+            yield client
+        return
+    with (
+        LocalCluster(
+            processes=False,
+            n_workers=1,
+            threads_per_worker=options.workers,
+            dashboard_address=None,
+            silence_logs=logging.WARNING,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def _batches(grid: ChunkGrid, size: int) -> Iterator[list[Chunk]]:
+    batch: list[Chunk] = []
+    for chunk in grid:
+        batch.append(chunk)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def stream_tasks(
+    client: Client,
+    fn: Callable[..., Any],
+    args: Iterator[tuple[Any, ...]],
+    max_in_flight: int,
+    name: str,
+) -> Iterator[Any]:
+    """Submit ``fn(*a)`` for each ``a``, at most ``max_in_flight`` at once; yield results as done.
+
+    On error the remaining tasks are cancelled and the task's exception is re-raised.
+    """
+    from distributed import as_completed
+
+    pending = as_completed()
+    futures = set()
+
+    def submit_next() -> bool:
+        a = next(args, None)
+        if a is None:
+            return False
+        fut = client.submit(fn, *a, key=f"{name}-{uuid.uuid4().hex}", pure=False, retries=1)
+        futures.add(fut)
+        pending.add(fut)
+        return True
+
+    for _ in range(max_in_flight):
+        if not submit_next():
+            break
+    try:
+        for fut in pending:
+            result = fut.result()
+            futures.discard(fut)
+            fut.release()
+            yield result
+            submit_next()
+    finally:
+        if futures:
+            client.cancel(list(futures))
+
+
+def output_paths(scene: Scene, out_dir: Path) -> tuple[Path, Path]:
+    """(probabilities, class mask) output paths for ``scene`` in ``out_dir``."""
+    return out_dir / f"{scene.stem}.probs.tif", out_dir / f"{scene.stem}.mask.tif"
+
+
+def output_tags(bundle: Bundle, scene: Scene) -> dict[str, str]:
+    """Metadata stored in every output raster, read back by ``geoseg vectorize``."""
+    return {
+        "GEOSEG_CLASSES": json.dumps(bundle.spec.classes),
+        "GEOSEG_MODEL": bundle.ident,
+        "GEOSEG_MODEL_NAME": bundle.spec.name,
+        "GEOSEG_MODEL_SHA256": bundle.sha256,
+        "GEOSEG_SCENE": os.path.basename(scene.path),
+    }
+
+
+def predict_scene(
+    scene: Scene,
+    bundle: Bundle,
+    out_dir: str | os.PathLike[str],
+    options: PredictOptions,
+    client: Client,
+    *,
+    factory: PredictorFactory | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PredictOutputs:
+    """Predict one scene into ``<stem>.probs.tif`` and ``<stem>.mask.tif`` COGs in ``out_dir``.
+
+    ``factory`` overrides how workers build the predictor (default: the bundle on the options'
+    device and precision). ``progress(done, total)`` is called after each chunk is written.
+    """
+    spec = bundle.spec
+    notes = check_compatible(scene, spec)
+    for note in notes:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    grid = ChunkGrid(
+        scene.width,
+        scene.height,
+        options.chunk or spec.chunk,
+        spec.halo if options.halo is None else options.halo,
+        multiple=spec.stride,
+    )
+    if factory is None:
+        device = resolve_device(options.device)
+        factory = BundleFactory(
+            str(bundle.path.resolve()),
+            bundle.sha256,
+            device,
+            resolve_precision(options.precision, device),
+            options.threads,
+        )
+    out = Path(out_dir)
+    check_writable(out)
+    probs_path, mask_path = output_paths(scene, out)
+    plan = ChunkPlan(scene, tuple(spec.bands), spec.normalization, len(spec.classes))
+    n_workers = max(1, sum(client.nthreads().values()))
+    max_in_flight = options.max_in_flight or 2 * n_workers
+    total, done, skipped = len(grid), 0, 0
+    writer = RasterWriter(scene, output_tags(bundle, scene))
+    writer.add("probs", probs_path, len(spec.classes), band_names=spec.classes,
+               resampling="average", with_mask=True)
+    writer.add("mask", mask_path, 1, nodata=MASK_NODATA, band_names=["class_id"])
+    tasks = ((plan, batch, factory) for batch in _batches(grid, options.batch_size))
+    name = f"geoseg-predict-{scene.stem}"
+    with writer:
+        for results in stream_tasks(client, predict_chunks, tasks, max_in_flight, name):
+            for r in results:
+                writer.write("probs", r.chunk.core, r.probs, r.valid)
+                writer.write("mask", r.chunk.core, r.mask)
+                done += 1
+                skipped += r.skipped
+            if progress is not None:
+                progress(done, total)
+    log.info("%s: %d chunks (%d all-nodata) → %s", scene.path, total, skipped, out)
+    return PredictOutputs(
+        scene.path, probs_path, mask_path, total, skipped, grid.redundancy, notes
+    )
+
+
+def redundancy(chunk: int, halo: int) -> float:
+    """Model pixels per output pixel for an interior chunk: ((core + 2 halo) / core)²."""
+    return math.pow((chunk + 2 * halo) / chunk, 2)
+
+

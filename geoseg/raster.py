@@ -1,0 +1,357 @@
+"""Open and validate scenes, read padded chunk windows, and write chunked outputs as COGs.
+
+This is the only module of the engine that opens raster files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import MaskFlags
+from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.windows import Window
+
+from geoseg.errors import InputError, OutputError
+
+__all__ = [
+    "GDAL_ENV",
+    "RasterWriter",
+    "Scene",
+    "atomic_path",
+    "open_scene",
+    "read_padded",
+    "reflect_index",
+]
+
+#: GDAL settings for every read and write: a small block cache keeps RSS bounded (MiB).
+GDAL_ENV: dict[str, Any] = {"GDAL_CACHEMAX": 64, "GDAL_TIFF_INTERNAL_MASK": True}
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Validated metadata of one input raster; holds no pixels."""
+
+    path: str
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: CRS
+    transform: Affine
+    nodata: float | None
+    block_shape: tuple[int, int]
+    has_mask: bool
+    alpha_band: int | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def stem(self) -> str:
+        """File name without its extension, used to name outputs."""
+        return Path(self.path).name.split(".")[0] or Path(self.path).stem
+
+    @property
+    def res(self) -> tuple[float, float]:
+        """Pixel size (x, y) in CRS units."""
+        return (abs(self.transform.a), abs(self.transform.e))
+
+    @property
+    def gsd_m(self) -> float:
+        """Ground sample distance in metres, also for geographic CRSs (at the scene's centre)."""
+        rx, ry = self.res
+        if self.crs.is_geographic:
+            lat = (self.transform * (self.width / 2, self.height / 2))[1]
+            metres_per_degree = 111_320.0
+            return math.sqrt(rx * metres_per_degree * math.cos(math.radians(lat)) * ry * 111_320.0)
+        factor = self.crs.linear_units_factor[1] if self.crs.is_projected else 1.0
+        return math.sqrt(rx * ry) * factor
+
+
+def open_scene(path: str | os.PathLike[str]) -> Scene:
+    """Open ``path`` and check that geoseg can process it; raise :class:`InputError` if not."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, not a raster file")
+    try:
+        with rasterio.Env(**GDAL_ENV), rasterio.open(p) as src:
+            scene = _describe(src, p)
+            _probe_last_block(src, p)
+    except RasterioError as exc:
+        raise InputError(f"{p}: not a readable raster ({_short(exc)})") from exc
+    return scene
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _describe(src: Any, p: Path) -> Scene:
+    if src.count < 1:
+        raise InputError(f"{p}: has no raster bands")
+    dtypes = set(src.dtypes)
+    if any(np.dtype(d).kind == "c" for d in dtypes):
+        raise InputError(
+            f"{p}: complex data type ({', '.join(sorted(dtypes))}) is not supported; "
+            "convert the SAR data to amplitude or intensity first"
+        )
+    if len(dtypes) > 1:
+        raise InputError(f"{p}: bands have mixed data types {sorted(dtypes)}")
+    t = src.transform
+    if t.b != 0 or t.d != 0:
+        raise InputError(
+            f"{p}: has a rotated or sheared geotransform {tuple(t)[:6]}; geoseg needs a "
+            "north-up grid, so warp it first (for example: gdalwarp in.tif out.tif)"
+        )
+    if src.crs is None:
+        if src.gcps[0]:
+            raise InputError(f"{p}: is georeferenced by GCPs only; warp it to a CRS first")
+        raise InputError(f"{p}: has no CRS, so its outputs could not be georeferenced")
+    if t.e > 0:
+        raise InputError(f"{p}: is stored bottom-up (positive y pixel size); warp it first")
+    flags = src.mask_flag_enums
+    has_mask = any(MaskFlags.all_valid not in f for f in flags)
+    alpha = None
+    for i, ci in enumerate(src.colorinterp, start=1):
+        if ci.name == "alpha":
+            alpha = i
+    return Scene(
+        path=str(p.resolve()),
+        width=src.width,
+        height=src.height,
+        count=src.count,
+        dtype=src.dtypes[0],
+        crs=src.crs,
+        transform=t,
+        nodata=src.nodata,
+        block_shape=tuple(src.block_shapes[0]),
+        has_mask=has_mask or np.dtype(src.dtypes[0]).kind == "f",
+        alpha_band=alpha,
+        tags=dict(src.tags()),
+    )
+
+
+def _probe_last_block(src: Any, p: Path) -> None:
+    """Read the last block of every band, so that a truncated file fails now, not mid-run."""
+    bh, bw = src.block_shapes[0]
+    h, w = min(bh, src.height), min(bw, src.width)
+    win = Window(src.width - w, src.height - h, w, h)
+    try:
+        src.read(window=win)
+    except RasterioIOError as exc:
+        raise InputError(f"{p}: is truncated or corrupt ({_short(exc)})") from exc
+
+
+def reflect_index(start: int, size: int, n: int) -> np.ndarray:
+    """Source indices for ``size`` positions from ``start`` on an axis of length ``n``.
+
+    Positions outside [0, n) are mirrored without repeating the edge (numpy's "reflect"),
+    periodically, so that any window maps into the scene, however thin it is.
+    """
+    idx = np.arange(start, start + size)
+    if n == 1:
+        return np.zeros(size, dtype=np.int64)
+    period = 2 * (n - 1)
+    idx = np.mod(idx, period)
+    return np.where(idx >= n, period - idx, idx).astype(np.int64)
+
+
+def read_padded(
+    scene: Scene, window: Window, bands: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``bands`` (1-based) over ``window``, reflecting where it leaves the scene.
+
+    Returns (data of shape (bands, h, w) in the file's dtype, valid mask of shape (h, w)).
+    """
+    rows = reflect_index(int(window.row_off), int(window.height), scene.height)
+    cols = reflect_index(int(window.col_off), int(window.width), scene.width)
+    r0, r1 = int(rows.min()), int(rows.max()) + 1
+    c0, c1 = int(cols.min()), int(cols.max()) + 1
+    src_win = Window(c0, r0, c1 - c0, r1 - r0)
+    try:
+        with rasterio.Env(**GDAL_ENV), rasterio.open(scene.path) as src:
+            block = src.read(list(bands), window=src_win)
+            mask = src.dataset_mask(window=src_win) > 0 if scene.has_mask else None
+    except RasterioError as exc:
+        raise InputError(
+            f"{scene.path}: read failed at window {src_win} ({_short(exc)})"
+        ) from exc
+    ri, ci = np.ix_(rows - r0, cols - c0)
+    data = block[:, ri, ci]
+    if mask is None:
+        valid = np.ones(data.shape[1:], dtype=bool)
+    else:
+        valid = mask[ri, ci]
+    if data.dtype.kind == "f":
+        valid &= np.isfinite(data).all(axis=0)
+    return data, valid
+
+
+def atomic_path(final: Path) -> Path:
+    """A hidden temporary name beside ``final``, to be renamed onto it when complete."""
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
+
+
+def check_writable(directory: Path) -> None:
+    """Create ``directory`` if needed and prove that files can be created in it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = atomic_path(directory / "probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"{directory}: output directory is not writable ({exc.strerror})") from exc
+
+
+@dataclass
+class _Output:
+    final: Path
+    work: Path
+    profile: dict[str, Any]
+    resampling: str
+    dataset: Any = None
+
+
+class RasterWriter:
+    """Writes chunk results into outputs that share one grid, then publishes them as COGs.
+
+    Chunks are written windowed into tiled scratch GeoTIFFs; :meth:`commit` converts each to
+    a Cloud-Optimized GeoTIFF with overviews under a temporary name and renames it into place.
+    Until then nothing exists under the final names; :meth:`abort` removes every scratch file.
+    Only one process may hold a writer for a given output.
+    """
+
+    def __init__(self, scene: Scene, tags: dict[str, str] | None = None) -> None:
+        self.scene = scene
+        self.tags = tags or {}
+        self._outputs: dict[str, _Output] = {}
+        self._env = rasterio.Env(**GDAL_ENV)
+
+    def add(
+        self,
+        name: str,
+        final: Path,
+        count: int,
+        *,
+        nodata: int | None = None,
+        band_names: Sequence[str] | None = None,
+        resampling: str = "nearest",
+        with_mask: bool = False,
+    ) -> None:
+        """Declare an output ``name`` of ``count`` uint8 bands to be written at ``final``."""
+        profile: dict[str, Any] = {
+            "driver": "GTiff",
+            "width": self.scene.width,
+            "height": self.scene.height,
+            "count": count,
+            "dtype": "uint8",
+            "crs": self.scene.crs,
+            "transform": self.scene.transform,
+            "nodata": nodata,
+            "tiled": True,
+            "blockxsize": 512,
+            "blockysize": 512,
+            "compress": "zstd",
+            "zstd_level": 1,
+            "bigtiff": "if_safer",
+            "interleave": "pixel" if count > 1 else "band",
+            "photometric": "minisblack",
+        }
+        out = _Output(final, atomic_path(final.with_suffix(".scratch.tif")), profile, resampling)
+        out.profile["_band_names"] = list(band_names or [])
+        out.profile["_with_mask"] = with_mask
+        self._outputs[name] = out
+
+    def __enter__(self) -> RasterWriter:
+        self._env.__enter__()
+        try:
+            for out in self._outputs.values():
+                profile = {k: v for k, v in out.profile.items() if not k.startswith("_")}
+                out.dataset = rasterio.open(out.work, "w", **profile)
+                out.dataset.update_tags(**self.tags)
+                for i, bname in enumerate(out.profile["_band_names"], start=1):
+                    out.dataset.set_band_description(i, bname)
+        except (RasterioError, OSError) as exc:
+            self.abort()
+            raise OutputError(f"cannot create outputs for {self.scene.path}: {exc}") from exc
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        try:
+            if exc_type is None:
+                self.commit()
+            else:
+                self.abort()
+        finally:
+            self._env.__exit__(None, None, None)
+
+    def write(self, name: str, window: Window, data: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Write ``data`` (bands, h, w) at ``window``; ``valid`` sets the output's mask there."""
+        out = self._outputs[name]
+        try:
+            out.dataset.write(data, window=window)
+            if out.profile["_with_mask"] and valid is not None:
+                out.dataset.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
+        except (RasterioError, OSError) as exc:
+            raise OutputError(f"{out.final}: write failed ({_short(exc)})") from exc
+
+    def commit(self) -> None:
+        """Convert every scratch file to a COG and rename it onto its final name."""
+        staged: list[tuple[Path, Path]] = []
+        try:
+            for out in self._outputs.values():
+                out.dataset.close()
+                tmp = atomic_path(out.final)
+                rasterio.shutil.copy(
+                    out.work,
+                    tmp,
+                    driver="COG",
+                    compress="deflate",
+                    predictor=2,
+                    blocksize=512,
+                    overview_resampling=out.resampling,
+                    bigtiff="if_safer",
+                    num_threads="all_cpus",
+                )
+                staged.append((tmp, out.final))
+            for tmp, final in staged:
+                os.replace(tmp, final)
+        except (RasterioError, OSError) as exc:
+            for tmp, _ in staged:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            raise OutputError(f"cannot write outputs for {self.scene.path}: {_short(exc)}") from exc
+        finally:
+            self._remove_scratch()
+
+    def abort(self) -> None:
+        """Close and delete everything written so far; the final names stay untouched."""
+        self._remove_scratch()
+
+    def _remove_scratch(self) -> None:
+        for out in self._outputs.values():
+            if out.dataset is not None and not out.dataset.closed:
+                with contextlib.suppress(Exception):
+                    out.dataset.close()
+            for p in (out.work, Path(str(out.work) + ".msk")):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
+def iter_blocks(width: int, height: int, size: int) -> Iterator[Window]:
+    """Windows of at most ``size`` x ``size`` pixels covering a width x height grid."""
+    for r in range(0, height, size):
+        for c in range(0, width, size):
+            yield Window(c, r, min(size, width - c), min(size, height - r))
