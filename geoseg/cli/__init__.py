@@ -59,10 +59,14 @@ def cli(verbose: int, quiet: bool) -> None:
 
 
 def _register() -> None:
+    from geoseg.cli import evaluate as evaluate_cli
     from geoseg.cli import model, predict
+    from geoseg.cli import train as train_cli
 
     cli.add_command(predict.predict)
     cli.add_command(model.model)
+    cli.add_command(train_cli.train)
+    cli.add_command(evaluate_cli.evaluate)
 
 
 _register()

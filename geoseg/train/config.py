@@ -1,0 +1,203 @@
+"""The training configuration: a YAML file validated by pydantic (``extra='forbid'``).
+
+Relative paths in the file are resolved against the file's own directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from geoseg.errors import ConfigError
+from geoseg.model import ModelSpec
+
+__all__ = [
+    "ChipConfig",
+    "LabelSource",
+    "OptimConfig",
+    "RasterLabels",
+    "SceneConfig",
+    "TrainConfig",
+    "VectorLabels",
+    "load_config",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VectorLabels(_Strict):
+    """A vector layer whose geometries are burned as one class (any CRS; reprojected)."""
+
+    kind: Literal["vector"] = "vector"
+    path: Path = Field(description="GeoJSON, GeoPackage, FlatGeobuf, Shapefile …")
+    class_name: str = Field(alias="class", description="Class the geometries are burned as.")
+    width_m: float | None = Field(
+        None, gt=0, description="Full width of line and point features in metres (buffered)."
+    )
+    layer: str | None = Field(None, description="Layer name for multi-layer files.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class RasterLabels(_Strict):
+    """A label raster; ``values`` maps its pixel values to class names (others: background)."""
+
+    kind: Literal["raster"] = "raster"
+    path: Path
+    values: dict[int, str] = Field(
+        description="Pixel value → class name, e.g. {255: road}; unlisted values are background."
+    )
+
+
+LabelSource = Annotated[VectorLabels | RasterLabels, Field(discriminator="kind")]
+
+
+class SceneConfig(_Strict):
+    """One training scene and the label sources burned onto it, later sources on top."""
+
+    image: Path
+    labels: list[LabelSource] = Field(min_length=1)
+
+
+class ChipConfig(_Strict):
+    """How chips are cut (pixels) and how the scene is split into train/validation regions."""
+
+    size: int = Field(256, ge=32, description="Chip side, pixels (multiple of the model stride).")
+    stride: int = Field(128, ge=8, description="Step between chips inside a region, pixels.")
+    block: int = Field(
+        512, ge=32, description="Split-region side, pixels; whole regions go to validation."
+    )
+    val_fraction: float = Field(0.25, ge=0, lt=1, description="Share of regions for validation.")
+
+    @model_validator(mode="after")
+    def _block_holds_chip(self) -> ChipConfig:
+        if self.block < self.size:
+            raise ValueError(f"block ({self.block} px) must be >= chip size ({self.size} px)")
+        return self
+
+
+class OptimConfig(_Strict):
+    """AdamW with linear warm-up then cosine decay, stepped per batch."""
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    dice_weight: float = Field(1.0, ge=0, description="Loss = cross-entropy + this × Dice.")
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    threads: int | None = Field(None, ge=1, description="Torch CPU threads.")
+
+
+class TrainConfig(_Strict):
+    """Everything ``geoseg train`` needs; the model section is a bundle spec (see model.json)."""
+
+    schema_version: Literal[1] = 1
+    model: ModelSpec
+    scenes: list[SceneConfig] = Field(min_length=1)
+    chips: ChipConfig = Field(default_factory=lambda: ChipConfig.model_validate({}))
+    optim: OptimConfig = Field(default_factory=lambda: OptimConfig.model_validate({}))
+    out: Path = Field(description="Bundle directory written with the best weights.")
+    checkpoint: Path | None = Field(
+        None, description="Resumable state directory (default: <out>.checkpoint)."
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _no_fixed_stats(cls, spec: ModelSpec) -> ModelSpec:
+        if spec.normalization.mean or spec.normalization.std:
+            raise ValueError(
+                "model.normalization.mean/std are computed from the training scenes; "
+                "give only model.normalization.scale"
+            )
+        return spec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        stride = self.model.stride
+        if self.chips.size % stride:
+            raise ValueError(
+                f"chips.size {self.chips.size} px must be a multiple of the model stride {stride}"
+            )
+        known = set(self.model.classes)
+        for scene in self.scenes:
+            for src in scene.labels:
+                names = [src.class_name] if isinstance(src, VectorLabels) else src.values.values()
+                for name in names:
+                    if name not in known:
+                        raise ValueError(
+                            f"{src.path}: class {name!r} is not one of the model classes "
+                            f"{self.model.classes}"
+                        )
+        return self
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.checkpoint or self.out.with_name(self.out.name + ".checkpoint")
+
+    def fingerprint(self) -> str:
+        """Hash of everything that shapes training except the epoch count and output paths."""
+        data = self.model_dump(mode="json", exclude={"out", "checkpoint"})
+        data["optim"].pop("epochs")
+        data["optim"].pop("device")
+        data["optim"].pop("threads")
+        return hashlib.sha256(repr(sorted(_flatten(data))).encode()).hexdigest()
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(obj, dict):
+        return [kv for k, v in obj.items() for kv in _flatten(v, f"{prefix}.{k}")]
+    if isinstance(obj, list):
+        return [kv for i, v in enumerate(obj) for kv in _flatten(v, f"{prefix}[{i}]")]
+    return [(prefix, repr(obj))]
+
+
+def _resolve(raw: Any, base: Path) -> Any:
+    """Make the config's relative paths relative to ``base`` (the config file's directory)."""
+    if not isinstance(raw, dict):
+        return raw
+    for key in ("out", "checkpoint"):
+        if isinstance(raw.get(key), str):
+            raw[key] = str(base / raw[key])
+    for scene in raw.get("scenes") or []:
+        if isinstance(scene, dict):
+            if isinstance(scene.get("image"), str):
+                scene["image"] = str(base / scene["image"])
+            for src in scene.get("labels") or []:
+                if isinstance(src, dict) and isinstance(src.get("path"), str):
+                    src["path"] = str(base / src["path"])
+    return raw
+
+
+def parse_config(raw: Any, source: str, base: Path | None = None) -> TrainConfig:
+    """Validate a config mapping; relative paths are taken relative to ``base``."""
+    if base is not None:
+        raw = _resolve(raw, base)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"{source}: invalid training config: {problems}") from exc
+
+
+def load_config(path: str | os.PathLike[str]) -> TrainConfig:
+    """Read and validate a YAML training config."""
+    import yaml
+
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
+    return parse_config(raw, str(p), p.resolve().parent)

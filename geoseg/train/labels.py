@@ -1,0 +1,232 @@
+"""Training labels: vector layers and label rasters, brought onto a scene's pixel grid.
+
+Vector labels are read once per scene, checked for a CRS that fits their coordinates,
+reprojected to the scene's CRS and buffered (lines, points) in metres. Pixels are burned per
+chip window, so no full-scene label array is ever made.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import rasterio
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from geoseg.errors import InputError
+from geoseg.raster import GDAL_ENV, Scene, reflect_index
+from geoseg.train.config import RasterLabels, SceneConfig, VectorLabels
+
+if TYPE_CHECKING:
+    import geopandas as gpd
+
+__all__ = ["IGNORE", "BurnLayer", "SceneLabels", "check_label_crs", "load_scene_labels"]
+
+log = logging.getLogger(__name__)
+
+#: Label value for pixels the loss ignores (scene nodata).
+IGNORE = 255
+
+
+@dataclass(frozen=True)
+class BurnLayer:
+    """Polygons in the scene CRS, burned with one class id."""
+
+    class_id: int
+    geometries: gpd.GeoSeries
+
+
+@dataclass(frozen=True)
+class RasterLayer:
+    """A label raster and its value → class id table."""
+
+    path: str
+    lookup: dict[int, int]
+
+
+@dataclass(frozen=True)
+class SceneLabels:
+    """All label layers of one scene, burned in order (later layers on top)."""
+
+    scene: Scene
+    layers: tuple[BurnLayer | RasterLayer, ...]
+
+    def burn(self, window: Window) -> np.ndarray:
+        """uint8 class ids (h, w) over ``window``, reflected outside the scene like the image."""
+        rows = reflect_index(int(window.row_off), int(window.height), self.scene.height)
+        cols = reflect_index(int(window.col_off), int(window.width), self.scene.width)
+        r0, c0 = int(rows.min()), int(cols.min())
+        inner = Window(c0, r0, int(cols.max()) + 1 - c0, int(rows.max()) + 1 - r0)
+        out = np.zeros((int(inner.height), int(inner.width)), dtype=np.uint8)
+        for layer in self.layers:
+            if isinstance(layer, BurnLayer):
+                self._burn_vector(layer, inner, out)
+            else:
+                self._burn_raster(layer, inner, out)
+        return out[np.ix_(rows - r0, cols - c0)]
+
+    def _burn_vector(self, layer: BurnLayer, inner: Window, out: np.ndarray) -> None:
+        from rasterio.features import rasterize
+        from rasterio.windows import bounds, transform
+
+        box = bounds(inner, self.scene.transform)
+        hits = layer.geometries.sindex.query(_box(box), predicate="intersects")
+        if len(hits) == 0:
+            return
+        shapes = ((g, 1) for g in layer.geometries.iloc[np.sort(hits)])
+        burned = rasterize(
+            shapes,
+            out_shape=out.shape,
+            transform=transform(inner, self.scene.transform),
+            fill=0,
+            dtype="uint8",
+        )
+        out[burned > 0] = layer.class_id
+
+    def _burn_raster(self, layer: RasterLayer, inner: Window, out: np.ndarray) -> None:
+        from rasterio.enums import Resampling
+        from rasterio.vrt import WarpedVRT
+
+        s = self.scene
+        try:
+            with (
+                rasterio.Env(**GDAL_ENV),
+                rasterio.open(layer.path) as src,
+                WarpedVRT(
+                    src,
+                    crs=s.crs,
+                    transform=s.transform,
+                    width=s.width,
+                    height=s.height,
+                    resampling=Resampling.nearest,
+                ) as vrt,
+            ):
+                values = vrt.read(1, window=inner)
+        except RasterioError as exc:
+            raise InputError(f"{layer.path}: cannot read label raster ({exc})") from exc
+        for value, class_id in layer.lookup.items():
+            out[values == value] = class_id
+
+
+def _box(bounds: tuple[float, float, float, float]) -> object:
+    from shapely.geometry import box
+
+    return box(*bounds)
+
+
+def check_label_crs(gdf: gpd.GeoDataFrame, source: str) -> None:
+    """Refuse a layer whose coordinates cannot be in its declared CRS (e.g. metres as degrees)."""
+    from pyproj import CRS, Transformer
+
+    if gdf.crs is None:
+        raise InputError(f"{source}: has no CRS; save it with one (GeoJSON is always EPSG:4326)")
+    if gdf.empty:
+        return
+    crs = CRS.from_user_input(gdf.crs)
+    x0, y0, x1, y1 = (float(v) for v in gdf.total_bounds)
+    if crs.is_geographic:
+        if not (-180.5 <= x0 <= x1 <= 360 and -90.5 <= y0 <= y1 <= 90.5):
+            raise InputError(
+                f"{source}: coordinates span x {x0:.6g}..{x1:.6g}, y {y0:.6g}..{y1:.6g}, which "
+                f"are not degrees, but the file says its CRS is {crs.to_string()}; the declared "
+                "CRS is wrong (projected coordinates saved as GeoJSON?)"
+            )
+        return
+    area = crs.area_of_use
+    if area is None:
+        return
+    lon0, lat0, lon1, lat1 = Transformer.from_crs(
+        crs, "EPSG:4326", always_xy=True
+    ).transform_bounds(x0, y0, x1, y1)
+    margin = 10.0  # degrees: projected data often reaches a little beyond the area of use
+    finite = all(math.isfinite(v) for v in (lon0, lat0, lon1, lat1))
+    if not finite or (
+        lon1 < area.west - margin
+        or lon0 > area.east + margin
+        or lat1 < area.south - margin
+        or lat0 > area.north + margin
+    ):
+        raise InputError(
+            f"{source}: coordinates x {x0:.6g}..{x1:.6g}, y {y0:.6g}..{y1:.6g} lie outside the "
+            f"area of use of its CRS {crs.to_string()} ({area.name}); the declared CRS is wrong"
+        )
+
+
+def _read_vector(src: VectorLabels) -> gpd.GeoDataFrame:
+    import pyogrio
+
+    try:
+        return pyogrio.read_dataframe(src.path, layer=src.layer, columns=[])
+    except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, OSError) as exc:
+        raise InputError(f"{src.path}: cannot read vector labels ({exc})") from exc
+
+
+def vector_layer(src: VectorLabels, scene: Scene, class_id: int) -> BurnLayer:
+    """Read, check, reproject and buffer one vector source for ``scene``."""
+    from shapely.geometry import box
+
+    gdf = _read_vector(src)
+    check_label_crs(gdf, str(src.path))
+    gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    geoms = gdf.geometry
+    kinds = set(geoms.geom_type)
+    thin = geoms.geom_type.isin(["LineString", "MultiLineString", "Point", "MultiPoint"])
+    if thin.any():
+        if src.width_m is None:
+            raise InputError(
+                f"{src.path}: has {', '.join(sorted(kinds))} features; set width_m (metres) "
+                "so that lines and points can be buffered into areas"
+            )
+        metric = geoms.estimate_utm_crs()
+        buffered = geoms[thin].to_crs(metric).buffer(src.width_m / 2.0)
+        geoms = geoms.copy()
+        geoms[thin] = buffered.to_crs(geoms.crs).values
+    geoms = geoms.to_crs(scene.crs)
+    invalid = ~geoms.is_valid
+    if invalid.any():
+        geoms = geoms.copy()
+        geoms[invalid] = geoms[invalid].make_valid().values
+    left, bottom, right, top = rasterio.transform.array_bounds(
+        scene.height, scene.width, scene.transform
+    )
+    if len(geoms) and not geoms.intersects(box(left, bottom, right, top)).any():
+        raise InputError(
+            f"{src.path}: none of its {len(geoms)} features overlap scene {scene.path} after "
+            f"reprojection to {scene.crs.to_string()}; the labels belong to another place or "
+            "their CRS is wrong"
+        )
+    return BurnLayer(class_id, geoms.reset_index(drop=True))
+
+
+def raster_layer(src: RasterLabels, scene: Scene, classes: list[str]) -> RasterLayer:
+    """Check that a label raster opens and overlaps ``scene``."""
+    from rasterio.coords import disjoint_bounds
+    from rasterio.warp import transform_bounds
+
+    try:
+        with rasterio.Env(**GDAL_ENV), rasterio.open(src.path) as ds:
+            if ds.crs is None:
+                raise InputError(f"{src.path}: label raster has no CRS")
+            b = transform_bounds(ds.crs, scene.crs, *ds.bounds)
+    except RasterioError as exc:
+        raise InputError(f"{src.path}: cannot open label raster ({exc})") from exc
+    scene_b = rasterio.transform.array_bounds(scene.height, scene.width, scene.transform)
+    sb = (scene_b[0], scene_b[1], scene_b[2], scene_b[3])
+    if disjoint_bounds(b, sb):
+        raise InputError(f"{src.path}: label raster does not overlap scene {scene.path}")
+    return RasterLayer(str(src.path), {v: classes.index(n) for v, n in src.values.items()})
+
+
+def load_scene_labels(cfg: SceneConfig, scene: Scene, classes: list[str]) -> SceneLabels:
+    """All label layers of one configured scene, ready to burn."""
+    layers: list[BurnLayer | RasterLayer] = []
+    for src in cfg.labels:
+        if isinstance(src, VectorLabels):
+            layers.append(vector_layer(src, scene, classes.index(src.class_name)))
+        else:
+            layers.append(raster_layer(src, scene, classes))
+    return SceneLabels(scene, tuple(layers))
