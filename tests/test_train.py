@@ -20,7 +20,7 @@ from geoseg.cli import cli
 from geoseg.errors import ConfigError, InputError
 from geoseg.model import load_bundle
 from geoseg.raster import open_scene, read_padded
-from geoseg.train.chips import band_statistics, chip_windows, load_chip, split_regions
+from geoseg.train.chips import chip_windows, load_chip, split_regions
 from geoseg.train.config import load_config, parse_config
 from geoseg.train.labels import IGNORE, load_scene_labels
 from geoseg.train.loop import EpochReport, prepare, train
