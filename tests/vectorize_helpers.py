@@ -16,7 +16,12 @@ UTM_TRANSFORM = Affine(0.5, 0, 620000.0, 0, -0.5, 3350000.0)
 #: About 0.5 m pixels in longitude/latitude near Austin.
 LONLAT_TRANSFORM = Affine(5.2e-6, 0, -97.74, 0, -4.5e-6, 30.27)
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+_ROOT = Path(__file__).resolve().parents[1]
+#: ``<repo>/../shared/data`` (a worktree one level deeper also finds it).
+DATA = next(
+    (p / "shared" / "data" for p in (_ROOT.parent, _ROOT.parent.parent) if (p / "shared").is_dir()),
+    _ROOT.parent / "shared" / "data",
+)
 
 
 def tags(stem: str) -> dict[str, str]:

@@ -49,7 +49,8 @@ class Prediction:
     @property
     def centre(self) -> tuple[float, float]:
         """Centre of the raster in its CRS (x, y)."""
-        return self.transform * (self.width / 2, self.height / 2)  # type: ignore[no-any-return]
+        x, y = self.transform @ (self.width / 2, self.height / 2)
+        return (x, y)
 
 
 def _classes(src: rasterio.io.DatasetReader, p: Path) -> tuple[str, ...]:
