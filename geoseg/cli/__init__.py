@@ -76,6 +76,9 @@ def _register() -> None:
 
     cli.add_command(predict.predict)
     cli.add_command(model.model)
+    from geoseg.cli import vectorize
+
+    cli.add_command(vectorize.vectorize)
 
 
 _register()

@@ -34,6 +34,12 @@ log = logging.getLogger("geoseg.cli")
     help="Output directory.",
 )
 @compute_options
+@click.option(
+    "--vectorize",
+    "also_vectorize",
+    is_flag=True,
+    help="Also write building polygons and road centerlines (see geoseg vectorize).",
+)
 def predict(
     scenes: tuple[Path, ...],
     model_path: Path,
@@ -46,6 +52,7 @@ def predict(
     threads: int | None,
     workers: int,
     scheduler: str | None,
+    also_vectorize: bool = False,
 ) -> None:
     """Write <stem>.probs.tif and <stem>.mask.tif COGs for each SCENE into --out."""
     bundle = load_bundle(model_path)
@@ -74,3 +81,8 @@ def predict(
                 f"{scene.stem}: {result.probs} {result.mask} "
                 f"({result.chunks} chunks, {result.skipped} all-nodata)"
             )
+            if also_vectorize:
+                from geoseg.cli.vectorize import report
+                from geoseg.vectorize import vectorize_prediction
+
+                report(vectorize_prediction(result.probs, out_dir, client=client))
