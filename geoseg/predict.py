@@ -301,14 +301,14 @@ class PredictOptions:
     device: str = "auto"
     precision: str = "auto"
     threads: int | None = None
-    workers: int = 1
+    workers: int | None = None
     scheduler: str | None = None
     max_in_flight: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
@@ -325,6 +325,16 @@ class PredictOutputs:
     skipped: int
     redundancy: float
     warnings: list[str] = field(default_factory=list)
+
+
+def local_threads(options: PredictOptions) -> int:
+    """Worker threads of the local cluster: 2 on CUDA (one reads while one computes), else 1.
+
+    On a CPU the model's own intra-op threads already use every core.
+    """
+    if options.workers:
+        return options.workers
+    return 2 if resolve_device(options.device).startswith("cuda") else 1
 
 
 @contextlib.contextmanager
@@ -344,7 +354,7 @@ def open_client(options: PredictOptions) -> Iterator[Client]:
         LocalCluster(
             processes=False,
             n_workers=1,
-            threads_per_worker=options.workers,
+            threads_per_worker=local_threads(options),
             dashboard_address=None,
             silence_logs=logging.WARNING,
         ) as cluster,

@@ -52,9 +52,8 @@ def compute_options(f: F) -> F:
         click.option(
             "--workers",
             type=click.IntRange(min=1),
-            default=1,
-            show_default=True,
-            help="Local worker threads running chunks.",
+            default=None,
+            help="Local worker threads running chunks (default: 2 on CUDA, else 1).",
         ),
         click.option(
             "--scheduler",

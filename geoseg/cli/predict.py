@@ -50,7 +50,7 @@ def predict(
     device: str,
     precision: str,
     threads: int | None,
-    workers: int,
+    workers: int | None,
     scheduler: str | None,
     also_vectorize: bool = False,
 ) -> None:
