@@ -44,8 +44,21 @@ def bundle(encoder: str, chunk: int, halo: int) -> Path:
     path = OUT / f"model_{encoder}_{chunk}_{halo}"
     if not path.exists():
         subprocess.run(
-            [PY, "-m", "geoseg", "-q", "model", "init", str(path), "--encoder", encoder,
-             "--chunk", str(chunk), "--halo", str(halo)],
+            [
+                PY,
+                "-m",
+                "geoseg",
+                "-q",
+                "model",
+                "init",
+                str(path),
+                "--encoder",
+                encoder,
+                "--chunk",
+                str(chunk),
+                "--halo",
+                str(halo),
+            ],
             check=True,
         )
     return path
@@ -53,8 +66,22 @@ def bundle(encoder: str, chunk: int, halo: int) -> Path:
 
 def e2e(scene_path: Path, model: Path, args: argparse.Namespace) -> tuple[float, float]:
     out = OUT / f"pred_{scene_path.stem}"
-    cmd = [PY, "-m", "geoseg", "-q", "predict", str(scene_path), "-m", str(model), "-o", str(out),
-           "--device", args.device, "--precision", args.precision]
+    cmd = [
+        PY,
+        "-m",
+        "geoseg",
+        "-q",
+        "predict",
+        str(scene_path),
+        "-m",
+        str(model),
+        "-o",
+        str(out),
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     return run_measured(cmd)
@@ -66,14 +93,16 @@ import numpy as np, torch
 from geoseg.grid import ChunkGrid
 from geoseg.model import load_bundle, load_module
 from geoseg.predict import TorchPredictor, resolve_device, resolve_precision
-model, size, device, precision, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+model, device, precision = sys.argv[1], sys.argv[3], sys.argv[4]
+size, threads = int(sys.argv[2]), int(sys.argv[5])
 if threads: torch.set_num_threads(threads)
 b = load_bundle(model)
 device = resolve_device(device)
 pred = TorchPredictor(load_module(b), device, resolve_precision(precision, device))
 grid = ChunkGrid(size, size, b.spec.chunk, b.spec.halo, multiple=b.spec.stride)
 shapes = [(int(c.padded.height), int(c.padded.width)) for c in grid]
-x = {s: np.random.default_rng(0).standard_normal((1, len(b.spec.bands), *s)).astype(np.float32) for s in set(shapes)}
+rng = np.random.default_rng(0)
+x = {s: rng.standard_normal((1, len(b.spec.bands), *s)).astype(np.float32) for s in set(shapes)}
 for s in set(shapes): pred(x[s])  # warm-up, excluded like a loaded worker's
 t = time.perf_counter()
 for s in shapes: pred(x[s])
@@ -84,8 +113,19 @@ print(json.dumps({"seconds": time.perf_counter() - t, "pixels": sum(h * w for h,
 
 def bare(model: Path, size: int, args: argparse.Namespace) -> dict[str, float]:
     out = subprocess.run(
-        [PY, "-c", BARE, str(model), str(size), args.device, args.precision, str(args.threads or 0)],
-        check=True, capture_output=True, text=True,
+        [
+            PY,
+            "-c",
+            BARE,
+            str(model),
+            str(size),
+            args.device,
+            args.precision,
+            str(args.threads or 0),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return dict(json.loads(out.strip().splitlines()[-1]))
 
@@ -110,7 +150,8 @@ for r in range(0, h, tile):
         th, tw = min(tile, h - r), min(tile, w - c)
         acc[:, r:r + th, c:c + tw] = p[:, halo:halo + th, halo:halo + tw]
 mask = acc.argmax(0).astype(np.uint8)
-profile.update(count=1, dtype="uint8", compress="deflate", tiled=True, photometric="minisblack")
+profile.update(count=1, dtype="uint8", compress="deflate", tiled=True,
+               photometric="minisblack")
 with rasterio.open(out, "w", **profile) as dst:
     dst.write(mask, 1)
 """
@@ -122,14 +163,22 @@ def cmd_throughput(args: argparse.Namespace) -> None:
     t_e2e, rss = e2e(path, model, args)
     b = bare(model, args.size, args)
     redundancy = b["pixels"] / args.size**2
-    print(f"scene {args.size}² px, {args.encoder}, chunk {args.chunk} + halo {args.halo} px, "
-          f"device {args.device}, precision {args.precision}")
-    print(f"  e2e geoseg predict : {t_e2e:8.1f} s  ({args.size**2 / t_e2e / 1e6:.2f} MP/s of scene, "
-          f"peak RSS {rss:.0f} MiB)")
-    print(f"  bare forward       : {b['seconds']:8.1f} s  ({b['pixels'] / b['seconds'] / 1e6:.2f} MP/s "
-          f"of model input)")
-    print(f"  ratio e2e / bare   : {t_e2e / b['seconds']:8.3f}   (bare-forward share "
-          f"{100 * b['seconds'] / t_e2e:.1f} %)")
+    print(
+        f"scene {args.size}² px, {args.encoder}, chunk {args.chunk} + halo {args.halo} px, "
+        f"device {args.device}, precision {args.precision}"
+    )
+    print(
+        f"  e2e geoseg predict : {t_e2e:8.1f} s  ({args.size**2 / t_e2e / 1e6:.2f} MP/s of scene, "
+        f"peak RSS {rss:.0f} MiB)"
+    )
+    print(
+        f"  bare forward       : {b['seconds']:8.1f} s  "
+        f"({b['pixels'] / b['seconds'] / 1e6:.2f} MP/s of model input)"
+    )
+    print(
+        f"  ratio e2e / bare   : {t_e2e / b['seconds']:8.3f}   (bare-forward share "
+        f"{100 * b['seconds'] / t_e2e:.1f} %)"
+    )
     print(f"  redundant compute  : {redundancy:8.3f}   (model pixels per scene pixel)")
 
 
@@ -139,7 +188,10 @@ def cmd_memory(args: argparse.Namespace) -> None:
     for size in args.sizes:
         t, rss = e2e(scene(size), model, args)
         peaks[size] = rss
-        print(f"  {size:6d}² px: peak RSS {rss:7.0f} MiB ({rss / 1024:.2f} GiB), {t:7.1f} s", flush=True)
+        print(
+            f"  {size:6d}² px: peak RSS {rss:7.0f} MiB ({rss / 1024:.2f} GiB), {t:7.1f} s",
+            flush=True,
+        )
     sizes = sorted(peaks)
     for a, b in zip(sizes, sizes[1:], strict=False):
         print(f"  growth {a}² → {b}²: {peaks[b] / peaks[a]:.3f}x")
@@ -149,8 +201,18 @@ def cmd_naive(args: argparse.Namespace) -> None:
     model = bundle(args.encoder, args.chunk, args.halo)
     path = scene(args.size)
     t_g, rss_g = e2e(path, model, args)
-    t_n, rss_n = run_measured([PY, "-c", NAIVE, str(model), str(path),
-                               str(OUT / "naive_mask.tif"), args.device, args.precision])
+    t_n, rss_n = run_measured(
+        [
+            PY,
+            "-c",
+            NAIVE,
+            str(model),
+            str(path),
+            str(OUT / "naive_mask.tif"),
+            args.device,
+            args.precision,
+        ]
+    )
     print(f"scene {args.size}² px, {args.encoder}, tile {args.chunk} + halo {args.halo} px")
     print(f"  geoseg predict : {t_g:7.1f} s, peak RSS {rss_g:7.0f} MiB")
     print(f"  naive loop     : {t_n:7.1f} s, peak RSS {rss_n:7.0f} MiB")
