@@ -138,7 +138,7 @@ def test_robustness_corpus(tmp_path: Path, shared_data: Path, make_bundle: Any, 
         assert REFUSED[name] in res.output
         return
     assert res.exit_code == 0, res.output
-    stem = name.split(".")[0]
+    stem = name.removesuffix(".tif")
     with rasterio.open(path) as src, rasterio.open(out / f"{stem}.mask.tif") as dst:
         assert (dst.crs, dst.transform, dst.shape) == (src.crs, src.transform, src.shape)
         mask = dst.read(1)
@@ -162,7 +162,7 @@ def test_striped_and_tiled_copies_give_identical_outputs(
         out = tmp_path / f"out-{name}"
         res = predict(str(src), "-m", str(bundle.path), "-o", str(out), "--chunk", "256")
         assert res.exit_code == 0, res.output
-        stem = name.split(".")[0]
+        stem = name.removesuffix(".tif")
         with (
             rasterio.open(out / f"{stem}.probs.tif") as a,
             rasterio.open(out / f"{stem}.mask.tif") as b,

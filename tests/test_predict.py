@@ -14,7 +14,7 @@ from affine import Affine
 from rio_cogeo.cogeo import cog_validate
 
 from geoseg import predict as engine
-from geoseg.errors import InputError
+from geoseg.errors import InputError, OutputError
 from geoseg.predict import PredictOptions, open_client, predict_scene
 from geoseg.raster import open_scene
 from tests.conftest import write_tif
@@ -173,7 +173,7 @@ def test_measured_halo_makes_deep_model_seamless(
 def test_outputs_are_georeferenced_cogs(tmp_path: Path, make_bundle: Any) -> None:
     t = Affine(0.5, 0, 733_601.0, 0, -0.5, 3_725_139.0)
     rng = np.random.default_rng(2)
-    data = rng.integers(0, 256, size=(3, 300, 420), dtype=np.uint8)
+    data = rng.integers(0, 256, size=(3, 560, 700), dtype=np.uint8)  # > one 512 px block
     scene = write_tif(tmp_path / "geo.tif", data, crs="EPSG:32616", transform=t)
     bundle = make_bundle()
     out = run(scene, bundle, tmp_path / "out", chunk=128, halo=32)
@@ -182,7 +182,7 @@ def test_outputs_are_georeferenced_cogs(tmp_path: Path, make_bundle: Any) -> Non
         with rasterio.open(path) as dst:
             assert dst.crs.to_epsg() == 32616
             assert dst.transform == t
-            assert (dst.width, dst.height, dst.count) == (420, 300, count)
+            assert (dst.width, dst.height, dst.count) == (700, 560, count)
             assert dst.dtypes[0] == "uint8"
             assert dst.tags()["GEOSEG_MODEL"] == bundle.ident
             assert dst.overviews(1), "COG without overviews"
@@ -219,3 +219,26 @@ def test_resolution_mismatch_warns(tmp_path: Path, rgb_scene: Any, make_bundle: 
     scene = rgb_scene(64, 64)  # 1 m pixels
     with pytest.warns(UserWarning, match=r"ground sample distance 1 m is 3.3x the model's 0.3 m"):
         run(scene, make_bundle(gsd_m=0.3), tmp_path / "out", IdentityFactory("gsd"))
+
+
+def test_failed_cog_conversion_leaves_nothing(
+    tmp_path: Path, rgb_scene: Any, make_bundle: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while publishing: the half-written COG and the scratch files are removed."""
+    import rasterio.shutil
+
+    calls = []
+
+    def failing_copy(src: Any, dst: Any, **kw: Any) -> None:
+        calls.append(dst)
+        Path(dst).write_bytes(b"half a file")
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_copy(src, dst, **kw)
+
+    real_copy = rasterio.shutil.copy
+    monkeypatch.setattr(rasterio.shutil, "copy", failing_copy)
+    out_dir = tmp_path / "out"
+    with pytest.raises(OutputError, match="No space left on device"):
+        run(rgb_scene(64, 64), make_bundle(), out_dir, IdentityFactory("disk"))
+    assert len(calls) == 2 and list(out_dir.iterdir()) == []

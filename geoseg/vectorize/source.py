@@ -100,7 +100,7 @@ def open_prediction(path: str | Path) -> Prediction:
             width, height = src.width, src.height
     except RasterioError as exc:
         raise InputError(f"{p}: not a readable raster ({exc})") from exc
-    stem = p.name.split(".")[0]
+    stem = prediction_stem(p)
     probs: str | None = str(p) if is_probs else None
     mask: str | None = None if is_probs else str(p)
     if not is_probs:
@@ -174,3 +174,11 @@ def _inside(window: Window, width: int, height: int) -> np.ndarray:
     rows = np.arange(int(window.row_off), int(window.row_off) + int(window.height))
     cols = np.arange(int(window.col_off), int(window.col_off) + int(window.width))
     return ((rows >= 0) & (rows < height))[:, None] & ((cols >= 0) & (cols < width))[None, :]
+
+
+def prediction_stem(path: Path) -> str:
+    """The scene stem of ``<stem>.probs.tif`` or ``<stem>.mask.tif`` (else the file's stem)."""
+    for suffix in (".probs.tif", ".mask.tif"):
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
