@@ -63,6 +63,11 @@ def _register() -> None:
 
     cli.add_command(predict.predict)
     cli.add_command(model.model)
+    from geoseg.cli import run, runs, schedule
+
+    cli.add_command(run.run)
+    cli.add_command(runs.runs)
+    cli.add_command(schedule.schedule)
 
 
 _register()
