@@ -199,7 +199,7 @@ class PipelineConfig(_Strict):
     def resolve(self, path: str) -> Path:
         """``path`` with ``~`` and environment variables expanded, relative to the file."""
         p = Path(os.path.expandvars(os.path.expanduser(path)))
-        return p if p.is_absolute() else self.base_dir / p
+        return Path(os.path.normpath(p if p.is_absolute() else self.base_dir / p))
 
     @property
     def model_path(self) -> Path:
@@ -286,14 +286,23 @@ def _node_at(node: yaml.Node | None, loc: Sequence[int | str]) -> yaml.Node | No
     return node
 
 
+def _clean_loc(loc: Sequence[int | str]) -> list[int | str]:
+    """A pydantic error location without the union tags it inserts (``compute.local.x``)."""
+    out: list[int | str] = []
+    for i, x in enumerate(loc):
+        if i == 1 and loc[0] == "compute" and x in ("local", "dask"):
+            continue
+        out.append(x)
+    return out
+
+
 def _where(root: yaml.Node | None, loc: Sequence[int | str]) -> str:
-    node = _node_at(root, loc)
+    node = _node_at(root, _clean_loc(loc))
     return f"line {node.start_mark.line + 1}" if node is not None else "top level"
 
 
 def _describe_error(err: Any) -> str:
-    loc = [x for x in err["loc"] if not (isinstance(x, str) and x in ("local", "dask"))]
-    field = ".".join(str(x) for x in loc) or "(top level)"
+    field = ".".join(str(x) for x in _clean_loc(err["loc"])) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"{field}: unknown field"
     if err["type"] == "missing":

@@ -274,6 +274,7 @@ class _SceneJob:
         scene = open_scene(planned.path)
         out = self.config.out_dir / planned.stem
         check_writable(out)
+        _remove_leftovers(out)
 
         def chunks(done: int, total: int) -> None:
             if self.progress is not None:
@@ -309,6 +310,14 @@ class _SceneJob:
         options = VectorizeOptions.model_validate(vectorize_fields(self.config))
         result = vectorize_prediction(probs, out, options=options, client=self.client)
         return _vector_files(result, self.config.outputs.layers), _plain(result)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Delete temporary files a killed run left in a scene's folder (we hold the lock)."""
+    for p in out.glob(".*.partial*"):
+        if p.is_file():
+            log.debug("removing leftover %s", p)
+            p.unlink(missing_ok=True)
 
 
 def _plain(obj: Any) -> Any:
