@@ -11,6 +11,7 @@ finished by the next one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -254,6 +255,8 @@ class _SceneJob:
             self._close(row, result, {"files": files, **info})
             return result
         result.seconds = time.perf_counter() - t0
+        with contextlib.suppress(OSError):
+            _remove_leftovers(self.config.out_dir / planned.stem)
         if self.stop.is_set():
             result.status = "interrupted"
         log.warning("%s: %s: %s", planned.stem, result.status, result.error)
