@@ -63,6 +63,9 @@ def _register() -> None:
 
     cli.add_command(predict.predict)
     cli.add_command(model.model)
+    from geoseg.cli import vectorize
+
+    cli.add_command(vectorize.vectorize)
     from geoseg.cli import run, runs, schedule
 
     cli.add_command(run.run)

@@ -22,9 +22,11 @@ log = logging.getLogger("geoseg.cli")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Output directory.")
 @compute_options
+@click.option("--vectorize", "also_vectorize", is_flag=True,
+              help="Also write building polygons and road centerlines (see geoseg vectorize).")
 def predict(scenes: tuple[Path, ...], model_path: Path, out_dir: Path, chunk: int | None,
             halo: int | None, batch_size: int, device: str, precision: str, threads: int | None,
-            workers: int, scheduler: str | None) -> None:
+            workers: int, scheduler: str | None, also_vectorize: bool = False) -> None:
     """Write <stem>.probs.tif and <stem>.mask.tif COGs for each SCENE into --out."""
     bundle = load_bundle(model_path)
     options = PredictOptions(chunk=chunk, halo=halo, batch_size=batch_size, device=device,
@@ -43,3 +45,8 @@ def predict(scenes: tuple[Path, ...], model_path: Path, out_dir: Path, chunk: in
                 progress.close()
             click.echo(f"{scene.stem}: {result.probs} {result.mask} "
                        f"({result.chunks} chunks, {result.skipped} all-nodata)")
+            if also_vectorize:
+                from geoseg.cli.vectorize import report
+                from geoseg.vectorize import vectorize_prediction
+
+                report(vectorize_prediction(result.probs, out_dir, client=client))
