@@ -19,8 +19,14 @@ def make_scene(path: Path, col: int, row: int, size: int = 128) -> Path:
     with rasterio.open(SAMPLE) as src:
         win = Window(col, row, size, size)
         profile = src.profile
-        profile.update(width=size, height=size, transform=src.window_transform(win),
-                       tiled=True, blockxsize=64, blockysize=64)
+        profile.update(
+            width=size,
+            height=size,
+            transform=src.window_transform(win),
+            tiled=True,
+            blockxsize=64,
+            blockysize=64,
+        )
         data = src.read(window=win)
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
@@ -34,9 +40,17 @@ def make_model(path: Path, seed: int = 0) -> Path:
     from geoseg.model import ModelSpec, Normalization, build_module, save_bundle
 
     spec = ModelSpec(
-        name="tiny", encoder="resnet18", encoder_depth=3, decoder_channels=[16, 8, 8],
-        bands=[1], dtype="uint16", normalization=Normalization(scale=2047.0),
-        classes=["background", "building", "road"], chunk=64, halo=32, gsd_m=0.5,
+        name="tiny",
+        encoder="resnet18",
+        encoder_depth=3,
+        decoder_channels=[16, 8, 8],
+        bands=[1],
+        dtype="uint16",
+        normalization=Normalization(scale=2047.0),
+        classes=["background", "building", "road"],
+        chunk=64,
+        halo=32,
+        gsd_m=0.5,
     )
     torch.manual_seed(seed)
     save_bundle(spec, build_module(spec).state_dict(), path)

@@ -15,11 +15,18 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from pipeline_support import REPO, leftovers, make_model, make_scene, read_pixels, write_pipeline
 
 from geoseg.cli import cli
 from geoseg.pipeline import Ledger, PipelineLock, PipelineLocked, load_pipeline, run_pipeline
 from geoseg.pipeline.runner import PlannedScene, SceneResult, dry_run, lock_path
+from tests.pipeline_support import (
+    REPO,
+    leftovers,
+    make_model,
+    make_scene,
+    read_pixels,
+    write_pipeline,
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +74,8 @@ class Recorder:
 
 
 def test_run_then_rerun_skips(job: Path) -> None:
-    config = load_pipeline(job)
+    outputs = {"dir": "out", "vectors": True, "formats": ["geojson", "gpkg"], "quicklook_px": 64}
+    config = load_pipeline(write_pipeline(job, outputs=outputs))
     rec = Recorder()
     first = run_pipeline(config, progress=rec)
     assert [r.status for r in first.results] == ["done"] * 3 and first.ok
@@ -78,6 +86,7 @@ def test_run_then_rerun_skips(job: Path) -> None:
         d = out / f"s{i}"
         assert read_pixels(d / f"s{i}.mask.tif").shape == (1, 96, 96)
         assert read_pixels(d / f"s{i}.probs.tif").shape == (3, 96, 96)
+        assert (d / f"s{i}.buildings.geojson").exists() and (d / f"s{i}.roads.gpkg").exists()
         with Image.open(d / f"s{i}.quicklook.png") as im:
             assert im.size == (64, 64) and im.mode == "RGB"
     assert leftovers(job.parent) == []
@@ -89,11 +98,12 @@ def test_run_then_rerun_skips(job: Path) -> None:
     assert (out / "s0" / "s0.mask.tif").stat().st_mtime_ns == stamp
     with _ledger(job) as ledger:
         runs = ledger.runs("tiny")
-        assert [(r.status, r.n_done, r.n_skipped) for r in runs] == [
-            ("done", 0, 3), ("done", 3, 0)]
+        assert [(r.status, r.n_done, r.n_skipped) for r in runs] == [("done", 0, 3), ("done", 3, 0)]
         rows = ledger.scenes(first.run_id)
         assert rows[0].size == (job.parent / "scenes" / "s0.tif").stat().st_size
         assert rows[0].outputs["files"]["mask"].endswith("s0.mask.tif")
+        assert rows[0].outputs["files"]["buildings.gpkg"].endswith("s0.buildings.gpkg")
+        assert set(rows[0].outputs["counts"]) == {"buildings", "roads"}
         assert rows[0].model_hash == runs[0].model_hash and rows[0].seconds is not None
 
 
@@ -136,10 +146,12 @@ def test_corrupt_scene_is_isolated(job: Path) -> None:
     listing = CliRunner().invoke(cli, ["runs", "--ledger", str(job.parent / "state/ledger.sqlite")])
     assert listing.exit_code == 0 and "tiny" in listing.output and "failed" in listing.output
     shown = CliRunner().invoke(
-        cli, ["runs", "--ledger", str(job.parent / "state/ledger.sqlite"), "show", str(run.id)])
+        cli, ["runs", "--ledger", str(job.parent / "state/ledger.sqlite"), "show", str(run.id)]
+    )
     assert shown.exit_code == 0 and "error: " in shown.output and "s0.quicklook.png" in shown.output
     missing = CliRunner().invoke(
-        cli, ["runs", "--ledger", str(job.parent / "state/ledger.sqlite"), "show", "999"])
+        cli, ["runs", "--ledger", str(job.parent / "state/ledger.sqlite"), "show", "999"]
+    )
     assert missing.exit_code == 2 and "no run with id 999" in missing.output
     # a failed scene is retried by the next run, the others are skipped
     (job.parent / "scenes" / "bad.tif").unlink()
@@ -167,7 +179,7 @@ def test_unwritable_output_fails_that_scene(job: Path) -> None:
     assert "not writable" in (summary.results[1].error or "")
     with _ledger(job) as ledger:
         assert ledger.integrity_ok()
-        assert [s.status for s in ledger.scenes(summary.run_id)] .count("failed") == 1
+        assert [s.status for s in ledger.scenes(summary.run_id)].count("failed") == 1
 
 
 def test_full_disk_leaves_no_partial_outputs(job: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -220,8 +232,12 @@ def test_sigkill_mid_batch_then_resume(tmp_path: Path, model_dir: Path) -> None:
     )
     db = tmp_path / "state" / "ledger.sqlite"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "geoseg", "run", str(job)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "geoseg", "run", str(job)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         done = 0
         deadline = time.monotonic() + 120

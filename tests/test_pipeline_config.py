@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from pipeline_support import make_model
 
 from geoseg.cli import cli
 from geoseg.errors import ConfigError
 from geoseg.pipeline.config import load_pipeline, load_pipelines, parse_pipeline
+from tests.pipeline_support import make_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,6 +77,19 @@ def test_future_schema_version_is_refused() -> None:
 def test_bad_values(section: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         parse_pipeline(GOOD + section, "p.yml")
+
+
+def test_vectorize_section_is_the_vectorizer_options() -> None:
+    text = GOOD + "vectorize:\n  min_area_m2: 5\n  thresold: 0.4\n"
+    with pytest.raises(ConfigError, match=r"line 10: vectorize.thresold: unknown field"):
+        parse_pipeline(text, "p.yml")
+    text = GOOD.replace("  dir: out\n", "  dir: out\n  formats: [gpkg]\n")
+    c = parse_pipeline(text + "vectorize:\n  regularize: true\n", "p.yml")
+    opts = c.vectorize_options()
+    assert opts.formats == ("geojson", "gpkg") and opts.regularize
+    both = text + "vectorize:\n  formats: [fgb]\n"
+    with pytest.raises(ConfigError, match="formats in outputs or in vectorize, not in both"):
+        parse_pipeline(both, "p.yml")
 
 
 def test_bad_name() -> None:

@@ -40,8 +40,13 @@ class BatchProgress:
 
     def scene_started(self, scene: PlannedScene) -> None:
         if not self.tty:
-            log.info("[%d/%d] %s: processing (%s)", self.finished + 1, self.total, scene.stem,
-                     scene.reason)
+            log.info(
+                "[%d/%d] %s: processing (%s)",
+                self.finished + 1,
+                self.total,
+                scene.stem,
+                scene.reason,
+            )
 
     def scene_chunks(self, scene: PlannedScene, done: int, total: int) -> None:
         with self.lock:
@@ -50,8 +55,13 @@ class BatchProgress:
 
                 bar = self.bars.get(scene.stem)
                 if bar is None:
-                    bar = tqdm(total=total, desc=scene.stem, unit="chunk", leave=False,
-                               position=1 + len(self.bars))
+                    bar = tqdm(
+                        total=total,
+                        desc=scene.stem,
+                        unit="chunk",
+                        leave=False,
+                        position=1 + len(self.bars),
+                    )
                     self.bars[scene.stem] = bar
                 bar.update(done - bar.n)
                 return
@@ -69,8 +79,14 @@ class BatchProgress:
             if self.batch is not None:
                 self.batch.update(1)
             elif result.status != "skipped":
-                log.info("[%d/%d] %s: %s in %.1f s", self.finished, self.total, result.stem,
-                         result.status, result.seconds)
+                log.info(
+                    "[%d/%d] %s: %s in %.1f s",
+                    self.finished,
+                    self.total,
+                    result.stem,
+                    result.status,
+                    result.seconds,
+                )
 
     def close(self) -> None:
         for bar in self.bars.values():
@@ -86,11 +102,14 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 def print_summary(summary: RunSummary) -> None:
     """The end-of-run summary: counts, then every failure with its reason."""
     counts = ", ".join(
-        f"{summary.count(s)} {s}" for s in ("done", "skipped", "failed", "interrupted")
+        f"{summary.count(s)} {s}"
+        for s in ("done", "skipped", "failed", "interrupted")
         if summary.count(s) or s != "interrupted"
     )
-    click.echo(f"run {summary.run_id} of {summary.pipeline}: {len(summary.results)} scene(s): "
-               f"{counts} ({summary.seconds:.1f} s)")
+    click.echo(
+        f"run {summary.run_id} of {summary.pipeline}: {len(summary.results)} scene(s): "
+        f"{counts} ({summary.seconds:.1f} s)"
+    )
     for r in summary.results:
         if r.status in ("failed", "interrupted"):
             click.echo(f"  {r.status.upper()} {r.path}: {r.error}")
@@ -100,12 +119,22 @@ def print_summary(summary: RunSummary) -> None:
 @click.argument("pipeline", type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Redo every scene, even those already done.")
 @click.option("--dry-run", is_flag=True, help="List what would run and why; change nothing.")
-@click.option("--scheduler", default=None, metavar="ADDRESS",
-              help="Dask scheduler address; overrides the pipeline's compute section.")
-@click.option("--ledger", "ledger_path", default=None, type=click.Path(path_type=Path),
-              help="Run ledger file (default: the pipeline's, else $GEOSEG_HOME/ledger.sqlite).")
-def run(pipeline: Path, force: bool, dry_run: bool, scheduler: str | None,
-        ledger_path: Path | None) -> None:
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="Dask scheduler address; overrides the pipeline's compute section.",
+)
+@click.option(
+    "--ledger",
+    "ledger_path",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Run ledger file (default: the pipeline's, else $GEOSEG_HOME/ledger.sqlite).",
+)
+def run(
+    pipeline: Path, force: bool, dry_run: bool, scheduler: str | None, ledger_path: Path | None
+) -> None:
     """Run PIPELINE.yml over its scenes: skip those done, isolate failures, record a ledger.
 
     Exit code 0 when every scene is done or skipped, 1 when a scene failed, 2 for a problem of
@@ -122,12 +151,14 @@ def run(pipeline: Path, force: bool, dry_run: bool, scheduler: str | None,
     progress = BatchProgress()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        summary = run_pipeline(config, force=force, scheduler=scheduler,
-                               ledger_path=ledger_path, progress=progress)
+        summary = run_pipeline(
+            config, force=force, scheduler=scheduler, ledger_path=ledger_path, progress=progress
+        )
     except KeyboardInterrupt:
         progress.close()
-        click.echo(f"{config.name}: interrupted; run it again to finish the remaining scenes",
-                   err=True)
+        click.echo(
+            f"{config.name}: interrupted; run it again to finish the remaining scenes", err=True
+        )
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -135,4 +166,3 @@ def run(pipeline: Path, force: bool, dry_run: bool, scheduler: str | None,
     print_summary(summary)
     if not summary.ok:
         sys.exit(1)
-

@@ -12,7 +12,10 @@ from geoseg.errors import ConfigError
 from geoseg.pipeline.ledger import Ledger, RunRow, default_ledger_path
 
 _LEDGER = click.option(
-    "--ledger", "ledger_path", default=None, type=click.Path(path_type=Path),
+    "--ledger",
+    "ledger_path",
+    default=None,
+    type=click.Path(path_type=Path),
     help="Run ledger file (default: $GEOSEG_HOME/ledger.sqlite).",
 )
 
@@ -44,11 +47,15 @@ def runs(ctx: click.Context, ledger_path: Path | None, pipeline: str | None, lim
         return
     with _open(ledger_path) as ledger:
         rows = ledger.runs(pipeline, limit)
-    click.echo(f"{'id':>5}  {'pipeline':<20} {'status':<12} {'started':<19}  {'time':>9}  "
-               f"{'done':>5} {'skip':>5} {'fail':>5}  model")
+    click.echo(
+        f"{'id':>5}  {'pipeline':<20} {'status':<12} {'started':<19}  {'time':>9}  "
+        f"{'done':>5} {'skip':>5} {'fail':>5}  model"
+    )
     for r in rows:
-        click.echo(f"{r.id:>5}  {r.pipeline:<20} {r.status:<12} {_when(r.started):<19}  "
-                   f"{_duration(r):>9}  {r.n_done:>5} {r.n_skipped:>5} {r.n_failed:>5}  {r.model}")
+        click.echo(
+            f"{r.id:>5}  {r.pipeline:<20} {r.status:<12} {_when(r.started):<19}  "
+            f"{_duration(r):>9}  {r.n_done:>5} {r.n_skipped:>5} {r.n_failed:>5}  {r.model}"
+        )
 
 
 @runs.command("show")
@@ -63,15 +70,24 @@ def show(ledger_path: Path | None, run_id: int, as_json: bool) -> None:
             raise ConfigError(f"{ledger.path}: no run with id {run_id}")
         scenes = ledger.scenes(run_id)
     if as_json:
-        click.echo(json.dumps({"run": run.__dict__, "scenes": [s.__dict__ for s in scenes]},
-                              indent=2, default=str))
+        click.echo(
+            json.dumps(
+                {"run": run.__dict__, "scenes": [s.__dict__ for s in scenes]}, indent=2, default=str
+            )
+        )
         return
     for k, v in (
-        ("run", run.id), ("pipeline", f"{run.pipeline} ({run.source})"), ("status", run.status),
-        ("started", _when(run.started)), ("finished", _when(run.finished)),
-        ("duration", _duration(run)), ("host / pid", f"{run.host} / {run.pid}"),
-        ("compute", run.compute), ("model", f"{run.model} (sha256 {run.model_hash})"),
-        ("config hash", run.config_hash), ("forced", run.forced),
+        ("run", run.id),
+        ("pipeline", f"{run.pipeline} ({run.source})"),
+        ("status", run.status),
+        ("started", _when(run.started)),
+        ("finished", _when(run.finished)),
+        ("duration", _duration(run)),
+        ("host / pid", f"{run.host} / {run.pid}"),
+        ("compute", run.compute),
+        ("model", f"{run.model} (sha256 {run.model_hash})"),
+        ("config hash", run.config_hash),
+        ("forced", run.forced),
         ("scenes", f"{run.n_done} done, {run.n_skipped} skipped, {run.n_failed} failed"),
         ("message", run.message or "-"),
     ):
@@ -82,5 +98,8 @@ def show(ledger_path: Path | None, run_id: int, as_json: bool) -> None:
         click.echo(f"    why: {s.reason}")
         for name, path in s.outputs.get("files", {}).items():
             click.echo(f"    {name}: {path}")
+        counts = s.outputs.get("counts")
+        if counts:
+            click.echo("    features: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         if s.error:
             click.echo(f"    error: {s.error}")

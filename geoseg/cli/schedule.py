@@ -17,10 +17,20 @@ from geoseg.pipeline.schedule import Scheduler, SubprocessLauncher
 
 @click.command()
 @click.argument("pipelines", type=click.Path(path_type=Path))
-@click.option("--ledger", "ledger_path", default=None, type=click.Path(path_type=Path),
-              help="Run ledger file (default: $GEOSEG_HOME/ledger.sqlite).")
-@click.option("--grace", type=click.FloatRange(min=0), default=60.0, show_default=True,
-              help="Seconds running pipelines get to stop on shutdown before being killed.")
+@click.option(
+    "--ledger",
+    "ledger_path",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Run ledger file (default: $GEOSEG_HOME/ledger.sqlite).",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds running pipelines get to stop on shutdown before being killed.",
+)
 def schedule(pipelines: Path, ledger_path: Path | None, grace: float) -> None:
     """Run each pipeline in PIPELINES (a folder of *.yml, or one file) on its cron schedule.
 
@@ -37,8 +47,7 @@ def schedule(pipelines: Path, ledger_path: Path | None, grace: float) -> None:
             return ledger.last_started(name)
 
     extra = ("--ledger", str(ledger_path)) if ledger_path else ()
-    scheduler = Scheduler(configs, launch=SubprocessLauncher(extra),
-                          last_started=last_started)
+    scheduler = Scheduler(configs, launch=SubprocessLauncher(extra), last_started=last_started)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

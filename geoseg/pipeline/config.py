@@ -18,9 +18,17 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from geoseg.errors import ConfigError
+from geoseg.vectorize.options import Format, LayerKind, VectorizeOptions
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -97,12 +105,16 @@ class Outputs(_Strict):
         default_factory=_both_rasters,
         description="Rasters to keep; the class mask is always written (the quicklook uses it).",
     )
-    vectors: bool = Field(True, description="Vectorize the prediction into GeoJSON/other layers.")
-    layers: list[str] | None = Field(
-        None, description="Vector layers to export (default: every layer the vectorizer makes)."
+    vectors: bool = Field(True, description="Vectorize the prediction into vector layers.")
+    layers: dict[str, LayerKind] | None = Field(
+        None,
+        description="Class name → layer type (polygons or centerlines), e.g. {building: "
+        "polygons, road: centerlines}; sets vectorize.layers.",
     )
-    formats: list[str] | None = Field(
-        None, description="Vector formats, e.g. [geojson, gpkg, fgb, parquet] (default: geojson)."
+    formats: list[Format] | None = Field(
+        None,
+        description="Vector formats among geojson, gpkg, fgb, parquet (GeoJSON is always "
+        "written); sets vectorize.formats.",
     )
     quicklook: bool = Field(True, description="Write <stem>.quicklook.png per scene.")
     quicklook_px: int = Field(1024, ge=64, le=8192, description="Quicklook's longer side, px.")
@@ -173,8 +185,10 @@ class PipelineConfig(_Strict):
     inputs: Inputs
     model: str = Field(description="Model bundle directory (model.json + weights.safetensors).")
     predict: PredictSettings = Field(default_factory=lambda: PredictSettings.model_validate({}))
-    vectorize: dict[str, Any] = Field(
-        default_factory=dict, description="Options for geoseg.vectorize.VectorizeOptions."
+    vectorize: VectorizeOptions = Field(
+        default_factory=VectorizeOptions,
+        description="Vectorizer settings (threshold, min_area_m2, simplify_m, regularize, "
+        "spur_m, road_polygons, precision, chunk, halo); see geoseg.vectorize.VectorizeOptions.",
     )
     outputs: Outputs
     compute: Compute = Field(default_factory=lambda: LocalCompute.model_validate({}))
@@ -214,11 +228,29 @@ class PipelineConfig(_Strict):
         relevant = {
             "schema_version": self.schema_version,
             "predict": self.predict.model_dump(mode="json"),
-            "vectorize": self.vectorize,
+            "vectorize": self.vectorize_options().model_dump(mode="json"),
             "outputs": self.outputs.model_dump(mode="json", exclude={"dir"}),
         }
         blob = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    def vectorize_options(self) -> VectorizeOptions:
+        """The vectorizer's options, with ``outputs.layers`` and ``outputs.formats`` applied."""
+        update: dict[str, Any] = {}
+        if self.outputs.layers is not None:
+            update["layers"] = dict(self.outputs.layers)
+        if self.outputs.formats is not None:
+            update["formats"] = list(self.outputs.formats)
+        if not update:
+            return self.vectorize
+        return VectorizeOptions.model_validate({**self.vectorize.model_dump(), **update})
+
+    @model_validator(mode="after")
+    def _one_place_for_layers(self) -> PipelineConfig:
+        for name in ("layers", "formats"):
+            if getattr(self.outputs, name) is not None and name in self.vectorize.model_fields_set:
+                raise ValueError(f"set {name} in outputs or in vectorize, not in both")
+        return self
 
     def scene_paths(self) -> list[Path]:
         """Every scene the inputs match, sorted, without duplicates; raise if none match."""
@@ -337,33 +369,7 @@ def parse_pipeline(text: str, source: str) -> PipelineConfig:
             if e["loc"][:1] != ("source",)
         ]
         raise ConfigError(f"{source}: invalid pipeline: " + "; ".join(problems)) from exc
-    _check_vectorize(config, root)
     return config
-
-
-def _check_vectorize(config: PipelineConfig, root: yaml.Node | None) -> None:
-    """Validate the ``vectorize`` section against the vectorizer's own options model."""
-    try:
-        from geoseg.vectorize import VectorizeOptions
-    except ImportError:  # the vectorizer is optional; checked again when a run needs it
-        return
-    try:
-        VectorizeOptions.model_validate(vectorize_fields(config))
-    except ValidationError as exc:
-        problems = [
-            f"{_where(root, ['vectorize', *e['loc']])}: "
-            f"{_describe_error({**e, 'loc': ('vectorize', *e['loc'])})}"
-            for e in exc.errors()
-        ]
-        raise ConfigError(f"{config.source}: invalid pipeline: " + "; ".join(problems)) from exc
-
-
-def vectorize_fields(config: PipelineConfig) -> dict[str, Any]:
-    """The keyword arguments of ``VectorizeOptions`` for this pipeline."""
-    fields = dict(config.vectorize)
-    if config.outputs.formats is not None:
-        fields["formats"] = list(config.outputs.formats)
-    return fields
 
 
 def load_pipeline(path: str | os.PathLike[str]) -> PipelineConfig:

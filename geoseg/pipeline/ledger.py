@@ -178,8 +178,18 @@ class Ledger:
             cur = db.execute(
                 "INSERT INTO runs (pipeline, source, config_hash, model_hash, model, host, pid,"
                 " compute, forced, status, started) VALUES (?,?,?,?,?,?,?,?,?,'running',?)",
-                (pipeline, source, config_hash, model_hash, model, socket.gethostname(),
-                 os.getpid(), compute, int(forced), time.time()),
+                (
+                    pipeline,
+                    source,
+                    config_hash,
+                    model_hash,
+                    model,
+                    socket.gethostname(),
+                    os.getpid(),
+                    compute,
+                    int(forced),
+                    time.time(),
+                ),
             )
             assert cur.lastrowid is not None
             return int(cur.lastrowid)
@@ -195,8 +205,15 @@ class Ledger:
             db.execute(
                 "UPDATE runs SET status=?, finished=?, n_done=?, n_skipped=?, n_failed=?,"
                 " message=? WHERE id=?",
-                (status, time.time(), counts.get("done", 0), counts.get("skipped", 0),
-                 counts.get("failed", 0) + counts.get("interrupted", 0), message, run_id),
+                (
+                    status,
+                    time.time(),
+                    counts.get("done", 0),
+                    counts.get("skipped", 0),
+                    counts.get("failed", 0) + counts.get("interrupted", 0),
+                    message,
+                    run_id,
+                ),
             )
 
     def mark_interrupted(self, pipeline: str) -> int:
@@ -205,16 +222,23 @@ class Ledger:
         Only call this while holding the pipeline's lock: then no such run can be alive.
         """
         with self._tx() as db:
-            ids = [r[0] for r in db.execute(
-                "SELECT id FROM runs WHERE pipeline=? AND status='running'", (pipeline,))]
+            ids = [
+                r[0]
+                for r in db.execute(
+                    "SELECT id FROM runs WHERE pipeline=? AND status='running'", (pipeline,)
+                )
+            ]
             for rid in ids:
                 db.execute(
                     "UPDATE scenes SET status='interrupted', error='the run was killed',"
-                    " finished=? WHERE run_id=? AND status='running'", (time.time(), rid))
+                    " finished=? WHERE run_id=? AND status='running'",
+                    (time.time(), rid),
+                )
                 db.execute(
                     "UPDATE runs SET status='interrupted', finished=COALESCE(finished, ?),"
                     " message='the process ended without closing the run' WHERE id=?",
-                    (time.time(), rid))
+                    (time.time(), rid),
+                )
             return len(ids)
 
     def interrupt_run(self, run_id: int, message: str) -> None:
@@ -222,7 +246,9 @@ class Ledger:
         with self._tx() as db:
             db.execute(
                 "UPDATE scenes SET status='interrupted', error=?, finished=? WHERE run_id=?"
-                " AND status='running'", (message, time.time(), run_id))
+                " AND status='running'",
+                (message, time.time(), run_id),
+            )
         self.finish_run(run_id, "interrupted", message)
 
     def runs(self, pipeline: str | None = None, limit: int = 20) -> list[RunRow]:
@@ -246,22 +272,41 @@ class Ledger:
 
     # scenes ------------------------------------------------------------------------------
     def start_scene(
-        self, run_id: int, pipeline: str, path: str, size: int | None, mtime_ns: int | None,
-        config_hash: str, model_hash: str, reason: str,
+        self,
+        run_id: int,
+        pipeline: str,
+        path: str,
+        size: int | None,
+        mtime_ns: int | None,
+        config_hash: str,
+        model_hash: str,
+        reason: str,
     ) -> int:
         """Record that a scene is being processed; returns the row id."""
         with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO scenes (run_id, pipeline, path, size, mtime_ns, config_hash,"
                 " model_hash, status, reason, started) VALUES (?,?,?,?,?,?,?,'running',?,?)",
-                (run_id, pipeline, path, size, mtime_ns, config_hash, model_hash, reason,
-                 time.time()),
+                (
+                    run_id,
+                    pipeline,
+                    path,
+                    size,
+                    mtime_ns,
+                    config_hash,
+                    model_hash,
+                    reason,
+                    time.time(),
+                ),
             )
             assert cur.lastrowid is not None
             return int(cur.lastrowid)
 
     def finish_scene(
-        self, row_id: int, status: str, outputs: dict[str, Any] | None = None,
+        self,
+        row_id: int,
+        status: str,
+        outputs: dict[str, Any] | None = None,
         error: str | None = None,
     ) -> None:
         """Close a scene row as ``done``, ``failed`` or ``interrupted``."""
@@ -274,8 +319,15 @@ class Ledger:
             )
 
     def record_skip(
-        self, run_id: int, pipeline: str, path: str, size: int | None, mtime_ns: int | None,
-        config_hash: str, model_hash: str, reason: str,
+        self,
+        run_id: int,
+        pipeline: str,
+        path: str,
+        size: int | None,
+        mtime_ns: int | None,
+        config_hash: str,
+        model_hash: str,
+        reason: str,
     ) -> None:
         """Record a scene this run skipped, and why."""
         now = time.time()
@@ -284,20 +336,23 @@ class Ledger:
                 "INSERT INTO scenes (run_id, pipeline, path, size, mtime_ns, config_hash,"
                 " model_hash, status, reason, started, finished, seconds)"
                 " VALUES (?,?,?,?,?,?,?,'skipped',?,?,?,0)",
-                (run_id, pipeline, path, size, mtime_ns, config_hash, model_hash, reason, now,
-                 now),
+                (run_id, pipeline, path, size, mtime_ns, config_hash, model_hash, reason, now, now),
             )
 
     def last_done(self, pipeline: str, path: str) -> SceneRow | None:
         """The newest successful row for ``path`` in ``pipeline``."""
         rows = self._query(
             "SELECT * FROM scenes WHERE pipeline=? AND path=? AND status='done'"
-            " ORDER BY id DESC LIMIT 1", (pipeline, path))
+            " ORDER BY id DESC LIMIT 1",
+            (pipeline, path),
+        )
         return self._scene(rows[0]) if rows else None
 
     def scenes(self, run_id: int) -> list[SceneRow]:
-        return [self._scene(r) for r in self._query(
-            "SELECT * FROM scenes WHERE run_id=? ORDER BY id", (run_id,))]
+        return [
+            self._scene(r)
+            for r in self._query("SELECT * FROM scenes WHERE run_id=? ORDER BY id", (run_id,))
+        ]
 
     def integrity_ok(self) -> bool:
         """True when SQLite's own integrity check passes."""

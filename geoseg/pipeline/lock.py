@@ -50,8 +50,9 @@ class PipelineLock:
             ) from None
         f.seek(0)
         f.truncate()
-        f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                            "started": time.time()}))
+        f.write(
+            json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
+        )
         f.flush()
         self._file = f
 

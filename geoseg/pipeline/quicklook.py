@@ -60,9 +60,7 @@ def _image(scene_path: str, shape: tuple[int, int]) -> np.ndarray:
 def _outline(region: np.ndarray) -> np.ndarray:
     """Pixels of ``region`` that touch a pixel outside it (4-connected)."""
     padded = np.pad(region, 1, constant_values=False)
-    inner = (
-        padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & region
-    )
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & region
     return region & ~inner
 
 

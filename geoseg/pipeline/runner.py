@@ -12,7 +12,6 @@ finished by the next one.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import threading
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from geoseg.errors import ConfigError, GeosegError
 from geoseg.model import Bundle, load_bundle
-from geoseg.pipeline.config import LocalCompute, PipelineConfig, vectorize_fields
+from geoseg.pipeline.config import LocalCompute, PipelineConfig
 from geoseg.pipeline.ledger import Ledger, SceneRow, default_ledger_path
 from geoseg.pipeline.lock import PipelineLock
 from geoseg.pipeline.quicklook import write_quicklook
@@ -128,8 +127,13 @@ def _missing_outputs(row: SceneRow) -> list[str]:
 
 
 def _decide(
-    path: Path, size: int | None, mtime: int | None, prev: SceneRow | None,
-    config_hash: str, model_hash: str, force: bool,
+    path: Path,
+    size: int | None,
+    mtime: int | None,
+    prev: SceneRow | None,
+    config_hash: str,
+    model_hash: str,
+    force: bool,
 ) -> tuple[Action, str]:
     if size is None:
         return "run", "input cannot be read (will fail)"
@@ -183,8 +187,14 @@ def predict_options(config: PipelineConfig, scheduler: str | None = None) -> Pre
     workers = c.workers if isinstance(c, LocalCompute) else 1
     address = scheduler or (None if isinstance(c, LocalCompute) else c.scheduler)
     return PredictOptions(
-        chunk=p.chunk, halo=p.halo, batch_size=p.batch_size, device=p.device,
-        precision=p.precision, threads=c.threads, workers=workers, scheduler=address,
+        chunk=p.chunk,
+        halo=p.halo,
+        batch_size=p.batch_size,
+        device=p.device,
+        precision=p.precision,
+        threads=c.threads,
+        workers=workers,
+        scheduler=address,
     )
 
 
@@ -200,7 +210,9 @@ def ledger_path_for(config: PipelineConfig, override: str | os.PathLike[str] | N
 
 
 def dry_run(
-    config: PipelineConfig, *, force: bool = False,
+    config: PipelineConfig,
+    *,
+    force: bool = False,
     ledger_path: str | os.PathLike[str] | None = None,
 ) -> list[PlannedScene]:
     """What :func:`run_pipeline` would do, without running, locking or writing anything."""
@@ -216,8 +228,15 @@ class _SceneJob:
     """Processes one scene: predict, vectorize, quicklook; records it in the ledger."""
 
     def __init__(
-        self, config: PipelineConfig, bundle: Bundle, options: PredictOptions, client: Client,
-        ledger: Ledger, run_id: int, progress: RunProgress | None, stop: threading.Event,
+        self,
+        config: PipelineConfig,
+        bundle: Bundle,
+        options: PredictOptions,
+        client: Client,
+        ledger: Ledger,
+        run_id: int,
+        progress: RunProgress | None,
+        stop: threading.Event,
     ) -> None:
         self.config = config
         self.bundle = bundle
@@ -231,11 +250,22 @@ class _SceneJob:
 
     def __call__(self, planned: PlannedScene) -> SceneResult:
         if self.stop.is_set():
-            return SceneResult(planned.path, planned.stem, "interrupted", planned.reason,
-                               error="the run was stopped before this scene started")
+            return SceneResult(
+                planned.path,
+                planned.stem,
+                "interrupted",
+                planned.reason,
+                error="the run was stopped before this scene started",
+            )
         row = self.ledger.start_scene(
-            self.run_id, self.config.name, str(planned.path), planned.size, planned.mtime_ns,
-            self.config_hash, self.bundle.sha256, planned.reason,
+            self.run_id,
+            self.config.name,
+            str(planned.path),
+            planned.size,
+            planned.mtime_ns,
+            self.config_hash,
+            self.bundle.sha256,
+            planned.reason,
         )
         if self.progress is not None:
             self.progress.scene_started(planned)
@@ -291,11 +321,14 @@ class _SceneJob:
         if self.config.outputs.vectors:
             vfiles, vinfo = self._vectorize(pred.probs, out)
             files.update(vfiles)
-            info["vectors"] = vinfo
+            info.update(vinfo)
         if self.config.outputs.quicklook:
             png = write_quicklook(
-                scene.path, pred.mask, self.bundle.spec.classes,
-                out / f"{planned.stem}.quicklook.png", self.config.outputs.quicklook_px,
+                scene.path,
+                pred.mask,
+                self.bundle.spec.classes,
+                out / f"{planned.stem}.quicklook.png",
+                self.config.outputs.quicklook_px,
             )
             files["quicklook"] = str(png)
         if "probs" not in self.config.outputs.rasters:
@@ -303,16 +336,16 @@ class _SceneJob:
         return files, info
 
     def _vectorize(self, probs: Path, out: Path) -> tuple[dict[str, str], dict[str, Any]]:
-        try:
-            from geoseg.vectorize import VectorizeOptions, vectorize_prediction
-        except ImportError as exc:
-            raise ConfigError(
-                f"{self.config.source}: outputs.vectors is true but geoseg.vectorize is not "
-                f"available ({exc}); set outputs.vectors: false"
-            ) from exc
-        options = VectorizeOptions.model_validate(vectorize_fields(self.config))
+        from geoseg.vectorize import vectorize_prediction
+
+        options = self.config.vectorize_options()
         result = vectorize_prediction(probs, out, options=options, client=self.client)
-        return _vector_files(result, self.config.outputs.layers), _plain(result)
+        files = {
+            f"{layer}.{fmt}": str(path)
+            for layer, by_format in result.paths.items()
+            for fmt, path in by_format.items()
+        }
+        return files, {"counts": result.counts}
 
 
 def _remove_leftovers(out: Path) -> None:
@@ -321,49 +354,6 @@ def _remove_leftovers(out: Path) -> None:
         if p.is_file():
             log.debug("removing leftover %s", p)
             p.unlink(missing_ok=True)
-
-
-def _plain(obj: Any) -> Any:
-    """A JSON-ready copy of a result object (pydantic model, dataclass, dict, paths)."""
-    if hasattr(obj, "model_dump"):
-        return _plain(obj.model_dump())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _plain({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def _vector_files(result: Any, layers: list[str] | None) -> dict[str, str]:
-    """Output file paths of a vectorize result, keyed ``layer.format`` style names."""
-    found: dict[str, str] = {}
-
-    def walk(obj: Any, name: str) -> None:
-        if isinstance(obj, Path):
-            found[name or obj.name] = str(obj)
-        elif hasattr(obj, "model_dump") or dataclasses.is_dataclass(obj):
-            items = (
-                {k: getattr(obj, k) for k in type(obj).model_fields}
-                if hasattr(obj, "model_dump")
-                else {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-            )
-            for k, v in items.items():
-                walk(v, f"{name}.{k}" if name else k)
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, f"{name}.{k}" if name else str(k))
-        elif isinstance(obj, list | tuple):
-            for v in obj:
-                walk(v, name)
-
-    walk(result, "")
-    if layers is not None:
-        found = {k: v for k, v in found.items() if any(layer in k for layer in layers)}
-    return {f"vector:{k}": v for k, v in found.items()}
 
 
 def run_pipeline(
@@ -392,27 +382,46 @@ def run_pipeline(
             log.info("%s: closed %d earlier run(s) that were killed", config.name, stale)
         planned = plan_run(config, bundle, ledger, force)
         run_id = ledger.start_run(
-            config.name, config.source, config.config_hash(), bundle.sha256, bundle.ident,
-            options.scheduler or "local", force,
+            config.name,
+            config.source,
+            config.config_hash(),
+            bundle.sha256,
+            bundle.ident,
+            options.scheduler or "local",
+            force,
         )
-        log.info("%s: run %d: %d scene(s), %d to process", config.name, run_id, len(planned),
-                 sum(p.action == "run" for p in planned))
+        log.info(
+            "%s: run %d: %d scene(s), %d to process",
+            config.name,
+            run_id,
+            len(planned),
+            sum(p.action == "run" for p in planned),
+        )
         if progress is not None:
             progress.batch_started(planned)
         results: list[SceneResult] = []
         try:
             for p in planned:
                 if p.action == "skip":
-                    ledger.record_skip(run_id, config.name, str(p.path), p.size, p.mtime_ns,
-                                       config.config_hash(), bundle.sha256, p.reason)
+                    ledger.record_skip(
+                        run_id,
+                        config.name,
+                        str(p.path),
+                        p.size,
+                        p.mtime_ns,
+                        config.config_hash(),
+                        bundle.sha256,
+                        p.reason,
+                    )
                     res = SceneResult(p.path, p.stem, "skipped", p.reason)
                     results.append(res)
                     if progress is not None:
                         progress.scene_finished(res)
             todo = [p for p in planned if p.action == "run"]
             if todo:
-                results += _run_scenes(config, bundle, options, ledger, run_id, todo, progress,
-                                       stop, client_factory)
+                results += _run_scenes(
+                    config, bundle, options, ledger, run_id, todo, progress, stop, client_factory
+                )
         except BaseException:
             stop.set()
             ledger.interrupt_run(run_id, "the run was interrupted")
@@ -426,9 +435,15 @@ def run_pipeline(
 
 
 def _run_scenes(
-    config: PipelineConfig, bundle: Bundle, options: PredictOptions, ledger: Ledger,
-    run_id: int, todo: list[PlannedScene], progress: RunProgress | None,
-    stop: threading.Event, client_factory: Callable[[PredictOptions], Any],
+    config: PipelineConfig,
+    bundle: Bundle,
+    options: PredictOptions,
+    ledger: Ledger,
+    run_id: int,
+    todo: list[PlannedScene],
+    progress: RunProgress | None,
+    stop: threading.Event,
+    client_factory: Callable[[PredictOptions], Any],
 ) -> list[SceneResult]:
     """Run scenes on one client, at most ``scenes_in_flight`` at a time."""
     in_flight = config.compute.scenes_in_flight

@@ -113,8 +113,14 @@ class SubprocessLauncher:
     extra_args: tuple[str, ...] = ()
 
     def __call__(self, config: PipelineConfig) -> RunHandle:
-        cmd = [sys.executable, "-m", "geoseg", "run", str(Path(config.source).resolve()),
-               *self.extra_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "geoseg",
+            "run",
+            str(Path(config.source).resolve()),
+            *self.extra_args,
+        ]
         return _Process(subprocess.Popen(cmd, env=os.environ.copy()))
 
 
@@ -162,8 +168,13 @@ class Scheduler:
             last = last_started(c.name) if last_started else None
             start = datetime.fromtimestamp(last, timezone.utc) if last is not None else now
             self.entries.append(_Entry(c, tz, self._next(c, tz, start)))
-            log.info("%s: scheduled '%s' (%s); next run %s", c.name, c.schedule.cron,
-                     c.schedule.timezone, self._next(c, tz, now).isoformat())
+            log.info(
+                "%s: scheduled '%s' (%s); next run %s",
+                c.name,
+                c.schedule.cron,
+                c.schedule.timezone,
+                self._next(c, tz, now).isoformat(),
+            )
 
     @staticmethod
     def _next(config: PipelineConfig, tz: ZoneInfo, after: datetime) -> datetime:
@@ -226,15 +237,24 @@ class Scheduler:
         if e.handle is not None:
             if sched.catch_up and fresh:
                 e.queued = True
-                return [self._note(e, latest, "queued", "previous run still going; it runs "
-                                   "once more when that one finishes")]
+                return [
+                    self._note(
+                        e,
+                        latest,
+                        "queued",
+                        "previous run still going; it runs once more when that one finishes",
+                    )
+                ]
             return [self._note(e, latest, "skipped", "previous run still going (no overlap)")]
         if late_s <= ON_TIME_S:
             detail = "on time" + (f"; {missed} earlier missed trigger(s) skipped" if missed else "")
             return [self._start(e, latest, detail)]
         if sched.catch_up and fresh:
-            return [self._start(e, latest, f"catching up {missed} missed trigger(s), "
-                                f"latest {late_s:.0f} s ago")]
+            return [
+                self._start(
+                    e, latest, f"catching up {missed} missed trigger(s), latest {late_s:.0f} s ago"
+                )
+            ]
         why = "catch_up is off" if sched.catch_up is False else f"older than {sched.max_late_s} s"
         return [self._note(e, latest, "skipped", f"{missed} missed trigger(s) skipped ({why})")]
 
@@ -250,8 +270,14 @@ class Scheduler:
         trig = Trigger(e.config.name, due, action, detail)
         e.history.append(trig)
         level = logging.WARNING if action == "failed" else logging.INFO
-        log.log(level, "%s: trigger %s: %s: %s", e.config.name,
-                due.astimezone(e.tz).isoformat(), action, detail)
+        log.log(
+            level,
+            "%s: trigger %s: %s: %s",
+            e.config.name,
+            due.astimezone(e.tz).isoformat(),
+            action,
+            detail,
+        )
         return trig
 
     def run(self, stop: threading.Event, grace_s: float = 60.0) -> None:
