@@ -32,6 +32,7 @@ __all__ = [
     "load_bundle",
     "load_module",
     "save_bundle",
+    "write_spec",
 ]
 
 SCHEMA_VERSION = 1
@@ -239,6 +240,14 @@ def save_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Bundle(out, spec, digest)
+
+
+def write_spec(path: str | os.PathLike[str], spec: ModelSpec) -> None:
+    """Replace the ``model.json`` of bundle directory ``path`` atomically."""
+    target = Path(path) / SPEC_FILE
+    tmp = target.with_name(f".{SPEC_FILE}.partial")
+    tmp.write_text(spec.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, target)
 
 
 def read_spec(path: str | os.PathLike[str]) -> ModelSpec:

@@ -24,6 +24,13 @@ def _ints(value: str) -> list[int]:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from exc
 
 
+def _int(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"expected an integer or 'auto', got {value!r}", param_hint=name) from exc
+
+
 def _floats(value: str | None) -> list[float]:
     if not value:
         return []
@@ -50,8 +57,8 @@ def spec_options(f: F) -> F:
         click.option("--std", default=None, help="Per-band std after scaling (comma list)."),
         click.option("--chunk", type=int, default=512, show_default=True,
                      help="Recommended chunk core, px."),
-        click.option("--halo", type=int, default=64, show_default=True,
-                     help="Recommended halo, px."),
+        click.option("--halo", default="auto", show_default=True,
+                     help="Recommended halo, px, or 'auto' to measure the model's receptive field."),
         click.option("--gsd", type=float, default=None, help="Ground sample distance, metres."),
     ]
     for opt in reversed(opts):
@@ -69,7 +76,8 @@ def build_spec(kw: dict[str, Any]) -> ModelSpec:
             bands=_ints(kw["bands"]), dtype=kw["dtype"],
             normalization=Normalization(scale=kw["scale"], mean=_floats(kw["mean"]),
                                         std=_floats(kw["std"])),
-            chunk=kw["chunk"], halo=kw["halo"], gsd_m=kw["gsd"],
+            chunk=kw["chunk"], halo=0 if kw["halo"] == "auto" else _int(kw["halo"], "--halo"),
+            gsd_m=kw["gsd"],
         )
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -91,8 +99,11 @@ def init(out: Path, seed: int, **kw: Any) -> None:
 
     spec = build_spec(kw)
     torch.manual_seed(seed)
-    bundle = _save(spec, build_module(spec).state_dict(), out)
-    click.echo(f"wrote {bundle.path} ({bundle.ident})")
+    module = build_module(spec)
+    if kw["halo"] == "auto":
+        spec = spec.model_copy(update={"halo": _measure(spec, module)})
+    bundle = _save(spec, module.state_dict(), out)
+    click.echo(f"wrote {bundle.path} ({bundle.ident}, halo {spec.halo} px)")
 
 
 @model.command("import")
@@ -102,8 +113,36 @@ def init(out: Path, seed: int, **kw: Any) -> None:
 def import_(weights: Path, out: Path, **kw: Any) -> None:
     """Wrap a plain smp state_dict (WEIGHTS.pth, loaded weights-only) as a bundle in OUT."""
     spec = build_spec(kw)
-    bundle = _save(spec, load_torch_state_dict(weights), out)
-    click.echo(f"wrote {bundle.path} ({bundle.ident})")
+    state = load_torch_state_dict(weights)
+    if kw["halo"] == "auto":
+        module = build_module(spec)
+        module.load_state_dict(state, strict=False)
+        spec = spec.model_copy(update={"halo": _measure(spec, module)})
+    bundle = _save(spec, state, out)
+    click.echo(f"wrote {bundle.path} ({bundle.ident}, halo {spec.halo} px)")
+
+
+def _measure(spec: ModelSpec, module: Any) -> int:
+    from geoseg.halo import measure_halo
+    from geoseg.predict import TorchPredictor
+
+    click.echo("measuring the receptive field for a seamless halo …", err=True)
+    return measure_halo(TorchPredictor(module), len(spec.bands), spec.stride)
+
+
+@model.command("halo")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--write", is_flag=True, help="Store the measured halo in model.json.")
+def halo(bundle: Path, write: bool) -> None:
+    """Measure the halo (px) BUNDLE needs for tiled output to equal a whole-scene pass."""
+    from geoseg.model import load_module, write_spec
+
+    b = load_bundle(bundle)
+    measured = _measure(b.spec, load_module(b))
+    click.echo(f"{b.ident}: seamless halo {measured} px (model.json says {b.spec.halo} px)")
+    if write and measured != b.spec.halo:
+        write_spec(b.path, b.spec.model_copy(update={"halo": measured}))
+        click.echo(f"updated {b.path / 'model.json'}")
 
 
 @model.command("info")
