@@ -69,16 +69,22 @@ def _assert_same_outputs(root: Path, other: str) -> None:
             assert geojson.read_text() == (b / geojson.name).read_text()
 
 
-def test_cluster_run_matches_local_run(cluster: distributed.LocalCluster, local_run: Path) -> None:
-    from geoseg.predict import LOAD_COUNT
+def _model_loads() -> tuple[int, int]:
+    """(pid, model loads) of the process this runs in; imported there, not captured here."""
+    import geoseg.predict
 
+    return os.getpid(), sum(geoseg.predict.LOAD_COUNT.values())
+
+
+def test_cluster_run_matches_local_run(cluster: distributed.LocalCluster, local_run: Path) -> None:
     job = _job(local_run, "cluster", cluster.scheduler_address)
     summary = run_pipeline(load_pipeline(job))
     assert summary.ok and summary.count("done") == 2
     _assert_same_outputs(local_run, "cluster")
     with distributed.Client(cluster) as client:
-        loads = client.run(lambda: sum(LOAD_COUNT.values()))
-    assert len(loads) == 2 and all(n <= 1 for n in loads.values()) and sum(loads.values()) >= 1
+        loads = list(client.run(_model_loads).values())
+    assert len(loads) == 2 and all(pid != os.getpid() for pid, _ in loads)
+    assert all(n <= 1 for _, n in loads) and sum(n for _, n in loads) >= 1
 
 
 class KillOneWorker:

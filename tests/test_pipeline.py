@@ -265,3 +265,17 @@ def test_sigkill_mid_batch_then_resume(tmp_path: Path, model_dir: Path) -> None:
         assert ledger.integrity_ok()
     for i in range(5):
         assert np.isin(read_pixels(tmp_path / "out" / f"k{i}" / f"k{i}.mask.tif"), [0, 1, 2]).all()
+
+
+def test_refused_real_scenes_fail_with_reasons(job: Path) -> None:
+    data = REPO.parent.parent / "shared" / "data" / "robustness"
+    if not data.is_dir():
+        data = REPO.parent / "shared" / "data" / "robustness"
+    if not (data / "rotated.tif").exists():
+        pytest.skip("shared robustness data not present")
+    paths = [str(data / "rotated.tif"), str(data / "sar_hh.tif"), "scenes/s0.tif"]
+    summary = run_pipeline(load_pipeline(write_pipeline(job, inputs={"paths": paths})))
+    by_stem = {r.stem: r for r in summary.results}
+    assert by_stem["s0"].status == "done"
+    assert by_stem["rotated"].status == "failed" and "rotated" in (by_stem["rotated"].error or "")
+    assert by_stem["sar_hh"].status == "failed" and "complex" in (by_stem["sar_hh"].error or "")
