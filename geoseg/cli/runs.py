@@ -88,7 +88,10 @@ def show(ledger_path: Path | None, run_id: int, as_json: bool) -> None:
         ("model", f"{run.model} (sha256 {run.model_hash})"),
         ("config hash", run.config_hash),
         ("forced", run.forced),
-        ("scenes", f"{run.n_done} done, {run.n_skipped} skipped, {run.n_failed} failed"),
+        (
+            "scenes",
+            f"{run.n_done} done, {run.n_skipped} skipped, {run.n_failed} failed or interrupted",
+        ),
         ("message", run.message or "-"),
     ):
         click.echo(f"{k:>12}: {v}")

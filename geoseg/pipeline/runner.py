@@ -289,6 +289,7 @@ class _SceneJob:
             _remove_leftovers(self.config.out_dir / planned.stem)
         if self.stop.is_set():
             result.status = "interrupted"
+            result.error = f"the run was stopped while this scene was in progress ({result.error})"
         log.warning("%s: %s: %s", planned.stem, result.status, result.error)
         self._close(row, result, {})
         return result
