@@ -123,7 +123,7 @@ class TorchPredictor:
         self.precision = precision
         self.activation = activation
         self.memory_format = torch.channels_last
-        self.module = module.eval().to(self.device, memory_format=self.memory_format)
+        self.module = module.eval().to(self.device).to(memory_format=self.memory_format)
         self._lock = threading.Lock()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -137,7 +137,9 @@ class TorchPredictor:
         with (
             self._lock,
             torch.inference_mode(),
-            torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+            torch.autocast(
+                self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+            ),
         ):
             y = self.module(x)
         y = y.float()
@@ -165,8 +167,12 @@ class BundleFactory:
             torch.set_num_threads(self.threads)
         bundle = load_bundle(self.path)
         if bundle.sha256 != self.sha256:
-            raise ModelError(f"{self.path}: weights changed while running (hash {bundle.sha256[:12]})")
-        return TorchPredictor(load_module(bundle), self.device, self.precision, bundle.spec.activation)
+            raise ModelError(
+                f"{self.path}: weights changed while running (hash {bundle.sha256[:12]})"
+            )
+        return TorchPredictor(
+            load_module(bundle), self.device, self.precision, bundle.spec.activation
+        )
 
 
 _PREDICTORS: dict[Hashable, Predictor] = {}
@@ -457,8 +463,14 @@ def predict_scene(
     max_in_flight = options.max_in_flight or 2 * n_workers
     total, done, skipped = len(grid), 0, 0
     writer = RasterWriter(scene, output_tags(bundle, scene))
-    writer.add("probs", probs_path, len(spec.classes), band_names=spec.classes,
-               resampling="average", with_mask=True)
+    writer.add(
+        "probs",
+        probs_path,
+        len(spec.classes),
+        band_names=spec.classes,
+        resampling="average",
+        with_mask=True,
+    )
     writer.add("mask", mask_path, 1, nodata=MASK_NODATA, band_names=["class_id"])
     tasks = ((plan, batch, factory) for batch in _batches(grid, options.batch_size))
     name = f"geoseg-predict-{scene.stem}"
@@ -472,13 +484,9 @@ def predict_scene(
             if progress is not None:
                 progress(done, total)
     log.info("%s: %d chunks (%d all-nodata) → %s", scene.path, total, skipped, out)
-    return PredictOutputs(
-        scene.path, probs_path, mask_path, total, skipped, grid.redundancy, notes
-    )
+    return PredictOutputs(scene.path, probs_path, mask_path, total, skipped, grid.redundancy, notes)
 
 
 def redundancy(chunk: int, halo: int) -> float:
     """Model pixels per output pixel for an interior chunk: ((core + 2 halo) / core)²."""
     return math.pow((chunk + 2 * halo) / chunk, 2)
-
-

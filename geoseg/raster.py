@@ -185,15 +185,10 @@ def read_padded(
             block = src.read(list(bands), window=src_win)
             mask = src.dataset_mask(window=src_win) > 0 if scene.has_mask else None
     except RasterioError as exc:
-        raise InputError(
-            f"{scene.path}: read failed at window {src_win} ({_short(exc)})"
-        ) from exc
+        raise InputError(f"{scene.path}: read failed at window {src_win} ({_short(exc)})") from exc
     ri, ci = np.ix_(rows - r0, cols - c0)
     data = block[:, ri, ci]
-    if mask is None:
-        valid = np.ones(data.shape[1:], dtype=bool)
-    else:
-        valid = mask[ri, ci]
+    valid = np.ones(data.shape[1:], dtype=bool) if mask is None else mask[ri, ci]
     if data.dtype.kind == "f":
         valid &= np.isfinite(data).all(axis=0)
     return data, valid
@@ -212,7 +207,9 @@ def check_writable(directory: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"{directory}: output directory is not writable ({exc.strerror})") from exc
+        raise OutputError(
+            f"{directory}: output directory is not writable ({exc.strerror})"
+        ) from exc
 
 
 @dataclass
@@ -297,7 +294,9 @@ class RasterWriter:
         finally:
             self._env.__exit__(None, None, None)
 
-    def write(self, name: str, window: Window, data: np.ndarray, valid: np.ndarray | None = None) -> None:
+    def write(
+        self, name: str, window: Window, data: np.ndarray, valid: np.ndarray | None = None
+    ) -> None:
         """Write ``data`` (bands, h, w) at ``window``; ``valid`` sets the output's mask there."""
         out = self._outputs[name]
         try:

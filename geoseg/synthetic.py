@@ -31,7 +31,9 @@ CELL = 64  # building grid cell, pixels
 
 def _hash(a: np.ndarray, b: np.ndarray, seed: int) -> np.ndarray:
     """A uint32 hash of integer coordinates: deterministic per-pixel noise."""
-    h = (a.astype(np.uint64) * np.uint64(0x9E3779B1)) ^ (b.astype(np.uint64) * np.uint64(0x85EBCA77))
+    h = (a.astype(np.uint64) * np.uint64(0x9E3779B1)) ^ (
+        b.astype(np.uint64) * np.uint64(0x85EBCA77)
+    )
     h ^= np.uint64(seed * 0xC2B2AE3D + 0x27D4EB2F)
     h ^= h >> np.uint64(15)
     h *= np.uint64(0x2C1B3C6D)
@@ -92,7 +94,10 @@ class SyntheticScene:
         rows = np.arange(r0, r0 + h)[:, None] + 0.5
         cols = np.arange(c0, c0 + w)[None, :] + 0.5
         for y0, x0, y1, x1 in self._buildings(r0, c0, h, w):
-            ys, xs = slice(max(y0 - r0, 0), max(y1 - r0, 0)), slice(max(x0 - c0, 0), max(x1 - c0, 0))
+            ys, xs = (
+                slice(max(y0 - r0, 0), max(y1 - r0, 0)),
+                slice(max(x0 - c0, 0), max(x1 - c0, 0)),
+            )
             out[ys, xs] = BUILDING
         for road in roads if roads is not None else self.roads():
             dist = np.abs(road.a * cols + road.b * rows - road.c)
@@ -149,17 +154,26 @@ def write_scene(
     scene = SyntheticScene(width, height, seed=seed, res=res)
     roads = scene.roads()
     profile = {
-        "driver": "GTiff", "width": width, "height": height, "crs": scene.crs,
-        "transform": scene.transform, "tiled": True, "blockxsize": 512, "blockysize": 512,
-        "compress": "deflate", "dtype": "uint8", "bigtiff": "if_safer",
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "crs": scene.crs,
+        "transform": scene.transform,
+        "tiled": True,
+        "blockxsize": 512,
+        "blockysize": 512,
+        "compress": "deflate",
+        "dtype": "uint8",
+        "bigtiff": "if_safer",
     }
     targets = [(Path(path), 3)] + ([(Path(labels), 1)] if labels is not None else [])
     tmps = [atomic_path(p) for p, _ in targets]
     try:
         with rasterio.Env(**GDAL_ENV):
             dsts = [
-                rasterio.open(t, "w", count=n, photometric="rgb" if n == 3 else "minisblack",
-                              **profile)
+                rasterio.open(
+                    t, "w", count=n, photometric="rgb" if n == 3 else "minisblack", **profile
+                )
                 for t, (_, n) in zip(tmps, targets, strict=True)
             ]
             try:

@@ -69,8 +69,16 @@ def write_tif(
     """Write ``data`` (bands, h, w) as a GeoTIFF with a 1 m UTM grid unless told otherwise."""
     count, h, w = data.shape
     with rasterio.open(
-        path, "w", driver="GTiff", width=w, height=h, count=count, dtype=data.dtype, crs=crs,
-        transform=transform or Affine(1.0, 0, 500_000, 0, -1.0, 5_000_000), nodata=nodata,
+        path,
+        "w",
+        driver="GTiff",
+        width=w,
+        height=h,
+        count=count,
+        dtype=data.dtype,
+        crs=crs,
+        transform=transform or Affine(1.0, 0, 500_000, 0, -1.0, 5_000_000),
+        nodata=nodata,
         **profile,
     ) as dst:
         dst.write(data)

@@ -46,7 +46,12 @@ def test_grid_by_hand() -> None:
     chunks = list(grid)
     assert grid.shape == (2, 2)
     last = chunks[-1]
-    assert (last.core.col_off, last.core.row_off, last.core.width, last.core.height) == (64, 64, 36, 6)
+    assert (last.core.col_off, last.core.row_off, last.core.width, last.core.height) == (
+        64,
+        64,
+        36,
+        6,
+    )
     assert (last.padded.width, last.padded.height) == (128, 96)  # 36+64 → 128, 6+64 → 96
     assert grid.redundancy > 1
 

@@ -65,8 +65,13 @@ def read(path: Path) -> np.ndarray:
     ],
 )
 def test_identity_round_trips_exactly(
-    tmp_path: Path, rgb_scene: Callable[..., Path], make_bundle: Any,
-    width: int, height: int, chunk: int, halo: int,
+    tmp_path: Path,
+    rgb_scene: Callable[..., Path],
+    make_bundle: Any,
+    width: int,
+    height: int,
+    chunk: int,
+    halo: int,
 ) -> None:
     bundle = make_bundle(encoder_depth=3, decoder_channels=[32, 16, 8])
     scene = rgb_scene(width, height)
@@ -77,11 +82,21 @@ def test_identity_round_trips_exactly(
     np.testing.assert_array_equal(read(out.mask)[0], np.argmax(src, axis=0))
 
 
-def test_identity_with_batches_and_workers_matches(tmp_path: Path, rgb_scene: Any, make_bundle: Any) -> None:
+def test_identity_with_batches_and_workers_matches(
+    tmp_path: Path, rgb_scene: Any, make_bundle: Any
+) -> None:
     bundle = make_bundle()
     scene = rgb_scene(200, 150, seed=3)
-    out = run(scene, bundle, tmp_path / "o", IdentityFactory("b"), chunk=32, halo=16,
-              batch_size=4, workers=2)
+    out = run(
+        scene,
+        bundle,
+        tmp_path / "o",
+        IdentityFactory("b"),
+        chunk=32,
+        halo=16,
+        batch_size=4,
+        workers=2,
+    )
     np.testing.assert_array_equal(read(out.probs), read(scene))
 
 

@@ -77,10 +77,13 @@ def shapes_at_corners(size: int, chunk: int, rng: np.random.Generator) -> np.nda
     return m
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(seed=st.integers(0, 10_000), chunk=st.sampled_from([64, 96, 128]))
-def test_chunked_equals_whole_mask(tmp_path_factory: pytest.TempPathFactory, seed: int,
-                                   chunk: int) -> None:
+def test_chunked_equals_whole_mask(
+    tmp_path_factory: pytest.TempPathFactory, seed: int, chunk: int
+) -> None:
     tmp = tmp_path_factory.mktemp("seams")
     classes = shapes_at_corners(200, chunk, np.random.default_rng(seed))
     path = write_mask(tmp / "s.mask.tif", classes)
@@ -129,8 +132,7 @@ def test_area_and_tolerances_in_metres_for_lonlat_rasters(tmp_path: Path) -> Non
     classes = np.zeros((120, 120), np.uint8)
     classes[10:20, 10:20] = 1  # 10 x 10 px
     classes[50:90, 50:90] = 1  # 40 x 40 px
-    path = write_mask(tmp_path / "g.mask.tif", classes, crs="EPSG:4326",
-                      transform=LONLAT_TRANSFORM)
+    path = write_mask(tmp_path / "g.mask.tif", classes, crs="EPSG:4326", transform=LONLAT_TRANSFORM)
     lat = math.radians(30.27 - 4.5e-6 * 60)
     px = 5.2e-6 * 111_320 * math.cos(lat)
     py = 4.5e-6 * 110_850
@@ -169,11 +171,13 @@ def test_regularize_real_austin_buildings(tmp_path: Path) -> None:
         gt = src.read(1)
         crs, transform = src.crs, src.transform
     classes = (gt > 0).astype(np.uint8)
-    path = write_mask(tmp_path / "austin.mask.tif", classes, crs=crs.to_string(),
-                      transform=transform)
+    path = write_mask(
+        tmp_path / "austin.mask.tif", classes, crs=crs.to_string(), transform=transform
+    )
     plain, _ = polygons(tmp_path / "plain", path, chunk=256, simplify_m=0.3, min_area_m2=20.0)
-    reg, _ = polygons(tmp_path / "reg", path, chunk=256, simplify_m=0.3, min_area_m2=20.0,
-                      regularize=True)
+    reg, _ = polygons(
+        tmp_path / "reg", path, chunk=256, simplify_m=0.3, min_area_m2=20.0, regularize=True
+    )
     assert len(reg) == len(plain) > 50
     assert shapely.is_valid(reg).all()
     right = 0

@@ -28,7 +28,9 @@ def _int(value: str, name: str) -> int:
     try:
         return int(value)
     except ValueError as exc:
-        raise click.BadParameter(f"expected an integer or 'auto', got {value!r}", param_hint=name) from exc
+        raise click.BadParameter(
+            f"expected an integer or 'auto', got {value!r}", param_hint=name
+        ) from exc
 
 
 def _floats(value: str | None) -> list[float]:
@@ -47,18 +49,32 @@ def spec_options(f: F) -> F:
         click.option("--encoder", default="resnet18", show_default=True, help="smp encoder."),
         click.option("--encoder-depth", type=click.IntRange(3, 5), default=5, show_default=True),
         click.option("--decoder-channels", default="256,128,64,32,16", show_default=True),
-        click.option("--classes", default="background,building,road", show_default=True,
-                     help="Class names in index order."),
+        click.option(
+            "--classes",
+            default="background,building,road",
+            show_default=True,
+            help="Class names in index order.",
+        ),
         click.option("--bands", default="1,2,3", show_default=True, help="1-based input bands."),
         click.option("--dtype", default="uint8", show_default=True, help="Input pixel type."),
-        click.option("--scale", type=float, default=255.0, show_default=True,
-                     help="Divide raw values by this."),
+        click.option(
+            "--scale",
+            type=float,
+            default=255.0,
+            show_default=True,
+            help="Divide raw values by this.",
+        ),
         click.option("--mean", default=None, help="Per-band mean after scaling (comma list)."),
         click.option("--std", default=None, help="Per-band std after scaling (comma list)."),
-        click.option("--chunk", type=int, default=512, show_default=True,
-                     help="Recommended chunk core, px."),
-        click.option("--halo", default="auto", show_default=True,
-                     help="Recommended halo, px, or 'auto' to measure the model's receptive field."),
+        click.option(
+            "--chunk", type=int, default=512, show_default=True, help="Recommended chunk core, px."
+        ),
+        click.option(
+            "--halo",
+            default="auto",
+            show_default=True,
+            help="Recommended halo, px, or 'auto' to measure the model's receptive field.",
+        ),
         click.option("--gsd", type=float, default=None, help="Ground sample distance, metres."),
     ]
     for opt in reversed(opts):
@@ -69,14 +85,19 @@ def spec_options(f: F) -> F:
 def build_spec(kw: dict[str, Any]) -> ModelSpec:
     try:
         return ModelSpec(
-            name=kw["name"], arch=kw["arch"], encoder=kw["encoder"],
+            name=kw["name"],
+            arch=kw["arch"],
+            encoder=kw["encoder"],
             encoder_depth=kw["encoder_depth"],
             decoder_channels=_ints(kw["decoder_channels"])[: kw["encoder_depth"]],
             classes=[c.strip() for c in kw["classes"].split(",") if c.strip()],
-            bands=_ints(kw["bands"]), dtype=kw["dtype"],
-            normalization=Normalization(scale=kw["scale"], mean=_floats(kw["mean"]),
-                                        std=_floats(kw["std"])),
-            chunk=kw["chunk"], halo=0 if kw["halo"] == "auto" else _int(kw["halo"], "--halo"),
+            bands=_ints(kw["bands"]),
+            dtype=kw["dtype"],
+            normalization=Normalization(
+                scale=kw["scale"], mean=_floats(kw["mean"]), std=_floats(kw["std"])
+            ),
+            chunk=kw["chunk"],
+            halo=0 if kw["halo"] == "auto" else _int(kw["halo"], "--halo"),
             gsd_m=kw["gsd"],
         )
     except ValidationError as exc:
@@ -159,8 +180,10 @@ def info(bundle: Path, as_json: bool) -> None:
     rows = [
         ("bundle", str(b.path)),
         ("model", b.ident),
-        ("architecture", f"{s.arch} / {s.encoder} (depth {s.encoder_depth}, "
-                         f"decoder {s.decoder_channels})"),
+        (
+            "architecture",
+            f"{s.arch} / {s.encoder} (depth {s.encoder_depth}, decoder {s.decoder_channels})",
+        ),
         ("input", f"bands {s.bands}, {s.dtype}"),
         ("normalization", f"/ {n.scale:g}, mean {n.mean or 0}, std {n.std or 1}"),
         ("classes", ", ".join(f"{i}={c}" for i, c in enumerate(s.classes))),

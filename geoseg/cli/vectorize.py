@@ -43,38 +43,91 @@ def build_options(**kwargs: Any) -> VectorizeOptions:
 def vectorize_options(f: Any) -> Any:
     """The options shared by ``geoseg vectorize`` and ``geoseg predict --vectorize``."""
     opts = [
-        click.option("--threshold", type=float, default=None,
-                     help="Probability threshold for a class (default 0.5)."),
-        click.option("--min-area", "min_area_m2", type=float, default=None,
-                     help="Drop polygons smaller than this, in square metres (default 2)."),
-        click.option("--simplify", "simplify_m", type=float, default=None,
-                     help="Simplification tolerance in metres (default 0.5; 0 = off)."),
-        click.option("--regularize/--no-regularize", default=None,
-                     help="Straighten building outlines to right angles."),
-        click.option("--spur", "spur_m", type=float, default=None,
-                     help="Prune dangling road edges shorter than this, in metres (default 10)."),
-        click.option("--road-polygons/--no-road-polygons", default=None,
-                     help="Also write road polygons (<stem>.road_areas)."),
-        click.option("--layer", "layer_spec", multiple=True, metavar="CLASS=KIND",
-                     help="Map a class to polygons or centerlines (repeatable; replaces the "
-                          "default building=polygons, road=centerlines)."),
-        click.option("--format", "formats", multiple=True,
-                     type=click.Choice(["geojson", "gpkg", "fgb", "parquet"]),
-                     help="Extra output formats (repeatable); GeoJSON is always written."),
-        click.option("--precision", type=click.IntRange(0, 15), default=None,
-                     help="GeoJSON coordinate decimals (default 7)."),
-        click.option("--vector-chunk", "vchunk", type=click.IntRange(min=64), default=None,
-                     help="Vectorizing chunk size in pixels (default 2048)."),
+        click.option(
+            "--threshold",
+            type=float,
+            default=None,
+            help="Probability threshold for a class (default 0.5).",
+        ),
+        click.option(
+            "--min-area",
+            "min_area_m2",
+            type=float,
+            default=None,
+            help="Drop polygons smaller than this, in square metres (default 2).",
+        ),
+        click.option(
+            "--simplify",
+            "simplify_m",
+            type=float,
+            default=None,
+            help="Simplification tolerance in metres (default 0.5; 0 = off).",
+        ),
+        click.option(
+            "--regularize/--no-regularize",
+            default=None,
+            help="Straighten building outlines to right angles.",
+        ),
+        click.option(
+            "--spur",
+            "spur_m",
+            type=float,
+            default=None,
+            help="Prune dangling road edges shorter than this, in metres (default 10).",
+        ),
+        click.option(
+            "--road-polygons/--no-road-polygons",
+            default=None,
+            help="Also write road polygons (<stem>.road_areas).",
+        ),
+        click.option(
+            "--layer",
+            "layer_spec",
+            multiple=True,
+            metavar="CLASS=KIND",
+            help="Map a class to polygons or centerlines (repeatable; replaces the "
+            "default building=polygons, road=centerlines).",
+        ),
+        click.option(
+            "--format",
+            "formats",
+            multiple=True,
+            type=click.Choice(["geojson", "gpkg", "fgb", "parquet"]),
+            help="Extra output formats (repeatable); GeoJSON is always written.",
+        ),
+        click.option(
+            "--precision",
+            type=click.IntRange(0, 15),
+            default=None,
+            help="GeoJSON coordinate decimals (default 7).",
+        ),
+        click.option(
+            "--vector-chunk",
+            "vchunk",
+            type=click.IntRange(min=64),
+            default=None,
+            help="Vectorizing chunk size in pixels (default 2048).",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
 
 
-def options_from_cli(layer_spec: tuple[str, ...], formats: tuple[str, ...], vchunk: int | None,
-                     workers: int | None, **kwargs: Any) -> VectorizeOptions:
-    return build_options(layers=_layers(layer_spec), formats=list(formats) or None,
-                         chunk=vchunk, workers=workers, **kwargs)
+def options_from_cli(
+    layer_spec: tuple[str, ...],
+    formats: tuple[str, ...],
+    vchunk: int | None,
+    workers: int | None,
+    **kwargs: Any,
+) -> VectorizeOptions:
+    return build_options(
+        layers=_layers(layer_spec),
+        formats=list(formats) or None,
+        chunk=vchunk,
+        workers=workers,
+        **kwargs,
+    )
 
 
 def report(outs: VectorizeOutputs) -> None:
@@ -85,14 +138,30 @@ def report(outs: VectorizeOutputs) -> None:
 
 @click.command()
 @click.argument("predictions", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Output directory.")
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output directory.",
+)
 @vectorize_options
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Local worker processes (default 2).")
-def vectorize(predictions: tuple[Path, ...], out_dir: Path, workers: int | None,
-              layer_spec: tuple[str, ...], formats: tuple[str, ...], vchunk: int | None,
-              **kwargs: Any) -> None:
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Local worker processes (default 2).",
+)
+def vectorize(
+    predictions: tuple[Path, ...],
+    out_dir: Path,
+    workers: int | None,
+    layer_spec: tuple[str, ...],
+    formats: tuple[str, ...],
+    vchunk: int | None,
+    **kwargs: Any,
+) -> None:
     """Write <stem>.buildings.geojson and <stem>.roads.geojson for each PREDICTION
     (a <stem>.probs.tif or <stem>.mask.tif from geoseg predict) into --out."""
     options = options_from_cli(layer_spec, formats, vchunk, workers, **kwargs)
