@@ -79,6 +79,11 @@ def _register() -> None:
     from geoseg.cli import vectorize
 
     cli.add_command(vectorize.vectorize)
+    from geoseg.cli import run, runs, schedule
+
+    cli.add_command(run.run)
+    cli.add_command(runs.runs)
+    cli.add_command(schedule.schedule)
 
 
 _register()
