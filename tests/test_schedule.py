@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from geoseg.errors import ConfigError
 from geoseg.pipeline.config import PipelineConfig, parse_pipeline
 from geoseg.pipeline.schedule import Scheduler
 
-UTC = timezone.utc
+UTC = UTC
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -117,8 +117,8 @@ def file_identity(path: Path) -> tuple[int | None, int | None]:
 
 
 def scene_stem(path: Path) -> str:
-    """The name a scene's outputs get: its file name up to the first dot."""
-    return path.name.split(".")[0] or path.stem
+    """The name a scene's outputs get: its file name without the last extension."""
+    return path.stem
 
 
 def _missing_outputs(row: SceneRow) -> list[str]:

@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 from zoneinfo import ZoneInfo
@@ -58,7 +58,7 @@ class SystemClock:
     """The real clock."""
 
     def now(self) -> datetime:
-        return datetime.now(timezone.utc)
+        return datetime.now(UTC)
 
     def wait(self, seconds: float, stop: threading.Event) -> None:
         stop.wait(max(0.0, seconds))
@@ -166,7 +166,7 @@ class Scheduler:
             assert c.schedule is not None
             tz = ZoneInfo(c.schedule.timezone)
             last = last_started(c.name) if last_started else None
-            start = datetime.fromtimestamp(last, timezone.utc) if last is not None else now
+            start = datetime.fromtimestamp(last, UTC) if last is not None else now
             self.entries.append(_Entry(c, tz, self._next(c, tz, start)))
             log.info(
                 "%s: scheduled '%s' (%s); next run %s",
