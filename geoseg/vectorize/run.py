@@ -23,6 +23,7 @@ from geoseg.vectorize.centerlines import (
     skeleton_chunk,
 )
 from geoseg.vectorize.export import LayerWriter
+from geoseg.vectorize.features import FeatureBatch
 from geoseg.vectorize.geometry import frames_for
 from geoseg.vectorize.options import LayerOutput, VectorizeOptions, VectorizeOutputs
 from geoseg.vectorize.polygons import ChunkPolygons, PolygonJob, finish_polygons, polygonize_chunk
@@ -128,6 +129,8 @@ def vectorize_prediction(
                 options.min_area_m2,
                 options.simplify_m,
                 options.regularize and cls != "road",
+                options.precision,
+                len(options.formats) > 1,
             )
             jobs[layer] = pj
             for ch in grid:
@@ -205,8 +208,8 @@ def _collect(
             ready[order[(layer, value.index)]] = (layer, value)
             while nxt < len(ordered) and ordered[nxt] in ready:
                 lyr, ch = ready.pop(ordered[nxt])
-                writers[lyr].write(ch.done)
-                ch.done = ch.done.take(slice(0, 0))  # type: ignore[arg-type]
+                writers[lyr].write_rendered(ch.text, ch.count, ch.done)
+                ch.done, ch.text = FeatureBatch.empty(), ""
                 res.polygons.setdefault(lyr, {})[ch.index] = ch
                 nxt += 1
         else:
