@@ -115,6 +115,16 @@ o = vectorize_prediction(sys.argv[1], sys.argv[2], VectorizeOptions(workers=int(
 print(sum(o.counts.values()))
 """
 
+STARTUP = """
+import sys, time
+from geoseg.vectorize.run import local_client
+t0 = time.perf_counter()
+with local_client(int(sys.argv[1])) as client:
+    t1 = time.perf_counter()
+    client.submit(sum, [1, 2]).result()
+print(f"{t1 - t0:.2f} {time.perf_counter() - t1:.2f}")
+"""
+
 SKELETON = """
 import sys, rasterio
 from skimage.morphology import skeletonize
@@ -159,6 +169,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench_out" / "vectorize")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    _, _, started = measure(STARTUP, str(a.workers))
+    up, down = started.split()
+    print(f"local Dask cluster, {a.workers} worker processes: start {up} s, task + close {down} s")
     rows = []
     for size in a.sizes:
         mask_p, probs_p = make_scene(size, a.out)

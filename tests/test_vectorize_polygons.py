@@ -199,3 +199,38 @@ def test_regularize_real_austin_buildings(tmp_path: Path) -> None:
         r = shapely.union_all(reg[hits])
         ious.append(shapely.intersection(p, r).area / shapely.union(p, r).area)
     assert np.median(ious) > 0.85
+
+
+def test_seam_components_are_emitted_as_soon_as_their_chunks_are_in(tmp_path: Path) -> None:
+    """Row by row, a bar across the first chunk row is complete before the next row starts."""
+    from geoseg.grid import ChunkGrid
+    from geoseg.vectorize.geometry import frames_for
+    from geoseg.vectorize.polygons import PolygonJob, polygonize_chunk
+    from geoseg.vectorize.seams import SeamMerger
+    from geoseg.vectorize.source import open_prediction
+
+    classes = np.zeros((192, 192), np.uint8)
+    classes[10:20, 5:190] = 1  # a bar through the three chunks of the first row
+    classes[100:180, 100:110] = 1  # a column through the second and third rows
+    classes[150:160, 20:30] = 1  # inside one chunk: never a seam piece
+    pred = open_prediction(write_mask(tmp_path / "s.mask.tif", classes))
+    job = PolygonJob(pred, frames_for(pred), "building", "buildings", 0.5, 0.0, 0.0, False)
+    grid = ChunkGrid(192, 192, 64, 0, multiple=1)
+    rows, cols = grid.shape
+    merger = SeamMerger(rows, cols)
+    emitted: dict[tuple[int, int], list[shapely.Geometry]] = {}
+    pending: dict[tuple[int, int], int] = {}
+    for ch in grid:
+        seams = (ch.row > 0, ch.row < rows - 1, ch.col > 0, ch.col < cols - 1)
+        pieces = merger.add(polygonize_chunk(job, ch.index, ch.core, seams))
+        emitted[ch.index] = list(pieces.geoms)
+        pending[ch.index] = merger.pending
+    assert len(merger.finish()) == 0
+    # The bar is one polygon as soon as the last chunk of its row (0, 2) is in.
+    assert [len(emitted[(0, c)]) for c in range(3)] == [0, 0, 1]
+    assert shapely.area(emitted[(0, 2)][0]) == 185 * 10
+    assert pending[(0, 2)] == 0
+    # The column joins (1, 1) and (2, 1); it is held in between, and only it.
+    assert pending[(1, 1)] == 1 and pending[(2, 0)] == 1
+    assert [len(emitted[(2, c)]) for c in range(3)] == [0, 1, 0]
+    assert shapely.area(emitted[(2, 1)][0]) == 80 * 10

@@ -9,14 +9,15 @@ with their labels along the seam, so :mod:`geoseg.vectorize.seams` can join them
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import shapely
-from affine import Affine
 from rasterio.features import shapes
 from rasterio.windows import Window
 from scipy import ndimage
 
+from geoseg.vectorize.export import render_geojson
 from geoseg.vectorize.features import FeatureBatch, stable_ids
 from geoseg.vectorize.geometry import Frames
 from geoseg.vectorize.regularize import regularize_polygons
@@ -39,6 +40,8 @@ class PolygonJob:
     min_area_m2: float
     simplify_m: float
     regularize: bool
+    precision: int = 7
+    keep_features: bool = False
 
 
 @dataclass
@@ -62,43 +65,71 @@ class Pieces:
 
 @dataclass
 class ChunkPolygons:
-    """One chunk's result: finished features, and seam pieces with their seam labels."""
+    """One chunk's result: finished features, and seam pieces with their seam labels.
+
+    The finished features come as GeoJSON text (``count`` features); ``done`` holds them as
+    geometries too when the job keeps features for other formats, else it is empty.
+    """
 
     index: tuple[int, int]
     done: FeatureBatch
     seam: Pieces
     seam_labels: np.ndarray
     edges: dict[str, np.ndarray] = field(default_factory=dict)
+    text: str = ""
+    count: int = 0
 
 
 def _component_stats(
-    labels: np.ndarray, fg: np.ndarray, conf: np.ndarray | None, n: int, origin: tuple[int, int]
+    labels: np.ndarray, conf: np.ndarray | None, n: int, origin: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per label 1..n: first pixel (global row, col), pixel count, confidence sum and max."""
-    rows, cols = np.nonzero(fg)
-    lab = labels[rows, cols]
-    order = np.argsort(lab, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(lab[order]) != 0])
-    first = order[starts]
-    key = np.column_stack((rows[first] + origin[0], cols[first] + origin[1])).astype(np.int64)
-    count = np.diff(np.r_[starts, len(lab)]).astype(np.int64)
+    flat = labels.ravel()
+    idx = np.flatnonzero(flat)
+    lab = flat[idx].astype(np.intp)  # matching dtypes keep ufunc.at on its fast path
+    count = np.bincount(lab, minlength=n + 1)[1:].astype(np.int64)
+    first = np.full(n + 1, flat.size, dtype=np.int64)
+    np.minimum.at(first, lab, idx)
+    row, col = np.divmod(first[1:], labels.shape[1])
+    key = np.column_stack((row + origin[0], col + origin[1])).astype(np.int64)
     if conf is None:
         csum = np.full(n, np.nan)
         cmax = np.full(n, -1, dtype=np.int32)
     else:
-        c = conf[rows, cols][order]
-        csum = np.add.reduceat(c.astype(np.float64), starts)
-        cmax = np.maximum.reduceat(c, starts).astype(np.int32)
+        c = conf.ravel()[idx]
+        csum = np.bincount(lab, weights=c, minlength=n + 1)[1:]
+        mx = np.zeros(n + 1, dtype=c.dtype)
+        np.maximum.at(mx, lab, c)
+        cmax = mx[1:].astype(np.int32)
     return key, count, csum, cmax
 
 
-def _polygonize(labels: np.ndarray, fg: np.ndarray, n: int, origin: tuple[int, int]) -> np.ndarray:
-    """One polygon (with holes) per label, in global pixel coordinates, indexed by label - 1."""
+def _polygonize(labels: np.ndarray, n: int, origin: tuple[int, int]) -> np.ndarray:
+    """One polygon (with holes) per label, in global pixel coordinates, indexed by label - 1.
+
+    The rings from ``rasterio.features.shapes`` are gathered into one coordinate array and
+    the polygons built in one call.
+    """
+    rings: list[list[tuple[float, float]]] = []
+    per_polygon: list[int] = []
+    values: list[float] = []
+    for geom, value in shapes(labels, mask=labels > 0, connectivity=4):
+        r = geom["coordinates"]
+        rings.extend(r)
+        per_polygon.append(len(r))
+        values.append(value)
     geoms = np.empty(n, dtype=object)
-    t = Affine.translation(origin[1], origin[0])
-    for geom, value in shapes(labels, mask=fg, connectivity=4, transform=t):
-        rings = geom["coordinates"]
-        geoms[int(value) - 1] = shapely.Polygon(rings[0], rings[1:])
+    if not rings:
+        return geoms
+    ring_len = np.fromiter(map(len, rings), dtype=np.int64, count=len(rings))
+    xy = np.fromiter(
+        chain.from_iterable(chain.from_iterable(rings)), dtype=np.float64, count=2 * ring_len.sum()
+    ).reshape(-1, 2)
+    xy += (origin[1], origin[0])
+    ring_off = np.r_[0, np.cumsum(ring_len)]
+    poly_off = np.r_[0, np.cumsum(per_polygon)]
+    polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, xy, (ring_off, poly_off))
+    geoms[np.asarray(values, dtype=np.int64) - 1] = polys
     return geoms
 
 
@@ -112,8 +143,8 @@ def polygonize_chunk(
     if n == 0:
         return ChunkPolygons(index, FeatureBatch.empty(), _no_pieces(), np.empty(0, np.int64))
     labels = labels.astype(np.int32, copy=False)
-    key, count, csum, cmax = _component_stats(labels, cw.fg, cw.conf, n, origin)
-    geoms = _polygonize(labels, cw.fg, n, origin)
+    key, count, csum, cmax = _component_stats(labels, cw.conf, n, origin)
+    geoms = _polygonize(labels, n, origin)
     pieces = Pieces(geoms, key, count, csum, cmax)
     edges: dict[str, np.ndarray] = {}
     views = {"top": labels[0], "bottom": labels[-1], "left": labels[:, 0], "right": labels[:, -1]}
@@ -126,7 +157,11 @@ def polygonize_chunk(
     touching = touching[1:]
     seam_idx = np.flatnonzero(touching)
     done = finish_polygons(job, pieces.take(np.flatnonzero(~touching)))
-    return ChunkPolygons(index, done, pieces.take(seam_idx), seam_idx + 1, edges)
+    text, kept = render_geojson(done, job.frames, job.precision, "Polygon")
+    done = done.take(np.flatnonzero(kept)) if job.keep_features else FeatureBatch.empty()
+    return ChunkPolygons(
+        index, done, pieces.take(seam_idx), seam_idx + 1, edges, text, int(kept.sum())
+    )
 
 
 def _no_pieces() -> Pieces:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import multiprocessing
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +25,7 @@ from geoseg.vectorize.export import LayerWriter
 from geoseg.vectorize.geometry import frames_for
 from geoseg.vectorize.options import LayerOutput, VectorizeOptions, VectorizeOutputs
 from geoseg.vectorize.polygons import ChunkPolygons, PolygonJob, finish_polygons, polygonize_chunk
-from geoseg.vectorize.seams import merge_seams
+from geoseg.vectorize.seams import SeamMerger
 from geoseg.vectorize.source import Prediction, open_prediction
 
 if TYPE_CHECKING:
@@ -43,38 +42,48 @@ def _call(tag: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[str,
     return tag, fn(*args)
 
 
-def _run_local(tasks: list[Task], workers: int) -> Iterator[tuple[str, Any]]:
-    """Run tasks inline (1 worker) or in a process pool, at most 2 per worker in flight."""
+@contextlib.contextmanager
+def local_client(workers: int) -> Iterator[Client]:
+    """A Dask cluster of ``workers`` single-threaded worker processes on this machine.
+
+    Processes, not threads: polygonizing holds the GIL for much of its time. Workers are
+    forked when this process runs no other threads (about 1 s to start instead of several
+    seconds of fresh imports per worker), else spawned.
+    """
+    import dask
+    from distributed import Client, LocalCluster
+
+    method = "fork" if os.name == "posix" and threading.active_count() == 1 else "spawn"
+    with (
+        dask.config.set({"distributed.worker.multiprocessing-method": method}),
+        LocalCluster(
+            processes=True,
+            n_workers=workers,
+            threads_per_worker=1,
+            dashboard_address=None,
+            silence_logs=logging.WARNING,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def _run(tasks: list[Task], client: Client | None, workers: int) -> Iterator[tuple[str, Any]]:
+    """Results of ``tasks`` as they finish: on ``client``, inline for one worker, else on a
+    local Dask cluster of ``workers`` processes; at most two tasks per worker in flight.
+    """
+    from geoseg.predict import stream_tasks
+
+    if client is not None:
+        n = max(1, sum(client.nthreads().values()))
+        yield from stream_tasks(client, _call, iter(tasks), 2 * n, "geoseg-vectorize")
+        return
     if workers == 1 or len(tasks) <= 1:
         for t in tasks:
             yield _call(*t)
         return
-    # fork is cheap and inherits the imports; fall back to spawn where threads are running.
-    method = "fork" if threading.active_count() == 1 and os.name == "posix" else "spawn"
-    todo = iter(tasks)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:
-        pending: set[Future[tuple[str, Any]]] = set()
-        for t in todo:
-            pending.add(pool.submit(_call, *t))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.add(pool.submit(_call, *nxt))
-                yield fut.result()
-
-
-def _run(tasks: list[Task], client: Client | None, workers: int) -> Iterator[tuple[str, Any]]:
-    if client is None:
-        yield from _run_local(tasks, workers)
-        return
-    from geoseg.predict import stream_tasks
-
-    n = max(1, sum(client.nthreads().values()))
-    yield from stream_tasks(client, _call, iter(tasks), 2 * n, "geoseg-vectorize")
+    with local_client(min(workers, len(tasks))) as local:
+        yield from stream_tasks(local, _call, iter(tasks), 2 * workers, "geoseg-vectorize")
 
 
 def _layer_plan(pred: Prediction, options: VectorizeOptions) -> list[tuple[str, str, str]]:
@@ -128,6 +137,8 @@ def vectorize_prediction(
                 options.min_area_m2,
                 options.simplify_m,
                 options.regularize and cls != "road",
+                options.precision,
+                len(options.formats) > 1,
             )
             jobs[layer] = pj
             for ch in grid:
@@ -160,15 +171,12 @@ def vectorize_prediction(
         for _, layer, kind in plan
     }
     try:
-        results = _collect(tasks, client, options.workers, writers, progress)
+        skeletons = _collect(tasks, client, options.workers, writers, jobs, grid.shape, progress)
         counts: dict[str, LayerOutput] = {}
         for _, layer, kind in plan:
             job = jobs[layer]
-            if isinstance(job, PolygonJob):
-                merged = merge_seams(results.polygons.get(layer, {}))
-                writers[layer].write(finish_polygons(job, merged))
-            else:
-                pix = SkeletonPixels.concat(results.skeletons.get(layer, []))
+            if isinstance(job, CenterlineJob):
+                pix = SkeletonPixels.concat(skeletons.get(layer, []))
                 writers[layer].write(build_centerlines(job, pix))
             counts[layer] = LayerOutput(layer, kind, writers[layer].count)  # type: ignore[arg-type]
         for layer, w in writers.items():
@@ -181,36 +189,46 @@ def vectorize_prediction(
     return VectorizeOutputs(Path(path), counts)
 
 
-class _Results:
-    def __init__(self) -> None:
-        self.polygons: dict[str, dict[tuple[int, int], ChunkPolygons]] = {}
-        self.skeletons: dict[str, list[SkeletonPixels]] = {}
-
-
 def _collect(
     tasks: list[Task],
     client: Client | None,
     workers: int,
     writers: dict[str, LayerWriter],
+    jobs: dict[str, PolygonJob | CenterlineJob],
+    shape: tuple[int, int],
     progress: Callable[[int, int], None] | None,
-) -> _Results:
-    """Run the chunk tasks; write finished polygons in chunk order, keep seam pieces."""
-    res = _Results()
+) -> dict[str, list[SkeletonPixels]]:
+    """Run the chunk tasks; returns the skeleton pixels of each centerline layer.
+
+    Polygon chunks are taken in chunk order (row by row), whatever order they finish in: their
+    whole features are written at once and their seam pieces joined; each component that
+    crosses seams is written as soon as the chunks on all its seams are in.
+    """
+    skeletons: dict[str, list[SkeletonPixels]] = {}
+    mergers = {
+        layer: SeamMerger(*shape) for layer, job in jobs.items() if isinstance(job, PolygonJob)
+    }
     order = {(t[0], t[2][1]): i for i, t in enumerate(tasks) if t[1] is polygonize_chunk}
+    ordered = sorted(order.values())
     ready: dict[int, tuple[str, ChunkPolygons]] = {}
     nxt = 0
-    ordered = sorted(order.values())
     for done, (layer, value) in enumerate(_run(tasks, client, workers), start=1):
         if isinstance(value, ChunkPolygons):
             ready[order[(layer, value.index)]] = (layer, value)
             while nxt < len(ordered) and ordered[nxt] in ready:
                 lyr, ch = ready.pop(ordered[nxt])
-                writers[lyr].write(ch.done)
-                ch.done = ch.done.take(slice(0, 0))  # type: ignore[arg-type]
-                res.polygons.setdefault(lyr, {})[ch.index] = ch
+                writers[lyr].write_rendered(ch.text, ch.count, ch.done)
+                merged = mergers[lyr].add(ch)
+                job = jobs[lyr]
+                assert isinstance(job, PolygonJob)
+                writers[lyr].write(finish_polygons(job, merged))
                 nxt += 1
         else:
-            res.skeletons.setdefault(layer, []).append(value)
+            skeletons.setdefault(layer, []).append(value)
         if progress is not None:
             progress(done, len(tasks))
-    return res
+    for lyr, merger in mergers.items():
+        job = jobs[lyr]
+        assert isinstance(job, PolygonJob)
+        writers[lyr].write(finish_polygons(job, merger.finish()))
+    return skeletons

@@ -1,20 +1,33 @@
 """Join polygon pieces across chunk seams: exact, because pieces are unions of pixels.
 
 Two pieces in neighbouring chunks belong to one component when a pixel of each faces the other
-across the seam (4-connectivity). The pairs found along every seam are grouped with
-connected components, and each group's pixel polygons are unioned.
+across the seam (4-connectivity). Chunks are added one at a time; a component is complete, and
+its pieces are unioned and handed back, as soon as every seam its pieces touch has its chunks
+on both sides in. Only the pieces of incomplete components are held, so memory follows the
+front of finished chunks, not the size of the raster.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import shapely
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from geoseg.vectorize.polygons import ChunkPolygons, Pieces
 
-__all__ = ["merge_seams"]
+__all__ = ["SeamMerger"]
+
+#: Side → (row step, column step) to the neighbour across it, and the neighbour's side.
+_ACROSS = {
+    "top": ((-1, 0), "bottom"),
+    "bottom": ((1, 0), "top"),
+    "left": ((0, -1), "right"),
+    "right": ((0, 1), "left"),
+}
+
+
+#: A chunk side waiting for its neighbour: seam labels, edge labels (None: no pieces), first node.
+_Side = tuple[np.ndarray, np.ndarray | None, int]
+_NO_SIDE: _Side = (np.empty(0, np.int64), None, 0)
 
 
 def _pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -24,61 +37,126 @@ def _pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.unique(np.column_stack((a[both], b[both])).astype(np.int64), axis=0)
 
 
-def merge_seams(chunks: dict[tuple[int, int], ChunkPolygons]) -> Pieces:
-    """Union the seam pieces of all ``chunks`` into whole components with pooled statistics."""
-    offsets: dict[tuple[int, int], int] = {}
-    total = 0
-    for idx in sorted(chunks):
-        offsets[idx] = total
-        total += len(chunks[idx].seam)
-    if total == 0:
-        return Pieces(
-            np.empty(0, dtype=object),
-            np.empty((0, 2), np.int64),
-            np.empty(0, np.int64),
-            np.empty(0),
-            np.empty(0, np.int32),
-        )
+def _no_pieces() -> Pieces:
+    e = np.empty(0, dtype=np.int64)
+    return Pieces(np.empty(0, dtype=object), np.empty((0, 2), np.int64), e, e.astype(float), e)
 
-    def node(idx: tuple[int, int], labels: np.ndarray) -> np.ndarray:
-        seam_labels = chunks[idx].seam_labels
-        return offsets[idx] + np.searchsorted(seam_labels, labels)
 
-    src: list[np.ndarray] = []
-    dst: list[np.ndarray] = []
-    for (r, c), ch in chunks.items():
-        for other, mine, theirs in (((r, c + 1), "right", "left"), ((r + 1, c), "bottom", "top")):
-            nb = chunks.get(other)
-            if nb is None or mine not in ch.edges or theirs not in nb.edges:
+class SeamMerger:
+    """Incremental union of seam pieces over a grid of ``rows`` x ``cols`` chunks."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        self.rows, self.cols = rows, cols
+        self._arrived: set[tuple[int, int]] = set()
+        # Seam labels and edges of arrived chunks, per side still facing a missing neighbour.
+        self._waiting: dict[tuple[tuple[int, int], str], _Side] = {}
+        self._parent: dict[int, int] = {}
+        self._members: dict[int, list[int]] = {}
+        self._open: dict[int, int] = {}  # root → sides its pieces touch that are not joined yet
+        self._piece: dict[int, tuple[shapely.Geometry, tuple[int, int], int, float, int]] = {}
+        self._next = 0
+
+    @property
+    def pending(self) -> int:
+        """Pieces held for components that are not complete yet."""
+        return len(self._piece)
+
+    def _find(self, a: int) -> int:
+        while self._parent[a] != a:
+            self._parent[a] = self._parent[self._parent[a]]
+            a = self._parent[a]
+        return a
+
+    def _union(self, a: int, b: int) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra == rb:
+            return
+        if len(self._members[ra]) < len(self._members[rb]):
+            ra, rb = rb, ra
+        self._parent[rb] = ra
+        self._members[ra].extend(self._members.pop(rb))
+        self._open[ra] += self._open.pop(rb)
+
+    def add(self, ch: ChunkPolygons) -> Pieces:
+        """Add one chunk's seam pieces; return the components completed by it."""
+        r, c = ch.index
+        self._arrived.add(ch.index)
+        seam = ch.seam
+        base = self._next
+        self._next += len(seam)
+        nodes = list(range(base, base + len(seam)))
+        for i, node in enumerate(nodes):
+            self._parent[node] = node
+            self._members[node] = [node]
+            self._open[node] = 0
+            key = (int(seam.key[i, 0]), int(seam.key[i, 1]))
+            self._piece[node] = (
+                seam.geoms[i],
+                key,
+                int(seam.count[i]),
+                float(seam.csum[i]),
+                int(seam.cmax[i]),
+            )
+        touched: set[int] = set()
+        for side, ((dr, dc), theirs) in _ACROSS.items():
+            other = (r + dr, c + dc)
+            if not (0 <= other[0] < self.rows and 0 <= other[1] < self.cols):
                 continue
-            p = _pairs(ch.edges[mine], nb.edges[theirs])
-            if len(p):
-                src.append(node((r, c), p[:, 0]))
-                dst.append(node(other, p[:, 1]))
-    geoms = np.concatenate([chunks[i].seam.geoms for i in sorted(chunks)])
-    key = np.concatenate([chunks[i].seam.key for i in sorted(chunks)])
-    count = np.concatenate([chunks[i].seam.count for i in sorted(chunks)])
-    csum = np.concatenate([chunks[i].seam.csum for i in sorted(chunks)])
-    cmax = np.concatenate([chunks[i].seam.cmax for i in sorted(chunks)])
-    if src:
-        s, d = np.concatenate(src), np.concatenate(dst)
-        graph = coo_matrix((np.ones(len(s), np.int8), (s, d)), shape=(total, total))
-        n, comp = connected_components(graph, directed=False)
-    else:
-        n, comp = total, np.arange(total)
-    order = np.argsort(comp, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(comp[order]) != 0])
-    out_geoms = np.empty(n, dtype=object)
-    out_key = np.empty((n, 2), dtype=np.int64)
-    for g, (a, b) in enumerate(zip(starts, np.r_[starts[1:], total], strict=True)):
-        members = order[a:b]
-        out_geoms[g] = geoms[members[0]] if len(members) == 1 else shapely.union_all(geoms[members])
-        k = key[members]
-        out_key[g] = k[np.lexsort((k[:, 1], k[:, 0]))[0]]
-    return Pieces(
-        out_geoms,
-        out_key,
-        np.add.reduceat(count[order], starts),
-        np.add.reduceat(csum[order], starts),
-        np.maximum.reduceat(cmax[order], starts),
-    )
+            mine = ch.edges.get(side)
+            on_side = self._touching(ch.seam_labels, mine, base)
+            if other not in self._arrived:
+                self._waiting[(ch.index, side)] = (ch.seam_labels, mine, base)
+                for node in on_side:
+                    self._open[self._find(node)] += 1
+                continue
+            nb_labels, nb_edge, nb_base = self._waiting.pop((other, theirs), _NO_SIDE)
+            for node in self._touching(nb_labels, nb_edge, nb_base):
+                root = self._find(node)
+                self._open[root] -= 1
+                touched.add(root)
+            if mine is not None and nb_edge is not None:
+                p = _pairs(mine, nb_edge)
+                a = base + np.searchsorted(ch.seam_labels, p[:, 0])
+                b = nb_base + np.searchsorted(nb_labels, p[:, 1])
+                for x, y in zip(a.tolist(), b.tolist(), strict=True):
+                    self._union(x, y)
+        touched.update(self._find(n) for n in nodes)
+        done = sorted({self._find(t) for t in touched if t in self._parent})
+        return self._emit([root for root in done if self._open.get(root) == 0])
+
+    def finish(self) -> Pieces:
+        """Every component still held (none once every chunk of the grid was added)."""
+        roots = sorted({self._find(n) for n in self._piece})
+        return self._emit(roots)
+
+    @staticmethod
+    def _touching(labels: np.ndarray | None, edge: np.ndarray | None, base: int) -> list[int]:
+        """Nodes of the pieces whose pixels lie on ``edge``."""
+        if labels is None or edge is None or len(labels) == 0:
+            return []
+        on = np.unique(edge[edge > 0])
+        on = on[np.isin(on, labels)]
+        return (base + np.searchsorted(labels, on)).tolist()  # type: ignore[no-any-return]
+
+    def _emit(self, roots: list[int]) -> Pieces:
+        if not roots:
+            return _no_pieces()
+        n = len(roots)
+        geoms = np.empty(n, dtype=object)
+        key = np.empty((n, 2), dtype=np.int64)
+        count = np.empty(n, dtype=np.int64)
+        csum = np.empty(n)
+        cmax = np.empty(n, dtype=np.int32)
+        for g, root in enumerate(roots):
+            members = self._members.pop(root)
+            self._open.pop(root)
+            parts = [self._piece.pop(m) for m in members]
+            for m in members:
+                del self._parent[m]
+            shapes_ = np.array([p[0] for p in parts], dtype=object)
+            geoms[g] = shapes_[0] if len(parts) == 1 else shapely.union_all(shapes_)
+            key[g] = min(p[1] for p in parts)
+            count[g] = sum(p[2] for p in parts)
+            csum[g] = sum(p[3] for p in parts)
+            cmax[g] = max(p[4] for p in parts)
+        return Pieces(geoms, key, count, csum, cmax)
