@@ -170,3 +170,17 @@ def test_striped_and_tiled_copies_give_identical_outputs(
             outputs.append((a.read(), a.dataset_mask(), b.read()))
     for x, y in zip(*outputs, strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_predict_then_vectorize_in_one_command(tmp_path: Path, make_bundle: Any) -> None:
+    import json
+
+    rng = np.random.default_rng(1)
+    scene = write_tif(tmp_path / "v.tif", rng.integers(0, 255, (3, 96, 80), dtype=np.uint8))
+    res = predict(
+        str(scene), "-m", str(make_bundle().path), "-o", str(tmp_path / "o"), "--vectorize"
+    )
+    assert res.exit_code == 0, res.output
+    for layer in ("buildings", "roads"):
+        doc = json.loads((tmp_path / "o" / f"v.{layer}.geojson").read_text())
+        assert doc["type"] == "FeatureCollection" and "crs" not in doc
