@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from geoseg.cli.options import Progress, compute_options
+from geoseg.cli.options import Progress, compute_options, out_dir_option
 from geoseg.model import load_bundle
 from geoseg.predict import PredictOptions, check_compatible, open_client, predict_scene
 from geoseg.raster import check_writable, open_scene
@@ -25,14 +25,7 @@ log = logging.getLogger("geoseg.cli")
     type=click.Path(path_type=Path),
     help="Model bundle directory (model.json + weights.safetensors).",
 )
-@click.option(
-    "-o",
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Output directory.",
-)
+@out_dir_option
 @compute_options
 @click.option(
     "--vectorize",

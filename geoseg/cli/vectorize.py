@@ -9,7 +9,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 
-from geoseg.cli.options import Progress
+from geoseg.cli.options import Progress, out_dir_option
 from geoseg.errors import ConfigError
 from geoseg.vectorize import VectorizeOptions, VectorizeOutputs, vectorize_prediction
 
@@ -138,14 +138,7 @@ def report(outs: VectorizeOutputs) -> None:
 
 @click.command()
 @click.argument("predictions", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "-o",
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Output directory.",
-)
+@out_dir_option
 @vectorize_options
 @click.option(
     "--workers",
