@@ -32,6 +32,7 @@ __all__ = [
     "load_bundle",
     "load_module",
     "save_bundle",
+    "write_spec",
 ]
 
 SCHEMA_VERSION = 1
@@ -84,7 +85,7 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schema_version: Literal[1] = Field(SCHEMA_VERSION, description="model.json schema version")
+    schema_version: Literal[1] = Field(1, description="model.json schema version")
     name: str = Field("geoseg-model", min_length=1, description="Human-readable model name.")
     arch: str = Field("Unet", description="segmentation-models-pytorch architecture class name.")
     encoder: str = Field("resnet18", description="smp encoder name.")
@@ -241,6 +242,14 @@ def save_bundle(
     return Bundle(out, spec, digest)
 
 
+def write_spec(path: str | os.PathLike[str], spec: ModelSpec) -> None:
+    """Replace the ``model.json`` of bundle directory ``path`` atomically."""
+    target = Path(path) / SPEC_FILE
+    tmp = target.with_name(f".{SPEC_FILE}.partial")
+    tmp.write_text(spec.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, target)
+
+
 def read_spec(path: str | os.PathLike[str]) -> ModelSpec:
     """Parse and validate ``model.json`` in bundle directory ``path``."""
     p = Path(path)
@@ -335,7 +344,9 @@ def load_torch_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tenso
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad or unsafe pickles
-        raise ModelError(f"{p}: cannot load as a weights-only state_dict ({_first_line(exc)})") from exc
+        raise ModelError(
+            f"{p}: cannot load as a weights-only state_dict ({_first_line(exc)})"
+        ) from exc
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -123,7 +123,7 @@ class TorchPredictor:
         self.precision = precision
         self.activation = activation
         self.memory_format = torch.channels_last
-        self.module = module.eval().to(self.device, memory_format=self.memory_format)
+        self.module = module.eval().to(self.device).to(memory_format=self.memory_format)
         self._lock = threading.Lock()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -137,7 +137,9 @@ class TorchPredictor:
         with (
             self._lock,
             torch.inference_mode(),
-            torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+            torch.autocast(
+                self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None
+            ),
         ):
             y = self.module(x)
         y = y.float()
@@ -165,8 +167,12 @@ class BundleFactory:
             torch.set_num_threads(self.threads)
         bundle = load_bundle(self.path)
         if bundle.sha256 != self.sha256:
-            raise ModelError(f"{self.path}: weights changed while running (hash {bundle.sha256[:12]})")
-        return TorchPredictor(load_module(bundle), self.device, self.precision, bundle.spec.activation)
+            raise ModelError(
+                f"{self.path}: weights changed while running (hash {bundle.sha256[:12]})"
+            )
+        return TorchPredictor(
+            load_module(bundle), self.device, self.precision, bundle.spec.activation
+        )
 
 
 _PREDICTORS: dict[Hashable, Predictor] = {}
@@ -295,14 +301,14 @@ class PredictOptions:
     device: str = "auto"
     precision: str = "auto"
     threads: int | None = None
-    workers: int = 1
+    workers: int | None = None
     scheduler: str | None = None
     max_in_flight: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
@@ -319,6 +325,16 @@ class PredictOutputs:
     skipped: int
     redundancy: float
     warnings: list[str] = field(default_factory=list)
+
+
+def local_threads(options: PredictOptions) -> int:
+    """Worker threads of the local cluster: 2 on CUDA (one reads while one computes), else 1.
+
+    On a CPU the model's own intra-op threads already use every core.
+    """
+    if options.workers:
+        return options.workers
+    return 2 if resolve_device(options.device).startswith("cuda") else 1
 
 
 @contextlib.contextmanager
@@ -338,7 +354,7 @@ def open_client(options: PredictOptions) -> Iterator[Client]:
         LocalCluster(
             processes=False,
             n_workers=1,
-            threads_per_worker=options.workers,
+            threads_per_worker=local_threads(options),
             dashboard_address=None,
             silence_logs=logging.WARNING,
         ) as cluster,
@@ -457,8 +473,14 @@ def predict_scene(
     max_in_flight = options.max_in_flight or 2 * n_workers
     total, done, skipped = len(grid), 0, 0
     writer = RasterWriter(scene, output_tags(bundle, scene))
-    writer.add("probs", probs_path, len(spec.classes), band_names=spec.classes,
-               resampling="average", with_mask=True)
+    writer.add(
+        "probs",
+        probs_path,
+        len(spec.classes),
+        band_names=spec.classes,
+        resampling="average",
+        with_mask=True,
+    )
     writer.add("mask", mask_path, 1, nodata=MASK_NODATA, band_names=["class_id"])
     tasks = ((plan, batch, factory) for batch in _batches(grid, options.batch_size))
     name = f"geoseg-predict-{scene.stem}"
@@ -472,13 +494,9 @@ def predict_scene(
             if progress is not None:
                 progress(done, total)
     log.info("%s: %d chunks (%d all-nodata) → %s", scene.path, total, skipped, out)
-    return PredictOutputs(
-        scene.path, probs_path, mask_path, total, skipped, grid.redundancy, notes
-    )
+    return PredictOutputs(scene.path, probs_path, mask_path, total, skipped, grid.redundancy, notes)
 
 
 def redundancy(chunk: int, halo: int) -> float:
     """Model pixels per output pixel for an interior chunk: ((core + 2 halo) / core)²."""
     return math.pow((chunk + 2 * halo) / chunk, 2)
-
-

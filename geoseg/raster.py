@@ -9,7 +9,7 @@ import contextlib
 import math
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,8 +58,8 @@ class Scene:
 
     @property
     def stem(self) -> str:
-        """File name without its extension, used to name outputs."""
-        return Path(self.path).name.split(".")[0] or Path(self.path).stem
+        """File name without its last extension, used to name outputs (``a.b.tif`` → ``a.b``)."""
+        return Path(self.path).stem
 
     @property
     def res(self) -> tuple[float, float]:
@@ -185,15 +185,10 @@ def read_padded(
             block = src.read(list(bands), window=src_win)
             mask = src.dataset_mask(window=src_win) > 0 if scene.has_mask else None
     except RasterioError as exc:
-        raise InputError(
-            f"{scene.path}: read failed at window {src_win} ({_short(exc)})"
-        ) from exc
+        raise InputError(f"{scene.path}: read failed at window {src_win} ({_short(exc)})") from exc
     ri, ci = np.ix_(rows - r0, cols - c0)
     data = block[:, ri, ci]
-    if mask is None:
-        valid = np.ones(data.shape[1:], dtype=bool)
-    else:
-        valid = mask[ri, ci]
+    valid = np.ones(data.shape[1:], dtype=bool) if mask is None else mask[ri, ci]
     if data.dtype.kind == "f":
         valid &= np.isfinite(data).all(axis=0)
     return data, valid
@@ -212,7 +207,9 @@ def check_writable(directory: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise OutputError(f"{directory}: output directory is not writable ({exc.strerror})") from exc
+        raise OutputError(
+            f"{directory}: output directory is not writable ({exc.strerror})"
+        ) from exc
 
 
 @dataclass
@@ -221,6 +218,8 @@ class _Output:
     work: Path
     profile: dict[str, Any]
     resampling: str
+    band_names: list[str] = field(default_factory=list)
+    with_mask: bool = False
     dataset: Any = None
 
 
@@ -269,19 +268,18 @@ class RasterWriter:
             "interleave": "pixel" if count > 1 else "band",
             "photometric": "minisblack",
         }
-        out = _Output(final, atomic_path(final.with_suffix(".scratch.tif")), profile, resampling)
-        out.profile["_band_names"] = list(band_names or [])
-        out.profile["_with_mask"] = with_mask
-        self._outputs[name] = out
+        work = atomic_path(final.with_suffix(".scratch.tif"))
+        self._outputs[name] = _Output(
+            final, work, profile, resampling, list(band_names or []), with_mask
+        )
 
     def __enter__(self) -> RasterWriter:
         self._env.__enter__()
         try:
             for out in self._outputs.values():
-                profile = {k: v for k, v in out.profile.items() if not k.startswith("_")}
-                out.dataset = rasterio.open(out.work, "w", **profile)
+                out.dataset = rasterio.open(out.work, "w", **out.profile)
                 out.dataset.update_tags(**self.tags)
-                for i, bname in enumerate(out.profile["_band_names"], start=1):
+                for i, bname in enumerate(out.band_names, start=1):
                     out.dataset.set_band_description(i, bname)
         except (RasterioError, OSError) as exc:
             self.abort()
@@ -297,12 +295,14 @@ class RasterWriter:
         finally:
             self._env.__exit__(None, None, None)
 
-    def write(self, name: str, window: Window, data: np.ndarray, valid: np.ndarray | None = None) -> None:
+    def write(
+        self, name: str, window: Window, data: np.ndarray, valid: np.ndarray | None = None
+    ) -> None:
         """Write ``data`` (bands, h, w) at ``window``; ``valid`` sets the output's mask there."""
         out = self._outputs[name]
         try:
             out.dataset.write(data, window=window)
-            if out.profile["_with_mask"] and valid is not None:
+            if out.with_mask and valid is not None:
                 out.dataset.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
         except (RasterioError, OSError) as exc:
             raise OutputError(f"{out.final}: write failed ({_short(exc)})") from exc
@@ -310,6 +310,7 @@ class RasterWriter:
     def commit(self) -> None:
         """Convert every scratch file to a COG and rename it onto its final name."""
         staged: list[tuple[Path, Path]] = []
+        tmp: Path | None = None
         try:
             for out in self._outputs.values():
                 out.dataset.close()
@@ -326,12 +327,13 @@ class RasterWriter:
                     num_threads="all_cpus",
                 )
                 staged.append((tmp, out.final))
-            for tmp, final in staged:
-                os.replace(tmp, final)
+            for done, final in staged:
+                os.replace(done, final)
         except (RasterioError, OSError) as exc:
-            for tmp, _ in staged:
+            leftovers = [t for t, _ in staged] + ([tmp] if tmp is not None else [])
+            for path in leftovers:
                 with contextlib.suppress(OSError):
-                    tmp.unlink()
+                    path.unlink()
             raise OutputError(f"cannot write outputs for {self.scene.path}: {_short(exc)}") from exc
         finally:
             self._remove_scratch()
@@ -348,10 +350,3 @@ class RasterWriter:
             for p in (out.work, Path(str(out.work) + ".msk")):
                 with contextlib.suppress(OSError):
                     p.unlink()
-
-
-def iter_blocks(width: int, height: int, size: int) -> Iterator[Window]:
-    """Windows of at most ``size`` x ``size`` pixels covering a width x height grid."""
-    for r in range(0, height, size):
-        for c in range(0, width, size):
-            yield Window(c, r, min(size, width - c), min(size, height - r))

@@ -38,7 +38,14 @@ class GeosegGroup(click.Group):
             raise UserFacingError(str(exc)) from exc
 
 
-def _show_warning(message: Any, category: Any, filename: str, lineno: int, *_: Any) -> None:
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
     click.echo(f"geoseg: warning: {message}", err=True)
 
 
@@ -48,11 +55,17 @@ def _show_warning(message: Any, category: Any, filename: str, lineno: int, *_: A
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 def cli(verbose: int, quiet: bool) -> None:
     """Find roads and buildings in GeoTIFF scenes of any size."""
-    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    level = (
+        logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    )
     if not quiet and verbose == 0:
         level = logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
     for noisy in ("distributed", "rasterio", "fiona", "pyogrio", "timm", "tornado"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     warnings.showwarning = _show_warning
@@ -65,6 +78,14 @@ def _register() -> None:
 
     cli.add_command(predict.predict)
     cli.add_command(model.model)
+    from geoseg.cli import vectorize
+
+    cli.add_command(vectorize.vectorize)
+    from geoseg.cli import run, runs, schedule
+
+    cli.add_command(run.run)
+    cli.add_command(runs.runs)
+    cli.add_command(schedule.schedule)
     cli.add_command(train_cli.train)
     cli.add_command(evaluate_cli.evaluate)
 

@@ -24,6 +24,15 @@ def _ints(value: str) -> list[int]:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from exc
 
 
+def _int(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"expected an integer or 'auto', got {value!r}", param_hint=name
+        ) from exc
+
+
 def _floats(value: str | None) -> list[float]:
     if not value:
         return []
@@ -40,18 +49,32 @@ def spec_options(f: F) -> F:
         click.option("--encoder", default="resnet18", show_default=True, help="smp encoder."),
         click.option("--encoder-depth", type=click.IntRange(3, 5), default=5, show_default=True),
         click.option("--decoder-channels", default="256,128,64,32,16", show_default=True),
-        click.option("--classes", default="background,building,road", show_default=True,
-                     help="Class names in index order."),
+        click.option(
+            "--classes",
+            default="background,building,road",
+            show_default=True,
+            help="Class names in index order.",
+        ),
         click.option("--bands", default="1,2,3", show_default=True, help="1-based input bands."),
         click.option("--dtype", default="uint8", show_default=True, help="Input pixel type."),
-        click.option("--scale", type=float, default=255.0, show_default=True,
-                     help="Divide raw values by this."),
+        click.option(
+            "--scale",
+            type=float,
+            default=255.0,
+            show_default=True,
+            help="Divide raw values by this.",
+        ),
         click.option("--mean", default=None, help="Per-band mean after scaling (comma list)."),
         click.option("--std", default=None, help="Per-band std after scaling (comma list)."),
-        click.option("--chunk", type=int, default=512, show_default=True,
-                     help="Recommended chunk core, px."),
-        click.option("--halo", type=int, default=64, show_default=True,
-                     help="Recommended halo, px."),
+        click.option(
+            "--chunk", type=int, default=512, show_default=True, help="Recommended chunk core, px."
+        ),
+        click.option(
+            "--halo",
+            default="auto",
+            show_default=True,
+            help="Recommended halo, px, or 'auto' to measure the model's receptive field.",
+        ),
         click.option("--gsd", type=float, default=None, help="Ground sample distance, metres."),
     ]
     for opt in reversed(opts):
@@ -62,14 +85,20 @@ def spec_options(f: F) -> F:
 def build_spec(kw: dict[str, Any]) -> ModelSpec:
     try:
         return ModelSpec(
-            name=kw["name"], arch=kw["arch"], encoder=kw["encoder"],
+            name=kw["name"],
+            arch=kw["arch"],
+            encoder=kw["encoder"],
             encoder_depth=kw["encoder_depth"],
             decoder_channels=_ints(kw["decoder_channels"])[: kw["encoder_depth"]],
             classes=[c.strip() for c in kw["classes"].split(",") if c.strip()],
-            bands=_ints(kw["bands"]), dtype=kw["dtype"],
-            normalization=Normalization(scale=kw["scale"], mean=_floats(kw["mean"]),
-                                        std=_floats(kw["std"])),
-            chunk=kw["chunk"], halo=kw["halo"], gsd_m=kw["gsd"],
+            bands=_ints(kw["bands"]),
+            dtype=kw["dtype"],
+            normalization=Normalization(
+                scale=kw["scale"], mean=_floats(kw["mean"]), std=_floats(kw["std"])
+            ),
+            chunk=kw["chunk"],
+            halo=0 if kw["halo"] == "auto" else _int(kw["halo"], "--halo"),
+            gsd_m=kw["gsd"],
         )
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -91,8 +120,11 @@ def init(out: Path, seed: int, **kw: Any) -> None:
 
     spec = build_spec(kw)
     torch.manual_seed(seed)
-    bundle = _save(spec, build_module(spec).state_dict(), out)
-    click.echo(f"wrote {bundle.path} ({bundle.ident})")
+    module = build_module(spec)
+    if kw["halo"] == "auto":
+        spec = spec.model_copy(update={"halo": _measure(spec, module)})
+    bundle = _save(spec, module.state_dict(), out)
+    click.echo(f"wrote {bundle.path} ({bundle.ident}, halo {spec.halo} px)")
 
 
 @model.command("import")
@@ -102,8 +134,36 @@ def init(out: Path, seed: int, **kw: Any) -> None:
 def import_(weights: Path, out: Path, **kw: Any) -> None:
     """Wrap a plain smp state_dict (WEIGHTS.pth, loaded weights-only) as a bundle in OUT."""
     spec = build_spec(kw)
-    bundle = _save(spec, load_torch_state_dict(weights), out)
-    click.echo(f"wrote {bundle.path} ({bundle.ident})")
+    state = load_torch_state_dict(weights)
+    if kw["halo"] == "auto":
+        module = build_module(spec)
+        module.load_state_dict(state, strict=False)
+        spec = spec.model_copy(update={"halo": _measure(spec, module)})
+    bundle = _save(spec, state, out)
+    click.echo(f"wrote {bundle.path} ({bundle.ident}, halo {spec.halo} px)")
+
+
+def _measure(spec: ModelSpec, module: Any) -> int:
+    from geoseg.halo import measure_halo
+    from geoseg.predict import TorchPredictor
+
+    click.echo("measuring the receptive field for a seamless halo …", err=True)
+    return measure_halo(TorchPredictor(module), len(spec.bands), spec.stride)
+
+
+@model.command("halo")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--write", is_flag=True, help="Store the measured halo in model.json.")
+def halo(bundle: Path, write: bool) -> None:
+    """Measure the halo (px) BUNDLE needs for tiled output to equal a whole-scene pass."""
+    from geoseg.model import load_module, write_spec
+
+    b = load_bundle(bundle)
+    measured = _measure(b.spec, load_module(b))
+    click.echo(f"{b.ident}: seamless halo {measured} px (model.json says {b.spec.halo} px)")
+    if write and measured != b.spec.halo:
+        write_spec(b.path, b.spec.model_copy(update={"halo": measured}))
+        click.echo(f"updated {b.path / 'model.json'}")
 
 
 @model.command("info")
@@ -120,8 +180,10 @@ def info(bundle: Path, as_json: bool) -> None:
     rows = [
         ("bundle", str(b.path)),
         ("model", b.ident),
-        ("architecture", f"{s.arch} / {s.encoder} (depth {s.encoder_depth}, "
-                         f"decoder {s.decoder_channels})"),
+        (
+            "architecture",
+            f"{s.arch} / {s.encoder} (depth {s.encoder_depth}, decoder {s.decoder_channels})",
+        ),
         ("input", f"bands {s.bands}, {s.dtype}"),
         ("normalization", f"/ {n.scale:g}, mean {n.mean or 0}, std {n.std or 1}"),
         ("classes", ", ".join(f"{i}={c}" for i, c in enumerate(s.classes))),

@@ -4,33 +4,74 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+#: ``-o/--out DIR``, shared by every command that writes outputs.
+out_dir_option = click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output directory.",
+)
+
 
 def compute_options(f: F) -> F:
     """Chunk, halo, batch, device, precision, threads, workers and scheduler options."""
     opts = [
-        click.option("--chunk", type=click.IntRange(min=32), default=None,
-                     help="Chunk core size in pixels (default: the model's recommendation)."),
-        click.option("--halo", type=click.IntRange(min=0), default=None,
-                     help="Halo around each chunk in pixels (default: the model's)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Chunks per forward pass."),
-        click.option("--device", default="auto", show_default=True,
-                     help="auto, cpu, cuda or cuda:N."),
-        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-                     default="auto", show_default=True,
-                     help="auto picks bf16/fp16 autocast where the device runs it fast."),
-        click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="Torch threads per worker (default: torch's choice)."),
-        click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-                     help="Local worker threads running chunks."),
-        click.option("--scheduler", default=None, metavar="ADDRESS",
-                     help="Dask scheduler address (tcp://host:8786); default: local."),
+        click.option(
+            "--chunk",
+            type=click.IntRange(min=32),
+            default=None,
+            help="Chunk core size in pixels (default: the model's recommendation).",
+        ),
+        click.option(
+            "--halo",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Halo around each chunk in pixels (default: the model's).",
+        ),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Chunks per forward pass.",
+        ),
+        click.option(
+            "--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+            default="auto",
+            show_default=True,
+            help="auto picks bf16/fp16 autocast where the device runs it fast.",
+        ),
+        click.option(
+            "--threads",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Torch threads per worker (default: torch's choice).",
+        ),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Local worker threads running chunks (default: 2 on CUDA, else 1).",
+        ),
+        click.option(
+            "--scheduler",
+            default=None,
+            metavar="ADDRESS",
+            help="Dask scheduler address (tcp://host:8786); default: local.",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)

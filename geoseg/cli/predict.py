@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from geoseg.cli.options import Progress, compute_options
+from geoseg.cli.options import Progress, compute_options, out_dir_option
 from geoseg.model import load_bundle
 from geoseg.predict import PredictOptions, check_compatible, open_client, predict_scene
 from geoseg.raster import check_writable, open_scene
@@ -17,19 +17,48 @@ log = logging.getLogger("geoseg.cli")
 
 @click.command()
 @click.argument("scenes", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-m", "--model", "model_path", required=True, type=click.Path(path_type=Path),
-              help="Model bundle directory (model.json + weights.safetensors).")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Output directory.")
+@click.option(
+    "-m",
+    "--model",
+    "model_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Model bundle directory (model.json + weights.safetensors).",
+)
+@out_dir_option
 @compute_options
-def predict(scenes: tuple[Path, ...], model_path: Path, out_dir: Path, chunk: int | None,
-            halo: int | None, batch_size: int, device: str, precision: str, threads: int | None,
-            workers: int, scheduler: str | None) -> None:
+@click.option(
+    "--vectorize",
+    "also_vectorize",
+    is_flag=True,
+    help="Also write building polygons and road centerlines (see geoseg vectorize).",
+)
+def predict(
+    scenes: tuple[Path, ...],
+    model_path: Path,
+    out_dir: Path,
+    chunk: int | None,
+    halo: int | None,
+    batch_size: int,
+    device: str,
+    precision: str,
+    threads: int | None,
+    workers: int | None,
+    scheduler: str | None,
+    also_vectorize: bool = False,
+) -> None:
     """Write <stem>.probs.tif and <stem>.mask.tif COGs for each SCENE into --out."""
     bundle = load_bundle(model_path)
-    options = PredictOptions(chunk=chunk, halo=halo, batch_size=batch_size, device=device,
-                             precision=precision, threads=threads, workers=workers,
-                             scheduler=scheduler)
+    options = PredictOptions(
+        chunk=chunk,
+        halo=halo,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        threads=threads,
+        workers=workers,
+        scheduler=scheduler,
+    )
     opened = [open_scene(s) for s in scenes]
     for scene in opened:
         check_compatible(scene, bundle.spec)
@@ -41,5 +70,12 @@ def predict(scenes: tuple[Path, ...], model_path: Path, out_dir: Path, chunk: in
                 result = predict_scene(scene, bundle, out_dir, options, client, progress=progress)
             finally:
                 progress.close()
-            click.echo(f"{scene.stem}: {result.probs} {result.mask} "
-                       f"({result.chunks} chunks, {result.skipped} all-nodata)")
+            click.echo(
+                f"{scene.stem}: {result.probs} {result.mask} "
+                f"({result.chunks} chunks, {result.skipped} all-nodata)"
+            )
+            if also_vectorize:
+                from geoseg.cli.vectorize import report
+                from geoseg.vectorize import vectorize_prediction
+
+                report(vectorize_prediction(result.probs, out_dir, client=client))

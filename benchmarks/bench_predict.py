@@ -1,0 +1,245 @@
+"""End-to-end ``geoseg predict`` against the model's own forward time, memory, and the usual way.
+
+Every number comes from a fresh subprocess, measured side by side in one run:
+
+* ``e2e``: ``geoseg predict`` on a synthetic scene (read, normalize, forward, trim, write COGs).
+* ``bare``: only the model's forward passes over the same padded chunk shapes, same threads
+  and precision; the ratio e2e / bare shows the pipeline's overhead over the model itself.
+* ``naive``: the common approach: read the whole scene, loop over tiles with the same halo,
+  accumulate float32 probabilities for the whole scene, argmax, write one GeoTIFF.
+
+Usage::
+
+    python benchmarks/bench_predict.py throughput --size 8192
+    python benchmarks/bench_predict.py memory --sizes 4096 8192 16384
+    python benchmarks/bench_predict.py naive --size 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import ROOT, run_measured
+
+OUT = ROOT / "bench_out"
+PY = sys.executable
+
+
+def scene(size: int) -> Path:
+    """A cached synthetic RGB scene of size² pixels."""
+    path = OUT / f"scene_{size}.tif"
+    if not path.exists():
+        OUT.mkdir(exist_ok=True)
+        subprocess.run([PY, "-m", "geoseg.synthetic", str(path), "--size", str(size)], check=True)
+    return path
+
+
+def bundle(encoder: str, chunk: int, halo: int) -> Path:
+    path = OUT / f"model_{encoder}_{chunk}_{halo}"
+    if not path.exists():
+        subprocess.run(
+            [
+                PY,
+                "-m",
+                "geoseg",
+                "-q",
+                "model",
+                "init",
+                str(path),
+                "--encoder",
+                encoder,
+                "--chunk",
+                str(chunk),
+                "--halo",
+                str(halo),
+            ],
+            check=True,
+        )
+    return path
+
+
+def e2e(scene_path: Path, model: Path, args: argparse.Namespace) -> tuple[float, float]:
+    out = OUT / f"pred_{scene_path.stem}"
+    cmd = [
+        PY,
+        "-m",
+        "geoseg",
+        "-q",
+        "predict",
+        str(scene_path),
+        "-m",
+        str(model),
+        "-o",
+        str(out),
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+    ]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    return run_measured(cmd)
+
+
+BARE = r"""
+import json, sys, time
+import numpy as np, torch
+from geoseg.grid import ChunkGrid
+from geoseg.model import load_bundle, load_module
+from geoseg.predict import TorchPredictor, resolve_device, resolve_precision
+model, device, precision = sys.argv[1], sys.argv[3], sys.argv[4]
+size, threads = int(sys.argv[2]), int(sys.argv[5])
+if threads: torch.set_num_threads(threads)
+b = load_bundle(model)
+device = resolve_device(device)
+pred = TorchPredictor(load_module(b), device, resolve_precision(precision, device))
+grid = ChunkGrid(size, size, b.spec.chunk, b.spec.halo, multiple=b.spec.stride)
+shapes = [(int(c.padded.height), int(c.padded.width)) for c in grid]
+rng = np.random.default_rng(0)
+x = {s: rng.standard_normal((1, len(b.spec.bands), *s)).astype(np.float32) for s in set(shapes)}
+for s in set(shapes): pred(x[s])  # warm-up, excluded like a loaded worker's
+t = time.perf_counter()
+for s in shapes: pred(x[s])
+if device.startswith("cuda"): torch.cuda.synchronize()
+print(json.dumps({"seconds": time.perf_counter() - t, "pixels": sum(h * w for h, w in shapes)}))
+"""
+
+
+def bare(model: Path, size: int, args: argparse.Namespace) -> dict[str, float]:
+    out = subprocess.run(
+        [
+            PY,
+            "-c",
+            BARE,
+            str(model),
+            str(size),
+            args.device,
+            args.precision,
+            str(args.threads or 0),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+NAIVE = r"""
+import sys, time, numpy as np, rasterio
+from geoseg.model import load_bundle, load_module
+from geoseg.predict import TorchPredictor, resolve_device, resolve_precision
+model, path, out, device, precision = sys.argv[1:6]
+b = load_bundle(model); s = b.spec
+device = resolve_device(device)
+pred = TorchPredictor(load_module(b), device, resolve_precision(precision, device))
+with rasterio.open(path) as src:
+    img = src.read(s.bands); profile = src.profile           # whole scene in RAM
+x = s.normalization.apply(img)                               # whole scene as float32
+h, w = img.shape[1:]; tile, halo = s.chunk, s.halo
+acc = np.zeros((len(s.classes), h, w), np.float32)            # full-scene accumulator
+xp = np.pad(x, ((0, 0), (halo, halo + tile), (halo, halo + tile)), mode="reflect")
+for r in range(0, h, tile):
+    for c in range(0, w, tile):
+        p = pred(xp[None, :, r:r + tile + 2 * halo, c:c + tile + 2 * halo])[0]
+        th, tw = min(tile, h - r), min(tile, w - c)
+        acc[:, r:r + th, c:c + tw] = p[:, halo:halo + th, halo:halo + tw]
+mask = acc.argmax(0).astype(np.uint8)
+profile.update(count=1, dtype="uint8", compress="deflate", tiled=True,
+               photometric="minisblack")
+with rasterio.open(out, "w", **profile) as dst:
+    dst.write(mask, 1)
+"""
+
+
+def cmd_throughput(args: argparse.Namespace) -> None:
+    model = bundle(args.encoder, args.chunk, args.halo)
+    path = scene(args.size)
+    t_e2e, rss = e2e(path, model, args)
+    b = bare(model, args.size, args)
+    redundancy = b["pixels"] / args.size**2
+    print(
+        f"scene {args.size}² px, {args.encoder}, chunk {args.chunk} + halo {args.halo} px, "
+        f"device {args.device}, precision {args.precision}"
+    )
+    print(
+        f"  e2e geoseg predict : {t_e2e:8.1f} s  ({args.size**2 / t_e2e / 1e6:.2f} MP/s of scene, "
+        f"peak RSS {rss:.0f} MiB)"
+    )
+    print(
+        f"  bare forward       : {b['seconds']:8.1f} s  "
+        f"({b['pixels'] / b['seconds'] / 1e6:.2f} MP/s of model input)"
+    )
+    print(
+        f"  ratio e2e / bare   : {t_e2e / b['seconds']:8.3f}   (bare-forward share "
+        f"{100 * b['seconds'] / t_e2e:.1f} %)"
+    )
+    print(f"  redundant compute  : {redundancy:8.3f}   (model pixels per scene pixel)")
+
+
+def cmd_memory(args: argparse.Namespace) -> None:
+    model = bundle(args.encoder, args.chunk, args.halo)
+    peaks = {}
+    for size in args.sizes:
+        t, rss = e2e(scene(size), model, args)
+        peaks[size] = rss
+        print(
+            f"  {size:6d}² px: peak RSS {rss:7.0f} MiB ({rss / 1024:.2f} GiB), {t:7.1f} s",
+            flush=True,
+        )
+    sizes = sorted(peaks)
+    for a, b in zip(sizes, sizes[1:], strict=False):
+        print(f"  growth {a}² → {b}²: {peaks[b] / peaks[a]:.3f}x")
+
+
+def cmd_naive(args: argparse.Namespace) -> None:
+    model = bundle(args.encoder, args.chunk, args.halo)
+    path = scene(args.size)
+    t_g, rss_g = e2e(path, model, args)
+    t_n, rss_n = run_measured(
+        [
+            PY,
+            "-c",
+            NAIVE,
+            str(model),
+            str(path),
+            str(OUT / "naive_mask.tif"),
+            args.device,
+            args.precision,
+        ]
+    )
+    print(f"scene {args.size}² px, {args.encoder}, tile {args.chunk} + halo {args.halo} px")
+    print(f"  geoseg predict : {t_g:7.1f} s, peak RSS {rss_g:7.0f} MiB")
+    print(f"  naive loop     : {t_n:7.1f} s, peak RSS {rss_n:7.0f} MiB")
+    print(f"  ratio geoseg / naive: time {t_g / t_n:.3f}, RSS {rss_g / rss_n:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("throughput", "memory", "naive"):
+        p = sub.add_parser(name)
+        p.add_argument("--encoder", default="resnet18")
+        p.add_argument("--chunk", type=int, default=512, help="Chunk core, px.")
+        p.add_argument("--halo", type=int, default=64, help="Halo, px.")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--precision", default="auto")
+        p.add_argument("--threads", type=int, default=None)
+        if name == "memory":
+            p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
+        else:
+            p.add_argument("--size", type=int, default=8192 if name == "throughput" else 4096)
+    args = parser.parse_args()
+    os.environ.setdefault("GDAL_CACHEMAX", "64")
+    t = time.perf_counter()
+    {"throughput": cmd_throughput, "memory": cmd_memory, "naive": cmd_naive}[args.cmd](args)
+    print(f"(benchmark wall time {time.perf_counter() - t:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,404 @@
+"""Pipeline files (``pipelines/*.yml``): a validated :class:`PipelineConfig` per file.
+
+Validation is strict (``extra='forbid'``), so a typo fails with the field's name and its line
+in the YAML file. Relative paths are taken relative to the directory of the YAML file, so a
+pipeline runs the same from cron, a systemd timer or a shell in any directory.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from geoseg.errors import ConfigError
+from geoseg.vectorize.options import Format, LayerKind, VectorizeOptions
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DaskCompute",
+    "Inputs",
+    "LocalCompute",
+    "Outputs",
+    "PipelineConfig",
+    "PredictSettings",
+    "ScheduleSettings",
+    "load_pipeline",
+    "load_pipelines",
+]
+
+SCHEMA_VERSION = 1
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Inputs(_Strict):
+    """Which scenes to process: paths and globs, and optionally a text file listing paths."""
+
+    paths: list[str] = Field(
+        default_factory=list,
+        description="Scene files or glob patterns (``**`` recurses); relative to the YAML file.",
+    )
+    list_file: str | None = Field(
+        None, description="A text file with one scene path per line ('#' starts a comment)."
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="Glob patterns of file names or paths to leave out."
+    )
+    allow_empty: bool = Field(
+        False,
+        description="Succeed with nothing to do when no scene matches (for example a nightly "
+        "drop folder that may be empty); by default an empty match is an error.",
+    )
+
+
+class PredictSettings(_Strict):
+    """Prediction settings; sizes in pixels, ``null`` takes the model's recommendation."""
+
+    chunk: int | None = Field(None, ge=32, description="Chunk core size, pixels.")
+    halo: int | None = Field(None, ge=0, description="Halo on each side of a chunk, pixels.")
+    batch_size: int = Field(1, ge=1, description="Chunks per forward pass.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto picks bf16/fp16 autocast where the device runs it fast."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", v):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+
+RasterName = Literal["probs", "mask"]
+
+
+def _both_rasters() -> list[RasterName]:
+    return ["probs", "mask"]
+
+
+class Outputs(_Strict):
+    """Where and what to write; each scene gets its own folder ``<dir>/<scene stem>/``."""
+
+    dir: str = Field(description="Output directory; every worker must be able to open it.")
+    rasters: list[RasterName] = Field(
+        default_factory=_both_rasters,
+        description="Rasters to keep; the class mask is always written (the quicklook uses it).",
+    )
+    vectors: bool = Field(True, description="Vectorize the prediction into vector layers.")
+    layers: dict[str, LayerKind] | None = Field(
+        None,
+        description="Class name → layer type (polygons or centerlines), e.g. {building: "
+        "polygons, road: centerlines}; sets vectorize.layers.",
+    )
+    formats: list[Format] | None = Field(
+        None,
+        description="Vector formats among geojson, gpkg, fgb, parquet (GeoJSON is always "
+        "written); sets vectorize.formats.",
+    )
+    quicklook: bool = Field(True, description="Write <stem>.quicklook.png per scene.")
+    quicklook_px: int = Field(1024, ge=64, le=8192, description="Quicklook's longer side, px.")
+
+
+class LocalCompute(_Strict):
+    """Run on this machine: an in-process Dask cluster of worker threads."""
+
+    kind: Literal["local"] = "local"
+    workers: int = Field(1, ge=1, description="Worker threads running chunks.")
+    threads: int | None = Field(None, ge=1, description="Torch threads per worker.")
+    scenes_in_flight: int = Field(2, ge=1, description="Scenes processed at the same time.")
+
+
+class DaskCompute(_Strict):
+    """Run on a ``dask.distributed`` cluster given by its scheduler address."""
+
+    kind: Literal["dask"] = "dask"
+    scheduler: str = Field(description="Scheduler address, e.g. tcp://10.0.0.5:8786.")
+    threads: int | None = Field(None, ge=1, description="Torch threads per worker.")
+    scenes_in_flight: int = Field(4, ge=1, description="Scenes in flight on the cluster.")
+
+
+Compute = Annotated[LocalCompute | DaskCompute, Field(discriminator="kind")]
+
+
+class ScheduleSettings(_Strict):
+    """When ``geoseg schedule`` triggers this pipeline."""
+
+    cron: str = Field(description="Five-field cron expression, e.g. '0 2 * * *' (02:00 daily).")
+    timezone: str = Field("UTC", description="IANA time zone of the cron expression.")
+    catch_up: bool = Field(
+        False,
+        description="After downtime or an overrun, run once for the missed triggers (true) "
+        "or skip them and wait for the next one (false).",
+    )
+    max_late_s: int = Field(
+        24 * 3600, ge=0, description="Missed triggers older than this many seconds are skipped."
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        from croniter import croniter
+
+        if len(v.split()) != 5 or not croniter.is_valid(v):
+            raise ValueError(f"not a valid five-field cron expression: {v!r}")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"unknown time zone {v!r} (use an IANA name like Europe/Paris)"
+            ) from exc
+        return v
+
+
+class PipelineConfig(_Strict):
+    """One pipeline file: what to process, with which model and settings, where, and when."""
+
+    schema_version: Literal[1] = Field(description="Pipeline file format version; must be 1.")
+    name: str = Field(description="Pipeline name: letters, digits, '.', '_' and '-'.")
+    description: str = ""
+    inputs: Inputs
+    model: str = Field(description="Model bundle directory (model.json + weights.safetensors).")
+    predict: PredictSettings = Field(default_factory=lambda: PredictSettings.model_validate({}))
+    vectorize: VectorizeOptions = Field(
+        default_factory=VectorizeOptions,
+        description="Vectorizer settings (threshold, min_area_m2, simplify_m, regularize, "
+        "spur_m, road_polygons, precision, chunk, halo); see geoseg.vectorize.VectorizeOptions.",
+    )
+    outputs: Outputs
+    compute: Compute = Field(default_factory=lambda: LocalCompute.model_validate({}))
+    schedule: ScheduleSettings | None = None
+    ledger: str | None = Field(
+        None, description="SQLite run ledger (default: $GEOSEG_HOME/ledger.sqlite)."
+    )
+    source: str = Field("", exclude=True, description="The YAML file this came from.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"name may hold letters, digits, '.', '_' and '-' only, got {v!r}")
+        return v
+
+    @property
+    def base_dir(self) -> Path:
+        """Directory that relative paths in the file are resolved against."""
+        return Path(self.source).resolve().parent if self.source else Path.cwd()
+
+    def resolve(self, path: str) -> Path:
+        """``path`` with ``~`` and environment variables expanded, relative to the file."""
+        p = Path(os.path.expandvars(os.path.expanduser(path)))
+        return Path(os.path.normpath(p if p.is_absolute() else self.base_dir / p))
+
+    @property
+    def model_path(self) -> Path:
+        return self.resolve(self.model)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.resolve(self.outputs.dir)
+
+    def config_hash(self) -> str:
+        """SHA-256 of every setting that changes the outputs (not inputs, compute or schedule)."""
+        relevant = {
+            "schema_version": self.schema_version,
+            "predict": self.predict.model_dump(mode="json"),
+            "vectorize": self.vectorize_options().model_dump(mode="json"),
+            "outputs": self.outputs.model_dump(mode="json", exclude={"dir"}),
+        }
+        blob = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def vectorize_options(self) -> VectorizeOptions:
+        """The vectorizer's options, with ``outputs.layers`` and ``outputs.formats`` applied."""
+        update: dict[str, Any] = {}
+        if self.outputs.layers is not None:
+            update["layers"] = dict(self.outputs.layers)
+        if self.outputs.formats is not None:
+            update["formats"] = list(self.outputs.formats)
+        if not update:
+            return self.vectorize
+        return VectorizeOptions.model_validate({**self.vectorize.model_dump(), **update})
+
+    @model_validator(mode="after")
+    def _one_place_for_layers(self) -> PipelineConfig:
+        for name in ("layers", "formats"):
+            if getattr(self.outputs, name) is not None and name in self.vectorize.model_fields_set:
+                raise ValueError(f"set {name} in outputs or in vectorize, not in both")
+        return self
+
+    def scene_paths(self) -> list[Path]:
+        """Every scene the inputs match, sorted, without duplicates; raise if none match."""
+        found: dict[str, Path] = {}
+        entries = [(p, "inputs.paths") for p in self.inputs.paths]
+        if self.inputs.list_file:
+            entries += [(p, f"inputs.list_file ({self.inputs.list_file})") for p in self._listed()]
+        for entry, origin in entries:
+            pattern = str(self.resolve(entry))
+            if globlib.has_magic(pattern):
+                matches = [Path(m) for m in globlib.glob(pattern, recursive=True)]
+                matches = [m for m in matches if m.is_file()]
+                if not matches and not self.inputs.allow_empty:
+                    raise ConfigError(f"{self.source}: {origin}: {entry!r} matches no file")
+            else:
+                matches = [Path(pattern)]
+            for m in matches:
+                if not self._excluded(m):
+                    found.setdefault(str(m.resolve()), m.resolve())
+        if not found and not self.inputs.allow_empty:
+            raise ConfigError(f"{self.source}: inputs match no scene")
+        return sorted(found.values())
+
+    def _listed(self) -> list[str]:
+        assert self.inputs.list_file is not None
+        p = self.resolve(self.inputs.list_file)
+        try:
+            lines = p.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"{self.source}: inputs.list_file: cannot read {p} ({exc})") from exc
+        base = p.parent
+        out = []
+        for line in lines:
+            text = line.split("#", 1)[0].strip()
+            if text:
+                q = Path(os.path.expanduser(text))
+                out.append(str(q if q.is_absolute() else base / q))
+        return out
+
+    def _excluded(self, path: Path) -> bool:
+        from fnmatch import fnmatch
+
+        pats = self.inputs.exclude
+        return any(fnmatch(path.name, pat) or fnmatch(str(path), pat) for pat in pats)
+
+
+def _node_at(node: yaml.Node | None, loc: Sequence[int | str]) -> yaml.Node | None:
+    """The YAML node at pydantic error location ``loc`` (as deep as it exists)."""
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            child = None
+            for k, v in node.value:
+                if k.value == key:
+                    child = k if key == loc[-1] else v
+                    break
+            if child is None:
+                return node
+            node = child
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int):
+            if key >= len(node.value):
+                return node
+            node = node.value[key]
+        else:
+            return node
+    return node
+
+
+def _clean_loc(loc: Sequence[int | str]) -> list[int | str]:
+    """A pydantic error location without the union tags it inserts (``compute.local.x``)."""
+    out: list[int | str] = []
+    for i, x in enumerate(loc):
+        if i == 1 and loc[0] == "compute" and x in ("local", "dask"):
+            continue
+        out.append(x)
+    return out
+
+
+def _where(root: yaml.Node | None, loc: Sequence[int | str]) -> str:
+    node = _node_at(root, _clean_loc(loc))
+    return f"line {node.start_mark.line + 1}" if node is not None else "top level"
+
+
+def _describe_error(err: Any) -> str:
+    field = ".".join(str(x) for x in _clean_loc(err["loc"])) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{field}: unknown field"
+    if err["type"] == "missing":
+        return f"{field}: required field is missing"
+    return f"{field}: {err['msg']}"
+
+
+def parse_pipeline(text: str, source: str) -> PipelineConfig:
+    """Parse and validate the YAML ``text`` of a pipeline file named ``source``."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{source}: invalid YAML: {where}{problem}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a pipeline file must be a YAML mapping of fields")
+    version = data.get("schema_version")
+    if version is not None and version != SCHEMA_VERSION:
+        raise ConfigError(
+            f"{source}: {_where(root, ['schema_version'])}: schema_version {version!r} is not "
+            f"supported; this geoseg reads version {SCHEMA_VERSION}"
+        )
+    try:
+        config = PipelineConfig.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        problems = [
+            f"{_where(root, e['loc'])}: {_describe_error(e)}"
+            for e in exc.errors()
+            if e["loc"][:1] != ("source",)
+        ]
+        raise ConfigError(f"{source}: invalid pipeline: " + "; ".join(problems)) from exc
+    return config
+
+
+def load_pipeline(path: str | os.PathLike[str]) -> PipelineConfig:
+    """Read and validate one pipeline file; raise :class:`ConfigError` naming field and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such pipeline file")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read pipeline file ({exc})") from exc
+    return parse_pipeline(text, str(p))
+
+
+def load_pipelines(path: str | os.PathLike[str]) -> list[PipelineConfig]:
+    """A pipeline file, or every ``*.yml``/``*.yaml`` file in a directory, sorted by name."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted([*p.glob("*.yml"), *p.glob("*.yaml")])
+        if not files:
+            raise ConfigError(f"{p}: holds no pipeline files (*.yml)")
+    else:
+        files = [p]
+    configs = [load_pipeline(f) for f in files]
+    names: dict[str, str] = {}
+    for c in configs:
+        if c.name in names:
+            raise ConfigError(
+                f"{c.source}: pipeline name {c.name!r} is also used by {names[c.name]}"
+            )
+        names[c.name] = c.source
+    return configs

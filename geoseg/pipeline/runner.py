@@ -1,0 +1,464 @@
+"""``geoseg run``: a pipeline over a batch of scenes, idempotent, resumable and failure-isolated.
+
+For each scene the runner decides from the ledger whether it must run (new, changed input,
+changed settings or model, missing outputs, ``--force``) or can be skipped. Scenes that run
+share one Dask client; at most ``compute.scenes_in_flight`` of them are in progress at once,
+each streaming a bounded number of chunk tasks, so memory stays bounded on the client and on
+the workers. Every output file is written under a temporary name and renamed, and the ledger
+row of a scene is closed only after all its outputs exist, so a run killed at any moment is
+finished by the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from geoseg.errors import ConfigError, GeosegError
+from geoseg.model import Bundle, load_bundle
+from geoseg.pipeline.config import LocalCompute, PipelineConfig
+from geoseg.pipeline.ledger import Ledger, SceneRow, default_ledger_path
+from geoseg.pipeline.lock import PipelineLock
+from geoseg.pipeline.quicklook import write_quicklook
+from geoseg.predict import PredictOptions, open_client, predict_scene
+from geoseg.raster import check_writable, open_scene
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+__all__ = [
+    "PlannedScene",
+    "RunProgress",
+    "RunSummary",
+    "SceneResult",
+    "plan_run",
+    "predict_options",
+    "run_pipeline",
+]
+
+log = logging.getLogger(__name__)
+
+Action = Literal["run", "skip"]
+
+
+@dataclass(frozen=True)
+class PlannedScene:
+    """A scene of the batch, whether it will run, and why; size in bytes, mtime in ns."""
+
+    path: Path
+    stem: str
+    size: int | None
+    mtime_ns: int | None
+    action: Action
+    reason: str
+
+
+@dataclass
+class SceneResult:
+    """How one scene ended: ``done``, ``skipped``, ``failed`` or ``interrupted``."""
+
+    path: Path
+    stem: str
+    status: str
+    reason: str
+    seconds: float = 0.0
+    outputs: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class RunSummary:
+    """The outcome of a run: its ledger id and one result per scene."""
+
+    run_id: int
+    pipeline: str
+    results: list[SceneResult]
+    seconds: float
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    @property
+    def failures(self) -> list[SceneResult]:
+        return [r for r in self.results if r.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+class RunProgress(Protocol):
+    """Callbacks a front end implements to show a run's progress."""
+
+    def batch_started(self, planned: list[PlannedScene]) -> None: ...
+
+    def scene_started(self, scene: PlannedScene) -> None: ...
+
+    def scene_chunks(self, scene: PlannedScene, done: int, total: int) -> None: ...
+
+    def scene_finished(self, result: SceneResult) -> None: ...
+
+
+def file_identity(path: Path) -> tuple[int | None, int | None]:
+    """(size in bytes, mtime in ns) of ``path``; (None, None) when it cannot be stat'ed."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None, None
+    return st.st_size, st.st_mtime_ns
+
+
+def scene_stem(path: Path) -> str:
+    """The name a scene's outputs get: its file name without the last extension."""
+    return path.stem
+
+
+def _missing_outputs(row: SceneRow) -> list[str]:
+    files = row.outputs.get("files", {})
+    return sorted(name for name, p in files.items() if not Path(p).exists())
+
+
+def _decide(
+    path: Path,
+    size: int | None,
+    mtime: int | None,
+    prev: SceneRow | None,
+    config_hash: str,
+    model_hash: str,
+    force: bool,
+) -> tuple[Action, str]:
+    if size is None:
+        return "run", "input cannot be read (will fail)"
+    if force:
+        return "run", "--force"
+    if prev is None:
+        return "run", "new: not done before by this pipeline"
+    if (prev.size, prev.mtime_ns) != (size, mtime):
+        return "run", "input changed (size or modification time differs)"
+    if prev.model_hash != model_hash:
+        return "run", f"model changed (was {prev.model_hash[:12]})"
+    if prev.config_hash != config_hash:
+        return "run", f"pipeline settings changed (was {prev.config_hash[:12]})"
+    missing = _missing_outputs(prev)
+    if missing:
+        return "run", f"outputs missing: {', '.join(missing)}"
+    return "skip", f"up to date (done in run {prev.run_id})"
+
+
+def plan_run(
+    config: PipelineConfig, bundle: Bundle, ledger: Ledger | None, force: bool = False
+) -> list[PlannedScene]:
+    """Every scene the inputs match, each with what to do and why."""
+    paths = config.scene_paths()
+    _check_unique_stems(paths)
+    config_hash = config.config_hash()
+    planned = []
+    for path in paths:
+        size, mtime = file_identity(path)
+        prev = ledger.last_done(config.name, str(path)) if ledger is not None else None
+        action, reason = _decide(path, size, mtime, prev, config_hash, bundle.sha256, force)
+        planned.append(PlannedScene(path, scene_stem(path), size, mtime, action, reason))
+    return planned
+
+
+def _check_unique_stems(paths: list[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for p in paths:
+        stem = scene_stem(p)
+        if stem in seen:
+            raise ConfigError(
+                f"scenes {seen[stem]} and {p} would write the same outputs ({stem}/); rename "
+                "one or split them into two pipelines"
+            )
+        seen[stem] = p
+
+
+def predict_options(config: PipelineConfig, scheduler: str | None = None) -> PredictOptions:
+    """The engine's options for this pipeline; ``scheduler`` overrides ``compute``."""
+    p, c = config.predict, config.compute
+    workers = c.workers if isinstance(c, LocalCompute) else 1
+    address = scheduler or (None if isinstance(c, LocalCompute) else c.scheduler)
+    return PredictOptions(
+        chunk=p.chunk,
+        halo=p.halo,
+        batch_size=p.batch_size,
+        device=p.device,
+        precision=p.precision,
+        threads=c.threads,
+        workers=workers,
+        scheduler=address,
+    )
+
+
+def lock_path(ledger_path: Path, name: str) -> Path:
+    """The lock file of pipeline ``name``, kept beside the ledger."""
+    return ledger_path.parent / "locks" / f"{name}.lock"
+
+
+def ledger_path_for(config: PipelineConfig, override: str | os.PathLike[str] | None) -> Path:
+    if override is not None:
+        return Path(override)
+    return config.resolve(config.ledger) if config.ledger else default_ledger_path()
+
+
+def dry_run(
+    config: PipelineConfig,
+    *,
+    force: bool = False,
+    ledger_path: str | os.PathLike[str] | None = None,
+) -> list[PlannedScene]:
+    """What :func:`run_pipeline` would do, without running, locking or writing anything."""
+    bundle = load_bundle(config.model_path)
+    path = ledger_path_for(config, ledger_path)
+    if not path.exists():
+        return plan_run(config, bundle, None, force)
+    with Ledger(path) as ledger:
+        return plan_run(config, bundle, ledger, force)
+
+
+class _SceneJob:
+    """Processes one scene: predict, vectorize, quicklook; records it in the ledger."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        bundle: Bundle,
+        options: PredictOptions,
+        client: Client,
+        ledger: Ledger,
+        run_id: int,
+        progress: RunProgress | None,
+        stop: threading.Event,
+    ) -> None:
+        self.config = config
+        self.bundle = bundle
+        self.options = options
+        self.client = client
+        self.ledger = ledger
+        self.run_id = run_id
+        self.progress = progress
+        self.stop = stop
+        self.config_hash = config.config_hash()
+
+    def __call__(self, planned: PlannedScene) -> SceneResult:
+        if self.stop.is_set():
+            return SceneResult(
+                planned.path,
+                planned.stem,
+                "interrupted",
+                planned.reason,
+                error="the run was stopped before this scene started",
+            )
+        row = self.ledger.start_scene(
+            self.run_id,
+            self.config.name,
+            str(planned.path),
+            planned.size,
+            planned.mtime_ns,
+            self.config_hash,
+            self.bundle.sha256,
+            planned.reason,
+        )
+        if self.progress is not None:
+            self.progress.scene_started(planned)
+        log.debug("%s: started (%s)", planned.stem, planned.reason)
+        t0 = time.perf_counter()
+        result = SceneResult(planned.path, planned.stem, "failed", planned.reason)
+        try:
+            files, info = self._process(planned)
+            result.status, result.outputs = "done", files
+        except GeosegError as exc:
+            result.error = str(exc)
+        except Exception as exc:  # isolate any failure to its scene
+            log.debug("%s: unexpected error", planned.path, exc_info=True)
+            result.error = f"{type(exc).__name__}: {exc}"
+        else:
+            result.seconds = time.perf_counter() - t0
+            self._close(row, result, {"files": files, **info})
+            return result
+        result.seconds = time.perf_counter() - t0
+        with contextlib.suppress(OSError):
+            _remove_leftovers(self.config.out_dir / planned.stem)
+        if self.stop.is_set():
+            result.status = "interrupted"
+            result.error = f"the run was stopped while this scene was in progress ({result.error})"
+        log.warning("%s: %s: %s", planned.stem, result.status, result.error)
+        self._close(row, result, {})
+        return result
+
+    def _close(self, row: int, result: SceneResult, outputs: dict[str, Any]) -> None:
+        try:
+            self.ledger.finish_scene(row, result.status, outputs, result.error)
+        except GeosegError as exc:
+            log.error("%s: could not record the result in the ledger: %s", result.stem, exc)
+            if result.status == "done":
+                result.status, result.error = "failed", str(exc)
+        if self.progress is not None:
+            self.progress.scene_finished(result)
+
+    def _process(self, planned: PlannedScene) -> tuple[dict[str, str], dict[str, Any]]:
+        scene = open_scene(planned.path)
+        out = self.config.out_dir / planned.stem
+        check_writable(out)
+        _remove_leftovers(out)
+
+        def chunks(done: int, total: int) -> None:
+            if self.progress is not None:
+                self.progress.scene_chunks(planned, done, total)
+
+        pred = predict_scene(scene, self.bundle, out, self.options, self.client, progress=chunks)
+        files = {"probs": str(pred.probs), "mask": str(pred.mask)}
+        info: dict[str, Any] = {"chunks": pred.chunks, "skipped_chunks": pred.skipped}
+        if pred.warnings:
+            info["warnings"] = pred.warnings
+        if self.config.outputs.vectors:
+            vfiles, vinfo = self._vectorize(pred.probs, out)
+            files.update(vfiles)
+            info.update(vinfo)
+        if self.config.outputs.quicklook:
+            png = write_quicklook(
+                scene.path,
+                pred.mask,
+                self.bundle.spec.classes,
+                out / f"{planned.stem}.quicklook.png",
+                self.config.outputs.quicklook_px,
+            )
+            files["quicklook"] = str(png)
+        if "probs" not in self.config.outputs.rasters:
+            Path(files.pop("probs")).unlink(missing_ok=True)
+        return files, info
+
+    def _vectorize(self, probs: Path, out: Path) -> tuple[dict[str, str], dict[str, Any]]:
+        from geoseg.vectorize import vectorize_prediction
+
+        options = self.config.vectorize_options()
+        result = vectorize_prediction(probs, out, options=options, client=self.client)
+        files = {
+            f"{layer}.{fmt}": str(path)
+            for layer, by_format in result.paths.items()
+            for fmt, path in by_format.items()
+        }
+        return files, {"counts": result.counts}
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Delete temporary files a killed run left in a scene's folder (we hold the lock)."""
+    for p in out.glob(".*.partial*"):
+        if p.is_file():
+            log.debug("removing leftover %s", p)
+            p.unlink(missing_ok=True)
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    *,
+    force: bool = False,
+    scheduler: str | None = None,
+    ledger_path: str | os.PathLike[str] | None = None,
+    progress: RunProgress | None = None,
+    stop: threading.Event | None = None,
+    client_factory: Callable[[PredictOptions], Any] = open_client,
+) -> RunSummary:
+    """Run ``config`` once over its scenes; see the module docstring for the guarantees.
+
+    Raises :class:`GeosegError` for problems of the whole run (bad model, no scenes, locked,
+    unreadable ledger). Problems of single scenes are in the summary and the ledger instead.
+    """
+    t0 = time.perf_counter()
+    stop = stop or threading.Event()
+    bundle = load_bundle(config.model_path)
+    options = predict_options(config, scheduler)
+    path = ledger_path_for(config, ledger_path)
+    with Ledger(path) as ledger, PipelineLock(lock_path(path, config.name), config.name):
+        stale = ledger.mark_interrupted(config.name)
+        if stale:
+            log.info("%s: closed %d earlier run(s) that were killed", config.name, stale)
+        planned = plan_run(config, bundle, ledger, force)
+        run_id = ledger.start_run(
+            config.name,
+            config.source,
+            config.config_hash(),
+            bundle.sha256,
+            bundle.ident,
+            options.scheduler or "local",
+            force,
+        )
+        log.info(
+            "%s: run %d: %d scene(s), %d to process",
+            config.name,
+            run_id,
+            len(planned),
+            sum(p.action == "run" for p in planned),
+        )
+        if progress is not None:
+            progress.batch_started(planned)
+        results: list[SceneResult] = []
+        try:
+            for p in planned:
+                if p.action == "skip":
+                    ledger.record_skip(
+                        run_id,
+                        config.name,
+                        str(p.path),
+                        p.size,
+                        p.mtime_ns,
+                        config.config_hash(),
+                        bundle.sha256,
+                        p.reason,
+                    )
+                    res = SceneResult(p.path, p.stem, "skipped", p.reason)
+                    results.append(res)
+                    if progress is not None:
+                        progress.scene_finished(res)
+            todo = [p for p in planned if p.action == "run"]
+            if todo:
+                results += _run_scenes(
+                    config, bundle, options, ledger, run_id, todo, progress, stop, client_factory
+                )
+        except BaseException:
+            stop.set()
+            ledger.interrupt_run(run_id, "the run was interrupted")
+            raise
+        failed = sum(r.status in ("failed", "interrupted") for r in results)
+        status = "interrupted" if stop.is_set() else ("failed" if failed else "done")
+        ledger.finish_run(run_id, status, f"{failed} scene(s) failed" if failed else None)
+    order = {p.path: i for i, p in enumerate(planned)}
+    results.sort(key=lambda r: order[r.path])
+    return RunSummary(run_id, config.name, results, time.perf_counter() - t0)
+
+
+def _run_scenes(
+    config: PipelineConfig,
+    bundle: Bundle,
+    options: PredictOptions,
+    ledger: Ledger,
+    run_id: int,
+    todo: list[PlannedScene],
+    progress: RunProgress | None,
+    stop: threading.Event,
+    client_factory: Callable[[PredictOptions], Any],
+) -> list[SceneResult]:
+    """Run scenes on one client, at most ``scenes_in_flight`` at a time."""
+    in_flight = config.compute.scenes_in_flight
+    with client_factory(options) as client:
+        job = _SceneJob(config, bundle, options, client, ledger, run_id, progress, stop)
+        pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="geoseg-scene")
+        futures: list[Future[SceneResult]] = []
+        try:
+            futures = [pool.submit(job, p) for p in todo]
+            return [f.result() for f in futures]
+        except BaseException:
+            stop.set()
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=not stop.is_set(), cancel_futures=True)

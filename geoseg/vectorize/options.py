@@ -1,0 +1,122 @@
+"""Options and results of vectorizing one prediction raster."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["FORMATS", "LayerOutput", "VectorizeOptions", "VectorizeOutputs"]
+
+Format = Literal["geojson", "gpkg", "fgb", "parquet"]
+LayerKind = Literal["polygons", "centerlines"]
+
+#: File extension of each output format.
+FORMATS: dict[str, str] = {
+    "geojson": "geojson",
+    "gpkg": "gpkg",
+    "fgb": "fgb",
+    "parquet": "parquet",
+}
+
+
+def _default_layers() -> dict[str, LayerKind]:
+    return {"building": "polygons", "road": "centerlines"}
+
+
+class VectorizeOptions(BaseModel):
+    """How to turn class probabilities or class ids into vector layers; lengths in metres."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threshold: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="A pixel is in a class when its probability >= this.",
+    )
+    min_area_m2: float = Field(
+        default=2.0, ge=0.0, description="Drop polygons smaller than this (square metres)."
+    )
+    simplify_m: float = Field(
+        default=0.5,
+        ge=0.0,
+        description="Topology-preserving simplification (metres); 0 = off.",
+    )
+    regularize: bool = Field(
+        default=False, description="Straighten building outlines to their dominant orientation."
+    )
+    layers: dict[str, LayerKind] = Field(
+        default_factory=_default_layers,
+        description="Class name → layer type; classes not listed are not vectorized.",
+    )
+    spur_m: float = Field(
+        default=10.0,
+        ge=0.0,
+        description="Prune dangling centerline edges shorter than this (m).",
+    )
+    road_polygons: bool = Field(
+        default=False,
+        description="Also write polygons of centerline classes (<class>_areas).",
+    )
+    formats: tuple[Format, ...] = Field(
+        default=("geojson",), description="Output formats; GeoJSON (EPSG:4326) is always written."
+    )
+    precision: int = Field(
+        default=7, ge=0, le=15, description="Decimals of GeoJSON coordinates (7 ≈ 1 cm)."
+    )
+    chunk: int = Field(default=2048, ge=64, description="Chunk core size (pixels).")
+    halo: int = Field(
+        default=64, ge=0, description="Context around each chunk for skeletonizing roads (pixels)."
+    )
+    workers: int = Field(
+        default=2, ge=1, description="Local worker processes when no client is given."
+    )
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _always_geojson(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = (v,)
+        if isinstance(v, list | tuple):
+            names = [str(x).lower().lstrip(".") for x in v]
+            names = ["parquet" if n == "geoparquet" else n for n in names]
+            return tuple(dict.fromkeys(["geojson", *names]))
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _some_layer(cls, v: dict[str, LayerKind]) -> dict[str, LayerKind]:
+        if not v:
+            raise ValueError("at least one class must be mapped to a layer type")
+        return v
+
+
+@dataclass
+class LayerOutput:
+    """One written layer: its type, feature count and one path per format."""
+
+    name: str
+    kind: LayerKind
+    count: int
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class VectorizeOutputs:
+    """What vectorizing one prediction produced, layer by layer."""
+
+    source: Path
+    layers: dict[str, LayerOutput] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> dict[str, dict[str, Path]]:
+        """Layer name → format → path."""
+        return {name: dict(layer.paths) for name, layer in self.layers.items()}
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Layer name → number of features."""
+        return {name: layer.count for name, layer in self.layers.items()}

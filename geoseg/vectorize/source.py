@@ -1,0 +1,184 @@
+"""Open a ``geoseg predict`` output and read one class of it window by window."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from geoseg.errors import InputError
+from geoseg.raster import GDAL_ENV
+
+__all__ = ["ClassWindow", "Prediction", "open_prediction", "read_class"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Metadata of a ``<stem>.probs.tif`` or ``<stem>.mask.tif``; holds no pixels.
+
+    ``probs`` is the probability raster used for thresholds and confidences (None when only a
+    class mask is available); ``mask`` is the class-id raster when that was the input.
+    """
+
+    path: str
+    stem: str
+    kind: str
+    classes: tuple[str, ...]
+    width: int
+    height: int
+    crs_wkt: str
+    transform: Affine
+    geographic: bool
+    metric: bool
+    scene: str
+    model: str
+    probs: str | None
+    mask: str | None
+
+    def class_index(self, name: str) -> int:
+        """Index of class ``name`` (its id in the mask, its band - 1 in the probabilities)."""
+        return self.classes.index(name)
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """Centre of the raster in its CRS (x, y)."""
+        x, y = self.transform @ (self.width / 2, self.height / 2)
+        return (x, y)
+
+
+def _classes(src: rasterio.io.DatasetReader, p: Path) -> tuple[str, ...]:
+    raw = src.tags().get("GEOSEG_CLASSES")
+    if raw:
+        try:
+            names = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{p}: GEOSEG_CLASSES tag is not JSON ({exc})") from exc
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return tuple(names)
+        raise InputError(f"{p}: GEOSEG_CLASSES tag must be a JSON list of names, got {raw!r}")
+    if src.count > 1 and all(src.descriptions):
+        return tuple(str(d) for d in src.descriptions)
+    raise InputError(
+        f"{p}: has no class names (GEOSEG_CLASSES tag); vectorize the outputs of geoseg predict"
+    )
+
+
+def open_prediction(path: str | Path) -> Prediction:
+    """Validate a prediction raster and describe it; raise :class:`InputError` if unusable."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such file")
+    try:
+        with rasterio.Env(**GDAL_ENV), rasterio.open(p) as src:
+            if src.crs is None:
+                raise InputError(
+                    f"{p}: has no CRS, so its vectors could not be georeferenced; "
+                    "assign one first (for example: gdal_edit.py -a_srs EPSG:32614 FILE)"
+                )
+            t = src.transform
+            if t.b != 0 or t.d != 0 or t.e > 0:
+                raise InputError(f"{p}: needs a north-up geotransform, got {tuple(t)[:6]}")
+            classes = _classes(src, p)
+            is_probs = p.name.endswith(".probs.tif") or (
+                src.count == len(classes) and src.count > 1
+            )
+            if not is_probs and src.count != 1:
+                raise InputError(f"{p}: a class mask must have one band, found {src.count}")
+            if is_probs and src.count != len(classes):
+                raise InputError(
+                    f"{p}: has {src.count} bands but {len(classes)} class names {list(classes)}"
+                )
+            tags = src.tags()
+            crs = src.crs
+            width, height = src.width, src.height
+    except RasterioError as exc:
+        raise InputError(f"{p}: not a readable raster ({exc})") from exc
+    stem = prediction_stem(p)
+    probs: str | None = str(p) if is_probs else None
+    mask: str | None = None if is_probs else str(p)
+    if not is_probs:
+        sibling = p.with_name(f"{stem}.probs.tif")
+        if sibling.is_file():
+            with rasterio.open(sibling) as s:
+                if (s.width, s.height, s.count) == (width, height, len(classes)):
+                    probs = str(sibling)
+    linear = crs.linear_units_factor[1] if crs.is_projected else math.nan
+    return Prediction(
+        path=str(p),
+        stem=stem,
+        kind="probs" if is_probs else "mask",
+        classes=classes,
+        width=width,
+        height=height,
+        crs_wkt=crs.to_wkt(),
+        transform=t,
+        geographic=bool(crs.is_geographic),
+        metric=bool(crs.is_projected and linear == 1.0),
+        scene=tags.get("GEOSEG_SCENE", p.name),
+        model=tags.get("GEOSEG_MODEL", ""),
+        probs=probs,
+        mask=mask,
+    )
+
+
+@dataclass
+class ClassWindow:
+    """One class over a window: foreground (h, w) bool and confidence (h, w) uint8 0–255."""
+
+    fg: np.ndarray
+    conf: np.ndarray | None
+
+
+def _read_band(path: str, band: int, window: Window, width: int, height: int) -> np.ndarray:
+    """Read ``band`` over ``window``, padding with zeros outside the raster (pixels)."""
+    r0, c0 = int(window.row_off), int(window.col_off)
+    h, w = int(window.height), int(window.width)
+    rr0, cc0 = max(r0, 0), max(c0, 0)
+    rr1, cc1 = min(r0 + h, height), min(c0 + w, width)
+    out = np.zeros((h, w), dtype=np.uint8)
+    if rr1 <= rr0 or cc1 <= cc0:
+        return out
+    try:
+        with rasterio.Env(**GDAL_ENV), rasterio.open(path) as src:
+            data = src.read(band, window=Window(cc0, rr0, cc1 - cc0, rr1 - rr0))
+    except RasterioError as exc:
+        raise InputError(f"{path}: read failed at window {window} ({exc})") from exc
+    out[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = data
+    return out
+
+
+def read_class(pred: Prediction, name: str, window: Window, threshold: float) -> ClassWindow:
+    """Foreground and confidence of class ``name`` over ``window`` (zeros outside the raster)."""
+    k = pred.class_index(name)
+    conf = None
+    if pred.probs is not None:
+        conf = _read_band(pred.probs, k + 1, window, pred.width, pred.height)
+    if pred.mask is not None:
+        fg = _read_band(pred.mask, 1, window, pred.width, pred.height) == k
+        if k == 0:
+            fg &= _inside(window, pred.width, pred.height)
+    else:
+        assert conf is not None
+        fg = conf >= np.float32(threshold * 255.0)
+    return ClassWindow(fg, conf)
+
+
+def _inside(window: Window, width: int, height: int) -> np.ndarray:
+    rows = np.arange(int(window.row_off), int(window.row_off) + int(window.height))
+    cols = np.arange(int(window.col_off), int(window.col_off) + int(window.width))
+    return ((rows >= 0) & (rows < height))[:, None] & ((cols >= 0) & (cols < width))[None, :]
+
+
+def prediction_stem(path: Path) -> str:
+    """The scene stem of ``<stem>.probs.tif`` or ``<stem>.mask.tif`` (else the file's stem)."""
+    for suffix in (".probs.tif", ".mask.tif"):
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem

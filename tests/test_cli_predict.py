@@ -1,0 +1,186 @@
+"""``geoseg predict`` from the command line: real files, bad input, robustness corpus."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+
+from geoseg.cli import cli
+from tests.conftest import write_tif
+
+
+def predict(*args: str) -> Any:
+    return CliRunner().invoke(cli, ["predict", *args, "--device", "cpu"])
+
+
+@pytest.fixture
+def scene(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    return write_tif(tmp_path / "scene.tif", rng.integers(0, 255, (3, 90, 70), dtype=np.uint8))
+
+
+def test_predict_writes_both_outputs(tmp_path: Path, scene: Path, make_bundle: Any) -> None:
+    res = predict(str(scene), "-m", str(make_bundle().path), "-o", str(tmp_path / "o"))
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "scene.mask.tif",
+        "scene.probs.tif",
+    ]
+
+
+def _bad_inputs(tmp: Path, scene: Path) -> dict[str, tuple[list[str], str]]:
+    text = tmp / "notes.tif"
+    text.write_text("this is not a raster\n")
+    truncated = tmp / "truncated.tif"
+    rng = np.random.default_rng(0)
+    write_tif(truncated, rng.integers(0, 255, (3, 256, 256), dtype=np.uint8))
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    one_band = write_tif(tmp / "gray.tif", np.zeros((1, 50, 50), np.uint8))
+    blocker = tmp / "blocker"
+    blocker.write_text("a file where a directory should be")
+    return {
+        "missing": ([str(tmp / "absent.tif")], "absent.tif: no such file"),
+        "text": ([str(text)], "notes.tif: not a readable raster"),
+        "truncated": ([str(truncated)], "truncated.tif: is truncated or corrupt"),
+        "bands": ([str(one_band)], "gray.tif: has 1 band(s) but the model reads bands [1, 2, 3]"),
+        "unwritable": (
+            [str(scene), "-o", str(blocker / "out")],
+            "output directory is not writable",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "text", "truncated", "bands", "unwritable"])
+def test_bad_input_exits_2_with_clear_message(
+    tmp_path: Path, scene: Path, make_bundle: Any, case: str
+) -> None:
+    args, message = _bad_inputs(tmp_path, scene)[case]
+    out = tmp_path / "out"
+    if "-o" not in args:
+        args = [*args, "-o", str(out)]
+    res = predict(*args, "-m", str(make_bundle().path))
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_missing_model_exits_2(tmp_path: Path, scene: Path) -> None:
+    res = predict(str(scene), "-m", str(tmp_path / "nomodel"), "-o", str(tmp_path / "o"))
+    assert res.exit_code == 2 and "model bundle not found" in res.output
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path: Path, make_bundle: Any) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "geoseg",
+            "predict",
+            str(tmp_path / "x.tif"),
+            "-m",
+            str(make_bundle().path),
+            "-o",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith("x.tif: no such file") and "Traceback" not in proc.stderr
+
+
+ROBUST = [
+    "RGB.byte.tif",
+    "rgb_lzw.tif",
+    "all-nodata.tif",
+    "alpha.tif",
+    "cog.tif",
+    "cogeo.tif",
+    "drone.tif",
+    "m_4709963_se_14_1_20200831.tif",
+    "ms1.tif",
+    "rotated.tif",
+    "sar_hh.tif",
+    "shade.tif",
+]
+REFUSED = {"rotated.tif": "rotated or sheared geotransform", "sar_hh.tif": "complex data type"}
+
+
+def _bundle_for(path: Path, make_bundle: Any) -> Any:
+    """A random model whose input fits the file (its dtype, up to 3 non-alpha bands)."""
+    with rasterio.open(path) as src:
+        bands = [i for i, ci in enumerate(src.colorinterp, 1) if ci.name != "alpha"][:3]
+        dtype = src.dtypes[0]
+    if dtype not in ("uint8", "uint16", "float32", "float64"):
+        dtype = "uint8"
+    scale = {"uint8": 255.0, "uint16": 10000.0}.get(dtype, 1.0)
+    return make_bundle(bands=bands, dtype=dtype, normalization={"scale": scale})
+
+
+@pytest.mark.parametrize("name", ROBUST)
+def test_robustness_corpus(tmp_path: Path, shared_data: Path, make_bundle: Any, name: str) -> None:
+    path = shared_data / "robustness" / name
+    out = tmp_path / "out"
+    bundle = _bundle_for(path, make_bundle)
+    res = predict(str(path), "-m", str(bundle.path), "-o", str(out), "--chunk", "256")
+    assert "Traceback" not in res.output
+    if name in REFUSED:
+        assert res.exit_code == 2, res.output
+        assert REFUSED[name] in res.output
+        return
+    assert res.exit_code == 0, res.output
+    stem = name.removesuffix(".tif")
+    with rasterio.open(path) as src, rasterio.open(out / f"{stem}.mask.tif") as dst:
+        assert (dst.crs, dst.transform, dst.shape) == (src.crs, src.transform, src.shape)
+        mask = dst.read(1)
+        valid = src.dataset_mask() > 0
+    if src.dtypes[0].startswith("float"):
+        with rasterio.open(path) as src:
+            valid &= np.isfinite(src.read()).all(axis=0)
+    assert ((mask == 255) == ~valid).all(), "nodata in the output must follow the input's mask"
+    if name == "all-nodata.tif":
+        assert (mask == 255).all()
+
+
+def test_striped_and_tiled_copies_give_identical_outputs(
+    tmp_path: Path, shared_data: Path, make_bundle: Any
+) -> None:
+    bundle = make_bundle(seed=4)
+    outputs = []
+    for name in ("RGB.byte.tif", "rgb_lzw.tif"):
+        src = tmp_path / name
+        shutil.copy(shared_data / "robustness" / name, src)
+        out = tmp_path / f"out-{name}"
+        res = predict(str(src), "-m", str(bundle.path), "-o", str(out), "--chunk", "256")
+        assert res.exit_code == 0, res.output
+        stem = name.removesuffix(".tif")
+        with (
+            rasterio.open(out / f"{stem}.probs.tif") as a,
+            rasterio.open(out / f"{stem}.mask.tif") as b,
+        ):
+            outputs.append((a.read(), a.dataset_mask(), b.read()))
+    for x, y in zip(*outputs, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_predict_then_vectorize_in_one_command(tmp_path: Path, make_bundle: Any) -> None:
+    import json
+
+    rng = np.random.default_rng(1)
+    scene = write_tif(tmp_path / "v.tif", rng.integers(0, 255, (3, 96, 80), dtype=np.uint8))
+    res = predict(
+        str(scene), "-m", str(make_bundle().path), "-o", str(tmp_path / "o"), "--vectorize"
+    )
+    assert res.exit_code == 0, res.output
+    for layer in ("buildings", "roads"):
+        doc = json.loads((tmp_path / "o" / f"v.{layer}.geojson").read_text())
+        assert doc["type"] == "FeatureCollection" and "crs" not in doc

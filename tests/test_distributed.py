@@ -1,0 +1,124 @@
+"""The same pipeline on a real ``dask.distributed`` cluster: identical outputs, retries, one
+model load per worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from geoseg.pipeline import PlannedScene, SceneResult, load_pipeline, run_pipeline
+from tests.pipeline_support import make_model, make_scene, read_pixels, write_pipeline
+
+distributed = pytest.importorskip("distributed")
+
+SCENES = ("d0", "d1")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[distributed.LocalCluster]:
+    with distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=40,
+    ) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local, in-process run of two 192 px scenes (3 x 3 chunks each) with vectors."""
+    root = tmp_path_factory.mktemp("dist")
+    (root / "scenes").mkdir()
+    for i, name in enumerate(SCENES):
+        make_scene(root / "scenes" / f"{name}.tif", 150 + 300 * i, 100 + 250 * i, 192)
+    make_model(root / "model")
+    outputs = {"dir": "local", "vectors": True, "quicklook_px": 96}
+    summary = run_pipeline(load_pipeline(write_pipeline(root / "local.yml", outputs=outputs)))
+    assert summary.ok and summary.count("done") == 2
+    return root
+
+
+def _job(root: Path, name: str, address: str) -> Path:
+    outputs = {"dir": name, "vectors": True, "quicklook_px": 96}
+    compute = {"kind": "dask", "scheduler": address, "threads": 1, "scenes_in_flight": 2}
+    return write_pipeline(
+        root / f"{name}.yml",
+        name=name,
+        outputs=outputs,
+        compute=compute,
+        ledger=f"state-{name}/ledger.sqlite",
+    )
+
+
+def _assert_same_outputs(root: Path, other: str) -> None:
+    for stem in SCENES:
+        a, b = root / "local" / stem, root / other / stem
+        for kind in ("probs", "mask"):
+            pa, pb = read_pixels(a / f"{stem}.{kind}.tif"), read_pixels(b / f"{stem}.{kind}.tif")
+            assert np.array_equal(pa, pb), f"{stem}.{kind} differs"
+        names = sorted(p.name for p in a.iterdir())
+        assert names == sorted(p.name for p in b.iterdir())
+        for geojson in a.glob("*.geojson"):
+            assert geojson.read_text() == (b / geojson.name).read_text()
+
+
+def _model_loads() -> tuple[int, int]:
+    """(pid, model loads) of the process this runs in; imported there, not captured here."""
+    import geoseg.predict
+
+    return os.getpid(), sum(geoseg.predict.LOAD_COUNT.values())
+
+
+def test_cluster_run_matches_local_run(cluster: distributed.LocalCluster, local_run: Path) -> None:
+    job = _job(local_run, "cluster", cluster.scheduler_address)
+    summary = run_pipeline(load_pipeline(job))
+    assert summary.ok and summary.count("done") == 2
+    _assert_same_outputs(local_run, "cluster")
+    with distributed.Client(cluster) as client:
+        loads = list(client.run(_model_loads).values())
+    assert len(loads) == 2 and all(pid != os.getpid() for pid, _ in loads)
+    assert all(n <= 1 for _, n in loads) and sum(n for _, n in loads) >= 1
+
+
+class KillOneWorker:
+    """A RunProgress that SIGKILLs one worker process as soon as the first chunk is back."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.killed: int | None = None
+        self.chunk_reports = 0
+
+    def batch_started(self, planned: list[PlannedScene]) -> None: ...
+
+    def scene_started(self, scene: PlannedScene) -> None: ...
+
+    def scene_chunks(self, scene: PlannedScene, done: int, total: int) -> None:
+        self.chunk_reports += 1
+        if self.killed is None and done < total:
+            self.killed = self.pids[0]
+            os.kill(self.killed, signal.SIGKILL)
+
+    def scene_finished(self, result: SceneResult) -> None: ...
+
+
+def test_worker_killed_mid_scene_is_retried(
+    cluster: distributed.LocalCluster, local_run: Path
+) -> None:
+    with distributed.Client(cluster) as client:
+        pids = list(client.run(os.getpid).values())
+    killer = KillOneWorker(pids)
+    job = _job(local_run, "killed", cluster.scheduler_address)
+    summary = run_pipeline(load_pipeline(job), progress=killer)
+    assert killer.killed is not None
+    assert summary.ok and summary.count("done") == 2, [r.error for r in summary.results]
+    _assert_same_outputs(local_run, "killed")
+    with distributed.Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
+        assert killer.killed not in client.run(os.getpid).values()

@@ -1,0 +1,148 @@
+"""Model bundles: safe round trips, and clear errors for every way a bundle can be wrong."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from geoseg.cli import cli
+from geoseg.errors import ModelError
+from geoseg.model import (
+    ModelSpec,
+    build_module,
+    load_bundle,
+    load_module,
+    load_torch_state_dict,
+    save_bundle,
+)
+
+TINY = ["--encoder-depth", "3", "--decoder-channels", "32,16,8", "--chunk", "64", "--halo", "16"]
+
+
+def test_round_trip_is_exact(make_bundle: Any) -> None:
+    bundle = make_bundle(seed=7)
+    loaded = load_module(load_bundle(bundle.path)).state_dict()
+    torch.manual_seed(7)
+    original = build_module(bundle.spec).state_dict()
+    assert loaded.keys() == original.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in original.items())
+    assert json.loads((bundle.path / "model.json").read_text())["weights_sha256"] == bundle.sha256
+    assert sorted(p.name for p in bundle.path.iterdir()) == ["model.json", "weights.safetensors"]
+
+
+def test_missing_and_corrupt_bundles(tmp_path: Path, make_bundle: Any) -> None:
+    with pytest.raises(ModelError, match="model bundle not found"):
+        load_bundle(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="not a model bundle"):
+        load_bundle(tmp_path / "empty")
+    src = make_bundle().path
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.json").write_text("{not json")
+    with pytest.raises(ModelError, match=r"model.json: invalid JSON"):
+        load_bundle(bad)
+    (bad / "model.json").write_text(json.dumps({"arch": "Unet", "encodr": "resnet18"}))
+    with pytest.raises(ModelError, match=r"encodr: Extra inputs are not permitted"):
+        load_bundle(bad)
+    (bad / "model.json").write_text((src / "model.json").read_text())
+    with pytest.raises(ModelError, match="missing weights.safetensors"):
+        load_bundle(bad)
+    data = bytearray((src / "weights.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (bad / "weights.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="does not match model.json"):
+        load_bundle(bad)
+
+
+def test_weights_must_match_spec(tmp_path: Path, make_bundle: Any) -> None:
+    bundle = make_bundle()
+    other = bundle.spec.model_copy(update={"classes": ["background", "building"]})
+    with pytest.raises(ModelError, match=r"weights do not match .* 2 classes: .*wrong shape"):
+        save_bundle(other, build_module(bundle.spec).state_dict(), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_spec_validation() -> None:
+    with pytest.raises(ValueError, match="unknown segmentation-models-pytorch architecture"):
+        ModelSpec(arch="NoSuchNet")
+    with pytest.raises(ValueError, match="normalization.mean has 2 values for 3 bands"):
+        ModelSpec(normalization={"scale": 1, "mean": [0, 0]})
+    with pytest.raises(ValueError, match="class names must be unique"):
+        ModelSpec(classes=["a", "a"])
+    with pytest.raises(ValueError, match="bands are 1-based"):
+        ModelSpec(bands=[0, 1, 2])
+
+
+def test_import_plain_state_dict(tmp_path: Path) -> None:
+    spec = ModelSpec(encoder_depth=3, decoder_channels=[32, 16, 8], classes=["bg", "building"])
+    torch.manual_seed(3)
+    state = build_module(spec).state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "w.pth")
+    res = CliRunner().invoke(
+        cli,
+        [
+            "model",
+            "import",
+            str(tmp_path / "w.pth"),
+            str(tmp_path / "b"),
+            "--classes",
+            "bg,building",
+            *TINY,
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    loaded = load_module(load_bundle(tmp_path / "b")).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+class Evil:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (print, ("pwned",))
+
+
+def test_import_refuses_pickled_code(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"w": Evil()}, f)
+    with pytest.raises(ModelError, match="cannot load as a weights-only state_dict"):
+        load_torch_state_dict(path)
+
+
+def test_cli_init_info_and_errors(tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(
+        cli,
+        [
+            "model",
+            "init",
+            str(tmp_path / "m"),
+            "--bands",
+            "1",
+            "--dtype",
+            "uint16",
+            "--scale",
+            "2047",
+            "--gsd",
+            "0.5",
+            "--encoder-depth",
+            "3",
+            "--decoder-channels",
+            "32,16,8",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    spec = load_bundle(tmp_path / "m").spec
+    assert spec.halo > 0 and spec.halo % spec.stride == 0  # measured, not guessed
+    res = runner.invoke(cli, ["model", "info", str(tmp_path / "m")])
+    assert res.exit_code == 0 and "bands [1], uint16" in res.output and "0.5 m" in res.output
+    res = runner.invoke(cli, ["model", "info", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "model bundle not found" in res.output
+    res = runner.invoke(cli, ["model", "init", str(tmp_path / "x"), "--dtype", "int8", *TINY])
+    assert res.exit_code == 2 and "dtype must be one of" in res.output

@@ -1,0 +1,244 @@
+"""The engine end to end on real files: exact window arithmetic, seamlessness, georeferencing."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from rio_cogeo.cogeo import cog_validate
+
+from geoseg import predict as engine
+from geoseg.errors import InputError, OutputError
+from geoseg.predict import PredictOptions, open_client, predict_scene
+from geoseg.raster import open_scene
+from tests.conftest import write_tif
+
+
+class IdentityPredictor:
+    """Returns its input: probabilities equal the normalized pixels."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("simulated failure in the middle of a scene")
+        return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class IdentityFactory:
+    tag: str = "identity"
+    fail_after: int | None = None
+
+    def build(self) -> IdentityPredictor:
+        return IdentityPredictor(self.fail_after)
+
+
+def run(scene: Path, bundle: Any, out: Path, factory: Any = None, **opts: Any) -> Any:
+    options = PredictOptions(device="cpu", precision="fp32", **opts)
+    with open_client(options) as client:
+        return predict_scene(open_scene(scene), bundle, out, options, client, factory=factory)
+
+
+def read(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read()
+
+
+@pytest.mark.parametrize(
+    "width, height, chunk, halo",
+    [
+        (217, 300, 64, 32),  # odd sizes, many chunks
+        (50, 40, 64, 32),  # smaller than one chunk
+        (5, 333, 64, 16),  # very thin
+        (1, 1, 32, 32),  # one pixel
+        (130, 97, 32, 0),  # no halo
+    ],
+)
+def test_identity_round_trips_exactly(
+    tmp_path: Path,
+    rgb_scene: Callable[..., Path],
+    make_bundle: Any,
+    width: int,
+    height: int,
+    chunk: int,
+    halo: int,
+) -> None:
+    bundle = make_bundle(encoder_depth=3, decoder_channels=[32, 16, 8])
+    scene = rgb_scene(width, height)
+    factory = IdentityFactory(f"{width}x{height}")
+    out = run(scene, bundle, tmp_path / "out", factory, chunk=chunk, halo=halo)
+    src = read(scene)
+    np.testing.assert_array_equal(read(out.probs), src)
+    np.testing.assert_array_equal(read(out.mask)[0], np.argmax(src, axis=0))
+
+
+def test_identity_with_batches_and_workers_matches(
+    tmp_path: Path, rgb_scene: Any, make_bundle: Any
+) -> None:
+    bundle = make_bundle()
+    scene = rgb_scene(200, 150, seed=3)
+    out = run(
+        scene,
+        bundle,
+        tmp_path / "o",
+        IdentityFactory("b"),
+        chunk=32,
+        halo=16,
+        batch_size=4,
+        workers=2,
+    )
+    np.testing.assert_array_equal(read(out.probs), read(scene))
+
+
+def test_nodata_is_masked_and_empty_chunks_are_skipped(tmp_path: Path, make_bundle: Any) -> None:
+    rng = np.random.default_rng(1)
+    data = rng.integers(1, 256, size=(3, 160, 200), dtype=np.uint8)
+    data[:, :64, :128] = 0  # two whole 64 px chunk cores of nodata
+    data[:, 100, 150] = 0  # a single nodata pixel
+    scene = write_tif(tmp_path / "nd.tif", data, nodata=0)
+    bundle = make_bundle()
+    calls_before = engine.LOAD_COUNT.copy()
+    factory = IdentityFactory("nodata")
+    out = run(scene, bundle, tmp_path / "out", factory, chunk=64, halo=16)
+    assert out.chunks == 12 and out.skipped == 2
+    mask = read(out.mask)[0]
+    probs = read(out.probs)
+    assert (mask[:64, :128] == 255).all() and mask[100, 150] == 255
+    assert (mask[64:, :] != 255).sum() == 96 * 200 - 1
+    with rasterio.open(out.probs) as src:
+        valid = src.dataset_mask()
+    assert (valid[:64, :128] == 0).all() and valid[100, 150] == 0 and valid[0, 199] == 255
+    assert (probs[:, 64:, 128:] == data[:, 64:, 128:]).all()
+    assert engine.LOAD_COUNT[factory] == calls_before.get(factory, 0) + 1
+
+
+def test_model_loaded_once_per_worker(tmp_path: Path, rgb_scene: Any, make_bundle: Any) -> None:
+    bundle = make_bundle()
+    scene = rgb_scene(256, 256, seed=5)
+    options = PredictOptions(device="cpu", precision="fp32", chunk=64, halo=16, workers=2)
+    with open_client(options) as client:
+        for name in ("a", "b"):
+            out = predict_scene(open_scene(scene), bundle, tmp_path / name, options, client)
+            assert out.chunks == 16
+    keys = [k for k in engine.LOAD_COUNT if getattr(k, "path", None) == str(bundle.path.resolve())]
+    assert len(keys) == 1 and engine.LOAD_COUNT[keys[0]] == 1
+
+
+def _assert_seamless(scene: Path, bundle: Any, tmp: Path, chunk: int, halo: int) -> None:
+    small = run(scene, bundle, tmp / f"small{halo}", chunk=chunk, halo=halo)
+    whole = run(scene, bundle, tmp / f"whole{halo}", chunk=1024, halo=halo)
+    assert small.chunks == 16 and whole.chunks == 1
+    a = read(small.probs).astype(np.int16)
+    b = read(whole.probs).astype(np.int16)
+    close = (np.abs(a - b) <= 2).all(axis=0)
+    assert close.mean() >= 0.999, f"only {close.mean():.5f} of pixels within 2/255"
+    assert (read(small.mask) == read(whole.mask)).mean() >= 0.999
+
+
+FULL = {"encoder_depth": 5, "decoder_channels": [256, 128, 64, 32, 16]}
+
+
+def test_seamless_on_real_imagery(tmp_path: Path, shared_data: Path, make_bundle: Any) -> None:
+    """256 px chunks with a 64 px halo vs one chunk for the whole 1000² scene."""
+    scene = shared_data / "real/austin_buildings_rgb/aerial_sample.tif"
+    bundle = make_bundle(seed=1, encoder="mobilenet_v2", **FULL)
+    _assert_seamless(scene, bundle, tmp_path, 256, 64)
+
+
+def test_measured_halo_makes_deep_model_seamless(
+    tmp_path: Path, shared_data: Path, make_bundle: Any
+) -> None:
+    """A random resnet18 U-Net sees far (its BN does not normalize yet): measure, then tile."""
+    from geoseg.halo import measure_halo
+    from geoseg.model import load_module
+    from geoseg.predict import TorchPredictor
+
+    scene = shared_data / "real/austin_buildings_rgb/aerial_sample.tif"
+    bundle = make_bundle(seed=1, encoder="resnet18", **FULL)
+    halo = measure_halo(TorchPredictor(load_module(bundle)), 3, bundle.spec.stride)
+    assert 64 < halo < 512
+    _assert_seamless(scene, bundle, tmp_path, 256, halo)
+
+
+def test_outputs_are_georeferenced_cogs(tmp_path: Path, make_bundle: Any) -> None:
+    t = Affine(0.5, 0, 733_601.0, 0, -0.5, 3_725_139.0)
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 256, size=(3, 560, 700), dtype=np.uint8)  # > one 512 px block
+    scene = write_tif(tmp_path / "geo.tif", data, crs="EPSG:32616", transform=t)
+    bundle = make_bundle()
+    out = run(scene, bundle, tmp_path / "out", chunk=128, halo=32)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["geo.mask.tif", "geo.probs.tif"]
+    for path, count in ((out.probs, 3), (out.mask, 1)):
+        with rasterio.open(path) as dst:
+            assert dst.crs.to_epsg() == 32616
+            assert dst.transform == t
+            assert (dst.width, dst.height, dst.count) == (700, 560, count)
+            assert dst.dtypes[0] == "uint8"
+            assert dst.tags()["GEOSEG_MODEL"] == bundle.ident
+            assert dst.overviews(1), "COG without overviews"
+        valid, errors, _ = cog_validate(str(path))
+        assert valid, errors
+    with rasterio.open(out.probs) as dst:
+        assert list(dst.descriptions) == list(bundle.spec.classes)
+        probs = dst.read().astype(int)
+    assert np.abs(probs.sum(axis=0) - 255).max() <= 2  # softmax probabilities sum to one
+    with rasterio.open(out.mask) as dst:
+        assert dst.nodata == 255
+
+
+def test_failure_mid_scene_leaves_nothing(tmp_path: Path, rgb_scene: Any, make_bundle: Any) -> None:
+    bundle = make_bundle()
+    scene = rgb_scene(256, 256, seed=9)
+    out_dir = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        run(scene, bundle, out_dir, IdentityFactory("fail", fail_after=3), chunk=64, halo=16)
+    assert list(out_dir.iterdir()) == []
+
+
+def test_incompatible_scene_refused_before_compute(tmp_path: Path, make_bundle: Any) -> None:
+    scene = write_tif(tmp_path / "one.tif", np.zeros((1, 40, 40), np.uint8))
+    with pytest.raises(InputError, match=r"one.tif: has 1 band\(s\) but the model reads bands"):
+        run(scene, make_bundle(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    scene16 = write_tif(tmp_path / "u16.tif", np.zeros((3, 40, 40), np.uint16))
+    with pytest.raises(InputError, match="pixel type is uint16 but the model expects uint8"):
+        run(scene16, make_bundle(), tmp_path / "out")
+
+
+def test_resolution_mismatch_warns(tmp_path: Path, rgb_scene: Any, make_bundle: Any) -> None:
+    scene = rgb_scene(64, 64)  # 1 m pixels
+    with pytest.warns(UserWarning, match=r"ground sample distance 1 m is 3.3x the model's 0.3 m"):
+        run(scene, make_bundle(gsd_m=0.3), tmp_path / "out", IdentityFactory("gsd"))
+
+
+def test_failed_cog_conversion_leaves_nothing(
+    tmp_path: Path, rgb_scene: Any, make_bundle: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while publishing: the half-written COG and the scratch files are removed."""
+    import rasterio.shutil
+
+    calls = []
+
+    def failing_copy(src: Any, dst: Any, **kw: Any) -> None:
+        calls.append(dst)
+        Path(dst).write_bytes(b"half a file")
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_copy(src, dst, **kw)
+
+    real_copy = rasterio.shutil.copy
+    monkeypatch.setattr(rasterio.shutil, "copy", failing_copy)
+    out_dir = tmp_path / "out"
+    with pytest.raises(OutputError, match="No space left on device"):
+        run(rgb_scene(64, 64), make_bundle(), out_dir, IdentityFactory("disk"))
+    assert len(calls) == 2 and list(out_dir.iterdir()) == []

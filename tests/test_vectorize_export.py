@@ -1,0 +1,157 @@
+"""Output formats and standards: RFC 7946 GeoJSON, GDAL read-back, empty, no CRS, atomic."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pyogrio
+import pytest
+import shapely
+from click.testing import CliRunner
+from pyproj import CRS
+
+import geoseg.vectorize.run as run_module
+from geoseg.cli import cli
+from geoseg.errors import InputError
+from geoseg.vectorize import VectorizeOptions, vectorize_prediction
+from tests.vectorize_helpers import probs_from_classes, road_grid, write_mask, write_probs
+
+
+def scene(size: int = 200) -> np.ndarray:
+    classes = road_grid(size, 100, 7, offset=40).astype(np.uint8) * 2
+    classes[5:30, 5:30] = 1
+    classes[10:20, 10:20] = 0  # a courtyard: a hole
+    classes[60:90, 120:135] = 1
+    return classes
+
+
+def test_every_format_reads_back_with_gdal(tmp_path: Path) -> None:
+    classes = scene()
+    path = write_probs(tmp_path / "s.probs.tif", probs_from_classes(classes))
+    opts = VectorizeOptions(formats=("gpkg", "fgb", "parquet"), chunk=64, workers=2)
+    outs = vectorize_prediction(path, tmp_path / "out", opts)
+    assert outs.counts["buildings"] == 2
+    assert outs.counts["roads"] > 0
+    for name, layer in outs.layers.items():
+        assert set(layer.paths) == {"geojson", "gpkg", "fgb", "parquet"}
+        for fmt, p in layer.paths.items():
+            # This GDAL build has no Parquet driver, so GeoParquet is read by geopandas.
+            df = gpd.read_parquet(p) if fmt == "parquet" else pyogrio.read_dataframe(p)
+            assert len(df) == layer.count, (name, fmt)
+            want = "EPSG:4326" if fmt == "geojson" else "EPSG:32614"
+            assert CRS.from_user_input(df.crs).equals(CRS.from_user_input(want)), (name, fmt)
+            assert shapely.is_valid(np.asarray(df.geometry.values)).all(), (name, fmt)
+            assert (df["model"] == "unet@0123456789ab").all()
+    leftovers = [p.name for p in (tmp_path / "out").iterdir() if "partial" in p.name]
+    assert leftovers == []
+
+
+def test_geojson_follows_rfc7946(tmp_path: Path) -> None:
+    path = write_mask(tmp_path / "s.mask.tif", scene())
+    outs = vectorize_prediction(path, tmp_path / "out", VectorizeOptions(workers=1))
+    doc = json.loads(outs.layers["buildings"].paths["geojson"].read_text())
+    assert doc["type"] == "FeatureCollection"
+    assert "crs" not in doc
+    holes = 0
+    for feat in doc["features"]:
+        poly = shapely.geometry.shape(feat["geometry"])
+        assert poly.is_valid
+        assert poly.exterior.is_ccw
+        assert all(not ring.is_ccw for ring in poly.interiors)
+        holes += len(poly.interiors)
+        lon, lat = poly.exterior.coords[0]
+        assert -98 < lon < -97 and 30 < lat < 31  # UTM 14N near Austin, lon/lat order
+        assert set(feat["properties"]) == {
+            "id",
+            "class",
+            "area_m2",
+            "perimeter_m",
+            "confidence_mean",
+            "confidence_max",
+            "scene",
+            "model",
+        }
+        assert feat["properties"]["confidence_mean"] is None  # a mask alone has no confidence
+    assert holes == 1
+    text = outs.layers["roads"].paths["geojson"].read_text()
+    assert max(len(d) for d in re.findall(r"\.(\d+)", text)) <= 7
+
+
+def test_precision_is_configurable(tmp_path: Path) -> None:
+    path = write_mask(tmp_path / "s.mask.tif", scene())
+    outs = vectorize_prediction(path, tmp_path, VectorizeOptions(workers=1, precision=4))
+    text = outs.layers["buildings"].paths["geojson"].read_text()
+    geometry = "".join(re.findall(r'"coordinates":[^}]*', text))
+    assert max(len(d) for d in re.findall(r"\.(\d+)", geometry)) <= 4
+
+
+def test_empty_mask_gives_valid_empty_collection(tmp_path: Path) -> None:
+    path = write_mask(tmp_path / "e.mask.tif", np.zeros((100, 100), np.uint8))
+    outs = vectorize_prediction(path, tmp_path, VectorizeOptions(workers=1, formats=("gpkg",)))
+    for layer in outs.layers.values():
+        assert layer.count == 0
+        doc = json.loads(layer.paths["geojson"].read_text())
+        assert doc["type"] == "FeatureCollection" and doc["features"] == []
+        assert len(pyogrio.read_dataframe(layer.paths["geojson"])) == 0
+        assert len(pyogrio.read_dataframe(layer.paths["gpkg"])) == 0
+
+
+def test_raster_without_crs_is_refused(tmp_path: Path) -> None:
+    path = write_mask(tmp_path / "n.mask.tif", scene(), crs=None)
+    with pytest.raises(InputError, match="no CRS"):
+        vectorize_prediction(path, tmp_path / "out", VectorizeOptions(workers=1))
+    result = CliRunner().invoke(cli, ["vectorize", str(path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "no CRS" in result.output
+
+
+def test_failure_leaves_nothing_half_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_mask(tmp_path / "s.mask.tif", scene())
+    out = tmp_path / "out"
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr(run_module, "build_centerlines", broken)
+    with pytest.raises(RuntimeError):
+        vectorize_prediction(path, out, VectorizeOptions(workers=1, formats=("gpkg",)))
+    assert list(out.iterdir()) == []
+
+
+def test_cli_writes_layers(tmp_path: Path) -> None:
+    path = write_mask(tmp_path / "s.mask.tif", scene())
+    result = CliRunner().invoke(
+        cli,
+        [
+            "vectorize",
+            str(path),
+            "--out",
+            str(tmp_path / "o"),
+            "--format",
+            "fgb",
+            "--regularize",
+            "--min-area",
+            "5",
+            "--workers",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "o" / "s.buildings.geojson").exists()
+    assert (tmp_path / "o" / "s.roads.fgb").exists()
+    bad = CliRunner().invoke(
+        cli, ["vectorize", str(path), "--out", str(tmp_path / "o"), "--layer", "building"]
+    )
+    assert bad.exit_code == 2
+
+
+def test_options_forbid_unknown_fields() -> None:
+    with pytest.raises(ValueError):
+        VectorizeOptions(treshold=0.4)  # type: ignore[call-arg]
+    assert VectorizeOptions(formats=("gpkg",)).formats == ("geojson", "gpkg")

@@ -1,0 +1,97 @@
+"""Road centerlines: graph edges, spur pruning, widths, and no breaks at chunk seams."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+import pytest
+import shapely
+
+from geoseg.vectorize import VectorizeOptions, vectorize_prediction
+from tests.vectorize_helpers import UTM_TRANSFORM, road_grid, write_mask
+
+ROADS = {"layers": {"road": "centerlines"}, "formats": ("gpkg",), "workers": 1}
+
+
+def lines(tmp: Path, path: Path, **opts: object):  # type: ignore[no-untyped-def]
+    outs = vectorize_prediction(path, tmp, VectorizeOptions(**{**ROADS, **opts}))
+    return pyogrio.read_dataframe(outs.layers["roads"].paths["gpkg"])
+
+
+def dangling(df) -> list[tuple[float, float]]:  # type: ignore[no-untyped-def]
+    """Line ends that no other line end meets (pixel coordinates)."""
+    inv = ~UTM_TRANSFORM
+    ends = Counter()
+    for g in df.geometry:
+        for x, y in (g.coords[0], g.coords[-1]):
+            ends[tuple(np.round(inv @ (x, y), 3))] += 1
+    return [p for p, n in ends.items() if n == 1]
+
+
+def test_cross_gives_one_line_per_edge_with_width(tmp_path: Path) -> None:
+    classes = np.zeros((200, 200), np.uint8)
+    classes[95:104, 20:180] = 2  # 9 px = 4.5 m wide
+    classes[20:180, 95:104] = 2
+    df = lines(tmp_path, write_mask(tmp_path / "x.mask.tif", classes), spur_m=3.0)
+    assert len(df) == 4
+    assert (df.geometry.geom_type == "LineString").all()
+    # Four arms of about 80 px = 40 m each, meeting at one junction.
+    np.testing.assert_allclose(sorted(df["length_m"]), [40] * 4, atol=4.0)
+    np.testing.assert_allclose(df["width_m"], 4.5, atol=0.6)
+    starts_ends = Counter(c for g in df.geometry for c in (g.coords[0], g.coords[-1]))
+    assert max(starts_ends.values()) == 4
+    assert df["id"].is_unique
+    assert set(df["class"]) == {"road"}
+
+
+def test_short_spurs_are_pruned_and_edges_rejoined(tmp_path: Path) -> None:
+    classes = np.zeros((120, 300), np.uint8)
+    classes[55:64, 10:290] = 2  # a road 140 m long
+    classes[45:55, 140:148] = 2  # a bump: a spur of about 5 m
+    path = write_mask(tmp_path / "s.mask.tif", classes)
+    kept = lines(tmp_path / "a", path, spur_m=0.0)
+    pruned = lines(tmp_path / "b", path, spur_m=8.0)
+    assert len(kept) == 3
+    assert len(pruned) == 1  # the two halves join again once the spur is gone
+    assert pruned["length_m"].iloc[0] > 130
+
+
+def test_roads_have_no_breaks_at_seams(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    classes = road_grid(400, 110, 9, offset=30).astype(np.uint8) * 2
+    yy, xx = np.mgrid[0:400, 0:400]
+    classes[np.abs(yy - xx * 0.7 - 40) < 4] = 2  # a diagonal road through many seams
+    for _ in range(5):
+        r, c = rng.integers(20, 380, 2)
+        classes[r - 6 : r + 6, c - 6 : c + 6] = 2
+    path = write_mask(tmp_path / "r.mask.tif", classes)
+    whole = lines(tmp_path / "whole", path, chunk=4096)
+    for chunk in (64, 96):
+        part = lines(tmp_path / f"c{chunk}", path, chunk=chunk, halo=32)
+        total, ref = part["length_m"].sum(), whole["length_m"].sum()
+        assert abs(total - ref) <= 0.01 * ref
+        ref_ends = np.array(dangling(whole)).reshape(-1, 2)
+        for x, y in dangling(part):
+            on_seam = min(x % chunk, chunk - x % chunk, y % chunk, chunk - y % chunk) < 3
+            near_ref = len(ref_ends) and np.hypot(*(ref_ends - (x, y)).T).min() < 3
+            assert near_ref or not on_seam, (chunk, x, y)
+        assert shapely.is_valid(np.asarray(part.geometry.values)).all()
+
+
+def test_road_polygons_are_optional(tmp_path: Path) -> None:
+    classes = road_grid(150, 70, 7).astype(np.uint8) * 2
+    path = write_mask(tmp_path / "r.mask.tif", classes)
+    outs = vectorize_prediction(path, tmp_path / "a", VectorizeOptions(workers=1))
+    assert "road_areas" not in outs.layers
+    outs = vectorize_prediction(
+        path, tmp_path / "b", VectorizeOptions(workers=1, road_polygons=True, chunk=64)
+    )
+    assert outs.counts["road_areas"] >= 1
+    assert outs.counts["roads"] > 4
+    areas = pyogrio.read_dataframe(outs.layers["road_areas"].paths["geojson"])
+    assert set(areas["class"]) == {"road"}
+    # Road polygons cover the road pixels (0.25 m² each), up to simplification.
+    assert areas["area_m2"].sum() == pytest.approx((classes == 2).sum() * 0.25, rel=0.02)
