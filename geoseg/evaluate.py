@@ -297,15 +297,17 @@ def _half_apls(src: nx.Graph, dst: nx.Graph, spacing_m: float, snap_m: float) ->
 
     src, dst = src.copy(), dst.copy()
     points = control_points(src, spacing_m)
-    src_nodes = [_insert(src, pt, 1e-6) or pt for pt in points]
+    src_nodes = [_insert(src, pt, 0.01) for pt in points]
     dst_nodes = [_insert(dst, pt, snap_m) for pt in points]
     diffs: list[float] = []
     for i, a in enumerate(src_nodes):
+        if a is None:
+            continue
         lengths = nx.single_source_dijkstra_path_length(src, a, weight="length")
         dst_lengths: dict[Any, float] | None = None
         for j in range(i + 1, len(src_nodes)):
             b = src_nodes[j]
-            truth_len = lengths.get(b)
+            truth_len = lengths.get(b) if b is not None else None
             if truth_len is None or truth_len <= 0:
                 continue
             da, db = dst_nodes[i], dst_nodes[j]
@@ -447,7 +449,8 @@ def evaluate_masks(
     from rasterio.errors import RasterioError
     from rasterio.vrt import WarpedVRT
 
-    from geoseg.raster import GDAL_ENV, iter_blocks
+    from geoseg.raster import GDAL_ENV
+    from geoseg.train.chips import blocks
 
     for p in (pred_path, truth_path):
         if not Path(p).exists():
@@ -480,7 +483,7 @@ def evaluate_masks(
                     raise InputError(
                         f"{truth_path}: truth mask must be integer, not {truth_ds.dtypes[0]}"
                     )
-                for w in iter_blocks(pred_ds.width, pred_ds.height, block):
+                for w in blocks(pred_ds.width, pred_ds.height, block):
                     p = pred_ds.read(1, window=w).astype(np.int64)
                     p_ok = pred_ds.read_masks(1, window=w) > 0
                     t = vrt.read(1, window=w).astype(np.int64)

@@ -253,3 +253,11 @@ def test_cli_missing_file_is_exit_code_2(tmp_path: Path) -> None:
     )
     assert res.exit_code == 2
     assert "no such file" in res.output
+
+
+def test_apls_with_control_points_along_oblique_edges() -> None:
+    lines = [
+        LineString([(0.1234, 0.6789), (173.3333, 91.7771)]),
+        LineString([(50.5, -40.25), (60.75, 130.125)]),
+    ]
+    assert apls(road_graph(lines), road_graph(lines), spacing_m=20)[0] == pytest.approx(1.0)

@@ -19,13 +19,14 @@ from rasterio.windows import Window
 
 from geoseg.errors import InputError
 from geoseg.model import ModelSpec, Normalization
-from geoseg.raster import Scene, iter_blocks, read_padded
+from geoseg.raster import Scene, read_padded
 from geoseg.train.labels import IGNORE, SceneLabels
 
 __all__ = [
     "Chip",
     "ChipSet",
     "band_statistics",
+    "blocks",
     "chip_windows",
     "load_chip",
     "plan_chips",
@@ -149,7 +150,7 @@ def band_statistics(
     total = np.zeros(len(bands))
     squares = np.zeros(len(bands))
     for scene in scenes:
-        for window in _blocks(scene, block):
+        for window in blocks(scene.width, scene.height, block):
             data, valid = read_padded(scene, window, bands)
             values = data[:, valid].astype(np.float64) / scale
             n += values.shape[1]
@@ -167,8 +168,11 @@ def band_statistics(
     )
 
 
-def _blocks(scene: Scene, block: int) -> Iterator[Window]:
-    yield from iter_blocks(scene.width, scene.height, block)
+def blocks(width: int, height: int, size: int) -> Iterator[Window]:
+    """Windows of at most ``size`` x ``size`` pixels tiling a ``width`` x ``height`` grid."""
+    for r in range(0, height, size):
+        for c in range(0, width, size):
+            yield Window(c, r, min(size, width - c), min(size, height - r))
 
 
 def mean_gsd(scenes: Sequence[Scene]) -> float:
