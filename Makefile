@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	bash data_samples/demo.sh $(VENV)/bin/geoseg
+	$(VENV)/bin/geoseg run pipelines/demo.yml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check geoseg tests benchmarks

@@ -8,11 +8,16 @@ window, and keep the smallest halo (a multiple of the stride) whose core matches
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["measure_halo"]
+if TYPE_CHECKING:
+    from geoseg.model import ModelSpec
+
+__all__ = ["bundle_halo", "measure_halo"]
 
 
 def measure_halo(
@@ -45,3 +50,24 @@ def measure_halo(
         if close.mean() >= fraction:
             return halo
     return max_halo
+
+
+def bundle_halo(module: Any, spec: ModelSpec, max_halo: int = 512) -> int:
+    """Measure the seamless halo of ``module`` built from ``spec`` (px), on the CPU.
+
+    Warns when even ``max_halo`` is not enough: such a model draws on global context
+    (squeeze-and-excitation, global pooling), and tiled output cannot equal a whole-scene pass.
+    """
+    from geoseg.predict import TorchPredictor
+
+    halo = measure_halo(TorchPredictor(module), len(spec.bands), spec.stride, max_halo=max_halo)
+    if halo >= max_halo:
+        warnings.warn(
+            f"{spec.name}: {spec.encoder} output still changes with a {max_halo} px halo; the "
+            "model uses global context (e.g. squeeze-and-excitation or global pooling), so "
+            "tiled output will not equal a whole-scene pass. Prefer an encoder without it "
+            "(resnet, mobilenet_v2, efficientnet-b*)",
+            UserWarning,
+            stacklevel=2,
+        )
+    return halo

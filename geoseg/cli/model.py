@@ -144,11 +144,10 @@ def import_(weights: Path, out: Path, **kw: Any) -> None:
 
 
 def _measure(spec: ModelSpec, module: Any) -> int:
-    from geoseg.halo import measure_halo
-    from geoseg.predict import TorchPredictor
+    from geoseg.halo import bundle_halo
 
     click.echo("measuring the receptive field for a seamless halo …", err=True)
-    return measure_halo(TorchPredictor(module), len(spec.bands), spec.stride)
+    return bundle_halo(module, spec)
 
 
 @model.command("halo")

@@ -306,7 +306,7 @@ def train(
     if best_epoch < 0 or not (cfg.out / "model.json").exists():
         raise ModelError(f"{cfg.out}: training finished without writing a bundle")
     return TrainResult(
-        load_bundle(cfg.out),
+        _store_seamless_halo(load_bundle(cfg.out)),
         best_epoch,
         best_score,
         history,
@@ -314,6 +314,19 @@ def train(
         len(val_chips),
         resumed_from,
     )
+
+
+def _store_seamless_halo(bundle: Bundle) -> Bundle:
+    """Measure the trained model's seamless halo and record it in its ``model.json``."""
+    from geoseg.halo import bundle_halo
+    from geoseg.model import load_module, write_spec
+
+    halo = bundle_halo(load_module(bundle), bundle.spec)
+    if halo == bundle.spec.halo:
+        return bundle
+    spec = bundle.spec.model_copy(update={"halo": halo})
+    write_spec(bundle.path, spec)
+    return Bundle(bundle.path, spec, bundle.sha256)
 
 
 def evaluate_chips(
