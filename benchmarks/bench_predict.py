@@ -134,7 +134,8 @@ NAIVE = r"""
 import sys, time, numpy as np, rasterio
 from geoseg.model import load_bundle, load_module
 from geoseg.predict import TorchPredictor, resolve_device, resolve_precision
-model, path, out, device, precision = sys.argv[1:6]
+model, path, out, device, precision, threads = sys.argv[1:7]
+if int(threads): __import__("torch").set_num_threads(int(threads))
 b = load_bundle(model); s = b.spec
 device = resolve_device(device)
 pred = TorchPredictor(load_module(b), device, resolve_precision(precision, device))
@@ -211,6 +212,7 @@ def cmd_naive(args: argparse.Namespace) -> None:
             str(OUT / "naive_mask.tif"),
             args.device,
             args.precision,
+            str(args.threads or 0),
         ]
     )
     print(f"scene {args.size}² px, {args.encoder}, tile {args.chunk} + halo {args.halo} px")

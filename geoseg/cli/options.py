@@ -81,9 +81,10 @@ def compute_options(f: F) -> F:
 class Progress:
     """A tqdm bar on a terminal; a log line per quarter elsewhere."""
 
-    def __init__(self, desc: str, log: Callable[[str], None]) -> None:
+    def __init__(self, desc: str, log: Callable[[str], None], unit: str = "chunk") -> None:
         self.desc = desc
         self.log = log
+        self.unit = unit
         self.bar: Any = None
         self.last_quarter = -1
 
@@ -92,13 +93,13 @@ class Progress:
             if self.bar is None:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, desc=self.desc, unit="chunk", leave=False)
+                self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, leave=False)
             self.bar.update(done - self.bar.n)
             return
         quarter = 4 * done // max(total, 1)
         if quarter != self.last_quarter:
             self.last_quarter = quarter
-            self.log(f"{self.desc}: {done}/{total} chunks")
+            self.log(f"{self.desc}: {done}/{total} {self.unit}s")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -76,7 +76,9 @@ def train(
         if bar is None:
             for old in bars.values():
                 old.close()
-            bar = bars[epoch] = Progress(f"epoch {epoch + 1}/{cfg.optim.epochs}", log.info)
+            bar = bars[epoch] = Progress(
+                f"epoch {epoch + 1}/{cfg.optim.epochs}", log.info, unit="batch"
+            )
         bar(done, total)
 
     def on_epoch(r: EpochReport) -> None:
