@@ -9,7 +9,7 @@ window, and keep the smallest halo (a multiple of the stride) whose core matches
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,16 +30,50 @@ def measure_halo(
     tolerance: float = 2 / 255,
     fraction: float = 0.999,
     seed: int = 0,
+    samples: Sequence[np.ndarray] = (),
 ) -> int:
     """Smallest halo (px, multiple of ``stride``) that reproduces a wide window's core.
 
-    Returns ``max_halo`` when even that is not enough. Inputs are standard-normal noise in
-    normalized units, so every band and offset carries signal.
+    Measured on standard-normal noise (every band and offset carries signal) and on each of
+    ``samples``: normalized real windows (bands, h, w), which trained models often need more
+    context for than noise; the largest answer wins. Returns ``max_halo`` when even that is
+    not enough.
     """
     core = -(-core // stride) * stride
     max_halo = -(-max_halo // stride) * stride
     size = core + 2 * max_halo
-    x = np.random.default_rng(seed).standard_normal((1, bands, size, size)).astype(np.float32)
+    noise = np.random.default_rng(seed).standard_normal((bands, size, size)).astype(np.float32)
+    inputs = [noise] + [_centre_crop(s, size) for s in samples]
+    return max(
+        _halo_for(predictor, x[None], core, max_halo, stride, tolerance, fraction) for x in inputs
+    )
+
+
+def _centre_crop(sample: np.ndarray, size: int) -> np.ndarray:
+    """``sample`` cropped (or reflect-padded) to size x size around its centre."""
+    out = sample
+    for axis in (1, 2):
+        n = out.shape[axis]
+        if n < size:
+            before = (size - n) // 2
+            pad = [(0, 0)] * 3
+            pad[axis] = (before, size - n - before)
+            out = np.pad(out, pad, mode="symmetric")
+        else:
+            start = (n - size) // 2
+            out = np.take(out, range(start, start + size), axis=axis)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _halo_for(
+    predictor: Callable[[np.ndarray], np.ndarray],
+    x: np.ndarray,
+    core: int,
+    max_halo: int,
+    stride: int,
+    tolerance: float,
+    fraction: float,
+) -> int:
     centre = slice(max_halo, max_halo + core)
     reference = predictor(x)[0][:, centre, centre]
     for halo in range(0, max_halo, stride):
@@ -52,7 +86,9 @@ def measure_halo(
     return max_halo
 
 
-def bundle_halo(module: Any, spec: ModelSpec, max_halo: int = 512) -> int:
+def bundle_halo(
+    module: Any, spec: ModelSpec, max_halo: int = 512, samples: Sequence[np.ndarray] = ()
+) -> int:
     """Measure the seamless halo of ``module`` built from ``spec`` (px), on the CPU.
 
     Warns when even ``max_halo`` is not enough: such a model draws on global context
@@ -60,7 +96,9 @@ def bundle_halo(module: Any, spec: ModelSpec, max_halo: int = 512) -> int:
     """
     from geoseg.predict import TorchPredictor
 
-    halo = measure_halo(TorchPredictor(module), len(spec.bands), spec.stride, max_halo=max_halo)
+    halo = measure_halo(
+        TorchPredictor(module), len(spec.bands), spec.stride, max_halo=max_halo, samples=samples
+    )
     if halo >= max_halo:
         warnings.warn(
             f"{spec.name}: {spec.encoder} output still changes with a {max_halo} px halo; the "

@@ -23,7 +23,7 @@ import numpy as np
 from geoseg.errors import ConfigError, InputError, ModelError
 from geoseg.model import Bundle, ModelSpec, build_module, load_bundle, save_bundle
 from geoseg.predict import check_compatible, resolve_device
-from geoseg.raster import open_scene
+from geoseg.raster import open_scene, read_padded
 from geoseg.train.chips import Chip, ChipSet, band_statistics, load_chip, mean_gsd, plan_chips
 from geoseg.train.config import TrainConfig
 from geoseg.train.labels import IGNORE, load_scene_labels
@@ -306,7 +306,7 @@ def train(
     if best_epoch < 0 or not (cfg.out / "model.json").exists():
         raise ModelError(f"{cfg.out}: training finished without writing a bundle")
     return TrainResult(
-        _store_seamless_halo(load_bundle(cfg.out)),
+        _store_seamless_halo(load_bundle(cfg.out), cfg),
         best_epoch,
         best_score,
         history,
@@ -316,12 +316,21 @@ def train(
     )
 
 
-def _store_seamless_halo(bundle: Bundle) -> Bundle:
-    """Measure the trained model's seamless halo and record it in its ``model.json``."""
+def _store_seamless_halo(bundle: Bundle, cfg: TrainConfig) -> Bundle:
+    """Measure the trained model's seamless halo on its training scenes; record it."""
+    from rasterio.windows import Window
+
     from geoseg.halo import bundle_halo
     from geoseg.model import load_module, write_spec
 
-    halo = bundle_halo(load_module(bundle), bundle.spec)
+    size = 128 + 2 * 512  # the measurement's core plus twice its largest halo, px
+    samples = []
+    for s in cfg.scenes:
+        scene = open_scene(s.image)
+        win = Window(scene.width // 2 - size // 2, scene.height // 2 - size // 2, size, size)
+        data, valid = read_padded(scene, win, bundle.spec.bands)
+        samples.append(bundle.spec.normalization.apply(data, valid))
+    halo = bundle_halo(load_module(bundle), bundle.spec, samples=samples)
     if halo == bundle.spec.halo:
         return bundle
     spec = bundle.spec.model_copy(update={"halo": halo})
