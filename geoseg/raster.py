@@ -320,6 +320,7 @@ class RasterWriter:
                     tmp,
                     driver="COG",
                     compress="deflate",
+                    level=1,  # 6x faster than the default 6, for about 10 % larger files
                     predictor=2,
                     blocksize=512,
                     overview_resampling=out.resampling,
