@@ -355,7 +355,7 @@ def open_client(options: PredictOptions) -> Iterator[Client]:
             processes=False,
             n_workers=1,
             threads_per_worker=local_threads(options),
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: no clash with a running cluster
             silence_logs=logging.WARNING,
         ) as cluster,
         Client(cluster) as client,

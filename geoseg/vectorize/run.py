@@ -60,7 +60,7 @@ def local_client(workers: int) -> Iterator[Client]:
             processes=True,
             n_workers=workers,
             threads_per_worker=1,
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: no clash with a running cluster
             silence_logs=logging.WARNING,
         ) as cluster,
         Client(cluster) as client,
