@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "GeosegError", "InputError", "ModelError", "OutputError"]
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "GeosegError",
+    "InputError",
+    "ModelError",
+    "OutputError",
+    "describe_validation_error",
+]
 
 
 class GeosegError(Exception):
@@ -23,3 +32,10 @@ class ConfigError(GeosegError, ValueError):
 
 class OutputError(GeosegError, OSError):
     """An output cannot be written (permissions, full disk, bad path)."""
+
+
+def describe_validation_error(exc: Any) -> str:
+    """One line per problem of a pydantic ``ValidationError``: ``field.path: message; …``."""
+    return "; ".join(
+        f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
+    )

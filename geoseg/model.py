@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from geoseg.errors import ModelError
+from geoseg.errors import ModelError, describe_validation_error
 
 if TYPE_CHECKING:
     import torch
@@ -263,9 +263,7 @@ def read_spec(path: str | os.PathLike[str]) -> ModelSpec:
     try:
         return ModelSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = describe_validation_error(exc)
         raise ModelError(f"{spec_file}: invalid model spec: {problems}") from exc
 
 

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import click
 from pydantic import ValidationError
 
-from geoseg.errors import ConfigError
+from geoseg.errors import ConfigError, describe_validation_error
 from geoseg.model import ModelSpec, Normalization, build_module, load_bundle, load_torch_state_dict
 from geoseg.model import save_bundle as _save
 
@@ -101,7 +101,7 @@ def build_spec(kw: dict[str, Any]) -> ModelSpec:
             gsd_m=kw["gsd"],
         )
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = describe_validation_error(exc)
         raise ConfigError(f"invalid model options: {problems}") from exc
 
 

@@ -10,7 +10,7 @@ import click
 from pydantic import ValidationError
 
 from geoseg.cli.options import Progress, out_dir_option
-from geoseg.errors import ConfigError
+from geoseg.errors import ConfigError, describe_validation_error
 from geoseg.vectorize import VectorizeOptions, VectorizeOutputs, vectorize_prediction
 
 log = logging.getLogger("geoseg.cli")
@@ -34,9 +34,7 @@ def build_options(**kwargs: Any) -> VectorizeOptions:
     try:
         return VectorizeOptions(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
+        problems = describe_validation_error(exc)
         raise ConfigError(f"invalid vectorize options: {problems}") from exc
 
 

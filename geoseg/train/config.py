@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from geoseg.errors import ConfigError
+from geoseg.errors import ConfigError, describe_validation_error
 from geoseg.model import ModelSpec
 
 __all__ = [
@@ -183,9 +183,7 @@ def parse_config(raw: Any, source: str, base: Path | None = None) -> TrainConfig
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = describe_validation_error(exc)
         raise ConfigError(f"{source}: invalid training config: {problems}") from exc
 
 
