@@ -64,6 +64,8 @@ def write_tif(
     crs: str | None = "EPSG:32633",
     transform: Affine | None = None,
     nodata: float | None = None,
+    tags: dict[str, str] | None = None,
+    descriptions: list[str] | None = None,
     **profile: Any,
 ) -> Path:
     """Write ``data`` (bands, h, w) as a GeoTIFF with a 1 m UTM grid unless told otherwise."""
@@ -82,6 +84,9 @@ def write_tif(
         **profile,
     ) as dst:
         dst.write(data)
+        dst.update_tags(**(tags or {}))
+        for i, name in enumerate(descriptions or [], start=1):
+            dst.set_band_description(i, name)
     return path
 
 

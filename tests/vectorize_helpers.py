@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import rasterio
 from affine import Affine
 
+from tests.conftest import write_tif
+
 CLASSES = ["background", "building", "road"]
+TILED = {"tiled": True, "blockxsize": 256, "blockysize": 256}
 UTM = "EPSG:32614"
 #: 0.5 m pixels in UTM zone 14N (Austin).
 UTM_TRANSFORM = Affine(0.5, 0, 620000.0, 0, -0.5, 3350000.0)
@@ -36,51 +38,30 @@ def write_mask(
     path: Path, classes: np.ndarray, crs: str | None = UTM, transform: Affine = UTM_TRANSFORM
 ) -> Path:
     """A ``<stem>.mask.tif``: uint8 class ids, nodata 255, class names in the tags."""
-    h, w = classes.shape
-    with rasterio.open(
+    return write_tif(
         path,
-        "w",
-        driver="GTiff",
-        width=w,
-        height=h,
-        count=1,
-        dtype="uint8",
+        classes.astype(np.uint8)[None],
         crs=crs,
         transform=transform,
         nodata=255,
-        tiled=True,
-        blockxsize=256,
-        blockysize=256,
-    ) as dst:
-        dst.write(classes.astype(np.uint8), 1)
-        dst.update_tags(**tags(path.name.split(".")[0]))
-    return path
+        tags=tags(path.name.split(".")[0]),
+        **TILED,
+    )
 
 
 def write_probs(
     path: Path, probs: np.ndarray, crs: str | None = UTM, transform: Affine = UTM_TRANSFORM
 ) -> Path:
     """A ``<stem>.probs.tif``: uint8 0–255 per class, one band per class."""
-    k, h, w = probs.shape
-    with rasterio.open(
+    return write_tif(
         path,
-        "w",
-        driver="GTiff",
-        width=w,
-        height=h,
-        count=k,
-        dtype="uint8",
+        probs.astype(np.uint8),
         crs=crs,
         transform=transform,
-        tiled=True,
-        blockxsize=256,
-        blockysize=256,
-    ) as dst:
-        dst.write(probs.astype(np.uint8))
-        for i, name in enumerate(CLASSES, start=1):
-            dst.set_band_description(i, name)
-        dst.update_tags(**tags(path.name.split(".")[0]))
-    return path
+        tags=tags(path.name.split(".")[0]),
+        descriptions=CLASSES,
+        **TILED,
+    )
 
 
 def probs_from_classes(classes: np.ndarray, seed: int = 0) -> np.ndarray:
