@@ -84,7 +84,8 @@ def write_tif(
         **profile,
     ) as dst:
         dst.write(data)
-        dst.update_tags(**(tags or {}))
+        if tags:
+            dst.update_tags(**tags)
         for i, name in enumerate(descriptions or [], start=1):
             dst.set_band_description(i, name)
     return path
