@@ -3,8 +3,10 @@
 Every number comes from a fresh subprocess, measured side by side in one run:
 
 * ``e2e``: ``geoseg predict`` on a synthetic scene (read, normalize, forward, trim, write COGs).
-* ``bare``: only the model's forward passes over the same padded chunk shapes, same threads
-  and precision; the ratio e2e / bare shows the pipeline's overhead over the model itself.
+* ``bare``: only the model's forward passes over the same padded chunks (read and normalized
+  untimed), same threads, precision and allocator settings, model loaded and warmed up; run
+  before and after ``e2e`` and averaged, since this machine's speed drifts. The ratio
+  e2e / bare shows the pipeline's overhead over the model itself.
 * ``naive``: the common approach: read the whole scene, loop over tiles with the same halo,
   accumulate float32 probabilities for the whole scene, argmax, write one GeoTIFF.
 
@@ -89,39 +91,51 @@ def e2e(scene_path: Path, model: Path, args: argparse.Namespace) -> tuple[float,
 
 BARE = r"""
 import json, sys, time
+if sys.argv[6] == "1":  # the allocator settings the geoseg command line applies
+    from geoseg.runtime import tune_allocator; tune_allocator()
 import numpy as np, torch
 from geoseg.grid import ChunkGrid
 from geoseg.model import load_bundle, load_module
 from geoseg.predict import TorchPredictor, resolve_device, resolve_precision
-model, device, precision = sys.argv[1], sys.argv[3], sys.argv[4]
-size, threads = int(sys.argv[2]), int(sys.argv[5])
+from geoseg.raster import open_scene, read_padded
+model, scene_path, device, precision = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+threads = int(sys.argv[5])
 if threads: torch.set_num_threads(threads)
-b = load_bundle(model)
+b = load_bundle(model); s = b.spec
 device = resolve_device(device)
 pred = TorchPredictor(load_module(b), device, resolve_precision(precision, device))
-grid = ChunkGrid(size, size, b.spec.chunk, b.spec.halo, multiple=b.spec.stride)
-shapes = [(int(c.padded.height), int(c.padded.width)) for c in grid]
+scene = open_scene(scene_path)
+grid = ChunkGrid(scene.width, scene.height, s.chunk, s.halo, multiple=s.stride)
+shapes = {(int(c.padded.height), int(c.padded.width)) for c in grid}
 rng = np.random.default_rng(0)
-x = {s: rng.standard_normal((1, len(b.spec.bands), *s)).astype(np.float32) for s in set(shapes)}
-for s in set(shapes): pred(x[s])  # warm-up, excluded like a loaded worker's
-t = time.perf_counter()
-for s in shapes: pred(x[s])
-if device.startswith("cuda"): torch.cuda.synchronize()
-print(json.dumps({"seconds": time.perf_counter() - t, "pixels": sum(h * w for h, w in shapes)}))
+for hw in shapes:  # warm-up, excluded like a loaded worker's
+    pred(rng.standard_normal((1, len(s.bands), *hw)).astype(np.float32))
+seconds, pixels = 0.0, 0
+for c in grid:  # the same pixels as geoseg predict; only the forward passes are timed
+    x = s.normalization.apply(*read_padded(scene, c.padded, s.bands))[None]
+    t = time.perf_counter()
+    pred(x)
+    if device.startswith("cuda"): torch.cuda.synchronize()
+    seconds += time.perf_counter() - t
+    pixels += x.shape[-1] * x.shape[-2]
+print(json.dumps({"seconds": seconds, "pixels": pixels}))
 """
 
 
-def bare(model: Path, size: int, args: argparse.Namespace) -> dict[str, float]:
+def bare(
+    model: Path, scene_path: Path, args: argparse.Namespace, tuned: bool = True
+) -> dict[str, float]:
     out = subprocess.run(
         [
             PY,
             "-c",
             BARE,
             str(model),
-            str(size),
+            str(scene_path),
             args.device,
             args.precision,
             str(args.threads or 0),
+            "1" if tuned else "0",
         ],
         check=True,
         capture_output=True,
@@ -131,7 +145,9 @@ def bare(model: Path, size: int, args: argparse.Namespace) -> dict[str, float]:
 
 
 NAIVE = r"""
-import sys, time, numpy as np, rasterio
+import sys
+from geoseg.runtime import tune_allocator; tune_allocator()  # as the geoseg command line does
+import time, numpy as np, rasterio
 from geoseg.model import load_bundle, load_module
 from geoseg.predict import TorchPredictor, resolve_device, resolve_precision
 model, path, out, device, precision, threads = sys.argv[1:7]
@@ -161,8 +177,12 @@ with rasterio.open(out, "w", **profile) as dst:
 def cmd_throughput(args: argparse.Namespace) -> None:
     model = bundle(args.encoder, args.chunk, args.halo)
     path = scene(args.size)
+    # bare forward before and after the end-to-end run: this machine's speed drifts
+    b1 = bare(model, path, args)
     t_e2e, rss = e2e(path, model, args)
-    b = bare(model, args.size, args)
+    b2 = bare(model, path, args)
+    b = {"seconds": (b1["seconds"] + b2["seconds"]) / 2, "pixels": b1["pixels"]}
+    b0 = bare(model, path, args, tuned=False) if args.untuned else None
     redundancy = b["pixels"] / args.size**2
     print(
         f"scene {args.size}² px, {args.encoder}, chunk {args.chunk} + halo {args.halo} px, "
@@ -174,12 +194,18 @@ def cmd_throughput(args: argparse.Namespace) -> None:
     )
     print(
         f"  bare forward       : {b['seconds']:8.1f} s  "
-        f"({b['pixels'] / b['seconds'] / 1e6:.2f} MP/s of model input)"
+        f"({b['pixels'] / b['seconds'] / 1e6:.2f} MP/s of model input; mean of "
+        f"{b1['seconds']:.1f} s before and {b2['seconds']:.1f} s after)"
     )
     print(
         f"  ratio e2e / bare   : {t_e2e / b['seconds']:8.3f}   (bare-forward share "
         f"{100 * b['seconds'] / t_e2e:.1f} %)"
     )
+    if b0 is not None:
+        print(
+            f"  bare, glibc malloc defaults: {b0['seconds']:8.1f} s  "
+            f"(ratio e2e / that: {t_e2e / b0['seconds']:.3f})"
+        )
     print(f"  redundant compute  : {redundancy:8.3f}   (model pixels per scene pixel)")
 
 
@@ -232,6 +258,12 @@ def main() -> None:
         p.add_argument("--device", default="cpu")
         p.add_argument("--precision", default="auto")
         p.add_argument("--threads", type=int, default=None)
+        if name == "throughput":
+            p.add_argument(
+                "--untuned",
+                action="store_true",
+                help="Also time the bare forward with glibc's default malloc settings.",
+            )
         if name == "memory":
             p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
         else:

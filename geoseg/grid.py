@@ -90,6 +90,21 @@ class ChunkGrid:
             for c in range(cols):
                 yield self.at(r, c)
 
+    def in_stripes(self, cols: int) -> Iterator[Chunk]:
+        """All chunks, in vertical stripes ``cols`` chunks wide, row by row within a stripe.
+
+        Neighbouring chunks share their halos' source blocks; in this order the blocks read for
+        one chunk row are still in a small block cache when the next row needs them, however
+        wide the scene is.
+        """
+        if cols < 1:
+            raise ValueError(f"stripe width must be >= 1 chunk, got {cols}")
+        rows, ncols = self.shape
+        for c0 in range(0, ncols, cols):
+            for r in range(rows):
+                for c in range(c0, min(c0 + cols, ncols)):
+                    yield self.at(r, c)
+
     def at(self, row: int, col: int) -> Chunk:
         """The chunk at grid position (row, col)."""
         r0, c0 = row * self.chunk, col * self.chunk

@@ -217,10 +217,26 @@ def _core(chunk: Chunk, arr: np.ndarray) -> np.ndarray:
     return arr[..., tr : tr + int(chunk.core.height), tc : tc + int(chunk.core.width)]
 
 
+def argmax0(probs: np.ndarray) -> np.ndarray:
+    """``np.argmax(probs, axis=0)`` as uint8 (first index wins ties), for few classes.
+
+    One pass per class over contiguous planes: several times faster than numpy's argmax along
+    the first axis of a (K, h, w) view.
+    """
+    best = probs[0].copy()
+    classes = np.zeros(best.shape, np.uint8)
+    for k in range(1, probs.shape[0]):
+        better = probs[k] > best
+        classes[better] = k
+        np.maximum(best, probs[k], out=best)
+    return classes
+
+
 def quantize(probs: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Float probabilities (K, h, w) → uint8 0–255 probabilities and uint8 class ids (1, h, w)."""
-    classes = np.argmax(probs, axis=0).astype(np.uint8)
-    q = np.rint(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
+    classes = argmax0(probs) if probs.shape[0] <= 16 else np.argmax(probs, 0).astype(np.uint8)
+    scaled = np.multiply(np.clip(probs, 0.0, 1.0), 255.0, dtype=np.float32)
+    q = np.rint(scaled, out=scaled).astype(np.uint8)
     if not valid.all():
         classes[~valid] = MASK_NODATA
         q[:, ~valid] = 0
@@ -363,9 +379,27 @@ def open_client(options: PredictOptions) -> Iterator[Client]:
         yield client
 
 
-def _batches(grid: ChunkGrid, size: int) -> Iterator[list[Chunk]]:
+#: Source bytes that one stripe of chunk rows may span (see :meth:`ChunkGrid.in_stripes`): a
+#: fraction of GDAL's block cache (``GDAL_ENV``), so that blocks shared by neighbouring chunk
+#: rows are decompressed once.
+STRIPE_BYTES = 24 << 20
+
+
+def chunk_order(grid: ChunkGrid, scene: Scene, n_bands: int) -> Iterator[Chunk]:
+    """The order to run chunks in: stripes that keep shared source blocks cached when the
+    scene is tiled (for strip-organised files every chunk row needs whole strips anyway)."""
+    bh, bw = scene.block_shape
+    if bw >= scene.width:
+        return iter(grid)
+    rows_px = grid.chunk + 2 * grid.halo + bh
+    item = np.dtype(scene.dtype).itemsize
+    cols = max(1, STRIPE_BYTES // (rows_px * grid.chunk * n_bands * item))
+    return grid.in_stripes(cols)
+
+
+def _batches(chunks: Iterator[Chunk], size: int) -> Iterator[list[Chunk]]:
     batch: list[Chunk] = []
-    for chunk in grid:
+    for chunk in chunks:
         batch.append(chunk)
         if len(batch) == size:
             yield batch
@@ -482,7 +516,8 @@ def predict_scene(
         with_mask=True,
     )
     writer.add("mask", mask_path, 1, nodata=MASK_NODATA, band_names=["class_id"])
-    tasks = ((plan, batch, factory) for batch in _batches(grid, options.batch_size))
+    order = chunk_order(grid, scene, len(spec.bands))
+    tasks = ((plan, batch, factory) for batch in _batches(order, options.batch_size))
     name = f"geoseg-predict-{scene.stem}"
     with writer:
         for results in stream_tasks(client, predict_chunks, tasks, max_in_flight, name):

@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import uuid
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ __all__ = [
     "RasterWriter",
     "Scene",
     "atomic_path",
+    "close_readers",
     "open_scene",
     "read_padded",
     "reflect_index",
@@ -168,12 +171,63 @@ def reflect_index(start: int, size: int, n: int) -> np.ndarray:
     return np.where(idx >= n, period - idx, idx).astype(np.int64)
 
 
+class _OpenReaders(threading.local):
+    """Per-thread open datasets, so that GDAL's block cache serves the blocks that neighbouring
+    chunks share (their halos) instead of decompressing them again for every chunk."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.datasets: OrderedDict[tuple[str, int, int], Any] = OrderedDict()
+
+
+_READERS = _OpenReaders()
+#: Datasets kept open per thread (least recently used ones are closed).
+MAX_OPEN_READERS = 4
+
+
+@contextlib.contextmanager
+def _reader(path: str) -> Iterator[Any]:
+    """An open dataset for ``path``, reused by later reads in this thread while the file is
+    unchanged (same size and modification time). A failed read closes it."""
+    if _READERS.pid != os.getpid():  # a forked child must not share the parent's file offsets
+        _READERS.datasets = OrderedDict()
+        _READERS.pid = os.getpid()
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    cache = _READERS.datasets
+    src = cache.pop(key, None)
+    if src is None:
+        src = rasterio.open(path)
+    try:
+        yield src
+    except BaseException:
+        src.close()
+        raise
+    cache[key] = src
+    while len(cache) > MAX_OPEN_READERS:
+        cache.popitem(last=False)[1].close()
+
+
+def close_readers() -> None:
+    """Close the datasets this thread keeps open for :func:`read_padded`."""
+    while _READERS.datasets:
+        _READERS.datasets.popitem()[1].close()
+
+
+def _reflect(arr: np.ndarray, index: np.ndarray, axis: int = -2) -> np.ndarray:
+    """``arr`` taken at ``index`` along ``axis``, C-contiguous; no copy when nothing is mirrored."""
+    if index[0] == 0 and index[-1] == arr.shape[axis] - 1 and (np.diff(index) == 1).all():
+        return arr
+    return np.take(arr, index, axis=axis)
+
+
 def read_padded(
     scene: Scene, window: Window, bands: Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read ``bands`` (1-based) over ``window``, reflecting where it leaves the scene.
 
     Returns (data of shape (bands, h, w) in the file's dtype, valid mask of shape (h, w)).
+    The file stays open in this thread for the next read (see :data:`MAX_OPEN_READERS`).
     """
     rows = reflect_index(int(window.row_off), int(window.height), scene.height)
     cols = reflect_index(int(window.col_off), int(window.width), scene.width)
@@ -181,14 +235,17 @@ def read_padded(
     c0, c1 = int(cols.min()), int(cols.max()) + 1
     src_win = Window(c0, r0, c1 - c0, r1 - r0)
     try:
-        with rasterio.Env(**GDAL_ENV), rasterio.open(scene.path) as src:
+        with rasterio.Env(**GDAL_ENV), _reader(scene.path) as src:
             block = src.read(list(bands), window=src_win)
             mask = src.dataset_mask(window=src_win) > 0 if scene.has_mask else None
-    except RasterioError as exc:
-        raise InputError(f"{scene.path}: read failed at window {src_win} ({_short(exc)})") from exc
-    ri, ci = np.ix_(rows - r0, cols - c0)
-    data = block[:, ri, ci]
-    valid = np.ones(data.shape[1:], dtype=bool) if mask is None else mask[ri, ci]
+    except (RasterioError, OSError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else _short(exc)
+        raise InputError(f"{scene.path}: read failed at window {src_win} ({why})") from exc
+    data = _reflect(_reflect(block, rows - r0), cols - c0, axis=-1)
+    if mask is None:
+        valid = np.ones(data.shape[1:], dtype=bool)
+    else:
+        valid = _reflect(_reflect(mask, rows - r0), cols - c0, axis=-1)
     if data.dtype.kind == "f":
         valid &= np.isfinite(data).all(axis=0)
     return data, valid

@@ -39,6 +39,8 @@ def test_cores_partition_any_scene(
         assert chunk.trim == (grid.halo, grid.halo)
     assert (cover == 1).all()
     assert len(grid) == grid.shape[0] * grid.shape[1]
+    for cols in (1, 2, 5):  # stripe order visits the same chunks, once each
+        assert sorted(c.index for c in grid.in_stripes(cols)) == [c.index for c in grid]
 
 
 def test_grid_by_hand() -> None:

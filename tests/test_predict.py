@@ -82,6 +82,40 @@ def test_identity_round_trips_exactly(
     np.testing.assert_array_equal(read(out.mask)[0], np.argmax(src, axis=0))
 
 
+def test_identity_in_stripes_on_a_tiled_scene(
+    tmp_path: Path, rgb_scene: Any, make_bundle: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tiled sources run in stripes of chunk columns; every chunk still lands where it belongs."""
+    scene = rgb_scene(300, 230, seed=5, tiled=True, blockxsize=32, blockysize=32)
+    grid = engine.ChunkGrid(300, 230, 64, 32, multiple=32)
+    monkeypatch.setattr(engine, "STRIPE_BYTES", 2 * (64 + 64 + 32) * 64 * 3)
+    order = list(engine.chunk_order(grid, open_scene(scene), 3))
+    assert [c.col for c in order[:4]] == [0, 1, 0, 1]  # two chunk columns per stripe
+    out = run(scene, make_bundle(), tmp_path / "o", IdentityFactory("s"), chunk=64, halo=32)
+    np.testing.assert_array_equal(read(out.probs), read(scene))
+
+
+def test_argmax0_matches_numpy_with_ties() -> None:
+    rng = np.random.default_rng(1)
+    p = rng.integers(0, 4, size=(5, 40, 30)).astype(np.float32)  # many ties
+    np.testing.assert_array_equal(engine.argmax0(p), np.argmax(p, axis=0))
+    assert engine.argmax0(p).dtype == np.uint8
+
+
+def test_reader_sees_a_rewritten_file(tmp_path: Path) -> None:
+    """Open datasets are reused between chunk reads, but never serve a replaced file."""
+    from rasterio.windows import Window
+
+    from geoseg.raster import close_readers, read_padded
+
+    path = write_tif(tmp_path / "s.tif", np.full((1, 8, 8), 7, np.uint8))
+    scene = open_scene(path)
+    assert (read_padded(scene, Window(0, 0, 8, 8), [1])[0] == 7).all()
+    write_tif(path, np.full((1, 8, 8), 9, np.uint8), tags={"rewritten": "1"})
+    assert (read_padded(open_scene(path), Window(0, 0, 8, 8), [1])[0] == 9).all()
+    close_readers()
+
+
 def test_identity_with_batches_and_workers_matches(
     tmp_path: Path, rgb_scene: Any, make_bundle: Any
 ) -> None:

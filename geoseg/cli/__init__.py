@@ -12,11 +12,14 @@ import click
 
 from geoseg import __version__
 from geoseg.errors import GeosegError
+from geoseg.runtime import tune_allocator
 
 __all__ = ["cli", "main"]
 
 # Dask reads this when distributed is first imported; its INFO chatter is not for users.
 os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+# Before numpy, torch or any thread starts: glibc fixes its arena limit at the first new arena.
+tune_allocator()
 
 
 class UserFacingError(click.ClickException):

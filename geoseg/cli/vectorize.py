@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from geoseg.cli.options import Progress, out_dir_option
 from geoseg.errors import ConfigError, describe_validation_error
-from geoseg.vectorize import VectorizeOptions, VectorizeOutputs, vectorize_prediction
+from geoseg.vectorize.options import VectorizeOptions, VectorizeOutputs
 
 log = logging.getLogger("geoseg.cli")
 
@@ -159,6 +159,8 @@ def vectorize(
     for path in predictions:
         progress = Progress(f"vectorize {path.name}", log.info)
         try:
+            from geoseg.vectorize.run import vectorize_prediction  # scipy etc.: only when used
+
             outs = vectorize_prediction(path, out_dir, options, progress=progress)
         finally:
             progress.close()
