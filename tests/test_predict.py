@@ -95,6 +95,13 @@ def test_identity_in_stripes_on_a_tiled_scene(
     np.testing.assert_array_equal(read(out.probs), read(scene))
 
 
+def test_local_workers_run_without_the_sampling_profiler() -> None:
+    with open_client(PredictOptions(device="cpu")) as client:
+        callbacks = client.run(lambda dask_worker: sorted(dask_worker.periodic_callbacks))
+    (names,) = callbacks.values()
+    assert "heartbeat" in names and "profile" not in names
+
+
 def test_argmax0_matches_numpy_with_ties() -> None:
     rng = np.random.default_rng(1)
     p = rng.integers(0, 4, size=(5, 40, 30)).astype(np.float32)  # many ties
@@ -114,6 +121,68 @@ def test_reader_sees_a_rewritten_file(tmp_path: Path) -> None:
     write_tif(path, np.full((1, 8, 8), 9, np.uint8), tags={"rewritten": "1"})
     assert (read_padded(open_scene(path), Window(0, 0, 8, 8), [1])[0] == 9).all()
     close_readers()
+
+
+@pytest.mark.parametrize("h, w", [(5, 7), (6, 8), (1, 1), (2, 3)])
+def test_downsample2_averages_the_valid_pixels_of_each_cell(h: int, w: int) -> None:
+    from geoseg.raster import downsample2
+
+    rng = np.random.default_rng(h * 10 + w)
+    data = rng.integers(0, 256, (2, h, w), dtype=np.uint8)
+    for valid in (rng.random((h, w)) > 0.3, None):
+        out, out_valid = downsample2(data, valid, "average")
+        assert out.shape == (2, -(-h // 2), -(-w // 2)) and (out_valid is None) == (valid is None)
+        every = np.ones((h, w), bool) if valid is None else valid
+        for i, j in np.ndindex(out.shape[1:]):
+            cell = every[2 * i : 2 * i + 2, 2 * j : 2 * j + 2]
+            n = int(cell.sum())
+            if out_valid is not None:
+                assert out_valid[i, j] == (n > 0)
+            for k in range(2):
+                if n:
+                    pixels = data[k, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2][cell].astype(int)
+                    assert out[k, i, j] == (pixels.sum() + n // 2) // n
+
+
+@pytest.mark.parametrize("height, width", [(1280, 1088), (1331, 1107)])
+def test_overviews_match_gdals_own(
+    tmp_path: Path, make_bundle: Any, height: int, width: int
+) -> None:
+    """The first overview level is made chunk by chunk; it must be what GDAL would make."""
+    import rasterio.shutil
+
+    from geoseg.raster import downsample2
+
+    rng = np.random.default_rng(4)
+    data = rng.integers(0, 250, size=(3, height, width), dtype=np.uint8)
+    data[:, 101:419, 37:300] = 255  # nodata at odd offsets, crossing chunk seams
+    scene = write_tif(tmp_path / "nd.tif", data, nodata=255)
+    out = run(scene, make_bundle(), tmp_path / "o", IdentityFactory("ovr"), chunk=128, halo=32)
+    for path, method in ((out.probs, "average"), (out.mask, "nearest")):
+        ref = tmp_path / f"ref_{path.name}"
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+            rasterio.shutil.copy(
+                path, ref, driver="COG", overviews="ignore_existing", overview_resampling=method
+            )
+        with rasterio.open(path) as a, rasterio.open(ref) as b:
+            assert a.overviews(1) == b.overviews(1) == [2, 4]
+            full, full_valid = a.read(), a.dataset_mask() > 0
+            shape = (a.count, -(-a.height // 2), -(-a.width // 2))
+            x, mx = a.read(out_shape=shape), a.dataset_mask(out_shape=shape[1:]) > 0
+            y, my = b.read(out_shape=shape), b.dataset_mask(out_shape=shape[1:]) > 0
+        # exactly the 2x2 cells of the full resolution (average of the valid pixels)
+        expect, expect_valid = downsample2(full, full_valid, method)
+        np.testing.assert_array_equal(x[:, mx], expect[:, mx])
+        if height % 2 == 0 and width % 2 == 0:
+            # and what GDAL makes itself: masks equal, values within rounding
+            np.testing.assert_array_equal(mx, my, err_msg=path.name)
+            assert np.abs(x.astype(int) - y)[:, mx].max() <= 1, path.name
+        if method == "average":
+            # GDAL derives the mask's overviews itself; with odd sizes it uses the fractional
+            # ratio (1331 / 666 rows), so a row of cells at a nodata edge may come out valid
+            assert expect_valid is not None
+            assert (mx != expect_valid).mean() < 0.002 and not (~mx & expect_valid).any()
+        assert cog_validate(str(path))[0]
 
 
 def test_identity_with_batches_and_workers_matches(

@@ -53,9 +53,11 @@ def local_client(workers: int) -> Iterator[Client]:
     import dask
     from distributed import Client, LocalCluster
 
+    from geoseg.predict import QUIET_WORKERS
+
     method = "fork" if os.name == "posix" and threading.active_count() == 1 else "spawn"
     with (
-        dask.config.set({"distributed.worker.multiprocessing-method": method}),
+        dask.config.set({"distributed.worker.multiprocessing-method": method, **QUIET_WORKERS}),
         LocalCluster(
             processes=True,
             n_workers=workers,
