@@ -453,37 +453,41 @@ class RasterWriter:
             with rasterio.open(out.ovr_path, "r+") as ovr:
                 ovr.build_overviews([2**i for i in range(1, levels)], Resampling[out.resampling])
 
+    def _publish(self, out: _Output, tmp: Path) -> None:
+        with rasterio.Env(**GDAL_ENV):
+            self._finish_overviews(out)
+            rasterio.shutil.copy(
+                out.work,
+                tmp,
+                driver="COG",
+                compress="deflate",
+                level=1,  # 6x faster than the default 6, for about 10 % larger files
+                predictor=2,
+                blocksize=BLOCK,
+                overview_resampling=out.resampling,
+                bigtiff="if_safer",
+                num_threads="all_cpus",
+            )
+
     def commit(self) -> None:
         """Convert every scratch file to a COG and rename it onto its final name."""
-        staged: list[tuple[Path, Path]] = []
-        tmp: Path | None = None
+        outs = list(self._outputs.values())
+        tmps = [atomic_path(out.final) for out in outs]
+        published = False
         try:
-            for out in self._outputs.values():
+            for out, tmp in zip(outs, tmps, strict=True):
                 out.dataset.close()
-                self._finish_overviews(out)
-                tmp = atomic_path(out.final)
-                rasterio.shutil.copy(
-                    out.work,
-                    tmp,
-                    driver="COG",
-                    compress="deflate",
-                    level=1,  # 6x faster than the default 6, for about 10 % larger files
-                    predictor=2,
-                    blocksize=BLOCK,
-                    overview_resampling=out.resampling,
-                    bigtiff="if_safer",
-                    num_threads="all_cpus",
-                )
-                staged.append((tmp, out.final))
-            for done, final in staged:
-                os.replace(done, final)
+                self._publish(out, tmp)
+            for done, out in zip(tmps, outs, strict=True):
+                os.replace(done, out.final)
+            published = True
         except (RasterioError, OSError) as exc:
-            leftovers = [t for t, _ in staged] + ([tmp] if tmp is not None else [])
-            for path in leftovers:
-                with contextlib.suppress(OSError):
-                    path.unlink()
             raise OutputError(f"cannot write outputs for {self.scene.path}: {_short(exc)}") from exc
         finally:
+            if not published:
+                for path in tmps:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
             self._remove_scratch()
 
     def abort(self) -> None:
