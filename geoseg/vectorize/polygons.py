@@ -2,18 +2,17 @@
 
 A chunk's class mask is labelled into 4-connected components (the connectivity
 ``rasterio.features.shapes`` uses), and each component becomes one polygon with holes, in
-global pixel coordinates. Components that touch an inner seam of the chunk are returned raw,
-with their labels along the seam, so :mod:`geoseg.vectorize.seams` can join them exactly.
+global pixel coordinates, traced by :mod:`geoseg.vectorize.trace`. Components that touch an
+inner seam of the chunk are returned raw, with their labels along the seam, so
+:mod:`geoseg.vectorize.seams` can join them exactly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from itertools import chain
 
 import numpy as np
 import shapely
-from rasterio.features import shapes
 from rasterio.windows import Window
 from scipy import ndimage
 
@@ -22,6 +21,7 @@ from geoseg.vectorize.features import FeatureBatch, stable_ids
 from geoseg.vectorize.geometry import Frames
 from geoseg.vectorize.regularize import regularize_polygons
 from geoseg.vectorize.source import Prediction, read_class
+from geoseg.vectorize.trace import trace_polygons
 
 __all__ = ["ChunkPolygons", "Pieces", "PolygonJob", "finish_polygons", "polygonize_chunk"]
 
@@ -104,35 +104,6 @@ def _component_stats(
     return key, count, csum, cmax
 
 
-def _polygonize(labels: np.ndarray, n: int, origin: tuple[int, int]) -> np.ndarray:
-    """One polygon (with holes) per label, in global pixel coordinates, indexed by label - 1.
-
-    The rings from ``rasterio.features.shapes`` are gathered into one coordinate array and
-    the polygons built in one call.
-    """
-    rings: list[list[tuple[float, float]]] = []
-    per_polygon: list[int] = []
-    values: list[float] = []
-    for geom, value in shapes(labels, mask=labels > 0, connectivity=4):
-        r = geom["coordinates"]
-        rings.extend(r)
-        per_polygon.append(len(r))
-        values.append(value)
-    geoms = np.empty(n, dtype=object)
-    if not rings:
-        return geoms
-    ring_len = np.fromiter(map(len, rings), dtype=np.int64, count=len(rings))
-    xy = np.fromiter(
-        chain.from_iterable(chain.from_iterable(rings)), dtype=np.float64, count=2 * ring_len.sum()
-    ).reshape(-1, 2)
-    xy += (origin[1], origin[0])
-    ring_off = np.r_[0, np.cumsum(ring_len)]
-    poly_off = np.r_[0, np.cumsum(per_polygon)]
-    polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, xy, (ring_off, poly_off))
-    geoms[np.asarray(values, dtype=np.int64) - 1] = polys
-    return geoms
-
-
 def polygonize_chunk(
     job: PolygonJob, index: tuple[int, int], core: Window, seams: tuple[bool, bool, bool, bool]
 ) -> ChunkPolygons:
@@ -144,7 +115,7 @@ def polygonize_chunk(
         return ChunkPolygons(index, FeatureBatch.empty(), _no_pieces(), np.empty(0, np.int64))
     labels = labels.astype(np.int32, copy=False)
     key, count, csum, cmax = _component_stats(labels, cw.conf, n, origin)
-    geoms = _polygonize(labels, n, origin)
+    geoms = trace_polygons(labels, n, origin)
     pieces = Pieces(geoms, key, count, csum, cmax)
     edges: dict[str, np.ndarray] = {}
     views = {"top": labels[0], "bottom": labels[-1], "left": labels[:, 0], "right": labels[:, -1]}
