@@ -81,11 +81,14 @@ class ChunkPolygons:
 
 
 def _component_stats(
-    labels: np.ndarray, conf: np.ndarray | None, n: int, origin: tuple[int, int]
+    labels: np.ndarray, fg: np.ndarray, conf: np.ndarray | None, n: int, origin: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per label 1..n: first pixel (global row, col), pixel count, confidence sum and max."""
+    """Per label 1..n: first pixel (global row, col), pixel count, confidence sum and max.
+
+    ``fg`` is ``labels > 0`` (finding its pixels in a bool array is 4x less memory to scan).
+    """
     flat = labels.ravel()
-    idx = np.flatnonzero(flat)
+    idx = np.flatnonzero(fg)
     lab = flat[idx].astype(np.intp)  # matching dtypes keep ufunc.at on its fast path
     count = np.bincount(lab, minlength=n + 1)[1:].astype(np.int64)
     first = np.full(n + 1, flat.size, dtype=np.int64)
@@ -114,7 +117,7 @@ def polygonize_chunk(
     if n == 0:
         return ChunkPolygons(index, FeatureBatch.empty(), _no_pieces(), np.empty(0, np.int64))
     labels = labels.astype(np.int32, copy=False)
-    key, count, csum, cmax = _component_stats(labels, cw.conf, n, origin)
+    key, count, csum, cmax = _component_stats(labels, cw.fg, cw.conf, n, origin)
     geoms = trace_polygons(labels, n, origin)
     pieces = Pieces(geoms, key, count, csum, cmax)
     edges: dict[str, np.ndarray] = {}
