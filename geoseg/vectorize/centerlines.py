@@ -10,18 +10,19 @@ the nodes; every chain of pixels between two nodes becomes one LineString.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 import shapely
 from rasterio.windows import Window
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components, dijkstra
-from scipy.spatial import cKDTree
-from skimage.morphology import skeletonize
 
 from geoseg.vectorize.features import FeatureBatch, stable_ids
+
+if TYPE_CHECKING:
+    import networkx as nx
+
+# scipy.sparse, scipy.spatial, scikit-image and networkx are imported where they are used:
+# they take most of a second to import, and polygon-only runs never need them.
 from geoseg.vectorize.geometry import Frames
 from geoseg.vectorize.source import Prediction, read_class
 
@@ -92,6 +93,9 @@ def _edge_background(fg: np.ndarray) -> np.ndarray:
 
 def skeleton_chunk(job: CenterlineJob, core: Window) -> SkeletonPixels:
     """Skeleton pixels of one chunk core, computed with ``halo`` pixels of context."""
+    from scipy.spatial import cKDTree
+    from skimage.morphology import skeletonize
+
     h = job.halo
     padded = Window(core.col_off - h, core.row_off - h, core.width + 2 * h, core.height + 2 * h)
     cw = read_class(job.pred, job.cls, padded, job.threshold)
@@ -162,6 +166,9 @@ def _adjacency(rows: np.ndarray, cols: np.ndarray, width: int) -> np.ndarray:
 
 
 def _components(n: int, pairs: np.ndarray) -> np.ndarray:
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     g = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     return connected_components(g, directed=False)[1]  # type: ignore[no-any-return]
 
@@ -175,6 +182,9 @@ def trace_edges(
     Nodes are junction clusters (pixels with 3+ neighbours, grouped when adjacent, placed at
     their mean) and endpoints; a closed loop without junctions is one edge from a node to itself.
     """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import dijkstra
+
     n = len(rows)
     if n == 0:
         return [], np.empty((0, 2)), 0
@@ -284,6 +294,8 @@ def _length_m(coords: np.ndarray, pixel_m: tuple[float, float]) -> float:
 
 def build_centerlines(job: CenterlineJob, pix: SkeletonPixels) -> FeatureBatch:
     """Trace, prune spurs shorter than ``spur_m``, join through 2-way nodes, simplify."""
+    import networkx as nx
+
     if len(pix) == 0:
         return FeatureBatch.empty()
     width = job.pred.width
