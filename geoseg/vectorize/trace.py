@@ -112,8 +112,12 @@ def trace_polygons(labels: np.ndarray, n: int, origin: tuple[int, int] = (0, 0))
         safe = np.where(alive, ptr, 0)
         dist = np.where(alive, dist + dist[safe], dist)
         ptr = np.where(alive, ptr[safe], -1)
-    # dist counts edges to the cycle's end; order edges by cycle, then walking order
-    seq = np.lexsort((-dist, rep))
+    # dist counts edges to the cycle's end; order edges by cycle (by representative), then in
+    # walking order: each edge's place follows from its cycle's offset and its distance
+    length = np.bincount(rep, minlength=m)
+    offset = np.cumsum(length) - length
+    seq = np.empty(m, dtype=np.int64)
+    seq[offset[rep] + length[rep] - 1 - dist] = np.arange(m)
     # keep only corners: edges whose direction differs from the previous edge's in the cycle
     prev_dir = np.empty(m, dtype=np.int64)
     prev_dir[nxt] = d
