@@ -374,17 +374,15 @@ def open_client(options: PredictOptions) -> Iterator[Client]:
         with client:
             yield client
         return
-    with (
-        dask.config.set(QUIET_WORKERS),
-        LocalCluster(
+    with dask.config.set(QUIET_WORKERS):  # read when the workers start, not later
+        cluster = LocalCluster(
             processes=False,
             n_workers=1,
             threads_per_worker=local_threads(options),
             dashboard_address=":0",  # any free port: no clash with a running cluster
             silence_logs=logging.WARNING,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+        )
+    with cluster, Client(cluster) as client:
         yield client
 
 
