@@ -445,11 +445,9 @@ def evaluate_masks(
     pixels that are nodata in either raster, or unmapped in the truth, are left out.
     """
     import rasterio
-    from rasterio.enums import Resampling
     from rasterio.errors import RasterioError
-    from rasterio.vrt import WarpedVRT
 
-    from geoseg.raster import GDAL_ENV
+    from geoseg.raster import GDAL_ENV, on_grid
     from geoseg.train.chips import blocks
 
     for p in (pred_path, truth_path):
@@ -470,14 +468,7 @@ def evaluate_masks(
             cm = np.zeros((k, k), dtype=np.int64)
             with (
                 rasterio.open(truth_path) as truth_ds,
-                WarpedVRT(
-                    truth_ds,
-                    crs=pred_ds.crs,
-                    transform=pred_ds.transform,
-                    width=pred_ds.width,
-                    height=pred_ds.height,
-                    resampling=Resampling.nearest,
-                ) as vrt,
+                on_grid(truth_ds, pred_ds) as vrt,
             ):
                 if truth_ds.dtypes[0] not in ("uint8", "uint16", "int16", "int32"):
                     raise InputError(

@@ -33,6 +33,7 @@ __all__ = [
     "Scene",
     "atomic_path",
     "close_readers",
+    "on_grid",
     "open_scene",
     "read_padded",
     "reflect_index",
@@ -212,6 +213,22 @@ def close_readers() -> None:
     """Close the datasets this thread keeps open for :func:`read_padded`."""
     while _READERS.datasets:
         _READERS.datasets.popitem()[1].close()
+
+
+def on_grid(src: Any, grid: Any) -> Any:
+    """``src`` resampled (nearest neighbour) onto ``grid`` — anything with ``crs``,
+    ``transform``, ``width`` and ``height``, such as a :class:`Scene` or an open dataset — as
+    a virtual raster that is read window by window."""
+    from rasterio.vrt import WarpedVRT
+
+    return WarpedVRT(
+        src,
+        crs=grid.crs,
+        transform=grid.transform,
+        width=grid.width,
+        height=grid.height,
+        resampling=Resampling.nearest,
+    )
 
 
 def _reflect(arr: np.ndarray, index: np.ndarray, axis: int = -2) -> np.ndarray:

@@ -18,7 +18,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
-from geoseg.raster import GDAL_ENV, Scene, reflect_index
+from geoseg.raster import GDAL_ENV, Scene, on_grid, reflect_index
 from geoseg.train.config import RasterLabels, SceneConfig, VectorLabels
 
 if TYPE_CHECKING:
@@ -88,22 +88,11 @@ class SceneLabels:
         out[burned > 0] = layer.class_id
 
     def _burn_raster(self, layer: RasterLayer, inner: Window, out: np.ndarray) -> None:
-        from rasterio.enums import Resampling
-        from rasterio.vrt import WarpedVRT
-
-        s = self.scene
         try:
             with (
                 rasterio.Env(**GDAL_ENV),
                 rasterio.open(layer.path) as src,
-                WarpedVRT(
-                    src,
-                    crs=s.crs,
-                    transform=s.transform,
-                    width=s.width,
-                    height=s.height,
-                    resampling=Resampling.nearest,
-                ) as vrt,
+                on_grid(src, self.scene) as vrt,
             ):
                 values = vrt.read(1, window=inner)
         except RasterioError as exc:
