@@ -1,6 +1,7 @@
 """Process-wide settings that the command line applies once, at start-up.
 
-Library code never calls these: like logging, they belong to whoever owns the process.
+Library code never applies these to a process it did not start: like logging, they belong to
+whoever owns the process. Worker processes that geoseg starts itself get them too.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["MALLOC_ENV", "tune_allocator"]
+__all__ = ["MALLOC_ENV", "allocator_wanted", "tune_allocator"]
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -26,6 +27,14 @@ MALLOC_ENV = {
 }
 
 
+def allocator_wanted() -> bool:
+    """Whether geoseg may set the allocator: glibc's Linux, and the user set neither a
+    ``MALLOC_*`` variable (their settings win) nor ``GEOSEG_TUNE_MALLOC=0``."""
+    if os.environ.get("GEOSEG_TUNE_MALLOC", "1") == "0":
+        return False
+    return sys.platform.startswith("linux") and not any(k.startswith("MALLOC_") for k in os.environ)
+
+
 def tune_allocator() -> bool:
     """Keep freed memory for reuse instead of handing it back to the kernel after every chunk.
 
@@ -37,12 +46,9 @@ def tune_allocator() -> bool:
     high trim threshold, the heap keeps the pages of the largest pass and reuses them; the
     peak stays that of one forward pass.
 
-    Returns True when applied: glibc only, and not when the user set any ``MALLOC_*``
-    variable (their settings win) or ``GEOSEG_TUNE_MALLOC=0``.
+    Returns True when applied: glibc only, and only where :func:`allocator_wanted`.
     """
-    if os.environ.get("GEOSEG_TUNE_MALLOC", "1") == "0":
-        return False
-    if any(k.startswith("MALLOC_") for k in os.environ) or not sys.platform.startswith("linux"):
+    if not allocator_wanted():
         return False
     name = ctypes.util.find_library("c")
     if not name:

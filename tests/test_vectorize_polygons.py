@@ -245,7 +245,8 @@ def test_seam_components_are_emitted_as_soon_as_their_chunks_are_in(tmp_path: Pa
 )
 def test_traced_polygons_equal_gdals(h: int, w: int, fill: float, seed: int) -> None:
     """The array tracer gives GDAL's polygons: same point sets, same rings, valid; also for
-    components that touch themselves or each other only at corners (dense random masks)."""
+    components that touch themselves or each other only at corners (dense random masks).
+    Its rings keep only corners (``finish_polygons`` relies on that for traced pieces)."""
     from scipy import ndimage
 
     from geoseg.vectorize.trace import trace_polygons
@@ -254,6 +255,8 @@ def test_traced_polygons_equal_gdals(h: int, w: int, fill: float, seed: int) -> 
     labels, n = ndimage.label(fg)
     got = trace_polygons(labels.astype(np.int32), n, (3, 5))
     assert len(got) == n and shapely.is_valid(got).all()
+    corners = shapely.get_num_coordinates(shapely.simplify(got, 0.0))
+    assert (shapely.get_num_coordinates(got) == corners).all()
     t = rasterio.Affine(1, 0, 5, 0, 1, 3)  # the same origin: x = column + 5, y = row + 3
     for g, value in rasterio.features.shapes(labels.astype(np.int32), mask=fg, transform=t):
         ref = shapely.geometry.shape(g)

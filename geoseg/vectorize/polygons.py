@@ -67,7 +67,7 @@ class Pieces:
 class ChunkPolygons:
     """One chunk's result: finished features, and seam pieces with their seam labels.
 
-    The finished features come as GeoJSON text (``count`` features); ``done`` holds them as
+    The finished features come as UTF-8 GeoJSON text (``count`` features); ``done`` holds them as
     geometries too when the job keeps features for other formats, else it is empty.
     """
 
@@ -76,7 +76,7 @@ class ChunkPolygons:
     seam: Pieces
     seam_labels: np.ndarray
     edges: dict[str, np.ndarray] = field(default_factory=dict)
-    text: str = ""
+    text: bytes = b""
     count: int = 0
 
 
@@ -130,7 +130,7 @@ def polygonize_chunk(
         touching[e] = True
     touching = touching[1:]
     seam_idx = np.flatnonzero(touching)
-    done = finish_polygons(job, pieces.take(np.flatnonzero(~touching)))
+    done = finish_polygons(job, pieces.take(np.flatnonzero(~touching)), traced=True)
     text, kept = render_geojson(done, job.frames, job.precision, "Polygon")
     done = done.take(np.flatnonzero(kept)) if job.keep_features else FeatureBatch.empty()
     return ChunkPolygons(
@@ -153,13 +153,18 @@ def _polygonal(g: shapely.Geometry) -> shapely.Geometry:
     return max(polys, key=lambda p: p.area)
 
 
-def finish_polygons(job: PolygonJob, pieces: Pieces) -> FeatureBatch:
-    """Pixel-space components → filtered, simplified polygons in the work CRS with attributes."""
+def finish_polygons(job: PolygonJob, pieces: Pieces, traced: bool = False) -> FeatureBatch:
+    """Pixel-space components → filtered, simplified polygons in the work CRS with attributes.
+
+    ``traced``: the pieces come straight from :func:`trace_polygons`, which keeps only the
+    corners of each ring; joined seam pieces may have collinear vertices.
+    """
     if len(pieces) == 0:
         return FeatureBatch.empty()
     # Canonical form first (no collinear vertices, fixed ring start), so that simplification
     # gives the same result however the component was assembled.
-    g = shapely.normalize(shapely.simplify(pieces.geoms, 0.0))
+    g = pieces.geoms if traced else shapely.simplify(pieces.geoms, 0.0)
+    g = shapely.normalize(g)
     g = job.frames.pixels_to_work(g)
     keep = shapely.area(g) >= job.min_area_m2
     keep &= ~shapely.is_empty(g)

@@ -48,16 +48,23 @@ def local_client(workers: int) -> Iterator[Client]:
 
     Processes, not threads: polygonizing holds the GIL for much of its time. Workers are
     forked when this process runs no other threads (about 1 s to start instead of several
-    seconds of fresh imports per worker), else spawned.
+    seconds of fresh imports per worker), else spawned. Forked workers inherit this process's
+    allocator (tuned by the command line); spawned ones get the same settings through
+    glibc's variables (:data:`geoseg.runtime.MALLOC_ENV`) unless the user set their own.
     """
     import dask
     from distributed import Client, LocalCluster
 
     from geoseg.predict import QUIET_WORKERS
+    from geoseg.runtime import MALLOC_ENV, allocator_wanted
 
     method = "fork" if os.name == "posix" and threading.active_count() == 1 else "spawn"
+    settings: dict[str, Any] = {"distributed.worker.multiprocessing-method": method}
+    if method == "spawn" and allocator_wanted():
+        environ = dask.config.get("distributed.nanny.pre-spawn-environ", {})
+        settings["distributed.nanny.pre-spawn-environ"] = {**environ, **MALLOC_ENV}
     with (
-        dask.config.set({"distributed.worker.multiprocessing-method": method, **QUIET_WORKERS}),
+        dask.config.set({**settings, **QUIET_WORKERS}),
         LocalCluster(
             processes=True,
             n_workers=workers,
