@@ -123,13 +123,51 @@ def test_reader_sees_a_rewritten_file(tmp_path: Path) -> None:
     close_readers()
 
 
+@pytest.mark.parametrize("nodata, small_cache", [(None, False), (0, False), (0, True)])
+def test_block_reads_equal_whole_file_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nodata: int | None, small_cache: bool
+) -> None:
+    """Tiled files are read through the per-thread cache of decoded blocks: any window, also
+    reflected past the edges and cutting partial edge blocks, equals the whole file indexed
+    the same way; values and the nodata mask; also while the cache evicts blocks."""
+    from rasterio.windows import Window
+
+    from geoseg import raster
+    from geoseg.raster import close_readers, read_padded, reflect_index
+
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 256, (3, 150, 173), dtype=np.uint8)
+    data[:, 40:90, 20:60] = 0  # a nodata hole (when nodata is 0) across blocks
+    path = write_tif(
+        tmp_path / "tiled.tif", data, nodata=nodata, tiled=True, blockxsize=32, blockysize=48
+    )
+    if small_cache:  # 16 blocks of 32 x 48 px x 3 bands
+        monkeypatch.setattr(raster, "BLOCK_CACHE_BYTES", 16 * 32 * 48 * 3)
+    scene = open_scene(path)
+    assert raster._uses_blocks(scene)
+    valid_all = (data != 0).any(axis=0) if nodata == 0 else np.ones(data.shape[1:], bool)
+    try:
+        for _ in range(40):
+            h, w = (int(v) for v in rng.integers(1, 200, 2))
+            r, c = int(rng.integers(-60, 150)), int(rng.integers(-60, 173))
+            got, valid = read_padded(scene, Window(c, r, w, h), (3, 1))
+            rows, cols = reflect_index(r, h, 150), reflect_index(c, w, 173)
+            expect = data[[2, 0]][:, rows][:, :, cols]
+            assert np.array_equal(got, expect)
+            assert np.array_equal(valid, valid_all[rows][:, cols])
+        assert raster._READERS.block_bytes <= raster.BLOCK_CACHE_BYTES
+    finally:
+        close_readers()
+    assert raster._READERS.block_bytes == 0
+
+
 @pytest.mark.parametrize("h, w", [(5, 7), (6, 8), (1, 1), (2, 3)])
 def test_downsample2_averages_the_valid_pixels_of_each_cell(h: int, w: int) -> None:
     from geoseg.raster import downsample2
 
     rng = np.random.default_rng(h * 10 + w)
     data = rng.integers(0, 256, (2, h, w), dtype=np.uint8)
-    for valid in (rng.random((h, w)) > 0.3, None):
+    for valid in (rng.random((h, w)) > 0.3, np.ones((h, w), bool), None):
         out, out_valid = downsample2(data, valid, "average")
         assert out.shape == (2, -(-h // 2), -(-w // 2)) and (out_valid is None) == (valid is None)
         every = np.ones((h, w), bool) if valid is None else valid
