@@ -108,13 +108,6 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 
-#: Held by every forward pass on the CPU, and by geoseg's writer while it writes a chunk. The
-#: pass's intra-op threads fill every core; a GDAL write (compression) running beside them
-#: stalls them at each parallel region far beyond its own cost: a 640² px resnet18 pass took
-#: 10–13 % longer with the writes beside it, against about 2 % for the same writes in turn.
-CPU_COMPUTE = threading.Lock()
-
-
 class TorchPredictor:
     """Runs a torch module on a device with optional autocast, returning softmax probabilities."""
 
@@ -132,8 +125,7 @@ class TorchPredictor:
         self.activation = activation
         self.memory_format = torch.channels_last
         self.module = module.eval().to(self.device).to(memory_format=self.memory_format)
-        # one pass at a time per model; on the CPU, none beside a write (CPU_COMPUTE)
-        self._lock = CPU_COMPUTE if self.device.type == "cpu" else threading.Lock()
+        self._lock = threading.Lock()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         import torch
@@ -534,14 +526,11 @@ def predict_scene(
     order = chunk_order(grid, scene, len(spec.bands))
     tasks = ((plan, batch, factory) for batch in _batches(order, options.batch_size))
     name = f"geoseg-predict-{scene.stem}"
-    # writes wait for a CPU forward pass in this process to finish (see CPU_COMPUTE)
-    turn = CPU_COMPUTE if getattr(factory, "device", "cpu") == "cpu" else contextlib.nullcontext()
     with writer:
         for results in stream_tasks(client, predict_chunks, tasks, max_in_flight, name):
             for r in results:
-                with turn:
-                    writer.write("probs", r.chunk.core, r.probs, r.valid)
-                    writer.write("mask", r.chunk.core, r.mask)
+                writer.write("probs", r.chunk.core, r.probs, r.valid)
+                writer.write("mask", r.chunk.core, r.mask)
                 done += 1
                 skipped += r.skipped
             if progress is not None:
