@@ -50,9 +50,15 @@ def schedule(pipelines: Path, ledger_path: Path | None, grace: float) -> None:
     scheduler = Scheduler(configs, launch=SubprocessLauncher(extra), last_started=last_started)
     stop = threading.Event()
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
+    def stop_now(signum: int) -> None:
         click.echo(f"geoseg schedule: received signal {signum}; shutting down", err=True)
         stop.set()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        # The handler runs on the main thread between two bytecodes, possibly while that
+        # thread holds the lock inside ``stop.wait`` or stderr's buffer lock: setting the event
+        # or writing here could deadlock, so another thread does both.
+        threading.Thread(target=stop_now, args=(signum,), daemon=True).start()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
