@@ -195,7 +195,15 @@ MAX_OPEN_READERS = 4
 def _reader(path: str) -> Iterator[tuple[tuple[str, int, int], Any]]:
     """(key, open dataset) for ``path``, reused by later reads in this thread while the file
     is unchanged (the key: path, modification time and size). A failed read closes it."""
-    key, src = _open_reader(path)
+    if _READERS.pid != os.getpid():  # a forked child must not share the parent's file offsets
+        _READERS.datasets = OrderedDict()
+        _drop_blocks()
+        _READERS.pid = os.getpid()
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    src = _READERS.datasets.pop(key, None)
+    if src is None:
+        src = rasterio.open(path)
     try:
         yield key, src
     except BaseException:
@@ -205,17 +213,6 @@ def _reader(path: str) -> Iterator[tuple[tuple[str, int, int], Any]]:
     cache[key] = src
     while len(cache) > MAX_OPEN_READERS:
         cache.popitem(last=False)[1].close()
-
-
-def _open_reader(path: str) -> tuple[tuple[str, int, int], Any]:
-    if _READERS.pid != os.getpid():  # a forked child must not share the parent's file offsets
-        _READERS.datasets = OrderedDict()
-        _drop_blocks()
-        _READERS.pid = os.getpid()
-    st = os.stat(path)
-    key = (path, st.st_mtime_ns, st.st_size)
-    src = _READERS.datasets.pop(key, None)
-    return key, src if src is not None else rasterio.open(path)
 
 
 def close_readers() -> None:
@@ -271,9 +268,7 @@ def _read_blocks(
                 block = src.read(list(bands), window=block_win)
                 block_mask = src.dataset_mask(window=block_win) > 0 if scene.has_mask else None
                 got = (block, block_mask)
-                _READERS.block_bytes += block.nbytes + (
-                    0 if block_mask is None else block_mask.size
-                )
+                _READERS.block_bytes += _nbytes(got)
             cache[bkey] = got
             ya, yb = max(r0, br * bh), min(r1, (br + 1) * bh)
             xa, xb = max(c0, bc * bw), min(c1, (bc + 1) * bw)
@@ -282,9 +277,13 @@ def _read_blocks(
             if mask is not None and got[1] is not None:
                 mask[ya - r0 : yb - r0, xa - c0 : xb - c0] = got[1][rows_in, cols_in]
     while _READERS.block_bytes > BLOCK_CACHE_BYTES and len(cache) > 1:
-        old, old_mask = cache.popitem(last=False)[1]
-        _READERS.block_bytes -= old.nbytes + (0 if old_mask is None else old_mask.size)
+        _READERS.block_bytes -= _nbytes(cache.popitem(last=False)[1])
     return data, mask
+
+
+def _nbytes(block: tuple[np.ndarray, np.ndarray | None]) -> int:
+    data, mask = block
+    return data.nbytes + (0 if mask is None else mask.nbytes)
 
 
 def on_grid(src: Any, grid: Any) -> Any:
