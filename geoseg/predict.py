@@ -387,8 +387,8 @@ def open_client(options: PredictOptions) -> Iterator[Client]:
 
 
 #: Source bytes that one stripe of chunk rows may span (see :meth:`ChunkGrid.in_stripes`): a
-#: fraction of GDAL's block cache (``GDAL_ENV``), so that blocks shared by neighbouring chunk
-#: rows are decompressed once.
+#: fraction of the reader's cache of decoded blocks (:data:`geoseg.raster.BLOCK_CACHE_BYTES`),
+#: so that blocks shared by neighbouring chunk rows are decoded once.
 STRIPE_BYTES = 24 << 20
 
 
