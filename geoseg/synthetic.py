@@ -13,6 +13,7 @@ import argparse
 import math
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,6 +166,7 @@ def write_scene(
         "compress": "deflate",
         "dtype": "uint8",
         "bigtiff": "if_safer",
+        "num_threads": "all_cpus",  # GDAL compresses blocks in parallel
     }
     targets = [(Path(path), 3)] + ([(Path(labels), 1)] if labels is not None else [])
     tmps = [atomic_path(p) for p, _ in targets]
@@ -176,14 +178,27 @@ def write_scene(
                 )
                 for t, (_, n) in zip(tmps, targets, strict=True)
             ]
+            wins = [
+                Window(c, r, min(block, width - c), min(block, height - r))
+                for r in range(0, height, block)
+                for c in range(0, width, block)
+            ]
+
+            def make(win: Window) -> tuple[np.ndarray, np.ndarray]:
+                lab = scene.labels(win, roads)
+                return lab, scene.image(win, lab)
+
+            # windows are made on every core (numpy releases the GIL) and written in order,
+            # a few ahead at most
+            workers = max(1, min(8, os.cpu_count() or 1))
             try:
-                for r in range(0, height, block):
-                    for c in range(0, width, block):
-                        win = Window(c, r, min(block, width - c), min(block, height - r))
-                        lab = scene.labels(win, roads)
-                        dsts[0].write(scene.image(win, lab), window=win)
-                        if len(dsts) > 1:
-                            dsts[1].write(lab[None], window=win)
+                with ThreadPoolExecutor(workers) as pool:
+                    for i in range(0, len(wins), 2 * workers):
+                        batch = wins[i : i + 2 * workers]
+                        for win, (lab, img) in zip(batch, pool.map(make, batch), strict=True):
+                            dsts[0].write(img, window=win)
+                            if len(dsts) > 1:
+                                dsts[1].write(lab[None], window=win)
             finally:
                 for d in dsts:
                     d.close()
