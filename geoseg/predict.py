@@ -125,9 +125,12 @@ class TorchPredictor:
         self.activation = activation
         self.memory_format = torch.channels_last
         self.module = module.eval().to(self.device).to(memory_format=self.memory_format)
+        #: quantize on the device (see :meth:`quantized`): a quarter of the bytes come back
+        self.quantizes_on_device = self.device.type == "cuda"
         self._lock = threading.Lock()
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def _forward(self, batch: np.ndarray) -> torch.Tensor:
+        """float32 probabilities (N, K, H, W), left on the device."""
         import torch
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -143,10 +146,34 @@ class TorchPredictor:
             ),
         ):
             y = self.module(x)
-        y = y.float()
-        if self.activation == "softmax":
-            y = torch.softmax(y, dim=1)
-        return y.cpu().numpy()
+        with torch.inference_mode():
+            y = y.float()
+            if self.activation == "softmax":
+                y = torch.softmax(y, dim=1)
+        return y
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self._forward(batch).cpu().numpy()
+
+    def quantized(
+        self, batch: np.ndarray, windows: Sequence[tuple[int, int, int, int]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per batch item, :func:`quantize` of its window (row, col, height, width), on the device.
+
+        Returns uint8 probabilities (K, h, w) 0–255 and uint8 class ids (h, w), equal to what
+        :func:`quantize` makes of the same float probabilities (nodata is not applied here).
+        """
+        import torch
+
+        y = self._forward(batch)
+        out = []
+        with torch.inference_mode():
+            for item, (r, c, h, w) in zip(y, windows, strict=True):
+                p = item[:, r : r + h, c : c + w]
+                classes = p.argmax(0).to(torch.uint8)  # the first index wins ties, as argmax0
+                q = p.clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+                out.append((q.cpu().numpy(), classes.cpu().numpy()))
+        return out
 
 
 @dataclass(frozen=True)
@@ -213,6 +240,12 @@ class ChunkResult:
     skipped: bool = False
 
 
+def _core_window(chunk: Chunk) -> tuple[int, int, int, int]:
+    """(row, col, height, width) of the chunk's core inside its padded window."""
+    tr, tc = chunk.trim
+    return tr, tc, int(chunk.core.height), int(chunk.core.width)
+
+
 def _core(chunk: Chunk, arr: np.ndarray) -> np.ndarray:
     tr, tc = chunk.trim
     return arr[..., tr : tr + int(chunk.core.height), tc : tc + int(chunk.core.width)]
@@ -238,6 +271,14 @@ def quantize(probs: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarr
     classes = argmax0(probs) if probs.shape[0] <= 16 else np.argmax(probs, 0).astype(np.uint8)
     scaled = np.multiply(np.clip(probs, 0.0, 1.0), 255.0, dtype=np.float32)
     q = np.rint(scaled, out=scaled).astype(np.uint8)
+    return with_nodata(q, classes, valid)
+
+
+def with_nodata(
+    q: np.ndarray, classes: np.ndarray, valid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Quantized outputs with nodata applied: class ids (1, h, w) are 255 and probabilities 0
+    where ``valid`` is False."""
     if not valid.all():
         classes[~valid] = MASK_NODATA
         q[:, ~valid] = 0
@@ -268,7 +309,15 @@ def predict_chunks(
     if todo:
         predictor = get_predictor(factory)
         for items in todo.values():
-            probs = predictor(np.stack([x for _, x, _ in items]))
+            batch = np.stack([x for _, x, _ in items])
+            if getattr(predictor, "quantizes_on_device", False):
+                windows = [_core_window(chunks[i]) for i, _, _ in items]
+                outs = predictor.quantized(batch, windows)  # type: ignore[attr-defined]
+                for (i, _, core_valid), (q, classes) in zip(items, outs, strict=True):
+                    q, classes = with_nodata(q, classes, core_valid)
+                    results[i] = ChunkResult(chunks[i], q, classes, core_valid)
+                continue
+            probs = predictor(batch)
             for (i, _, core_valid), p in zip(items, probs, strict=True):
                 chunk = chunks[i]
                 q, classes = quantize(_core(chunk, p), core_valid)
@@ -345,13 +394,14 @@ class PredictOutputs:
 
 
 def local_threads(options: PredictOptions) -> int:
-    """Worker threads of the local cluster: 2 on CUDA (one reads while one computes), else 1.
-
-    On a CPU the model's own intra-op threads already use every core.
-    """
+    """Worker threads of the local cluster: 1 on a CPU, whose forward pass already uses every
+    core; on CUDA, half the cores (2 to 8), so that reading, normalizing and handing back
+    chunks keep up with the GPU while one thread at a time runs the model on it."""
     if options.workers:
         return options.workers
-    return 2 if resolve_device(options.device).startswith("cuda") else 1
+    if resolve_device(options.device).startswith("cuda"):
+        return max(2, min(8, (os.cpu_count() or 2) // 2))
+    return 1
 
 
 #: Dask settings for the local clusters geoseg starts. The worker's statistical profiler
@@ -497,8 +547,8 @@ def predict_scene(
         spec.halo if options.halo is None else options.halo,
         multiple=spec.stride,
     )
+    device = resolve_device(options.device)
     if factory is None:
-        device = resolve_device(options.device)
         factory = BundleFactory(
             str(bundle.path.resolve()),
             bundle.sha256,
@@ -513,7 +563,7 @@ def predict_scene(
     n_workers = max(1, sum(client.nthreads().values()))
     max_in_flight = options.max_in_flight or 2 * n_workers
     total, done, skipped = len(grid), 0, 0
-    writer = RasterWriter(scene, output_tags(bundle, scene))
+    writer = RasterWriter(scene, output_tags(bundle, scene), write_in_background(options, device))
     writer.add(
         "probs",
         probs_path,
@@ -537,6 +587,15 @@ def predict_scene(
                 progress(done, total)
     log.info("%s: %d chunks (%d all-nodata) → %s", scene.path, total, skipped, out)
     return PredictOutputs(scene.path, probs_path, mask_path, total, skipped, grid.redundancy, notes)
+
+
+def write_in_background(options: PredictOptions, device: str) -> bool:
+    """Write outputs on threads of their own (see :class:`RasterWriter`) when the model runs
+    elsewhere (a GPU, a remote cluster) and this machine's cores are free for it; not when the
+    forward pass already fills this CPU. (GDAL's own compression threads are not used for these
+    writes: with them, libtiff intermittently printed ExtraSamples errors for multi-band
+    outputs.)"""
+    return (device != "cpu" or bool(options.scheduler)) and (os.cpu_count() or 1) > 1
 
 
 def redundancy(chunk: int, halo: int) -> float:

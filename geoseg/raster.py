@@ -10,8 +10,9 @@ import math
 import os
 import threading
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -376,6 +377,9 @@ class _Output:
         return Path(str(self.work) + ".ovr")
 
 
+#: Writes queued per output in the background (see :class:`RasterWriter`), at most.
+WRITES_QUEUED = 4
+
 #: Output block size, in pixels; overview levels are made until the smallest fits one block.
 BLOCK = 512
 
@@ -436,9 +440,16 @@ class RasterWriter:
     Only one process may hold a writer for a given output.
     """
 
-    def __init__(self, scene: Scene, tags: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, scene: Scene, tags: dict[str, str] | None = None, background: bool = False
+    ) -> None:
+        """``background``: write each output on a thread of its own, so that the caller only
+        queues chunks. Default: write on the calling thread."""
         self.scene = scene
         self.tags = tags or {}
+        self.background = background
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._pending: dict[str, deque[Future[None]]] = {}
         self._outputs: dict[str, _Output] = {}
         self._env = rasterio.Env(**GDAL_ENV)
 
@@ -511,7 +522,43 @@ class RasterWriter:
     def write(
         self, name: str, window: Window, data: np.ndarray, valid: np.ndarray | None = None
     ) -> None:
-        """Write ``data`` (bands, h, w) at ``window``; ``valid`` sets the output's mask there."""
+        """Write ``data`` (bands, h, w) at ``window``; ``valid`` sets the output's mask there.
+
+        With background threads the write is queued (the arrays must not change afterwards),
+        and an earlier write's failure is raised here or by :meth:`commit`.
+        """
+        if not self.background:
+            self._write(name, window, data, valid)
+            return
+        pending = self._pending.setdefault(name, deque())
+        while pending and (pending[0].done() or len(pending) >= WRITES_QUEUED):
+            pending.popleft().result()
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = self._pools[name] = ThreadPoolExecutor(1, f"geoseg-write-{name}")
+        pending.append(pool.submit(self._write_in_env, name, window, data, valid))
+
+    def _write_in_env(
+        self, name: str, window: Window, data: np.ndarray, valid: np.ndarray | None
+    ) -> None:
+        with rasterio.Env(**GDAL_ENV):  # GDAL settings are per thread
+            self._write(name, window, data, valid)
+
+    def _drain(self) -> None:
+        """Wait for every queued write; raise the first failure."""
+        for pending in self._pending.values():
+            while pending:
+                pending.popleft().result()
+
+    def _stop_threads(self) -> None:
+        for pool in self._pools.values():
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._pools.clear()
+        self._pending.clear()
+
+    def _write(
+        self, name: str, window: Window, data: np.ndarray, valid: np.ndarray | None = None
+    ) -> None:
         out = self._outputs[name]
         try:
             out.dataset.write(data, window=window)
@@ -548,7 +595,9 @@ class RasterWriter:
                 ovr.build_overviews([2**i for i in range(1, levels)], Resampling[out.resampling])
 
     def _publish(self, out: _Output, tmp: Path) -> None:
-        with rasterio.Env(**GDAL_ENV):
+        # every chunk is written by now: the overviews (GDAL_NUM_THREADS) and the COG's
+        # compression may use every core
+        with rasterio.Env(**GDAL_ENV, GDAL_NUM_THREADS="ALL_CPUS"):
             self._finish_overviews(out)
             rasterio.shutil.copy(
                 out.work,
@@ -569,9 +618,20 @@ class RasterWriter:
         tmps = [atomic_path(out.final) for out in outs]
         published = False
         try:
-            for out, tmp in zip(outs, tmps, strict=True):
+            self._drain()
+            self._stop_threads()
+            for out in outs:
                 out.dataset.close()
-                self._publish(out, tmp)
+            if self.background:  # the outputs side by side: parts of a conversion are serial
+                with ThreadPoolExecutor(len(outs), "geoseg-publish") as pool:
+                    jobs = [
+                        pool.submit(self._publish, o, t) for o, t in zip(outs, tmps, strict=True)
+                    ]
+                    for job in jobs:
+                        job.result()
+            else:
+                for out, tmp in zip(outs, tmps, strict=True):
+                    self._publish(out, tmp)
             for done, out in zip(tmps, outs, strict=True):
                 os.replace(done, out.final)
             published = True
@@ -589,6 +649,7 @@ class RasterWriter:
         self._remove_scratch()
 
     def _remove_scratch(self) -> None:
+        self._stop_threads()
         for out in self._outputs.values():
             for ds in (out.dataset, out.overview):
                 if ds is not None and not ds.closed:

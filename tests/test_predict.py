@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,68 @@ def test_nodata_is_masked_and_empty_chunks_are_skipped(tmp_path: Path, make_bund
     assert engine.LOAD_COUNT[factory] == calls_before.get(factory, 0) + 1
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceQuantizeFactory:
+    """The bundle's own predictor, told to quantize as it does on a GPU (here in torch on CPU)."""
+
+    path: str
+    on_device: bool
+
+    def build(self) -> Any:
+        from geoseg.model import load_bundle, load_module
+
+        pred = engine.TorchPredictor(load_module(load_bundle(self.path)), "cpu", "fp32")
+        pred.quantizes_on_device = self.on_device
+        return pred
+
+
+def test_quantizing_in_torch_equals_numpy(tmp_path: Path, make_bundle: Any) -> None:
+    """The GPU path's quantization (torch) gives the CPU path's bytes, nodata and edges included."""
+    rng = np.random.default_rng(4)
+    data = rng.integers(1, 256, size=(3, 150, 170), dtype=np.uint8)
+    data[:, :64, :64] = 0  # one all-nodata chunk core
+    data[:, 70:90, 100:103] = 0  # nodata inside a chunk
+    scene = write_tif(tmp_path / "q.tif", data, nodata=0)
+    bundle = make_bundle(seed=2)
+    path = str(bundle.path.resolve())
+    outs = [
+        run(
+            scene,
+            bundle,
+            tmp_path / str(flag),
+            DeviceQuantizeFactory(path, flag),
+            chunk=64,
+            halo=16,
+            batch_size=3,
+        )
+        for flag in (False, True)
+    ]
+    assert outs[0].skipped == outs[1].skipped == 1
+    for name in ("probs", "mask"):
+        a, b = (read(getattr(o, name)) for o in outs)
+        np.testing.assert_array_equal(a, b)
+    assert (read(outs[1].mask)[0, 70:90, 100:103] == engine.MASK_NODATA).all()
+
+
+def test_torch_quantization_breaks_ties_like_argmax0() -> None:
+    import torch
+
+    class Ties(torch.nn.Module):  # classes 0 and 2 tie everywhere, class 1 wins where x > 0
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x[:, :1] * 0, x[:, :1], x[:, :1] * 0], dim=1)
+
+    x = np.random.default_rng(0).standard_normal((2, 1, 40, 48)).astype(np.float32)
+    pred = engine.TorchPredictor(Ties())
+    got = pred.quantized(x, [(3, 5, 30, 40), (0, 0, 40, 48)])
+    for item, (r, c, h, w), (q, classes) in zip(
+        pred(x), [(3, 5, 30, 40), (0, 0, 40, 48)], got, strict=True
+    ):
+        want_q, want_classes = engine.quantize(item[:, r : r + h, c : c + w], np.ones((h, w), bool))
+        np.testing.assert_array_equal(q, want_q)
+        np.testing.assert_array_equal(classes[None], want_classes)
+        assert set(np.unique(classes)) == {0, 1}
+
+
 def test_model_loaded_once_per_worker(tmp_path: Path, rgb_scene: Any, make_bundle: Any) -> None:
     bundle = make_bundle()
     scene = rgb_scene(256, 256, seed=5)
@@ -346,6 +409,64 @@ def test_failure_mid_scene_leaves_nothing(tmp_path: Path, rgb_scene: Any, make_b
     assert list(out_dir.iterdir()) == []
 
 
+def test_background_writers_write_the_same_files(
+    tmp_path: Path, rgb_scene: Any, make_bundle: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes queued to one thread per output (as with a GPU) give the same outputs."""
+    data = np.random.default_rng(6).integers(1, 256, size=(3, 300, 260), dtype=np.uint8)
+    data[:, 100:140, 30:200] = 0
+    scene = write_tif(tmp_path / "bg.tif", data, nodata=0)
+    bundle = make_bundle()
+    direct = run(scene, bundle, tmp_path / "direct", IdentityFactory("bg"), chunk=64, halo=16)
+    queued = []
+    real_write = engine.RasterWriter._write
+
+    def spy(self: Any, name: str, *a: Any) -> None:
+        queued.append(threading.current_thread().name)
+        real_write(self, name, *a)
+
+    monkeypatch.setattr(engine, "write_in_background", lambda options, device: True)
+    monkeypatch.setattr(engine.RasterWriter, "_write", spy)
+    threaded = run(scene, bundle, tmp_path / "bg", IdentityFactory("bg"), chunk=64, halo=16)
+    assert {n.rsplit("_", 1)[0] for n in queued} == {"geoseg-write-probs", "geoseg-write-mask"}
+    for name in ("probs", "mask"):
+        with rasterio.open(getattr(direct, name)) as a, rasterio.open(getattr(threaded, name)) as b:
+            np.testing.assert_array_equal(a.read(), b.read())
+            np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
+            assert a.overviews(1) == b.overviews(1)
+            np.testing.assert_array_equal(
+                a.read(out_shape=(a.count, 75, 65)), b.read(out_shape=(b.count, 75, 65))
+            )
+    assert cog_validate(threaded.probs)[0]
+
+
+def test_background_write_failure_leaves_nothing(
+    tmp_path: Path, rgb_scene: Any, make_bundle: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+    real_write = engine.RasterWriter._write
+
+    def failing(self: Any, *a: Any) -> None:
+        calls.append(1)
+        if len(calls) == 5:
+            raise OutputError("simulated: disk full while writing a chunk")
+        real_write(self, *a)
+
+    monkeypatch.setattr(engine, "write_in_background", lambda options, device: True)
+    monkeypatch.setattr(engine.RasterWriter, "_write", failing)
+    out_dir = tmp_path / "out"
+    with pytest.raises(OutputError, match="disk full"):
+        run(
+            rgb_scene(256, 256, seed=2),
+            make_bundle(),
+            out_dir,
+            IdentityFactory("bgf"),
+            chunk=64,
+            halo=16,
+        )
+    assert list(out_dir.iterdir()) == []
+
+
 def test_incompatible_scene_refused_before_compute(tmp_path: Path, make_bundle: Any) -> None:
     scene = write_tif(tmp_path / "one.tif", np.zeros((1, 40, 40), np.uint8))
     with pytest.raises(InputError, match=r"one.tif: has 1 band\(s\) but the model reads bands"):
@@ -362,11 +483,18 @@ def test_resolution_mismatch_warns(tmp_path: Path, rgb_scene: Any, make_bundle: 
         run(scene, make_bundle(gsd_m=0.3), tmp_path / "out", IdentityFactory("gsd"))
 
 
+@pytest.mark.parametrize("background", [False, True])
 def test_failed_cog_conversion_leaves_nothing(
-    tmp_path: Path, rgb_scene: Any, make_bundle: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    rgb_scene: Any,
+    make_bundle: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    background: bool,
 ) -> None:
     """A full disk while publishing: the half-written COG and the scratch files are removed."""
     import rasterio.shutil
+
+    monkeypatch.setattr(engine, "write_in_background", lambda options, device: background)
 
     calls = []
 
