@@ -5,14 +5,17 @@ Every number comes from a fresh subprocess, measured side by side in one run:
 * ``e2e``: ``geoseg predict`` on a synthetic scene (read, normalize, forward, trim, write COGs).
 * ``bare``: only the model's forward passes over the same padded chunks (read and normalized
   untimed), same threads, precision and allocator settings, model loaded and warmed up; run
-  before and after ``e2e`` and averaged, since this machine's speed drifts. The ratio
-  e2e / bare shows the pipeline's overhead over the model itself.
+  before and after ``e2e`` and averaged, since this machine's speed drifts. On a CPU each pass
+  is the predictor's call (forward and softmax); on a GPU it is the module alone on an input
+  already on the device, synchronized. The ratio e2e / bare shows the pipeline's overhead over
+  the model itself.
 * ``naive``: the common approach: read the whole scene, loop over tiles with the same halo,
   accumulate float32 probabilities for the whole scene, argmax, write one GeoTIFF.
 
 Usage::
 
     python benchmarks/bench_predict.py throughput --size 8192
+    python benchmarks/bench_predict.py throughput --size 16384 --base-size 8192 --device cuda
     python benchmarks/bench_predict.py memory --sizes 4096 8192 16384
     python benchmarks/bench_predict.py naive --size 4096
 """
@@ -107,16 +110,31 @@ pred = TorchPredictor(load_module(b), device, resolve_precision(precision, devic
 scene = open_scene(scene_path)
 grid = ChunkGrid(scene.width, scene.height, s.chunk, s.halo, multiple=s.stride)
 shapes = {(int(c.padded.height), int(c.padded.width)) for c in grid}
+cuda = device.startswith("cuda")
+def forward(x):
+    if not cuda:  # on a CPU: the predictor as geoseg calls it (forward and softmax)
+        pred(x)
+        return 0.0
+    # on a GPU: the module alone on an input already on the device, as fast as it can run
+    xt = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(pred.precision, torch.float32)
+    amp = dtype != torch.float32
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=amp):
+        pred.module(xt)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
 rng = np.random.default_rng(0)
 for hw in shapes:  # warm-up, excluded like a loaded worker's
-    pred(rng.standard_normal((1, len(s.bands), *hw)).astype(np.float32))
+    for _ in range(3 if cuda else 1):
+        forward(rng.standard_normal((1, len(s.bands), *hw)).astype(np.float32))
 seconds, pixels = 0.0, 0
 for c in grid:  # the same pixels as geoseg predict; only the forward passes are timed
     x = s.normalization.apply(*read_padded(scene, c.padded, s.bands))[None]
     t = time.perf_counter()
-    pred(x)
-    if device.startswith("cuda"): torch.cuda.synchronize()
-    seconds += time.perf_counter() - t
+    gpu_seconds = forward(x)
+    seconds += gpu_seconds or time.perf_counter() - t
     pixels += x.shape[-1] * x.shape[-2]
 print(json.dumps({"seconds": seconds, "pixels": pixels}))
 """
@@ -207,6 +225,18 @@ def cmd_throughput(args: argparse.Namespace) -> None:
             f"(ratio e2e / that: {t_e2e / b0['seconds']:.3f})"
         )
     print(f"  redundant compute  : {redundancy:8.3f}   (model pixels per scene pixel)")
+    if args.base_size:
+        # fixed costs (start-up, loading the model) cancel out: what each extra pixel costs
+        small = scene(args.base_size)
+        s1 = bare(model, small, args)
+        t_small, _ = e2e(small, model, args)
+        s2 = bare(model, small, args)
+        b_small = (s1["seconds"] + s2["seconds"]) / 2
+        print(
+            f"  at {args.base_size}² px: e2e {t_small:.1f} s, bare {b_small:.1f} s; marginal ratio "
+            f"(e2e {args.size}² − e2e {args.base_size}²) / (bare − bare): "
+            f"{(t_e2e - t_small) / (b['seconds'] - b_small):.3f}"
+        )
 
 
 def cmd_memory(args: argparse.Namespace) -> None:
@@ -263,6 +293,13 @@ def main() -> None:
                 "--untuned",
                 action="store_true",
                 help="Also time the bare forward with glibc's default malloc settings.",
+            )
+            p.add_argument(
+                "--base-size",
+                type=int,
+                default=None,
+                help="Also run this smaller size and report the marginal ratio, without the "
+                "fixed start-up costs.",
             )
         if name == "memory":
             p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
