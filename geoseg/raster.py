@@ -175,19 +175,56 @@ def reflect_index(start: int, size: int, n: int) -> np.ndarray:
 
 class _OpenReaders(threading.local):
     """Per-thread open datasets, so that GDAL's block cache serves the blocks that neighbouring
-    chunks share (their halos) instead of decompressing them again for every chunk, and the
-    decoded blocks of tiled files (see :func:`_read_blocks`)."""
+    chunks share (their halos) instead of decompressing them again for every chunk."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.datasets: OrderedDict[tuple[str, int, int], Any] = OrderedDict()
-        self.blocks: OrderedDict[tuple[Any, ...], tuple[np.ndarray, np.ndarray | None]] = (
-            OrderedDict()
-        )
-        self.block_bytes = 0
+
+
+Block = tuple[np.ndarray, np.ndarray | None]
+
+
+class _BlockCache:
+    """Decoded blocks of tiled files (see :func:`_read_blocks`), least recently used first,
+    shared by the threads of a process: chunks read side by side share their halo blocks."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pid = os.getpid()
+        self.blocks: OrderedDict[tuple[Any, ...], Block] = OrderedDict()
+        self.nbytes = 0
+
+    def get(self, key: tuple[Any, ...]) -> Block | None:
+        with self.lock:
+            self._forget_parent()
+            got = self.blocks.pop(key, None)
+            if got is not None:
+                self.blocks[key] = got
+            return got
+
+    def put(self, key: tuple[Any, ...], block: Block) -> None:
+        """Keep ``block``; evict the least recently used ones beyond :data:`BLOCK_CACHE_BYTES`."""
+        with self.lock:
+            self._forget_parent()
+            if key not in self.blocks:
+                self.nbytes += _nbytes(block)
+            self.blocks[key] = block
+            while self.nbytes > BLOCK_CACHE_BYTES and len(self.blocks) > 1:
+                self.nbytes -= _nbytes(self.blocks.popitem(last=False)[1])
+
+    def clear(self) -> None:
+        with self.lock:
+            self.blocks = OrderedDict()
+            self.nbytes = 0
+
+    def _forget_parent(self) -> None:
+        if self.pid != os.getpid():  # a forked child starts empty
+            self.blocks, self.nbytes, self.pid = OrderedDict(), 0, os.getpid()
 
 
 _READERS = _OpenReaders()
+_BLOCKS = _BlockCache()
 #: Datasets kept open per thread (least recently used ones are closed).
 MAX_OPEN_READERS = 4
 
@@ -198,7 +235,6 @@ def _reader(path: str) -> Iterator[tuple[tuple[str, int, int], Any]]:
     is unchanged (the key: path, modification time and size). A failed read closes it."""
     if _READERS.pid != os.getpid():  # a forked child must not share the parent's file offsets
         _READERS.datasets = OrderedDict()
-        _drop_blocks()
         _READERS.pid = os.getpid()
     st = os.stat(path)
     key = (path, st.st_mtime_ns, st.st_size)
@@ -220,15 +256,10 @@ def close_readers() -> None:
     """Close the datasets this thread keeps open for :func:`read_padded`, drop cached blocks."""
     while _READERS.datasets:
         _READERS.datasets.popitem()[1].close()
-    _drop_blocks()
+    _BLOCKS.clear()
 
 
-def _drop_blocks() -> None:
-    _READERS.blocks = OrderedDict()
-    _READERS.block_bytes = 0
-
-
-#: Decoded source blocks kept per thread (bytes). Chunk windows with halos never line up with
+#: Decoded source blocks kept per process (bytes). Chunk windows with halos never line up with
 #: a tiled file's blocks, and GDAL copies a window that cuts blocks pixel by pixel (11–14 ms
 #: for a 640² RGB window, from its cache); whole blocks come straight from the decoder
 #: (1.8 ms per 512² RGB tile, decompression included). So tiled files are read block by block
@@ -254,12 +285,11 @@ def _read_blocks(
     r1, c1 = r0 + int(win.height), c0 + int(win.width)
     data = np.empty((len(bands), r1 - r0, c1 - c0), dtype=scene.dtype)
     mask = np.empty((r1 - r0, c1 - c0), dtype=bool) if scene.has_mask else None
-    cache = _READERS.blocks
     for br in range(r0 // bh, (r1 - 1) // bh + 1):
         for bc in range(c0 // bw, (c1 - 1) // bw + 1):
             bkey = (*key, tuple(bands), br, bc)
-            got = cache.pop(bkey, None)
-            if got is None:
+            got = _BLOCKS.get(bkey)
+            if got is None:  # decoded outside the lock, by this thread's own dataset
                 block_win = Window(
                     bc * bw,
                     br * bh,
@@ -269,20 +299,17 @@ def _read_blocks(
                 block = src.read(list(bands), window=block_win)
                 block_mask = src.dataset_mask(window=block_win) > 0 if scene.has_mask else None
                 got = (block, block_mask)
-                _READERS.block_bytes += _nbytes(got)
-            cache[bkey] = got
+                _BLOCKS.put(bkey, got)
             ya, yb = max(r0, br * bh), min(r1, (br + 1) * bh)
             xa, xb = max(c0, bc * bw), min(c1, (bc + 1) * bw)
             rows_in, cols_in = slice(ya - br * bh, yb - br * bh), slice(xa - bc * bw, xb - bc * bw)
             data[:, ya - r0 : yb - r0, xa - c0 : xb - c0] = got[0][:, rows_in, cols_in]
             if mask is not None and got[1] is not None:
                 mask[ya - r0 : yb - r0, xa - c0 : xb - c0] = got[1][rows_in, cols_in]
-    while _READERS.block_bytes > BLOCK_CACHE_BYTES and len(cache) > 1:
-        _READERS.block_bytes -= _nbytes(cache.popitem(last=False)[1])
     return data, mask
 
 
-def _nbytes(block: tuple[np.ndarray, np.ndarray | None]) -> int:
+def _nbytes(block: Block) -> int:
     data, mask = block
     return data.nbytes + (0 if mask is None else mask.nbytes)
 
