@@ -34,6 +34,9 @@ TINY = {
     "halo": 16,
 }
 
+#: a full-depth U-Net (ModelSpec overrides), for tests of seamlessness
+FULL = {"encoder_depth": 5, "decoder_channels": [256, 128, 64, 32, 16]}
+
 
 @pytest.fixture(scope="session")
 def make_bundle(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Any]:

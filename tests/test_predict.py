@@ -18,7 +18,7 @@ from geoseg import predict as engine
 from geoseg.errors import InputError, OutputError
 from geoseg.predict import PredictOptions, open_client, predict_scene
 from geoseg.raster import open_scene
-from tests.conftest import write_tif
+from tests.conftest import FULL, write_tif
 
 
 class IdentityPredictor:
@@ -128,7 +128,7 @@ def test_reader_sees_a_rewritten_file(tmp_path: Path) -> None:
 def test_block_reads_equal_whole_file_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nodata: int | None, small_cache: bool
 ) -> None:
-    """Tiled files are read through the per-thread cache of decoded blocks: any window, also
+    """Tiled files are read through the cache of decoded blocks: any window, also
     reflected past the edges and cutting partial edge blocks, equals the whole file indexed
     the same way; values and the nodata mask; also while the cache evicts blocks."""
     from rasterio.windows import Window
@@ -156,10 +156,41 @@ def test_block_reads_equal_whole_file_reads(
             expect = data[[2, 0]][:, rows][:, :, cols]
             assert np.array_equal(got, expect)
             assert np.array_equal(valid, valid_all[rows][:, cols])
-        assert raster._READERS.block_bytes <= raster.BLOCK_CACHE_BYTES
+        assert raster._BLOCKS.nbytes <= raster.BLOCK_CACHE_BYTES
     finally:
         close_readers()
-    assert raster._READERS.block_bytes == 0
+    assert raster._BLOCKS.nbytes == 0
+
+
+def test_block_cache_shared_by_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Threads reading side by side through one small, evicting cache get exact windows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rasterio.windows import Window
+
+    from geoseg import raster
+    from geoseg.raster import read_padded, reflect_index
+
+    data = np.random.default_rng(3).integers(0, 256, (3, 200, 190), dtype=np.uint8)
+    path = write_tif(tmp_path / "t.tif", data, tiled=True, blockxsize=32, blockysize=32)
+    monkeypatch.setattr(raster, "BLOCK_CACHE_BYTES", 12 * 32 * 32 * 3)
+    scene = open_scene(path)
+
+    def check(seed: int) -> int:
+        rng = np.random.default_rng(seed)
+        try:
+            for _ in range(30):
+                h, w = (int(v) for v in rng.integers(1, 120, 2))
+                r, c = int(rng.integers(-40, 200)), int(rng.integers(-40, 190))
+                got, _ = read_padded(scene, Window(c, r, w, h), (1, 2, 3))
+                rows, cols = reflect_index(r, h, 200), reflect_index(c, w, 190)
+                assert np.array_equal(got, data[:, rows][:, :, cols])
+        finally:
+            raster.close_readers()
+        return seed
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sorted(pool.map(check, range(8))) == list(range(8))
 
 
 @pytest.mark.parametrize("h, w", [(5, 7), (6, 8), (1, 1), (2, 3)])
@@ -330,12 +361,20 @@ def test_model_loaded_once_per_worker(tmp_path: Path, rgb_scene: Any, make_bundl
     bundle = make_bundle()
     scene = rgb_scene(256, 256, seed=5)
     options = PredictOptions(device="cpu", precision="fp32", chunk=64, halo=16, workers=2)
+
+    def loads() -> dict[Any, int]:  # other tests may have loaded the same bundle before
+        path = str(bundle.path.resolve())
+        return {k: n for k, n in engine.LOAD_COUNT.items() if getattr(k, "path", None) == path}
+
+    for key in loads():  # a predictor left by another test would be reused, not built
+        engine._PREDICTORS.pop(key, None)
+    before = loads()
     with open_client(options) as client:
         for name in ("a", "b"):
             out = predict_scene(open_scene(scene), bundle, tmp_path / name, options, client)
             assert out.chunks == 16
-    keys = [k for k in engine.LOAD_COUNT if getattr(k, "path", None) == str(bundle.path.resolve())]
-    assert len(keys) == 1 and engine.LOAD_COUNT[keys[0]] == 1
+    new = {k: n - before.get(k, 0) for k, n in loads().items() if n != before.get(k, 0)}
+    assert list(new.values()) == [1]  # one factory, built once for both scenes and 32 chunks
 
 
 def _assert_seamless(scene: Path, bundle: Any, tmp: Path, chunk: int, halo: int) -> None:
@@ -347,9 +386,6 @@ def _assert_seamless(scene: Path, bundle: Any, tmp: Path, chunk: int, halo: int)
     close = (np.abs(a - b) <= 2).all(axis=0)
     assert close.mean() >= 0.999, f"only {close.mean():.5f} of pixels within 2/255"
     assert (read(small.mask) == read(whole.mask)).mean() >= 0.999
-
-
-FULL = {"encoder_depth": 5, "decoder_channels": [256, 128, 64, 32, 16]}
 
 
 def test_seamless_on_real_imagery(tmp_path: Path, shared_data: Path, make_bundle: Any) -> None:

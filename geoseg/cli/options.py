@@ -58,13 +58,13 @@ def compute_options(f: F) -> F:
             "--threads",
             type=click.IntRange(min=1),
             default=None,
-            help="Torch threads per worker (default: torch's choice).",
+            help="Torch threads per worker (default on CPU: cores / workers).",
         ),
         click.option(
             "--workers",
             type=click.IntRange(min=1),
             default=None,
-            help="Local worker threads running chunks (default: 2 on CUDA, else 1).",
+            help="Local worker threads running chunks (default: 1 on CPU, half the cores on CUDA).",
         ),
         click.option(
             "--scheduler",
