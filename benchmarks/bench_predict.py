@@ -89,6 +89,8 @@ def e2e(scene_path: Path, model: Path, args: argparse.Namespace) -> tuple[float,
     ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.workers:
+        cmd += ["--workers", str(args.workers)]
     return run_measured(cmd)
 
 
@@ -130,7 +132,25 @@ for hw in shapes:  # warm-up, excluded like a loaded worker's
     for _ in range(3 if cuda else 1):
         forward(rng.standard_normal((1, len(s.bands), *hw)).astype(np.float32))
 seconds, pixels = 0.0, 0
-for c in grid:  # the same pixels as geoseg predict; only the forward passes are timed
+side = int(sys.argv[7])
+if side > 1:  # passes side by side on `side` threads, raw chunks read first (untimed)
+    import queue, threading
+    raw = queue.SimpleQueue()
+    for c in grid:
+        raw.put(read_padded(scene, c.padded, s.bands))
+        pixels += int(c.padded.height) * int(c.padded.width)
+    def work():
+        while True:
+            try: item = raw.get_nowait()
+            except queue.Empty: return
+            forward(s.normalization.apply(*item)[None])
+    workers = [threading.Thread(target=work) for _ in range(side)]
+    t = time.perf_counter()
+    for w in workers: w.start()
+    for w in workers: w.join()
+    seconds = time.perf_counter() - t
+else:
+  for c in grid:  # the same pixels as geoseg predict; only the forward passes are timed
     x = s.normalization.apply(*read_padded(scene, c.padded, s.bands))[None]
     t = time.perf_counter()
     gpu_seconds = forward(x)
@@ -141,7 +161,7 @@ print(json.dumps({"seconds": seconds, "pixels": pixels}))
 
 
 def bare(
-    model: Path, scene_path: Path, args: argparse.Namespace, tuned: bool = True
+    model: Path, scene_path: Path, args: argparse.Namespace, tuned: bool = True, side: int = 1
 ) -> dict[str, float]:
     out = subprocess.run(
         [
@@ -154,6 +174,7 @@ def bare(
             args.precision,
             str(args.threads or 0),
             "1" if tuned else "0",
+            str(side),
         ],
         check=True,
         capture_output=True,
@@ -201,6 +222,10 @@ def cmd_throughput(args: argparse.Namespace) -> None:
     b2 = bare(model, path, args)
     b = {"seconds": (b1["seconds"] + b2["seconds"]) / 2, "pixels": b1["pixels"]}
     b0 = bare(model, path, args, tuned=False) if args.untuned else None
+    if args.side_by_side:
+        # the model as geoseg runs it on a CPU: two passes at a time, cores shared between them
+        one = argparse.Namespace(**{**vars(args), "threads": max(1, (args.threads or 2) // 2)})
+        bp = bare(model, path, one, side=2)
     redundancy = b["pixels"] / args.size**2
     print(
         f"scene {args.size}² px, {args.encoder}, chunk {args.chunk} + halo {args.halo} px, "
@@ -219,6 +244,11 @@ def cmd_throughput(args: argparse.Namespace) -> None:
         f"  ratio e2e / bare   : {t_e2e / b['seconds']:8.3f}   (bare-forward share "
         f"{100 * b['seconds'] / t_e2e:.1f} %)"
     )
+    if args.side_by_side:
+        print(
+            f"  bare, 2 passes side by side: {bp['seconds']:8.1f} s  "
+            f"(ratio e2e / that: {t_e2e / bp['seconds']:.3f}; normalization included)"
+        )
     if b0 is not None:
         print(
             f"  bare, glibc malloc defaults: {b0['seconds']:8.1f} s  "
@@ -288,11 +318,18 @@ def main() -> None:
         p.add_argument("--device", default="cpu")
         p.add_argument("--precision", default="auto")
         p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--workers", type=int, default=None, help="geoseg predict --workers.")
         if name == "throughput":
             p.add_argument(
                 "--untuned",
                 action="store_true",
                 help="Also time the bare forward with glibc's default malloc settings.",
+            )
+            p.add_argument(
+                "--side-by-side",
+                action="store_true",
+                help="Also time the bare forward as two passes side by side, each with half "
+                "the threads.",
             )
             p.add_argument(
                 "--base-size",
