@@ -412,7 +412,7 @@ def local_threads(options: PredictOptions) -> int:
     keep up with the GPU while one thread at a time runs the model on it. On a CPU, one: its
     forward pass uses every core. ``--workers 2`` runs two passes side by side instead, the
     cores shared between them (see :func:`torch_threads`): faster where a pass's parallel
-    regions stall whenever something else takes a core (on 2 cores: 1.07 instead of 1.24
+    regions stall whenever something else takes a core (on 2 cores: 1.07 instead of 1.27
     times the bare forward time), at the price of a second pass's activations and a more
     fragmented heap (peak RSS 1.6 instead of 1.3 GiB with a resnet18 at 512 px chunks).
     """
