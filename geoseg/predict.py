@@ -424,12 +424,15 @@ def local_threads(options: PredictOptions) -> int:
 
 
 def torch_threads(options: PredictOptions, device: str) -> int | None:
-    """Torch threads per forward pass: ``--threads``, else on a local CPU cluster the cores
-    shared among its worker threads; else torch's default."""
+    """Torch threads per forward pass: ``--threads``; else, with several worker threads on a
+    local CPU cluster, torch's default shared among them; else torch's default."""
     if options.threads:
         return options.threads
-    if device == "cpu" and not options.scheduler:
-        return max(1, cpu_cores() // local_threads(options))
+    workers = local_threads(options)
+    if device == "cpu" and not options.scheduler and workers > 1:
+        import torch
+
+        return max(1, torch.get_num_threads() // workers)
     return None
 
 

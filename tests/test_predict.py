@@ -103,6 +103,19 @@ def test_local_workers_run_without_the_sampling_profiler() -> None:
     assert "heartbeat" in names and "profile" not in names
 
 
+def test_cpu_workers_share_torch_threads() -> None:
+    import torch
+
+    cpu = dict(device="cpu")
+    assert engine.local_threads(PredictOptions(**cpu)) == 1
+    assert engine.torch_threads(PredictOptions(**cpu), "cpu") is None  # torch's default
+    shared = max(1, torch.get_num_threads() // 2)
+    assert engine.torch_threads(PredictOptions(workers=2, **cpu), "cpu") == shared
+    assert engine.torch_threads(PredictOptions(workers=2, threads=3, **cpu), "cpu") == 3
+    remote = PredictOptions(workers=2, scheduler="tcp://elsewhere:8786", **cpu)
+    assert engine.torch_threads(remote, "cpu") is None  # the workers' own machines decide
+
+
 def test_argmax0_matches_numpy_with_ties() -> None:
     rng = np.random.default_rng(1)
     p = rng.integers(0, 4, size=(5, 40, 30)).astype(np.float32)  # many ties
