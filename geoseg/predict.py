@@ -27,6 +27,7 @@ from geoseg.errors import ConfigError, InputError, ModelError
 from geoseg.grid import Chunk, ChunkGrid
 from geoseg.model import Bundle, ModelSpec, Normalization, load_module
 from geoseg.raster import RasterWriter, Scene, check_writable, read_padded
+from geoseg.runtime import cpu_cores
 
 if TYPE_CHECKING:
     import torch
@@ -251,8 +252,8 @@ def _core_window(chunk: Chunk) -> tuple[int, int, int, int]:
 
 
 def _core(chunk: Chunk, arr: np.ndarray) -> np.ndarray:
-    tr, tc = chunk.trim
-    return arr[..., tr : tr + int(chunk.core.height), tc : tc + int(chunk.core.width)]
+    r, c, h, w = _core_window(chunk)
+    return arr[..., r : r + h, c : c + w]
 
 
 def argmax0(probs: np.ndarray) -> np.ndarray:
@@ -272,10 +273,14 @@ def argmax0(probs: np.ndarray) -> np.ndarray:
 
 def quantize(probs: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Float probabilities (K, h, w) → uint8 0–255 probabilities and uint8 class ids (1, h, w)."""
+    return with_nodata(*_quantize(probs), valid)
+
+
+def _quantize(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 0–255 probabilities (K, h, w) and uint8 class ids (h, w), nodata not applied."""
     classes = argmax0(probs) if probs.shape[0] <= 16 else np.argmax(probs, 0).astype(np.uint8)
     scaled = np.multiply(np.clip(probs, 0.0, 1.0), 255.0, dtype=np.float32)
-    q = np.rint(scaled, out=scaled).astype(np.uint8)
-    return with_nodata(q, classes, valid)
+    return np.rint(scaled, out=scaled).astype(np.uint8), classes
 
 
 def with_nodata(
@@ -317,15 +322,12 @@ def predict_chunks(
             if getattr(predictor, "quantizes_on_device", False):
                 windows = [_core_window(chunks[i]) for i, _, _ in items]
                 outs = predictor.quantized(batch, windows)  # type: ignore[attr-defined]
-                for (i, _, core_valid), (q, classes) in zip(items, outs, strict=True):
-                    q, classes = with_nodata(q, classes, core_valid)
-                    results[i] = ChunkResult(chunks[i], q, classes, core_valid)
-                continue
-            probs = predictor(batch)
-            for (i, _, core_valid), p in zip(items, probs, strict=True):
-                chunk = chunks[i]
-                q, classes = quantize(_core(chunk, p), core_valid)
-                results[i] = ChunkResult(chunk, q, classes, core_valid)
+            else:
+                probs = zip(items, predictor(batch), strict=True)
+                outs = [_quantize(_core(chunks[i], p)) for (i, _, _), p in probs]
+            for (i, _, core_valid), (q, classes) in zip(items, outs, strict=True):
+                q, classes = with_nodata(q, classes, core_valid)
+                results[i] = ChunkResult(chunks[i], q, classes, core_valid)
     return [r for r in results if r is not None]
 
 
@@ -395,14 +397,6 @@ class PredictOutputs:
     skipped: int
     redundancy: float
     warnings: list[str] = field(default_factory=list)
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def local_threads(options: PredictOptions) -> int:

@@ -11,7 +11,7 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["MALLOC_ENV", "allocator_wanted", "tune_allocator"]
+__all__ = ["MALLOC_ENV", "allocator_wanted", "cpu_cores", "tune_allocator"]
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -63,3 +63,11 @@ def tune_allocator() -> bool:
     ok = mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0)
     ok = ok and mallopt(_M_TRIM_THRESHOLD, 1 << 30)
     return bool(ok)
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

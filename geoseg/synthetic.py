@@ -23,6 +23,7 @@ from affine import Affine
 from rasterio.windows import Window
 
 from geoseg.raster import GDAL_ENV, atomic_path
+from geoseg.runtime import cpu_cores
 
 __all__ = ["BACKGROUND", "BUILDING", "ROAD", "SyntheticScene", "write_scene"]
 
@@ -190,7 +191,7 @@ def write_scene(
 
             # windows are made on every core (numpy releases the GIL) and written in order,
             # a few ahead at most
-            workers = max(1, min(8, os.cpu_count() or 1))
+            workers = min(8, cpu_cores())
             try:
                 with ThreadPoolExecutor(workers) as pool:
                     for i in range(0, len(wins), 2 * workers):
