@@ -150,12 +150,12 @@ if side > 1:  # passes side by side on `side` threads, raw chunks read first (un
     for w in workers: w.join()
     seconds = time.perf_counter() - t
 else:
-  for c in grid:  # the same pixels as geoseg predict; only the forward passes are timed
-    x = s.normalization.apply(*read_padded(scene, c.padded, s.bands))[None]
-    t = time.perf_counter()
-    gpu_seconds = forward(x)
-    seconds += gpu_seconds or time.perf_counter() - t
-    pixels += x.shape[-1] * x.shape[-2]
+    for c in grid:  # the same pixels as geoseg predict; only the forward passes are timed
+        x = s.normalization.apply(*read_padded(scene, c.padded, s.bands))[None]
+        t = time.perf_counter()
+        gpu_seconds = forward(x)
+        seconds += gpu_seconds or time.perf_counter() - t
+        pixels += x.shape[-1] * x.shape[-2]
 print(json.dumps({"seconds": seconds, "pixels": pixels}))
 """
 
