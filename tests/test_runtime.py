@@ -85,3 +85,45 @@ def test_spawned_vectorize_workers_get_the_allocator_settings(
         stop.set()
         other.join()
     assert faults < 2_000, faults
+
+
+EXIT_PROBE = r"""
+import atexit, sys, threading, time
+from pathlib import Path
+from geoseg.cli import _exit
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+print("buffered output", end="")             # still in the buffer: must be flushed
+if sys.argv[2] == "thread":                   # a worker that is not a daemon must finish
+    def late() -> None:
+        time.sleep(0.5)
+        (out / "thread").write_text("done")
+    threading.Thread(target=late).start()
+code = sys.argv[3]
+_exit(None if code == "none" else int(code) if code.isdigit() else code)
+"""
+
+
+@pytest.mark.parametrize(
+    ("code", "status"), [("none", 0), ("0", 0), ("3", 3), ("bad input", 1)]
+)
+@pytest.mark.parametrize("thread", ["nothread", "thread"])
+def test_cli_exit_keeps_exit_handlers_output_and_status(
+    tmp_path: os.PathLike[str], code: str, status: int, thread: str
+) -> None:
+    from pathlib import Path
+
+    out = Path(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE, str(out), thread, code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == status, proc.stderr
+    assert proc.stdout == "buffered output"
+    assert (out / "atexit").read_text() == "ran"
+    if thread == "thread":
+        assert (out / "thread").read_text() == "done"
+    if code == "bad input":
+        assert proc.stderr.strip() == "bad input"
