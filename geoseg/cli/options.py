@@ -64,7 +64,8 @@ def compute_options(f: F) -> F:
             "--workers",
             type=click.IntRange(min=1),
             default=None,
-            help="Local worker threads running chunks (default: 1 on CPU, half the cores on CUDA).",
+            help="Local worker threads running chunks (default: 2 on a CPU, half the cores on "
+            "CUDA).",
         ),
         click.option(
             "--scheduler",

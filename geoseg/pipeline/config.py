@@ -124,7 +124,11 @@ class LocalCompute(_Strict):
     """Run on this machine: an in-process Dask cluster of worker threads."""
 
     kind: Literal["local"] = "local"
-    workers: int = Field(1, ge=1, description="Worker threads running chunks.")
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="Worker threads running chunks (default: 2 on a CPU, half the cores on CUDA).",
+    )
     threads: int | None = Field(None, ge=1, description="Torch threads per worker.")
     scenes_in_flight: int = Field(2, ge=1, description="Scenes processed at the same time.")
 
