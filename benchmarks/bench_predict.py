@@ -4,11 +4,13 @@ Every number comes from a fresh subprocess, measured side by side in one run:
 
 * ``e2e``: ``geoseg predict`` on a synthetic scene (read, normalize, forward, trim, write COGs).
 * ``bare``: only the model's forward passes over the same padded chunks (read and normalized
-  untimed), same threads, precision and allocator settings, model loaded and warmed up; run
-  before and after ``e2e`` and averaged, since this machine's speed drifts. On a CPU each pass
-  is the predictor's call (forward and softmax); on a GPU it is the module alone on an input
-  already on the device, synchronized. The ratio e2e / bare shows the pipeline's overhead over
-  the model itself.
+  untimed), same threads, precision and allocator settings, model loaded and warmed up, run
+  as geoseg runs them (on a CPU with 2 or more cores two passes side by side, torch's threads
+  shared between them); run before and after ``e2e`` and averaged, since this machine's speed
+  drifts. ``--other`` also times the other way (one pass at a time on all threads). On a CPU
+  each pass is the predictor's call (forward and softmax); on a GPU it is the module alone on
+  an input already on the device, synchronized. The ratio e2e / bare shows the pipeline's
+  overhead over the model itself.
 * ``naive``: the common approach: read the whole scene, loop over tiles with the same halo,
   accumulate float32 probabilities for the whole scene, argmax, write one GeoTIFF.
 
@@ -104,8 +106,10 @@ from geoseg.model import load_bundle, load_module
 from geoseg.predict import TorchPredictor, resolve_device, resolve_precision
 from geoseg.raster import open_scene, read_padded
 model, scene_path, device, precision = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-threads = int(sys.argv[5])
+threads, side = int(sys.argv[5]), int(sys.argv[7])
 if threads: torch.set_num_threads(threads)
+elif side > 1:  # shared as geoseg shares them
+    torch.set_num_threads(max(1, torch.get_num_threads() // side))
 b = load_bundle(model); s = b.spec
 device = resolve_device(device)
 pred = TorchPredictor(load_module(b), device, resolve_precision(precision, device))
@@ -132,21 +136,25 @@ for hw in shapes:  # warm-up, excluded like a loaded worker's
     for _ in range(3 if cuda else 1):
         forward(rng.standard_normal((1, len(s.bands), *hw)).astype(np.float32))
 seconds, pixels = 0.0, 0
-side = int(sys.argv[7])
-if side > 1:  # passes side by side on `side` threads, raw chunks read first (untimed)
+if side > 1:  # passes side by side on `side` threads, chunks read and normalized first (untimed)
     import queue, threading
-    raw = queue.SimpleQueue()
+    ready = queue.SimpleQueue()
     for c in grid:
-        raw.put(read_padded(scene, c.padded, s.bands))
+        ready.put(s.normalization.apply(*read_padded(scene, c.padded, s.bands))[None])
         pixels += int(c.padded.height) * int(c.padded.width)
+    start = threading.Barrier(side + 1)
     def work():
+        for hw in shapes:  # each thread warmed up too
+            forward(rng.standard_normal((1, len(s.bands), *hw)).astype(np.float32))
+        start.wait()
         while True:
-            try: item = raw.get_nowait()
+            try: x = ready.get_nowait()
             except queue.Empty: return
-            forward(s.normalization.apply(*item)[None])
+            forward(x)
     workers = [threading.Thread(target=work) for _ in range(side)]
-    t = time.perf_counter()
     for w in workers: w.start()
+    start.wait()
+    t = time.perf_counter()
     for w in workers: w.join()
     seconds = time.perf_counter() - t
 else:
@@ -213,23 +221,41 @@ with rasterio.open(out, "w", **profile) as dst:
 """
 
 
+def passes_side_by_side(args: argparse.Namespace) -> int:
+    """How many forward passes ``geoseg predict`` runs at once with these options: on a CPU its
+    local worker threads (default 2 where there are at least 2 cores), on a GPU one."""
+    if args.device != "cpu":
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return args.workers or (2 if (cores or 1) >= 2 else 1)
+
+
 def cmd_throughput(args: argparse.Namespace) -> None:
     model = bundle(args.encoder, args.chunk, args.halo)
     path = scene(args.size)
-    # bare forward before and after the end-to-end run: this machine's speed drifts
-    b1 = bare(model, path, args)
-    t_e2e, rss = e2e(path, model, args)
-    b2 = bare(model, path, args)
-    b = {"seconds": (b1["seconds"] + b2["seconds"]) / 2, "pixels": b1["pixels"]}
-    b0 = bare(model, path, args, tuned=False) if args.untuned else None
-    if args.side_by_side:
-        # the model as geoseg runs it on a CPU: two passes at a time, cores shared between them
-        one = argparse.Namespace(**{**vars(args), "threads": max(1, (args.threads or 2) // 2)})
-        bp = bare(model, path, one, side=2)
+    side = passes_side_by_side(args)
+    # the bare forward as geoseg runs it (passes side by side, threads shared), before and
+    # after the end-to-end run, since this machine's speed drifts by 10-15 % within minutes;
+    # with --repeat N, N end-to-end runs alternate with N + 1 bare runs, each e2e compared with
+    # the mean of the bare runs on either side of it, and the median ratio is reported
+    bares = [bare(model, path, args, side=side)]
+    runs = []
+    for _ in range(args.repeat):
+        t, r = e2e(path, model, args)
+        bares.append(bare(model, path, args, side=side))
+        runs.append((t, r, (bares[-2]["seconds"] + bares[-1]["seconds"]) / 2))
+    t_e2e, rss, b_seconds = sorted(runs, key=lambda run: run[0] / run[2])[len(runs) // 2]
+    b1, b2 = bares[0], bares[-1]
+    b = {"seconds": b_seconds, "pixels": b1["pixels"]}
+    b0 = bare(model, path, args, tuned=False, side=side) if args.untuned else None
+    # the other way to run the model: one pass at a time with all threads, or side by side
+    other = 1 if side > 1 else 2
+    bo = bare(model, path, args, side=other) if args.other else None
     redundancy = b["pixels"] / args.size**2
+    how = f"{side} passes side by side" if side > 1 else "one pass at a time"
     print(
         f"scene {args.size}² px, {args.encoder}, chunk {args.chunk} + halo {args.halo} px, "
-        f"device {args.device}, precision {args.precision}"
+        f"device {args.device}, precision {args.precision}, {how}"
     )
     print(
         f"  e2e geoseg predict : {t_e2e:8.1f} s  ({args.size**2 / t_e2e / 1e6:.2f} MP/s of scene, "
@@ -237,17 +263,28 @@ def cmd_throughput(args: argparse.Namespace) -> None:
     )
     print(
         f"  bare forward       : {b['seconds']:8.1f} s  "
-        f"({b['pixels'] / b['seconds'] / 1e6:.2f} MP/s of model input; mean of "
-        f"{b1['seconds']:.1f} s before and {b2['seconds']:.1f} s after)"
+        f"({b['pixels'] / b['seconds'] / 1e6:.2f} MP/s of model input; {how}; mean of the "
+        "runs before and after)"
     )
+    if len(runs) > 1:
+        print(
+            "  runs (e2e / bare): "
+            + ", ".join(f"{t:.1f} / {bb:.1f} = {t / bb:.3f}" for t, _, bb in runs)
+            + "; bare runs "
+            + ", ".join(f"{x['seconds']:.1f}" for x in bares)
+            + " s; the median is shown"
+        )
+    else:
+        print(f"  bare runs: {b1['seconds']:.1f} s before, {b2['seconds']:.1f} s after")
     print(
         f"  ratio e2e / bare   : {t_e2e / b['seconds']:8.3f}   (bare-forward share "
         f"{100 * b['seconds'] / t_e2e:.1f} %)"
     )
-    if args.side_by_side:
+    if bo is not None:
+        other_how = f"{other} passes side by side" if other > 1 else "one pass at a time"
         print(
-            f"  bare, 2 passes side by side: {bp['seconds']:8.1f} s  "
-            f"(ratio e2e / that: {t_e2e / bp['seconds']:.3f}; normalization included)"
+            f"  bare, {other_how}: {bo['seconds']:8.1f} s  "
+            f"(ratio e2e / that: {t_e2e / bo['seconds']:.3f})"
         )
     if b0 is not None:
         print(
@@ -258,9 +295,9 @@ def cmd_throughput(args: argparse.Namespace) -> None:
     if args.base_size:
         # fixed costs (start-up, loading the model) cancel out: what each extra pixel costs
         small = scene(args.base_size)
-        s1 = bare(model, small, args)
+        s1 = bare(model, small, args, side=side)
         t_small, _ = e2e(small, model, args)
-        s2 = bare(model, small, args)
+        s2 = bare(model, small, args, side=side)
         b_small = (s1["seconds"] + s2["seconds"]) / 2
         print(
             f"  at {args.base_size}² px: e2e {t_small:.1f} s, bare {b_small:.1f} s; marginal ratio "
@@ -326,10 +363,16 @@ def main() -> None:
                 help="Also time the bare forward with glibc's default malloc settings.",
             )
             p.add_argument(
-                "--side-by-side",
+                "--repeat",
+                type=int,
+                default=1,
+                help="End-to-end runs, each between two bare runs; the median ratio is shown.",
+            )
+            p.add_argument(
+                "--other",
                 action="store_true",
-                help="Also time the bare forward as two passes side by side, each with half "
-                "the threads.",
+                help="Also time the bare forward run the other way: one pass at a time with "
+                "all threads where geoseg runs passes side by side, and the reverse.",
             )
             p.add_argument(
                 "--base-size",
