@@ -104,9 +104,7 @@ _exit(None if code == "none" else int(code) if code.isdigit() else code)
 """
 
 
-@pytest.mark.parametrize(
-    ("code", "status"), [("none", 0), ("0", 0), ("3", 3), ("bad input", 1)]
-)
+@pytest.mark.parametrize(("code", "status"), [("none", 0), ("0", 0), ("3", 3), ("bad input", 1)])
 @pytest.mark.parametrize("thread", ["nothread", "thread"])
 def test_cli_exit_keeps_exit_handlers_output_and_status(
     tmp_path: os.PathLike[str], code: str, status: int, thread: str

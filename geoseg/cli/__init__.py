@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import sys
@@ -106,7 +107,7 @@ def main() -> None:
         _exit(exc.code)
 
 
-def _exit(code: object) -> None:
+def _exit(code: str | int | None) -> None:
     """End the process once the command is done, without the interpreter's teardown.
 
     After ``import torch`` the teardown (freeing every module, then the C++ static destructors
@@ -128,8 +129,6 @@ def _exit(code: object) -> None:
     atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):  # closed, or a broken pipe
             stream.flush()
-        except (OSError, ValueError):  # closed or broken pipe: nothing more to say there
-            pass
     os._exit(status)
