@@ -5,12 +5,12 @@ Every number comes from a fresh subprocess, measured side by side in one run:
 * ``e2e``: ``geoseg predict`` on a synthetic scene (read, normalize, forward, trim, write COGs).
 * ``bare``: only the model's forward passes over the same padded chunks (read and normalized
   untimed), same threads, precision and allocator settings, model loaded and warmed up, run
-  as geoseg runs them (on a CPU with 2 or more cores two passes side by side, torch's threads
-  shared between them); run before and after ``e2e`` and averaged, since this machine's speed
-  drifts. ``--other`` also times the other way (one pass at a time on all threads). On a CPU
-  each pass is the predictor's call (forward and softmax); on a GPU it is the module alone on
-  an input already on the device, synchronized. The ratio e2e / bare shows the pipeline's
-  overhead over the model itself.
+  as geoseg runs them (one pass at a time; with ``--workers 2`` on a CPU two passes side by
+  side, torch's threads shared between them); run before and after ``e2e`` and averaged,
+  since this machine's speed drifts. ``--other`` also times the other way. On a CPU each pass
+  is the predictor's call (forward and softmax); on a GPU it is the module alone on an input
+  already on the device, synchronized. The ratio e2e / bare shows the pipeline's overhead
+  over the model itself.
 * ``naive``: the common approach: read the whole scene, loop over tiles with the same halo,
   accumulate float32 probabilities for the whole scene, argmax, write one GeoTIFF.
 
@@ -223,11 +223,10 @@ with rasterio.open(out, "w", **profile) as dst:
 
 def passes_side_by_side(args: argparse.Namespace) -> int:
     """How many forward passes ``geoseg predict`` runs at once with these options: on a CPU its
-    local worker threads (default 2 where there are at least 2 cores), on a GPU one."""
+    local worker threads (``--workers``, default 1), on a GPU one."""
     if args.device != "cpu":
         return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return args.workers or (2 if (cores or 1) >= 2 else 1)
+    return args.workers or 1
 
 
 def cmd_throughput(args: argparse.Namespace) -> None:
@@ -371,8 +370,8 @@ def main() -> None:
             p.add_argument(
                 "--other",
                 action="store_true",
-                help="Also time the bare forward run the other way: one pass at a time with "
-                "all threads where geoseg runs passes side by side, and the reverse.",
+                help="Also time the bare forward run the other way: two passes side by side "
+                "where geoseg runs one at a time, and the reverse.",
             )
             p.add_argument(
                 "--base-size",

@@ -403,20 +403,19 @@ def local_threads(options: PredictOptions) -> int:
     """Worker threads of the local cluster.
 
     On CUDA, half the cores (2 to 8), so that reading, normalizing and handing back chunks
-    keep up with the GPU while one thread at a time runs the model on it. On a CPU with at least
-    2 cores, two: two forward passes side by side, the cores shared between them (see
-    :func:`torch_threads`). A pass spread over every core waits in each parallel region for its
-    slowest thread, so anything else that takes a core for a moment (a read, a write, Dask's
-    bookkeeping) stalls all of it; two passes on half the cores each only lose what is taken
-    from them, and even bare, two single-threaded resnet18 passes side by side beat one
-    two-threaded pass by 12 % on 2 cores. The price is a second pass's activations (about
-    150 MiB for a 640² px resnet18 pass). ``--workers 1`` runs one pass at a time.
+    keep up with the GPU while one thread at a time runs the model on it. On a CPU, one: its
+    forward pass uses every core. ``--workers 2`` runs two passes side by side instead, the
+    cores shared between them (see :func:`torch_threads`): faster (a pass spread over every
+    core stalls in each parallel region whenever something else takes a core; on 2 cores two
+    single-threaded passes side by side take 8–13 % less time even bare), at the price of a
+    second pass's activations and a heap that fragments as the passes interleave (peak RSS
+    1.4–1.6 GiB instead of 1.3 GiB with a resnet18 at 512 px chunks, growing with the scene).
     """
     if options.workers:
         return options.workers
     if resolve_device(options.device).startswith("cuda"):
         return max(2, min(8, cpu_cores() // 2))
-    return 2 if cpu_cores() >= 2 else 1
+    return 1
 
 
 def torch_threads(options: PredictOptions, device: str) -> int | None:

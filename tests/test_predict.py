@@ -108,14 +108,9 @@ def test_cpu_workers_share_torch_threads() -> None:
 
     cpu = dict(device="cpu")
     shared = max(1, torch.get_num_threads() // 2)
-    if engine.cpu_cores() >= 2:  # two passes side by side, torch's threads shared
-        assert engine.local_threads(PredictOptions(**cpu)) == 2
-        assert engine.torch_threads(PredictOptions(**cpu), "cpu") == shared
-    else:
-        assert engine.local_threads(PredictOptions(**cpu)) == 1
-        assert engine.torch_threads(PredictOptions(**cpu), "cpu") is None  # torch's default
-    assert engine.local_threads(PredictOptions(workers=1, **cpu)) == 1
-    assert engine.torch_threads(PredictOptions(workers=1, **cpu), "cpu") is None
+    assert engine.local_threads(PredictOptions(**cpu)) == 1
+    assert engine.torch_threads(PredictOptions(**cpu), "cpu") is None  # torch's default
+    assert engine.local_threads(PredictOptions(workers=2, **cpu)) == 2
     assert engine.torch_threads(PredictOptions(workers=2, **cpu), "cpu") == shared
     assert engine.torch_threads(PredictOptions(workers=2, threads=3, **cpu), "cpu") == 3
     remote = PredictOptions(workers=2, scheduler="tcp://elsewhere:8786", **cpu)

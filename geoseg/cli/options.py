@@ -64,8 +64,8 @@ def compute_options(f: F) -> F:
             "--workers",
             type=click.IntRange(min=1),
             default=None,
-            help="Local worker threads running chunks (default: 2 on a CPU, half the cores on "
-            "CUDA).",
+            help="Local worker threads running chunks (default: 1 on a CPU, half the cores on "
+            "CUDA; 2 on a CPU is faster and takes more memory).",
         ),
         click.option(
             "--scheduler",

@@ -127,7 +127,7 @@ class LocalCompute(_Strict):
     workers: int | None = Field(
         None,
         ge=1,
-        description="Worker threads running chunks (default: 2 on a CPU, half the cores on CUDA).",
+        description="Worker threads running chunks (default: 1 on a CPU, half the cores on CUDA).",
     )
     threads: int | None = Field(None, ge=1, description="Torch threads per worker.")
     scenes_in_flight: int = Field(2, ge=1, description="Scenes processed at the same time.")
