@@ -103,15 +103,15 @@ if sys.argv[6] == "1":  # the allocator settings the geoseg command line applies
 import numpy as np, torch
 from geoseg.grid import ChunkGrid
 from geoseg.model import load_bundle, load_module
-from geoseg.predict import TorchPredictor, resolve_device, resolve_precision
+from geoseg.predict import PredictOptions, TorchPredictor, resolve_device, resolve_precision
+from geoseg.predict import torch_threads
 from geoseg.raster import open_scene, read_padded
 model, scene_path, device, precision = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 threads, side = int(sys.argv[5]), int(sys.argv[7])
-if threads: torch.set_num_threads(threads)
-elif side > 1:  # shared as geoseg shares them
-    torch.set_num_threads(max(1, torch.get_num_threads() // side))
 b = load_bundle(model); s = b.spec
 device = resolve_device(device)
+n = torch_threads(PredictOptions(device=device, threads=threads or None, workers=side), device)
+if n: torch.set_num_threads(n)  # as geoseg predict sets them for its workers
 pred = TorchPredictor(load_module(b), device, resolve_precision(precision, device))
 scene = open_scene(scene_path)
 grid = ChunkGrid(scene.width, scene.height, s.chunk, s.halo, multiple=s.stride)
@@ -233,10 +233,10 @@ def cmd_throughput(args: argparse.Namespace) -> None:
     model = bundle(args.encoder, args.chunk, args.halo)
     path = scene(args.size)
     side = passes_side_by_side(args)
-    # the bare forward as geoseg runs it (passes side by side, threads shared), before and
-    # after the end-to-end run, since this machine's speed drifts by 10-15 % within minutes;
-    # with --repeat N, N end-to-end runs alternate with N + 1 bare runs, each e2e compared with
-    # the mean of the bare runs on either side of it, and the median ratio is reported
+    # the bare forward as geoseg runs it (one pass at a time, or side by side with --workers),
+    # before and after the end-to-end run, since this machine's speed drifts by 10-15 % within
+    # minutes; with --repeat N, N end-to-end runs alternate with N + 1 bare runs, each e2e
+    # compared with the mean of the bare runs on either side of it; the median ratio is shown
     bares = [bare(model, path, args, side=side)]
     runs = []
     for _ in range(args.repeat):
