@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from geoseg._smp import import_smp
 from geoseg.errors import ModelError, describe_validation_error
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ class ModelSpec(BaseModel):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        import segmentation_models_pytorch as smp
+        smp = import_smp()
 
         if not (isinstance(getattr(smp, v, None), type)):
             raise ValueError(f"unknown segmentation-models-pytorch architecture {v!r}")
@@ -156,7 +157,7 @@ class ModelSpec(BaseModel):
         return int(2**self.encoder_depth)
 
     def _takes_decoder_channels(self) -> bool:
-        import segmentation_models_pytorch as smp
+        smp = import_smp()
 
         return "decoder_channels" in inspect.signature(getattr(smp, self.arch)).parameters
 
@@ -181,7 +182,7 @@ class Bundle:
 
 def build_module(spec: ModelSpec) -> torch.nn.Module:
     """The smp module described by ``spec``, randomly initialised (never downloads weights)."""
-    import segmentation_models_pytorch as smp
+    smp = import_smp()
 
     cls = getattr(smp, spec.arch)
     kwargs: dict[str, Any] = {

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from geoseg._smp import import_smp
 from geoseg.errors import ConfigError, InputError, ModelError
 from geoseg.model import Bundle, ModelSpec, build_module, load_bundle, save_bundle
 from geoseg.predict import check_compatible, resolve_device
@@ -157,7 +158,7 @@ def iou_scores(cm: np.ndarray) -> np.ndarray:
 
 class _Loss:
     def __init__(self, dice_weight: float) -> None:
-        import segmentation_models_pytorch as smp
+        smp = import_smp()
         import torch
 
         self.ce = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
