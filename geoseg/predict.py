@@ -597,7 +597,7 @@ def predict_scene(
         len(spec.classes),
         band_names=spec.classes,
         resampling="average",
-        with_mask=True,
+        with_mask=scene.has_mask,  # else every pixel is valid: no mask to write or to read
     )
     writer.add("mask", mask_path, 1, nodata=MASK_NODATA, band_names=["class_id"])
     order = chunk_order(grid, scene, len(spec.bands))

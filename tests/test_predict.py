@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
+from rasterio.enums import MaskFlags
 from rio_cogeo.cogeo import cog_validate
 
 from geoseg import predict as engine
@@ -304,6 +305,7 @@ def test_nodata_is_masked_and_empty_chunks_are_skipped(tmp_path: Path, make_bund
     assert (mask[64:, :] != 255).sum() == 96 * 200 - 1
     with rasterio.open(out.probs) as src:
         valid = src.dataset_mask()
+        assert src.mask_flag_enums[0] == [MaskFlags.per_dataset]
     assert (valid[:64, :128] == 0).all() and valid[100, 150] == 0 and valid[0, 199] == 255
     assert (probs[:, 64:, 128:] == data[:, 64:, 128:]).all()
     assert engine.LOAD_COUNT[factory] == calls_before.get(factory, 0) + 1
@@ -444,6 +446,8 @@ def test_outputs_are_georeferenced_cogs(tmp_path: Path, make_bundle: Any) -> Non
         assert valid, errors
     with rasterio.open(out.probs) as dst:
         assert list(dst.descriptions) == list(bundle.spec.classes)
+        # an input without nodata, mask or alpha: every pixel valid, no mask to store
+        assert dst.mask_flag_enums == ([MaskFlags.all_valid],) * 3
         probs = dst.read().astype(int)
     assert np.abs(probs.sum(axis=0) - 255).max() <= 2  # softmax probabilities sum to one
     with rasterio.open(out.mask) as dst:
