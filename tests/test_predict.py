@@ -97,11 +97,24 @@ def test_identity_in_stripes_on_a_tiled_scene(
     np.testing.assert_array_equal(read(out.probs), read(scene))
 
 
-def test_local_workers_run_without_the_sampling_profiler() -> None:
+def test_local_cluster_stays_quiet_beside_the_forward_pass() -> None:
     with open_client(PredictOptions(device="cpu")) as client:
-        callbacks = client.run(lambda dask_worker: sorted(dask_worker.periodic_callbacks))
-    (names,) = callbacks.values()
-    assert "heartbeat" in names and "profile" not in names
+        callbacks = client.run(
+            lambda dask_worker: {
+                k: pc.callback_time for k, pc in dask_worker.periodic_callbacks.items()
+            }
+        )
+        scheduler = client.run_on_scheduler(
+            lambda dask_scheduler: {
+                k: pc.callback_time for k, pc in dask_scheduler.periodic_callbacks.items()
+            }
+        )
+    (worker,) = callbacks.values()
+    assert "heartbeat" in worker and "profile" not in worker
+    # the event loop shared with the forward pass wakes rarely
+    assert worker["tick"] >= 1000 and worker["memory_monitor"] >= 1000
+    assert scheduler["tick"] >= 1000 and "stealing" not in scheduler
+    assert not any(k.startswith("amm") for k in scheduler)
 
 
 def test_cpu_workers_share_torch_threads() -> None:
