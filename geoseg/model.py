@@ -126,7 +126,6 @@ class ModelSpec(BaseModel):
     @classmethod
     def _known_arch(cls, v: str) -> str:
         smp = import_smp()
-
         if not (isinstance(getattr(smp, v, None), type)):
             raise ValueError(f"unknown segmentation-models-pytorch architecture {v!r}")
         return v
@@ -158,7 +157,6 @@ class ModelSpec(BaseModel):
 
     def _takes_decoder_channels(self) -> bool:
         smp = import_smp()
-
         return "decoder_channels" in inspect.signature(getattr(smp, self.arch)).parameters
 
 

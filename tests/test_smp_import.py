@@ -93,7 +93,5 @@ def test_other_submodule_import_under_stand_ins_gets_the_real_one() -> None:
         print(sys.modules["torch._dynamo.eval_frame"] is ef, torch._dynamo is real)
         """
     )
-    assert out == ["module", "torch._dynamo.eval_frame", "torch._dynamo.eval_frame", "True"] + [
-        "True",
-        "True",
-    ]
+    name = "torch._dynamo.eval_frame"
+    assert out == ["module", name, name, "True", "True", "True"]
