@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BundleFactory",
+    "DEVICE_DTYPES",
     "ChunkPlan",
     "ChunkResult",
     "PredictOptions",
@@ -44,6 +45,7 @@ __all__ = [
     "QUIET_LOCAL_CLUSTER",
     "QUIET_WORKERS",
     "TorchPredictor",
+    "bundle_factory",
     "check_compatible",
     "get_predictor",
     "open_client",
@@ -51,6 +53,7 @@ __all__ = [
     "predict_scene",
     "resolve_device",
     "resolve_precision",
+    "warm_up",
 ]
 
 log = logging.getLogger(__name__)
@@ -134,15 +137,20 @@ class TorchPredictor:
         self._lock: contextlib.AbstractContextManager[Any] = (
             threading.Lock() if self.device.type == "cuda" else contextlib.nullcontext()
         )
+        self._norms: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
 
-    def _forward(self, batch: np.ndarray) -> torch.Tensor:
-        """float32 probabilities (N, K, H, W), left on the device."""
+    def _forward(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """float32 probabilities (N, K, H, W), left on the device. ``batch``: normalized float32
+        pixels, as an array or as a tensor already on the device."""
         import torch
 
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
+        if isinstance(batch, torch.Tensor):
+            x = batch
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+            if self.device.type == "cuda":
+                x = x.pin_memory().to(self.device, non_blocking=True)
         x = x.contiguous(memory_format=self.memory_format)
         with (
             self._lock,
@@ -161,8 +169,16 @@ class TorchPredictor:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self._forward(batch).cpu().numpy()
 
+    def warm(self, shape: tuple[int, ...]) -> None:
+        """One pass on zeros of ``shape`` (N, bands, H, W) on the device: CUDA loads its kernels
+        and picks its convolution algorithms for that shape now, not in the first chunk."""
+        import torch
+
+        with torch.inference_mode():
+            self._forward(torch.zeros(shape, device=self.device)).cpu()
+
     def quantized(
-        self, batch: np.ndarray, windows: Sequence[tuple[int, int, int, int]]
+        self, batch: np.ndarray | torch.Tensor, windows: Sequence[tuple[int, int, int, int]]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per batch item, :func:`quantize` of its window (row, col, height, width), on the device.
 
@@ -180,6 +196,55 @@ class TorchPredictor:
                 q = p.clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
                 out.append((q.cpu().numpy(), classes.cpu().numpy()))
         return out
+
+    def _constants(
+        self, normalization: Normalization, bands: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale, mean, std) as float32 tensors on the device, made once per normalization (a
+        copy from pageable memory would wait for the device's queue)."""
+        import torch
+
+        key = (normalization.scale, tuple(normalization.mean), tuple(normalization.std), bands)
+        got = self._norms.get(key)
+        if got is None:
+            mean, std = normalization.arrays(bands)
+            scale = np.array(normalization.scale, np.float32)
+            got = tuple(torch.from_numpy(a).to(self.device) for a in (scale, mean, std))
+            self._norms[key] = got
+        return got  # type: ignore[return-value]
+
+    def normalized(
+        self, raw: Sequence[np.ndarray], valid: Sequence[np.ndarray], normalization: Normalization
+    ) -> torch.Tensor:
+        """:meth:`Normalization.apply` of each raw (bands, H, W) array, stacked, on the device.
+
+        The raw pixels travel instead of float32 ones (a quarter of the bytes for uint8), and
+        the same float32 operations run in the same order, so the result is the same.
+        """
+        import torch
+
+        cuda = self.device.type == "cuda"
+        stacked = torch.empty((len(raw), *raw[0].shape), dtype=getattr(torch, raw[0].dtype.name))
+        if cuda:
+            stacked = stacked.pin_memory()
+        np.stack(raw, out=stacked.numpy())
+        invalid = None
+        if not all(v.all() for v in valid):
+            invalid = torch.from_numpy(~np.stack(valid))
+            invalid = invalid.pin_memory().to(self.device, non_blocking=True) if cuda else invalid
+        scale, mean, std = self._constants(normalization, raw[0].shape[0])
+        with torch.inference_mode():
+            x = stacked.to(self.device, non_blocking=True).to(torch.float32)
+            # tensors, not Python numbers: a scalar divisor becomes a multiplication by its
+            # reciprocal on CUDA, which rounds differently from numpy's division
+            x.div_(scale).sub_(mean).div_(std)
+            if invalid is not None:
+                x.masked_fill_(invalid[:, None], 0.0)
+        return x
+
+
+#: Pixel types that :meth:`TorchPredictor.normalized` takes as they are (torch has each).
+DEVICE_DTYPES = frozenset({"uint8", "int8", "uint16", "int16", "int32", "float32", "float64"})
 
 
 @dataclass(frozen=True)
@@ -207,6 +272,18 @@ class BundleFactory:
         return TorchPredictor(
             load_module(bundle), self.device, self.precision, bundle.spec.activation
         )
+
+
+def bundle_factory(bundle: Bundle, options: PredictOptions) -> BundleFactory:
+    """The predictor recipe that :func:`predict_scene` uses for ``bundle`` by default."""
+    device = resolve_device(options.device)
+    return BundleFactory(
+        str(bundle.path.resolve()),
+        bundle.sha256,
+        device,
+        resolve_precision(options.precision, device),
+        torch_threads(options, device),
+    )
 
 
 _PREDICTORS: dict[Hashable, Predictor] = {}
@@ -298,9 +375,12 @@ def with_nodata(
 def predict_chunks(
     plan: ChunkPlan, chunks: Sequence[Chunk], factory: PredictorFactory
 ) -> list[ChunkResult]:
-    """One task: read each chunk with its halo, run the model on those with valid pixels, trim."""
+    """One task: read each chunk with its halo, run the model on those with valid pixels, trim.
+
+    A predictor that quantizes on its device also normalizes there: the raw pixels travel.
+    """
     results: list[ChunkResult | None] = [None] * len(chunks)
-    todo: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    todo: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
     for i, chunk in enumerate(chunks):
         data, valid = read_padded(plan.scene, chunk.padded, plan.bands)
         core_valid = _core(chunk, valid)
@@ -314,19 +394,24 @@ def predict_chunks(
                 skipped=True,
             )
             continue
-        x = plan.normalization.apply(data, valid)
-        todo.setdefault(x.shape, []).append((i, x, core_valid))
+        todo.setdefault(data.shape, []).append((i, data, valid, core_valid))
     if todo:
         predictor = get_predictor(factory)
+        on_device = getattr(predictor, "quantizes_on_device", False)
         for items in todo.values():
-            batch = np.stack([x for _, x, _ in items])
-            if getattr(predictor, "quantizes_on_device", False):
-                windows = [_core_window(chunks[i]) for i, _, _ in items]
+            if on_device and items[0][1].dtype.name in DEVICE_DTYPES:
+                batch: Any = predictor.normalized(  # type: ignore[attr-defined]
+                    [d for _, d, _, _ in items], [v for _, _, v, _ in items], plan.normalization
+                )
+            else:
+                batch = np.stack([plan.normalization.apply(d, v) for _, d, v, _ in items])
+            if on_device:
+                windows = [_core_window(chunks[i]) for i, _, _, _ in items]
                 outs = predictor.quantized(batch, windows)  # type: ignore[attr-defined]
             else:
                 probs = zip(items, predictor(batch), strict=True)
-                outs = [_quantize(_core(chunks[i], p)) for (i, _, _), p in probs]
-            for (i, _, core_valid), (q, classes) in zip(items, outs, strict=True):
+                outs = [_quantize(_core(chunks[i], p)) for (i, _, _, _), p in probs]
+            for (i, _, _, core_valid), (q, classes) in zip(items, outs, strict=True):
                 q, classes = with_nodata(q, classes, core_valid)
                 results[i] = ChunkResult(chunks[i], q, classes, core_valid)
     return [r for r in results if r is not None]
@@ -454,6 +539,39 @@ QUIET_LOCAL_CLUSTER = {
     "distributed.scheduler.work-stealing": False,
     "distributed.scheduler.active-memory-manager.start": False,
 }
+
+
+def warm_up(bundle: Bundle, options: PredictOptions, scene: Scene) -> threading.Thread | None:
+    """Build the predictor that :func:`predict_scene` will use, in a thread of this process,
+    while the caller starts its local cluster and opens its outputs; on CUDA also run one pass
+    at the scene's chunk shape. Only for an in-process cluster (no ``scheduler``), whose
+    workers then find the predictor built. Errors are left to the workers, which build it
+    again and report them. Returns the started thread, or None."""
+    if options.scheduler:
+        return None
+    factory = bundle_factory(bundle, options)
+    spec = bundle.spec
+    grid = ChunkGrid(
+        scene.width,
+        scene.height,
+        options.chunk or spec.chunk,
+        spec.halo if options.halo is None else options.halo,
+        multiple=spec.stride,
+    )
+    padded = grid.at(0, 0).padded
+    shape = (options.batch_size, len(spec.bands), int(padded.height), int(padded.width))
+
+    def work() -> None:
+        try:
+            predictor = get_predictor(factory)
+            if factory.device.startswith("cuda") and isinstance(predictor, TorchPredictor):
+                predictor.warm(shape)
+        except Exception:  # noqa: S110  (reported by the worker that builds it again)
+            log.debug("warm-up failed", exc_info=True)
+
+    thread = threading.Thread(target=work, name="geoseg-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 @contextlib.contextmanager
@@ -595,13 +713,7 @@ def predict_scene(
     )
     device = resolve_device(options.device)
     if factory is None:
-        factory = BundleFactory(
-            str(bundle.path.resolve()),
-            bundle.sha256,
-            device,
-            resolve_precision(options.precision, device),
-            torch_threads(options, device),
-        )
+        factory = bundle_factory(bundle, options)
     out = Path(out_dir)
     check_writable(out)
     probs_path, mask_path = output_paths(scene, out)

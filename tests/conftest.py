@@ -104,3 +104,18 @@ def rgb_scene(tmp_path: Path) -> Callable[..., Path]:
         return write_tif(tmp_path / f"scene_{width}x{height}_{seed}.tif", data, **kw)
 
     return make
+
+
+def raw_pixels(dtype: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two raw (3, 37, 41) chunks of ``dtype`` over its whole range, and their validity."""
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+    if info is not None:
+        data = rng.integers(info.min, info.max, size=(2, 3, 37, 41), endpoint=True, dtype=dtype)
+    else:
+        data = (rng.standard_normal((2, 3, 37, 41)) * 1e3).astype(dtype)
+        data[1, 2, 5:9, 7] = np.nan
+    valid = np.ones((2, 37, 41), bool)
+    valid[0, :4, :6] = False
+    if info is None:
+        valid &= np.isfinite(data).all(axis=1)
+    return data, valid

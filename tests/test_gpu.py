@@ -17,7 +17,7 @@ from geoseg import predict as engine
 from geoseg.predict import PredictOptions, open_client, predict_scene
 from geoseg.raster import open_scene
 from geoseg.synthetic import write_scene
-from tests.conftest import FULL, write_tif
+from tests.conftest import FULL, raw_pixels, write_tif
 
 pytestmark = [
     pytest.mark.gpu,
@@ -55,6 +55,18 @@ def test_cuda_fp32_matches_cpu(tmp_path: Path, scene: Path, make_bundle: Any) ->
     ma, mb = read(cpu.mask)[0], read(gpu.mask)[0]
     assert ((ma == engine.MASK_NODATA) == (mb == engine.MASK_NODATA)).all()
     assert (ma == mb).mean() >= 0.99
+
+
+def test_warm_up_on_cuda_builds_and_runs_the_model(scene: Path, make_bundle: Any) -> None:
+    bundle = make_bundle(seed=4)
+    options = PredictOptions(device="cuda", chunk=64, halo=16)
+    factory = engine.bundle_factory(bundle, options)
+    engine._PREDICTORS.pop(factory, None)
+    thread = engine.warm_up(bundle, options, open_scene(scene))
+    assert thread is not None
+    thread.join()
+    pred = engine._PREDICTORS[factory]
+    assert isinstance(pred, engine.TorchPredictor) and pred.device.type == "cuda"
 
 
 def test_cuda_tiling_adds_no_error(tmp_path: Path, make_bundle: Any) -> None:
@@ -100,6 +112,22 @@ def test_device_quantization_is_exact_on_cuda() -> None:
         want_q, want_classes = engine.quantize(item[:, r : r + h, c : c + w], np.ones((h, w), bool))
         np.testing.assert_array_equal(q, want_q)
         np.testing.assert_array_equal(classes[None], want_classes)
+
+
+@pytest.mark.parametrize("dtype", sorted(engine.DEVICE_DTYPES))
+def test_device_normalization_is_exact_on_cuda(dtype: str) -> None:
+    """Raw pixels normalized on the GPU are Normalization.apply's float32 values, bit for bit."""
+    from geoseg.model import Normalization
+
+    data, valid = raw_pixels(dtype, np.random.default_rng(len(dtype)))
+    pred = engine.TorchPredictor(torch.nn.Identity(), "cuda", "fp32")
+    for norm in (
+        Normalization(scale=255.0),
+        Normalization(scale=2047.0, mean=[0.3, 0.4, 0.5], std=[0.2, 0.21, 0.19]),
+    ):
+        got = pred.normalized(list(data), list(valid), norm).cpu().numpy()
+        want = np.stack([norm.apply(d, v) for d, v in zip(data, valid, strict=True)])
+        np.testing.assert_array_equal(got, want)
 
 
 def test_local_cluster_on_cuda_reads_with_several_threads() -> None:

@@ -9,7 +9,13 @@ import click
 
 from geoseg.cli.options import Progress, compute_options, out_dir_option
 from geoseg.model import load_bundle
-from geoseg.predict import PredictOptions, check_compatible, open_client, predict_scene
+from geoseg.predict import (
+    PredictOptions,
+    check_compatible,
+    open_client,
+    predict_scene,
+    warm_up,
+)
 from geoseg.raster import check_writable, open_scene
 
 log = logging.getLogger("geoseg.cli")
@@ -63,6 +69,7 @@ def predict(
     for scene in opened:
         check_compatible(scene, bundle.spec)
     check_writable(out_dir)
+    warm_up(bundle, options, opened[0])  # the model loads while the cluster starts
     with open_client(options) as client:
         for i, scene in enumerate(opened, start=1):
             progress = Progress(f"[{i}/{len(opened)}] {scene.stem}", log.info)
