@@ -397,11 +397,17 @@ class _Output:
     band_names: list[str] = field(default_factory=list)
     with_mask: bool = False
     dataset: Any = None
-    overview: Any = None  # the first overview level, written chunk by chunk (``<work>.ovr``)
+    #: open datasets of overview levels 1, 2, ... (a GeoTIFF each, see :meth:`level_path`)
+    levels: list[Any] = field(default_factory=list)
+    #: levels 1 to ``streamed`` are written chunk by chunk; the rest from the level above
+    streamed: int = 0
+
+    def level_path(self, k: int) -> Path:
+        return Path(f"{self.work}.L{k}.tif")
 
     @property
-    def ovr_path(self) -> Path:
-        return Path(str(self.work) + ".ovr")
+    def vrt_path(self) -> Path:
+        return Path(f"{self.work}.vrt")
 
 
 #: Writes queued per output in the background (see :class:`RasterWriter`), at most.
@@ -409,6 +415,13 @@ WRITES_QUEUED = 4
 
 #: Output block size, in pixels; overview levels are made until the smallest fits one block.
 BLOCK = 512
+
+#: Overview levels are made chunk by chunk while a chunk's window there is at least this many
+#: pixels a side; smaller levels are made from the last of those, block by block, at the end.
+MIN_STREAMED_PX = 256
+
+#: Window side, in pixels, for making an overview level from the level above it.
+LEVEL_WINDOW = 2048
 
 
 def overview_levels(width: int, height: int, block: int = BLOCK) -> int:
@@ -461,10 +474,14 @@ def downsample2(
 class RasterWriter:
     """Writes chunk results into outputs that share one grid, then publishes them as COGs.
 
-    Chunks are written windowed into tiled scratch GeoTIFFs; :meth:`commit` converts each to
-    a Cloud-Optimized GeoTIFF with overviews under a temporary name and renames it into place.
-    Until then nothing exists under the final names; :meth:`abort` removes every scratch file.
-    Only one process may hold a writer for a given output.
+    Chunks are written windowed into tiled scratch GeoTIFFs, and each chunk's 2x2 cells into
+    scratch files of the overview levels, level after level, while its window there is at least
+    :data:`MIN_STREAMED_PX` a side and on that level's grid; the smaller levels are made from
+    the last of those at the end, window by window (a quarter of the pixels or fewer).
+    :meth:`commit` converts each output to a Cloud-Optimized GeoTIFF under a temporary name,
+    from a VRT whose bands have the level files as overviews (copied, not recomputed), and
+    renames it into place. Until then nothing exists under the final names; :meth:`abort`
+    removes every scratch file. Only one process may hold a writer for a given output.
     """
 
     def __init__(
@@ -523,15 +540,11 @@ class RasterWriter:
                 out.dataset.update_tags(**self.tags)
                 for i, bname in enumerate(out.band_names, start=1):
                     out.dataset.set_band_description(i, bname)
-                if overview_levels(self.scene.width, self.scene.height):
-                    # GDAL takes ``<file>.ovr`` as the file's overviews: the COG conversion
-                    # then copies them instead of reading the whole raster again to make them
-                    w, h = -(-self.scene.width // 2), -(-self.scene.height // 2)
-                    transform = self.scene.transform @ Affine.scale(
-                        self.scene.width / w, self.scene.height / h
-                    )
-                    ovr = {**out.profile, "width": w, "height": h, "transform": transform}
-                    out.overview = rasterio.open(out.ovr_path, "w", **ovr)
+                out.levels = [
+                    rasterio.open(out.level_path(k), "w", **self._level_profile(out, k))
+                    for k in range(1, overview_levels(self.scene.width, self.scene.height) + 1)
+                ]
+                out.streamed = len(out.levels)
         except (RasterioError, OSError) as exc:
             self.abort()
             raise OutputError(f"cannot create outputs for {self.scene.path}: {exc}") from exc
@@ -591,43 +604,100 @@ class RasterWriter:
             out.dataset.write(data, window=window)
             if out.with_mask and valid is not None:
                 out.dataset.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
-            if out.overview is not None:
-                if int(window.col_off) % 2 or int(window.row_off) % 2:
-                    out.overview.close()  # windows off the 2x grid: GDAL makes the overviews
-                    out.overview = None
-                    out.ovr_path.unlink()
-                else:
-                    self._write_overview(out, window, data, valid if out.with_mask else None)
+            self._write_levels(out, window, data, valid if out.with_mask else None)
         except (RasterioError, OSError) as exc:
             raise OutputError(f"{out.final}: write failed ({_short(exc)})") from exc
 
-    @staticmethod
-    def _write_overview(
-        out: _Output, window: Window, data: np.ndarray, valid: np.ndarray | None
-    ) -> None:
-        small, small_valid = downsample2(data, valid, out.resampling)
-        win = Window(int(window.col_off) // 2, int(window.row_off) // 2, *small.shape[:0:-1])
-        out.overview.write(small, window=win)
-        if small_valid is not None:
-            out.overview.write_mask(np.where(small_valid, 255, 0).astype(np.uint8), window=win)
+    def _level_profile(self, out: _Output, k: int) -> dict[str, Any]:
+        """Profile of overview level ``k`` (2^k times coarser, sizes rounded up as GDAL does)."""
+        w, h = self.scene.width, self.scene.height
+        lw, lh = -(-w // 2**k), -(-h // 2**k)
+        transform = self.scene.transform @ Affine.scale(w / lw, h / lh)
+        return {**out.profile, "width": lw, "height": lh, "transform": transform}
 
-    def _finish_overviews(self, out: _Output) -> None:
-        """The remaining overview levels, made by GDAL from the first (a quarter of the pixels)."""
-        if out.overview is None:
-            return
-        out.overview.close()
-        levels = overview_levels(self.scene.width, self.scene.height)
-        if levels > 1:
-            with rasterio.open(out.ovr_path, "r+") as ovr:
-                ovr.build_overviews([2**i for i in range(1, levels)], Resampling[out.resampling])
+    def _on_level_grid(self, window: Window, k: int) -> bool:
+        """Whether ``window`` covers whole cells of overview level ``k`` (partial cells only at
+        the scene's edges), so that its pixels alone make that level there."""
+        f = 2**k
+        c, r, w, h = (int(v) for v in (window.col_off, window.row_off, window.width, window.height))
+        return (
+            c % f == 0
+            and r % f == 0
+            and (w % f == 0 or c + w == self.scene.width)
+            and (h % f == 0 or r + h == self.scene.height)
+            and (w // f >= MIN_STREAMED_PX or c + w == self.scene.width)
+            and (h // f >= MIN_STREAMED_PX or r + h == self.scene.height)
+        )
+
+    def _write_levels(
+        self, out: _Output, window: Window, data: np.ndarray, valid: np.ndarray | None
+    ) -> None:
+        """Write the window's cells into each overview level that it covers whole."""
+        k = 0
+        while k < out.streamed and self._on_level_grid(window, k + 1):
+            data, valid = downsample2(data, valid, out.resampling)
+            k += 1
+            f = 2**k
+            win = Window(int(window.col_off) // f, int(window.row_off) // f, *data.shape[:0:-1])
+            out.levels[k - 1].write(data, window=win)
+            if valid is not None:
+                out.levels[k - 1].write_mask(np.where(valid, 255, 0).astype(np.uint8), window=win)
+        out.streamed = k  # the levels below are made from level k once every chunk is in
+
+    def _finish_levels(self, out: _Output) -> None:
+        """Make the levels not written chunk by chunk from the level above each, window by
+        window, and close every level."""
+        for k in range(out.streamed + 1, len(out.levels) + 1):
+            src_path = out.work if k == 1 else out.level_path(k - 1)
+            if k > 1:
+                out.levels[k - 2].close()
+            with rasterio.open(src_path) as src:
+                for row in range(0, src.height, LEVEL_WINDOW):
+                    for col in range(0, src.width, LEVEL_WINDOW):
+                        win = Window(
+                            col,
+                            row,
+                            min(LEVEL_WINDOW, src.width - col),
+                            min(LEVEL_WINDOW, src.height - row),
+                        )
+                        data = src.read(window=win)
+                        valid = src.dataset_mask(window=win) > 0 if out.with_mask else None
+                        small, small_valid = downsample2(data, valid, out.resampling)
+                        dst = out.levels[k - 1]
+                        dst_win = Window(col // 2, row // 2, *small.shape[:0:-1])
+                        dst.write(small, window=dst_win)
+                        if small_valid is not None:
+                            mask = np.where(small_valid, 255, 0).astype(np.uint8)
+                            dst.write_mask(mask, window=dst_win)
+        for ds in out.levels:
+            if not ds.closed:
+                ds.close()
+
+    def _source_with_levels(self, out: _Output) -> Path:
+        """A VRT of the scratch file whose bands have the level files as their overviews (their
+        internal masks come along), for the COG driver to copy instead of making them."""
+        import xml.etree.ElementTree as ET
+
+        rasterio.shutil.copy(out.work, out.vrt_path, driver="VRT")
+        tree = ET.parse(out.vrt_path)
+        bands = [b for b in tree.getroot().findall("VRTRasterBand")]
+        for band in bands:
+            for k in range(1, len(out.levels) + 1):
+                ovr = ET.SubElement(band, "Overview")
+                ET.SubElement(ovr, "SourceFilename", relativeToVRT="0").text = str(
+                    out.level_path(k).resolve()
+                )
+                ET.SubElement(ovr, "SourceBand").text = band.get("band", "1")
+        tree.write(out.vrt_path)
+        return out.vrt_path
 
     def _publish(self, out: _Output, tmp: Path) -> None:
-        # every chunk is written by now: the overviews (GDAL_NUM_THREADS) and the COG's
-        # compression may use every core
+        # every chunk is written by now: the COG's compression may use every core
         with rasterio.Env(**GDAL_ENV, GDAL_NUM_THREADS="ALL_CPUS"):
-            self._finish_overviews(out)
+            self._finish_levels(out)
+            source = self._source_with_levels(out) if out.levels else out.work
             rasterio.shutil.copy(
-                out.work,
+                source,
                 tmp,
                 driver="COG",
                 compress="deflate",
@@ -678,10 +748,11 @@ class RasterWriter:
     def _remove_scratch(self) -> None:
         self._stop_threads()
         for out in self._outputs.values():
-            for ds in (out.dataset, out.overview):
+            for ds in (out.dataset, *out.levels):
                 if ds is not None and not ds.closed:
                     with contextlib.suppress(Exception):
                         ds.close()
-            for p in (out.work, Path(str(out.work) + ".msk"), out.ovr_path):
+            levels = [out.level_path(k) for k in range(1, len(out.levels) + 1)]
+            for p in (out.work, Path(str(out.work) + ".msk"), out.vrt_path, *levels):
                 with contextlib.suppress(OSError):
                     p.unlink()

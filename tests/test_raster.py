@@ -1,0 +1,68 @@
+"""The chunked writer on its own: any windows, overview levels streamed or made at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.windows import Window
+from rio_cogeo.cogeo import cog_validate
+
+from geoseg import raster
+from geoseg.raster import RasterWriter, downsample2, open_scene
+from tests.conftest import write_tif
+
+
+@pytest.mark.parametrize(
+    "step, streamed",
+    [
+        (1024, 2),  # 512 and 256 px at levels 1 and 2: both written window by window
+        (600, 1),  # 150 px at level 2, too small to write window by window: made from level 1
+        (514, 1),  # level 2 would need offsets on a 4 px grid: made from level 1 at the end
+        (97, 0),  # odd offsets: every level made at the end, level 1 from full resolution
+    ],
+)
+def test_writer_levels_equal_the_cells_of_the_level_above(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: int, streamed: int
+) -> None:
+    rng = np.random.default_rng(step)
+    h, w = 900, 1100  # levels 1 and 2 (550 and 275 px wide)
+    data = rng.integers(0, 255, (2, h, w), dtype=np.uint8)
+    data[:, 300:420, 51:640] = 255  # nodata across windows, at odd offsets
+    scene = open_scene(write_tif(tmp_path / "in.tif", data, nodata=255))
+    valid = data[0] != 255
+    made: list[int] = []
+    finish = RasterWriter._finish_levels
+
+    def spy(self: RasterWriter, out: raster._Output) -> None:
+        made.append(out.streamed)
+        finish(self, out)
+
+    monkeypatch.setattr(RasterWriter, "_finish_levels", spy)
+    final = tmp_path / "out" / "probs.tif"
+    final.parent.mkdir()
+    writer = RasterWriter(scene, {"K": "v"})
+    writer.add("probs", final, 2, band_names=["a", "b"], resampling="average", with_mask=True)
+    with writer:
+        for r in range(0, h, step):
+            for c in range(0, w, step):
+                win = Window(c, r, min(step, w - c), min(step, h - r))
+                sl = np.s_[r : r + int(win.height), c : c + int(win.width)]
+                writer.write("probs", win, data[(slice(None), *sl)], valid[sl])
+    assert made == [streamed]
+    assert not [p for p in final.parent.iterdir() if p != final]  # no scratch or level files
+    with rasterio.open(final) as out:
+        assert out.overviews(1) == [2, 4]
+        assert out.tags()["K"] == "v" and out.descriptions == ("a", "b")
+        assert (out.dataset_mask() > 0).tolist() == valid.tolist()
+        prev, prev_valid = data, valid
+        for f in out.overviews(1):
+            shape = (2, -(-h // f), -(-w // f))
+            got, got_valid = out.read(out_shape=shape), out.dataset_mask(out_shape=shape[1:]) > 0
+            expect, expect_valid = downsample2(prev, prev_valid, "average")
+            np.testing.assert_array_equal(got_valid, expect_valid)
+            np.testing.assert_array_equal(got[:, got_valid], expect[:, got_valid])
+            prev, prev_valid = got, got_valid
+    assert cog_validate(str(final))[0]
