@@ -1,0 +1,134 @@
+"""Where the time of one ``geoseg predict`` goes: its phases, timed inside one process.
+
+Runs what ``geoseg predict`` runs (imports, local cluster, one scene, COG publishing) with
+timers around each phase, and sums the time spent per chunk in reading, normalizing, the
+model (forward and quantization, synchronized by the copy back) and writing each output:
+
+    python benchmarks/bench_phases.py bench_out/scene_8192.tif bench_out/model_resnet18_512_64
+    python benchmarks/bench_phases.py SCENE MODEL --device cuda --precision auto
+
+Per-chunk sums are thread time: with several worker or writer threads they overlap, and the
+phase spans (first forward to last write, publishing) are what the wall clock sees.
+"""
+
+from __future__ import annotations
+
+import time
+
+T0 = time.perf_counter()
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import threading  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+SUMS: dict[str, float] = defaultdict(float)
+COUNTS: dict[str, int] = defaultdict(int)
+FIRST: dict[str, float] = {}
+LAST: dict[str, float] = {}
+LOCK = threading.Lock()
+
+
+def timed(name: str, fn: Any) -> Any:
+    @functools.wraps(fn)
+    def wrapper(*a: Any, **k: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            e = time.perf_counter()
+            with LOCK:
+                SUMS[name] += e - t
+                COUNTS[name] += 1
+                FIRST.setdefault(name, t - T0)
+                LAST[name] = e - T0
+
+    return wrapper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("scene")
+    parser.add_argument("model")
+    parser.add_argument("--out", default="bench_out/phases")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args()
+
+    from geoseg.runtime import tune_allocator
+
+    tune_allocator()  # as the command line does
+    import torch  # noqa: F401
+
+    t_torch = time.perf_counter() - T0
+    from geoseg import predict as engine
+    from geoseg import raster
+    from geoseg.model import load_bundle, load_module  # noqa: F401  (smp)
+    from geoseg.predict import PredictOptions, open_client, predict_scene, warm_up
+    from geoseg.raster import open_scene
+
+    marks: dict[str, float] = {"imports torch": t_torch}
+    marks["imports all"] = time.perf_counter() - T0
+
+    engine.read_padded = timed("read", engine.read_padded)
+    spec_norm = type(load_bundle(args.model).spec.normalization)
+    spec_norm.apply = timed("normalize", spec_norm.apply)
+    engine.TorchPredictor.quantized = timed(
+        "model (gpu, quantized)", engine.TorchPredictor.quantized
+    )
+    engine.TorchPredictor.normalized = timed("normalize (device)", engine.TorchPredictor.normalized)
+    engine.TorchPredictor.__call__ = timed("model", engine.TorchPredictor.__call__)
+    engine._quantize = timed("quantize (cpu)", engine._quantize)
+    engine.get_predictor = timed("get predictor", engine.get_predictor)
+    raster.RasterWriter._write = timed("write", raster.RasterWriter._write)
+    raster.RasterWriter._write_levels = timed(
+        "write overview levels", raster.RasterWriter._write_levels
+    )
+    raster.RasterWriter._finish_levels = timed(
+        "overview levels at the end", raster.RasterWriter._finish_levels
+    )
+    copy = raster.rasterio.shutil.copy
+    raster.rasterio.shutil.copy = timed("COG copy", copy)
+    raster.RasterWriter._publish = timed("publish one output", raster.RasterWriter._publish)
+    raster.RasterWriter.commit = timed("commit", raster.RasterWriter.commit)
+
+    options = PredictOptions(device=args.device, precision=args.precision, workers=args.workers)
+    bundle = load_bundle(args.model)
+    scene = open_scene(args.scene)
+    warm_up(bundle, options, scene)  # as the command line does
+    t = time.perf_counter()
+    with open_client(options) as client:
+        marks["cluster start"] = time.perf_counter() - t
+        t = time.perf_counter()
+        result = predict_scene(scene, bundle, Path(args.out), options, client)
+        marks["predict_scene"] = time.perf_counter() - t
+        t = time.perf_counter()
+    marks["cluster close"] = time.perf_counter() - t
+    marks["total in process"] = time.perf_counter() - T0
+    first_model = min(
+        (FIRST[k] for k in ("model", "model (gpu, quantized)") if k in FIRST), default=0.0
+    )
+    marks["streaming (first model call start → last write end)"] = LAST["write"] - first_model
+    print(
+        json.dumps(
+            {
+                "scene": args.scene,
+                "chunks": result.chunks,
+                "device": args.device,
+                "marks_s": {k: round(v, 3) for k, v in marks.items()},
+                "sums_s": {k: round(v, 3) for k, v in SUMS.items()},
+                "counts": dict(COUNTS),
+                "first_s": {k: round(v, 3) for k, v in FIRST.items()},
+                "last_s": {k: round(v, 3) for k, v in LAST.items()},
+            },
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
