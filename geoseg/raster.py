@@ -389,13 +389,13 @@ def check_writable(directory: Path) -> None:
 
 
 @dataclass
-class _Output:
-    final: Path
+class _Part:
+    """One scratch GeoTIFF of an output, holding some of its bands, and its overview levels."""
+
     work: Path
+    bands: slice
     profile: dict[str, Any]
-    resampling: str
-    band_names: list[str] = field(default_factory=list)
-    with_mask: bool = False
+    with_mask: bool  # carries the output's mask (its first part does)
     dataset: Any = None
     #: open datasets of overview levels 1, 2, ... (a GeoTIFF each, see :meth:`level_path`)
     levels: list[Any] = field(default_factory=list)
@@ -405,9 +405,21 @@ class _Output:
     def level_path(self, k: int) -> Path:
         return Path(f"{self.work}.L{k}.tif")
 
+    def paths(self) -> list[Path]:
+        levels = [self.level_path(k) for k in range(1, len(self.levels) + 1)]
+        return [self.work, Path(f"{self.work}.msk"), *levels]
+
+
+@dataclass
+class _Output:
+    final: Path
+    resampling: str
+    band_names: list[str]
+    parts: list[_Part]
+
     @property
     def vrt_path(self) -> Path:
-        return Path(f"{self.work}.vrt")
+        return Path(f"{self.parts[0].work}.vrt")
 
 
 #: Writes queued per output in the background (see :class:`RasterWriter`), at most.
@@ -508,43 +520,54 @@ class RasterWriter:
         resampling: str = "nearest",
         with_mask: bool = False,
     ) -> None:
-        """Declare an output ``name`` of ``count`` uint8 bands to be written at ``final``."""
-        profile: dict[str, Any] = {
-            "driver": "GTiff",
-            "width": self.scene.width,
-            "height": self.scene.height,
-            "count": count,
-            "dtype": "uint8",
-            "crs": self.scene.crs,
-            "transform": self.scene.transform,
-            "nodata": nodata,
-            "tiled": True,
-            "blockxsize": BLOCK,
-            "blockysize": BLOCK,
-            "compress": "zstd",
-            "zstd_level": 1,
-            "bigtiff": "if_safer",
-            "interleave": "pixel" if count > 1 else "band",
-            "photometric": "minisblack",
-        }
-        work = atomic_path(final.with_suffix(".scratch.tif"))
-        self._outputs[name] = _Output(
-            final, work, profile, resampling, list(band_names or []), with_mask
-        )
+        """Declare an output ``name`` of ``count`` uint8 bands to be written at ``final``.
+
+        With background threads each band gets a scratch file and a thread of its own, so
+        that the bands compress side by side; the COG gathers them again."""
+        split = self.background and count > 1
+        groups = [slice(b, b + 1) for b in range(count)] if split else [slice(0, count)]
+        stem = atomic_path(final.with_suffix(".scratch.tif"))
+        parts = []
+        for i, group in enumerate(groups):
+            n = group.stop - group.start
+            profile: dict[str, Any] = {
+                "driver": "GTiff",
+                "width": self.scene.width,
+                "height": self.scene.height,
+                "count": n,
+                "dtype": "uint8",
+                "crs": self.scene.crs,
+                "transform": self.scene.transform,
+                "nodata": nodata,
+                "tiled": True,
+                "blockxsize": BLOCK,
+                "blockysize": BLOCK,
+                "compress": "zstd",
+                "zstd_level": 1,
+                "bigtiff": "if_safer",
+                "interleave": "pixel" if n > 1 else "band",
+                "photometric": "minisblack",
+            }
+            work = stem if len(groups) == 1 else Path(f"{stem}.b{i + 1}")
+            parts.append(_Part(work, group, profile, with_mask and i == 0))
+        self._outputs[name] = _Output(final, resampling, list(band_names or []), parts)
 
     def __enter__(self) -> RasterWriter:
         self._env.__enter__()
+        levels = overview_levels(self.scene.width, self.scene.height)
         try:
             for out in self._outputs.values():
-                out.dataset = rasterio.open(out.work, "w", **out.profile)
-                out.dataset.update_tags(**self.tags)
-                for i, bname in enumerate(out.band_names, start=1):
-                    out.dataset.set_band_description(i, bname)
-                out.levels = [
-                    rasterio.open(out.level_path(k), "w", **self._level_profile(out, k))
-                    for k in range(1, overview_levels(self.scene.width, self.scene.height) + 1)
-                ]
-                out.streamed = len(out.levels)
+                for i, part in enumerate(out.parts):
+                    part.dataset = rasterio.open(part.work, "w", **part.profile)
+                    if i == 0:
+                        part.dataset.update_tags(**self.tags)
+                    for j, bname in enumerate(out.band_names[part.bands], start=1):
+                        part.dataset.set_band_description(j, bname)
+                    part.levels = [
+                        rasterio.open(part.level_path(k), "w", **self._level_profile(part, k))
+                        for k in range(1, levels + 1)
+                    ]
+                    part.streamed = len(part.levels)
         except (RasterioError, OSError) as exc:
             self.abort()
             raise OutputError(f"cannot create outputs for {self.scene.path}: {exc}") from exc
@@ -567,22 +590,25 @@ class RasterWriter:
         With background threads the write is queued (the arrays must not change afterwards),
         and an earlier write's failure is raised here or by :meth:`commit`.
         """
-        if not self.background:
-            self._write(name, window, data, valid)
-            return
-        pending = self._pending.setdefault(name, deque())
-        while pending and (pending[0].done() or len(pending) >= WRITES_QUEUED):
-            pending.popleft().result()
-        pool = self._pools.get(name)
-        if pool is None:
-            pool = self._pools[name] = ThreadPoolExecutor(1, f"geoseg-write-{name}")
-        pending.append(pool.submit(self._write_in_env, name, window, data, valid))
+        out = self._outputs[name]
+        for i, part in enumerate(out.parts):
+            if not self.background:
+                self._write(out, part, window, data, valid)
+                continue
+            key = f"{name}-{i + 1}" if len(out.parts) > 1 else name
+            pending = self._pending.setdefault(key, deque())
+            while pending and (pending[0].done() or len(pending) >= WRITES_QUEUED):
+                pending.popleft().result()
+            pool = self._pools.get(key)
+            if pool is None:
+                pool = self._pools[key] = ThreadPoolExecutor(1, f"geoseg-write-{key}")
+            pending.append(pool.submit(self._write_in_env, out, part, window, data, valid))
 
     def _write_in_env(
-        self, name: str, window: Window, data: np.ndarray, valid: np.ndarray | None
+        self, out: _Output, part: _Part, window: Window, data: np.ndarray, valid: Any
     ) -> None:
         with rasterio.Env(**GDAL_ENV):  # GDAL settings are per thread
-            self._write(name, window, data, valid)
+            self._write(out, part, window, data, valid)
 
     def _drain(self) -> None:
         """Wait for every queued write; raise the first failure."""
@@ -597,61 +623,80 @@ class RasterWriter:
         self._pending.clear()
 
     def _write(
-        self, name: str, window: Window, data: np.ndarray, valid: np.ndarray | None = None
+        self,
+        out: _Output,
+        part: _Part,
+        window: Window,
+        data: np.ndarray,
+        valid: np.ndarray | None = None,
     ) -> None:
-        out = self._outputs[name]
+        data = data[part.bands]
+        valid = valid if out.parts[0].with_mask else None  # every part's levels average by it
         try:
-            out.dataset.write(data, window=window)
-            if out.with_mask and valid is not None:
-                out.dataset.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
-            self._write_levels(out, window, data, valid if out.with_mask else None)
+            part.dataset.write(data, window=window)
+            if valid is not None and part.with_mask:
+                part.dataset.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
+            self._write_levels(out, part, window, data, valid)
         except (RasterioError, OSError) as exc:
             raise OutputError(f"{out.final}: write failed ({_short(exc)})") from exc
 
-    def _level_profile(self, out: _Output, k: int) -> dict[str, Any]:
+    def _level_profile(self, part: _Part, k: int) -> dict[str, Any]:
         """Profile of overview level ``k`` (2^k times coarser, sizes rounded up as GDAL does)."""
         w, h = self.scene.width, self.scene.height
         lw, lh = -(-w // 2**k), -(-h // 2**k)
         transform = self.scene.transform @ Affine.scale(w / lw, h / lh)
-        return {**out.profile, "width": lw, "height": lh, "transform": transform}
+        return {**part.profile, "width": lw, "height": lh, "transform": transform}
 
     def _on_level_grid(self, window: Window, k: int) -> bool:
         """Whether ``window`` covers whole cells of overview level ``k`` (partial cells only at
-        the scene's edges), so that its pixels alone make that level there."""
+        the scene's edges), so that its pixels alone make that level there, in a window of at
+        least :data:`MIN_STREAMED_PX` a side (or at the scene's edge)."""
         f = 2**k
         c, r, w, h = (int(v) for v in (window.col_off, window.row_off, window.width, window.height))
+        right, bottom = c + w == self.scene.width, r + h == self.scene.height
         return (
             c % f == 0
             and r % f == 0
-            and (w % f == 0 or c + w == self.scene.width)
-            and (h % f == 0 or r + h == self.scene.height)
-            and (w // f >= MIN_STREAMED_PX or c + w == self.scene.width)
-            and (h // f >= MIN_STREAMED_PX or r + h == self.scene.height)
+            and (w % f == 0 or right)
+            and (h % f == 0 or bottom)
+            and (w // f >= MIN_STREAMED_PX or right)
+            and (h // f >= MIN_STREAMED_PX or bottom)
         )
 
     def _write_levels(
-        self, out: _Output, window: Window, data: np.ndarray, valid: np.ndarray | None
+        self,
+        out: _Output,
+        part: _Part,
+        window: Window,
+        data: np.ndarray,
+        valid: np.ndarray | None,
     ) -> None:
         """Write the window's cells into each overview level that it covers whole."""
         k = 0
-        while k < out.streamed and self._on_level_grid(window, k + 1):
+        while k < part.streamed and self._on_level_grid(window, k + 1):
             data, valid = downsample2(data, valid, out.resampling)
             k += 1
             f = 2**k
             win = Window(int(window.col_off) // f, int(window.row_off) // f, *data.shape[:0:-1])
-            out.levels[k - 1].write(data, window=win)
-            if valid is not None:
-                out.levels[k - 1].write_mask(np.where(valid, 255, 0).astype(np.uint8), window=win)
-        out.streamed = k  # the levels below are made from level k once every chunk is in
+            part.levels[k - 1].write(data, window=win)
+            if valid is not None and part.with_mask:
+                part.levels[k - 1].write_mask(np.where(valid, 255, 0).astype(np.uint8), window=win)
+        part.streamed = k  # the levels below are made from level k once every chunk is in
 
-    def _finish_levels(self, out: _Output) -> None:
+    def _finish_levels(self, out: _Output, part: _Part) -> None:
         """Make the levels not written chunk by chunk from the level above each, window by
-        window, and close every level."""
-        for k in range(out.streamed + 1, len(out.levels) + 1):
-            src_path = out.work if k == 1 else out.level_path(k - 1)
+        window, and close every level. The output's first part, which holds its mask, must be
+        finished first: the others average by its mask."""
+        first = out.parts[0]
+        for k in range(part.streamed + 1, len(part.levels) + 1):
+            src_path = part.work if k == 1 else part.level_path(k - 1)
+            mask_path = first.work if k == 1 else first.level_path(k - 1)
             if k > 1:
-                out.levels[k - 2].close()
-            with rasterio.open(src_path) as src:
+                part.levels[k - 2].close()
+            with (
+                rasterio.open(src_path) as src,
+                rasterio.open(mask_path) if first.with_mask else contextlib.nullcontext() as msk,
+            ):
                 for row in range(0, src.height, LEVEL_WINDOW):
                     for col in range(0, src.width, LEVEL_WINDOW):
                         win = Window(
@@ -661,43 +706,69 @@ class RasterWriter:
                             min(LEVEL_WINDOW, src.height - row),
                         )
                         data = src.read(window=win)
-                        valid = src.dataset_mask(window=win) > 0 if out.with_mask else None
+                        valid = None if msk is None else msk.dataset_mask(window=win) > 0
                         small, small_valid = downsample2(data, valid, out.resampling)
-                        dst = out.levels[k - 1]
+                        dst = part.levels[k - 1]
                         dst_win = Window(col // 2, row // 2, *small.shape[:0:-1])
                         dst.write(small, window=dst_win)
-                        if small_valid is not None:
+                        if small_valid is not None and part.with_mask:
                             mask = np.where(small_valid, 255, 0).astype(np.uint8)
                             dst.write_mask(mask, window=dst_win)
-        for ds in out.levels:
+        for ds in part.levels:
             if not ds.closed:
                 ds.close()
 
-    def _source_with_levels(self, out: _Output) -> Path:
-        """A VRT of the scratch file whose bands have the level files as their overviews (their
-        internal masks come along), for the COG driver to copy instead of making them."""
+    def _source(self, out: _Output) -> Path:
+        """What the COG is copied from: the scratch file itself, or a VRT that gathers the
+        parts' bands and gives them the level files as overviews (the first part's masks come
+        along), for the COG driver to copy instead of making them."""
+        import copy
         import xml.etree.ElementTree as ET
 
-        rasterio.shutil.copy(out.work, out.vrt_path, driver="VRT")
+        first = out.parts[0]
+        if len(out.parts) == 1 and not first.levels:
+            return first.work
+        rasterio.shutil.copy(first.work, out.vrt_path, driver="VRT")
         tree = ET.parse(out.vrt_path)
-        bands = [b for b in tree.getroot().findall("VRTRasterBand")]
-        for band in bands:
-            for k in range(1, len(out.levels) + 1):
+        root = tree.getroot()
+        template = root.findall("VRTRasterBand")[0]
+        for md in root.findall("Metadata[@domain='IMAGE_STRUCTURE']"):
+            root.remove(md)  # the first part's layout, not the output's
+        for part in out.parts[1:]:  # one band each
+            band = copy.deepcopy(template)
+            band.set("band", str(part.bands.start + 1))
+            for interp in band.findall("ColorInterp"):  # further bands are extra samples
+                band.remove(interp)
+            source = band.find("SimpleSource/SourceFilename")
+            if source is None:
+                raise OutputError(f"{out.final}: unexpected VRT of {first.work}")
+            source.text, source.attrib = str(part.work.resolve()), {"relativeToVRT": "0"}
+            for desc in band.findall("Description"):
+                desc.text = out.band_names[part.bands.start] if out.band_names else ""
+            mask = root.find("MaskBand")
+            if mask is not None:  # bands come before the dataset's mask
+                root.insert(list(root).index(mask), band)
+            else:
+                root.append(band)
+        for band in root.findall("VRTRasterBand"):
+            j = int(band.get("band", "1")) - 1
+            part = next(p for p in out.parts if p.bands.start <= j < p.bands.stop)
+            for k in range(1, len(part.levels) + 1):
                 ovr = ET.SubElement(band, "Overview")
                 ET.SubElement(ovr, "SourceFilename", relativeToVRT="0").text = str(
-                    out.level_path(k).resolve()
+                    part.level_path(k).resolve()
                 )
-                ET.SubElement(ovr, "SourceBand").text = band.get("band", "1")
+                ET.SubElement(ovr, "SourceBand").text = str(j - part.bands.start + 1)
         tree.write(out.vrt_path)
         return out.vrt_path
 
     def _publish(self, out: _Output, tmp: Path) -> None:
         # every chunk is written by now: the COG's compression may use every core
         with rasterio.Env(**GDAL_ENV, GDAL_NUM_THREADS="ALL_CPUS"):
-            self._finish_levels(out)
-            source = self._source_with_levels(out) if out.levels else out.work
+            for part in out.parts:
+                self._finish_levels(out, part)
             rasterio.shutil.copy(
-                source,
+                self._source(out),
                 tmp,
                 driver="COG",
                 compress="deflate",
@@ -718,7 +789,8 @@ class RasterWriter:
             self._drain()
             self._stop_threads()
             for out in outs:
-                out.dataset.close()
+                for part in out.parts:
+                    part.dataset.close()
             if self.background:  # the outputs side by side: parts of a conversion are serial
                 with ThreadPoolExecutor(len(outs), "geoseg-publish") as pool:
                     jobs = [
@@ -748,11 +820,13 @@ class RasterWriter:
     def _remove_scratch(self) -> None:
         self._stop_threads()
         for out in self._outputs.values():
-            for ds in (out.dataset, *out.levels):
-                if ds is not None and not ds.closed:
-                    with contextlib.suppress(Exception):
-                        ds.close()
-            levels = [out.level_path(k) for k in range(1, len(out.levels) + 1)]
-            for p in (out.work, Path(str(out.work) + ".msk"), out.vrt_path, *levels):
-                with contextlib.suppress(OSError):
-                    p.unlink()
+            for part in out.parts:
+                for ds in (part.dataset, *part.levels):
+                    if ds is not None and not ds.closed:
+                        with contextlib.suppress(Exception):
+                            ds.close()
+                for path in part.paths():
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+            with contextlib.suppress(OSError):
+                out.vrt_path.unlink()

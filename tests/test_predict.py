@@ -531,7 +531,8 @@ def test_failure_mid_scene_leaves_nothing(tmp_path: Path, rgb_scene: Any, make_b
 def test_background_writers_write_the_same_files(
     tmp_path: Path, rgb_scene: Any, make_bundle: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Writes queued to one thread per output (as with a GPU) give the same outputs."""
+    """Writes queued to threads of their own (as with a GPU), one per band of the probabilities,
+    give the same outputs."""
     data = np.random.default_rng(6).integers(1, 256, size=(3, 300, 260), dtype=np.uint8)
     data[:, 100:140, 30:200] = 0
     scene = write_tif(tmp_path / "bg.tif", data, nodata=0)
@@ -540,14 +541,15 @@ def test_background_writers_write_the_same_files(
     queued = []
     real_write = engine.RasterWriter._write
 
-    def spy(self: Any, name: str, *a: Any) -> None:
+    def spy(self: Any, *a: Any) -> None:
         queued.append(threading.current_thread().name)
-        real_write(self, name, *a)
+        real_write(self, *a)
 
     monkeypatch.setattr(engine, "write_in_background", lambda options, device: True)
     monkeypatch.setattr(engine.RasterWriter, "_write", spy)
     threaded = run(scene, bundle, tmp_path / "bg", IdentityFactory("bg"), chunk=64, halo=16)
-    assert {n.rsplit("_", 1)[0] for n in queued} == {"geoseg-write-probs", "geoseg-write-mask"}
+    probs_bands = {f"geoseg-write-probs-{b}" for b in (1, 2, 3)}
+    assert {n.rsplit("_", 1)[0] for n in queued} == {*probs_bands, "geoseg-write-mask"}
     for name in ("probs", "mask"):
         with rasterio.open(getattr(direct, name)) as a, rasterio.open(getattr(threaded, name)) as b:
             np.testing.assert_array_equal(a.read(), b.read())
@@ -556,6 +558,8 @@ def test_background_writers_write_the_same_files(
             np.testing.assert_array_equal(
                 a.read(out_shape=(a.count, 75, 65)), b.read(out_shape=(b.count, 75, 65))
             )
+            assert a.profile == b.profile and a.tags() == b.tags()
+            assert a.descriptions == b.descriptions and a.colorinterp == b.colorinterp
     assert cog_validate(threaded.probs)[0]
 
 

@@ -24,9 +24,12 @@ from tests.conftest import write_tif
         (97, 0),  # odd offsets: every level made at the end, level 1 from full resolution
     ],
 )
+@pytest.mark.parametrize("background", [False, True])
 def test_writer_levels_equal_the_cells_of_the_level_above(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: int, streamed: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: int, streamed: int, background: bool
 ) -> None:
+    """Written on the calling thread into one file, or in the background one band per file and
+    thread: the same COG, each level the cells of the one above, whichever way it was made."""
     rng = np.random.default_rng(step)
     h, w = 900, 1100  # levels 1 and 2 (550 and 275 px wide)
     data = rng.integers(0, 255, (2, h, w), dtype=np.uint8)
@@ -36,14 +39,14 @@ def test_writer_levels_equal_the_cells_of_the_level_above(
     made: list[int] = []
     finish = RasterWriter._finish_levels
 
-    def spy(self: RasterWriter, out: raster._Output) -> None:
-        made.append(out.streamed)
-        finish(self, out)
+    def spy(self: RasterWriter, out: raster._Output, part: raster._Part) -> None:
+        made.append(part.streamed)
+        finish(self, out, part)
 
     monkeypatch.setattr(RasterWriter, "_finish_levels", spy)
     final = tmp_path / "out" / "probs.tif"
     final.parent.mkdir()
-    writer = RasterWriter(scene, {"K": "v"})
+    writer = RasterWriter(scene, {"K": "v"}, background=background)
     writer.add("probs", final, 2, band_names=["a", "b"], resampling="average", with_mask=True)
     with writer:
         for r in range(0, h, step):
@@ -51,11 +54,13 @@ def test_writer_levels_equal_the_cells_of_the_level_above(
                 win = Window(c, r, min(step, w - c), min(step, h - r))
                 sl = np.s_[r : r + int(win.height), c : c + int(win.width)]
                 writer.write("probs", win, data[(slice(None), *sl)], valid[sl])
-    assert made == [streamed]
+    assert made == [streamed] * (2 if background else 1)
     assert not [p for p in final.parent.iterdir() if p != final]  # no scratch or level files
     with rasterio.open(final) as out:
         assert out.overviews(1) == [2, 4]
         assert out.tags()["K"] == "v" and out.descriptions == ("a", "b")
+        assert out.interleaving.name == "pixel" and out.nodata is None
+        assert out.crs == scene.crs and out.transform == scene.transform
         assert (out.dataset_mask() > 0).tolist() == valid.tolist()
         prev, prev_valid = data, valid
         for f in out.overviews(1):
