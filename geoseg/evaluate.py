@@ -447,14 +447,14 @@ def evaluate_masks(
     import rasterio
     from rasterio.errors import RasterioError
 
-    from geoseg.raster import GDAL_ENV, on_grid
+    from geoseg.raster import gdal_env, on_grid
     from geoseg.train.chips import blocks
 
     for p in (pred_path, truth_path):
         if not Path(p).exists():
             raise InputError(f"{p}: no such file")
     try:
-        with rasterio.Env(**GDAL_ENV), rasterio.open(pred_path) as pred_ds:
+        with gdal_env(), rasterio.open(pred_path) as pred_ds:
             names = list(classes) if classes else _mask_classes(pred_ds.tags(), str(pred_path))
             k = len(names)
             lut = np.full(65536, -1, dtype=np.int64)

@@ -29,19 +29,63 @@ from rasterio.windows import Window
 from geoseg.errors import InputError, OutputError
 
 __all__ = [
+    "BLOCK_CACHE_MB",
     "GDAL_ENV",
     "RasterWriter",
     "Scene",
     "atomic_path",
     "close_readers",
+    "gdal_env",
+    "limit_block_cache",
     "on_grid",
     "open_scene",
     "read_padded",
     "reflect_index",
 ]
 
-#: GDAL settings for every read and write: a small block cache keeps RSS bounded (MiB).
-GDAL_ENV: dict[str, Any] = {"GDAL_CACHEMAX": 64, "GDAL_TIFF_INTERNAL_MASK": True}
+#: GDAL's block cache, MiB: small, so that RSS stays bounded (see :func:`limit_block_cache`).
+BLOCK_CACHE_MB = 64
+
+#: GDAL settings for every read and write (see :func:`gdal_env`).
+GDAL_ENV: dict[str, Any] = {"GDAL_TIFF_INTERNAL_MASK": True}
+
+_cache_lock = threading.Lock()
+_cache_limited = False
+
+
+def limit_block_cache() -> None:
+    """Limit GDAL's block cache to :data:`BLOCK_CACHE_MB` for this process, once, unless the
+    ``GDAL_CACHEMAX`` environment variable sets it or it is smaller already.
+
+    The cache is the process's, not a thread's: rasterio applies ``GDAL_CACHEMAX`` with
+    GDALSetCacheMax64 when an environment is entered and restores it when it is left. Passed
+    to every read and write, that made the size swing between 64 MiB and GDAL's default (5 %
+    of RAM) from thread to thread, and each shrink writes out the oldest dirty blocks from
+    the shrinking thread, whichever file and thread they belong to: with several threads
+    writing, GDAL crashed now and then. So it is set once and left.
+    """
+    global _cache_limited
+    if _cache_limited:
+        return
+    with _cache_lock:
+        if not _cache_limited and "GDAL_CACHEMAX" not in os.environ:
+            from rasterio.env import get_gdal_config, set_gdal_config
+
+            current = int(get_gdal_config("GDAL_CACHEMAX") or 0)
+            if current <= 0 or current > BLOCK_CACHE_MB << 20:
+                set_gdal_config("GDAL_CACHEMAX", BLOCK_CACHE_MB)
+        _cache_limited = True
+
+
+def gdal_env(**options: Any) -> rasterio.Env:
+    """A rasterio environment with :data:`GDAL_ENV` and ``options``, the block cache limited."""
+    limit_block_cache()
+    return rasterio.Env(**GDAL_ENV, **options)
+
+
+def _enter_thread_env() -> None:
+    """Enter :data:`GDAL_ENV` in this (new) thread for its whole life."""
+    gdal_env().__enter__()
 
 
 @dataclass(frozen=True)
@@ -91,7 +135,7 @@ def open_scene(path: str | os.PathLike[str]) -> Scene:
     if p.is_dir():
         raise InputError(f"{p}: is a directory, not a raster file")
     try:
-        with rasterio.Env(**GDAL_ENV), rasterio.open(p) as src:
+        with gdal_env(), rasterio.open(p) as src:
             scene = _describe(src, p)
             _probe_last_block(src, p)
     except RasterioError as exc:
@@ -351,7 +395,7 @@ def read_padded(
     c0, c1 = int(cols.min()), int(cols.max()) + 1
     src_win = Window(c0, r0, c1 - c0, r1 - r0)
     try:
-        with rasterio.Env(**GDAL_ENV), _reader(scene.path) as (key, src):
+        with gdal_env(), _reader(scene.path) as (key, src):
             if _uses_blocks(scene):
                 block, mask = _read_blocks(scene, src, key, src_win, bands)
             else:
@@ -390,12 +434,12 @@ def check_writable(directory: Path) -> None:
 
 @dataclass
 class _Part:
-    """One scratch GeoTIFF of an output, holding some of its bands, and its overview levels."""
+    """One scratch GeoTIFF of an output, with its overview levels: some of the output's bands
+    (``bands``), or its validity mask as an ordinary band of 0 and 255 (``bands`` None)."""
 
     work: Path
-    bands: slice
+    bands: slice | None
     profile: dict[str, Any]
-    with_mask: bool  # carries the output's mask (its first part does)
     dataset: Any = None
     #: open datasets of overview levels 1, 2, ... (a GeoTIFF each, see :meth:`level_path`)
     levels: list[Any] = field(default_factory=list)
@@ -405,9 +449,12 @@ class _Part:
     def level_path(self, k: int) -> Path:
         return Path(f"{self.work}.L{k}.tif")
 
+    def path(self, k: int) -> Path:
+        """The file of level ``k`` (0: full resolution)."""
+        return self.work if k == 0 else self.level_path(k)
+
     def paths(self) -> list[Path]:
-        levels = [self.level_path(k) for k in range(1, len(self.levels) + 1)]
-        return [self.work, Path(f"{self.work}.msk"), *levels]
+        return [self.path(k) for k in range(len(self.levels) + 1)]
 
 
 @dataclass
@@ -416,11 +463,21 @@ class _Output:
     resampling: str
     band_names: list[str]
     parts: list[_Part]
+    mask: _Part | None = None  # the validity mask, when the output has one
 
-    @property
-    def vrt_path(self) -> Path:
-        return Path(f"{self.parts[0].work}.vrt")
+    def all_parts(self) -> list[_Part]:
+        """Every part, the mask first: the others' levels are made by it."""
+        return [self.mask, *self.parts] if self.mask is not None else list(self.parts)
 
+    def vrt_path(self, k: int) -> Path:
+        return Path(f"{self.parts[0].work}.L{k}.vrt")
+
+
+#: Held around every GDAL write and close of a :class:`RasterWriter`, in every thread: two
+#: threads writing parts of blocks into two different GeoTIFFs at once corrupted pixels of
+#: either (rasterio 1.4 / GDAL 3.10; reads beside one writer are safe). The numpy work around
+#: the writes (bands, masks, overview cells) runs outside it.
+GDAL_WRITES = threading.Lock()
 
 #: Writes queued per output in the background (see :class:`RasterWriter`), at most.
 WRITES_QUEUED = 4
@@ -449,11 +506,18 @@ def downsample2(
     data: np.ndarray, valid: np.ndarray | None, resampling: str
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """One 2x overview step of ``data`` (bands, h, w): ``average`` over the valid pixels of each
-    2x2 cell (rounded) or ``nearest`` (its top-left pixel, as GDAL picks); odd edges keep their
-    partial cells. Returns the data and the validity of each cell (any valid pixel)."""
+    2x2 cell (rounded), ``nearest`` (its top-left pixel, as GDAL picks) or ``max``; odd edges
+    keep their partial cells. Returns the data and the validity of each cell (any valid pixel)."""
     b, h, w = data.shape
     if resampling == "nearest":
         return data[:, ::2, ::2], None if valid is None else valid[::2, ::2]
+    if resampling == "max":  # e.g. a mask of 0 and 255: a cell is valid if any pixel is
+        if h % 2 or w % 2:
+            padded = np.zeros((b, h + h % 2, w + w % 2), data.dtype)
+            padded[:, :h, :w] = data
+            data = padded
+        top = np.maximum(data[:, 0::2, 0::2], data[:, 0::2, 1::2])
+        return np.maximum(top, np.maximum(data[:, 1::2, 0::2], data[:, 1::2, 1::2])), None
     if resampling != "average":
         raise ValueError(f"unsupported overview resampling {resampling!r}")
     h2, w2 = -(-h // 2), -(-w // 2)
@@ -489,11 +553,14 @@ class RasterWriter:
     Chunks are written windowed into tiled scratch GeoTIFFs, and each chunk's 2x2 cells into
     scratch files of the overview levels, level after level, while its window there is at least
     :data:`MIN_STREAMED_PX` a side and on that level's grid; the smaller levels are made from
-    the last of those at the end, window by window (a quarter of the pixels or fewer).
-    :meth:`commit` converts each output to a Cloud-Optimized GeoTIFF under a temporary name,
-    from a VRT whose bands have the level files as overviews (copied, not recomputed), and
-    renames it into place. Until then nothing exists under the final names; :meth:`abort`
-    removes every scratch file. Only one process may hold a writer for a given output.
+    the last of those at the end, window by window (a quarter of the pixels or fewer). An
+    output's validity mask is a scratch band of its own (0 and 255), not a GDAL mask: GDAL
+    crashed when a thread wrote out another thread's dirty mask blocks to make room in the
+    block cache. :meth:`commit` converts each output to a Cloud-Optimized GeoTIFF under a
+    temporary name, from a VRT that gathers the scratch bands, their mask and, per level, a
+    VRT of the level files as overviews (copied, not recomputed), and renames it into place.
+    Until then nothing exists under the final names; :meth:`abort` removes every scratch file.
+    Only one process may hold a writer for a given output.
     """
 
     def __init__(
@@ -507,7 +574,7 @@ class RasterWriter:
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._pending: dict[str, deque[Future[None]]] = {}
         self._outputs: dict[str, _Output] = {}
-        self._env = rasterio.Env(**GDAL_ENV)
+        self._env = gdal_env()
 
     def add(
         self,
@@ -527,10 +594,9 @@ class RasterWriter:
         split = self.background and count > 1
         groups = [slice(b, b + 1) for b in range(count)] if split else [slice(0, count)]
         stem = atomic_path(final.with_suffix(".scratch.tif"))
-        parts = []
-        for i, group in enumerate(groups):
-            n = group.stop - group.start
-            profile: dict[str, Any] = {
+
+        def profile(n: int, nodata: int | None) -> dict[str, Any]:
+            return {
                 "driver": "GTiff",
                 "width": self.scene.width,
                 "height": self.scene.height,
@@ -548,21 +614,30 @@ class RasterWriter:
                 "interleave": "pixel" if n > 1 else "band",
                 "photometric": "minisblack",
             }
-            work = stem if len(groups) == 1 else Path(f"{stem}.b{i + 1}")
-            parts.append(_Part(work, group, profile, with_mask and i == 0))
-        self._outputs[name] = _Output(final, resampling, list(band_names or []), parts)
+
+        parts = [
+            _Part(
+                stem if len(groups) == 1 else Path(f"{stem}.b{i + 1}"),
+                group,
+                profile(group.stop - group.start, nodata),
+            )
+            for i, group in enumerate(groups)
+        ]
+        mask = _Part(Path(f"{stem}.mask"), None, profile(1, None)) if with_mask else None
+        self._outputs[name] = _Output(final, resampling, list(band_names or []), parts, mask)
 
     def __enter__(self) -> RasterWriter:
         self._env.__enter__()
         levels = overview_levels(self.scene.width, self.scene.height)
         try:
             for out in self._outputs.values():
-                for i, part in enumerate(out.parts):
+                for part in out.all_parts():
                     part.dataset = rasterio.open(part.work, "w", **part.profile)
-                    if i == 0:
+                    if part is out.parts[0]:
                         part.dataset.update_tags(**self.tags)
-                    for j, bname in enumerate(out.band_names[part.bands], start=1):
-                        part.dataset.set_band_description(j, bname)
+                    if part.bands is not None:
+                        for j, bname in enumerate(out.band_names[part.bands], start=1):
+                            part.dataset.set_band_description(j, bname)
                     part.levels = [
                         rasterio.open(part.level_path(k), "w", **self._level_profile(part, k))
                         for k in range(1, levels + 1)
@@ -591,24 +666,36 @@ class RasterWriter:
         and an earlier write's failure is raised here or by :meth:`commit`.
         """
         out = self._outputs[name]
-        for i, part in enumerate(out.parts):
+        if out.mask is None:
+            valid = None
+        elif valid is None:
+            valid = np.ones(data.shape[1:], bool)
+        for part in out.all_parts():
+            if part is out.mask:
+                assert valid is not None
+                job: tuple[Any, ...] = (
+                    out,
+                    part,
+                    window,
+                    np.where(valid, np.uint8(255), np.uint8(0))[None],
+                    None,
+                )
+                key = f"{name}-mask"
+            else:
+                job = (out, part, window, data, valid)
+                key = name if len(out.parts) == 1 else f"{name}-{out.parts.index(part) + 1}"
             if not self.background:
-                self._write(out, part, window, data, valid)
+                self._write(*job)
                 continue
-            key = f"{name}-{i + 1}" if len(out.parts) > 1 else name
             pending = self._pending.setdefault(key, deque())
             while pending and (pending[0].done() or len(pending) >= WRITES_QUEUED):
                 pending.popleft().result()
             pool = self._pools.get(key)
             if pool is None:
-                pool = self._pools[key] = ThreadPoolExecutor(1, f"geoseg-write-{key}")
-            pending.append(pool.submit(self._write_in_env, out, part, window, data, valid))
-
-    def _write_in_env(
-        self, out: _Output, part: _Part, window: Window, data: np.ndarray, valid: Any
-    ) -> None:
-        with rasterio.Env(**GDAL_ENV):  # GDAL settings are per thread
-            self._write(out, part, window, data, valid)
+                pool = self._pools[key] = ThreadPoolExecutor(
+                    1, f"geoseg-write-{key}", initializer=_enter_thread_env
+                )
+            pending.append(pool.submit(self._write, *job))
 
     def _drain(self) -> None:
         """Wait for every queued write; raise the first failure."""
@@ -628,17 +715,22 @@ class RasterWriter:
         part: _Part,
         window: Window,
         data: np.ndarray,
-        valid: np.ndarray | None = None,
+        valid: np.ndarray | None,
     ) -> None:
-        data = data[part.bands]
-        valid = valid if out.parts[0].with_mask else None  # every part's levels average by it
+        """Write a part's bands of ``data`` (or, for the mask part, the mask itself) and their
+        overview levels; ``valid`` weighs the averages of the levels."""
+        if part.bands is not None:
+            data = data[part.bands]
         try:
-            part.dataset.write(data, window=window)
-            if valid is not None and part.with_mask:
-                part.dataset.write_mask(np.where(valid, 255, 0).astype(np.uint8), window=window)
+            with GDAL_WRITES:
+                part.dataset.write(data.astype(np.uint8, copy=False), window=window)
             self._write_levels(out, part, window, data, valid)
         except (RasterioError, OSError) as exc:
             raise OutputError(f"{out.final}: write failed ({_short(exc)})") from exc
+
+    @staticmethod
+    def _resampling(out: _Output, part: _Part) -> str:
+        return "max" if part is out.mask else out.resampling
 
     def _level_profile(self, part: _Part, k: int) -> dict[str, Any]:
         """Profile of overview level ``k`` (2^k times coarser, sizes rounded up as GDAL does)."""
@@ -672,30 +764,32 @@ class RasterWriter:
         valid: np.ndarray | None,
     ) -> None:
         """Write the window's cells into each overview level that it covers whole."""
+        resampling = self._resampling(out, part)
         k = 0
         while k < part.streamed and self._on_level_grid(window, k + 1):
-            data, valid = downsample2(data, valid, out.resampling)
+            data, valid = downsample2(data, valid, resampling)
             k += 1
             f = 2**k
             win = Window(int(window.col_off) // f, int(window.row_off) // f, *data.shape[:0:-1])
-            part.levels[k - 1].write(data, window=win)
-            if valid is not None and part.with_mask:
-                part.levels[k - 1].write_mask(np.where(valid, 255, 0).astype(np.uint8), window=win)
+            with GDAL_WRITES:
+                part.levels[k - 1].write(data.astype(np.uint8, copy=False), window=win)
         part.streamed = k  # the levels below are made from level k once every chunk is in
 
     def _finish_levels(self, out: _Output, part: _Part) -> None:
         """Make the levels not written chunk by chunk from the level above each, window by
-        window, and close every level. The output's first part, which holds its mask, must be
-        finished first: the others average by its mask."""
-        first = out.parts[0]
+        window, and close every level. The mask, if any, must be finished first: the other
+        parts' averages are weighed by it."""
+        resampling = self._resampling(out, part)
+        weigh = out.mask is not None and part is not out.mask
         for k in range(part.streamed + 1, len(part.levels) + 1):
-            src_path = part.work if k == 1 else part.level_path(k - 1)
-            mask_path = first.work if k == 1 else first.level_path(k - 1)
             if k > 1:
-                part.levels[k - 2].close()
+                with GDAL_WRITES:
+                    part.levels[k - 2].close()
             with (
-                rasterio.open(src_path) as src,
-                rasterio.open(mask_path) if first.with_mask else contextlib.nullcontext() as msk,
+                rasterio.open(part.path(k - 1)) as src,
+                rasterio.open(out.mask.path(k - 1))  # type: ignore[union-attr]
+                if weigh
+                else contextlib.nullcontext() as msk,
             ):
                 for row in range(0, src.height, LEVEL_WINDOW):
                     for col in range(0, src.width, LEVEL_WINDOW):
@@ -706,35 +800,32 @@ class RasterWriter:
                             min(LEVEL_WINDOW, src.height - row),
                         )
                         data = src.read(window=win)
-                        valid = None if msk is None else msk.dataset_mask(window=win) > 0
-                        small, small_valid = downsample2(data, valid, out.resampling)
-                        dst = part.levels[k - 1]
+                        valid = None if msk is None else msk.read(1, window=win) > 0
+                        small, _ = downsample2(data, valid, resampling)
                         dst_win = Window(col // 2, row // 2, *small.shape[:0:-1])
-                        dst.write(small, window=dst_win)
-                        if small_valid is not None and part.with_mask:
-                            mask = np.where(small_valid, 255, 0).astype(np.uint8)
-                            dst.write_mask(mask, window=dst_win)
-        for ds in part.levels:
-            if not ds.closed:
-                ds.close()
+                        with GDAL_WRITES:
+                            part.levels[k - 1].write(small, window=dst_win)
+        with GDAL_WRITES:
+            for ds in part.levels:
+                if not ds.closed:
+                    ds.close()
 
-    def _source(self, out: _Output) -> Path:
-        """What the COG is copied from: the scratch file itself, or a VRT that gathers the
-        parts' bands and gives them the level files as overviews (the first part's masks come
-        along), for the COG driver to copy instead of making them."""
+    def _vrt(self, out: _Output, k: int) -> Path:
+        """A VRT of level ``k`` (0: full resolution) that gathers the parts' bands, with the
+        mask part as its mask and, at full resolution, the level VRTs as overviews."""
         import copy
         import xml.etree.ElementTree as ET
 
+        path = out.vrt_path(k)
         first = out.parts[0]
-        if len(out.parts) == 1 and not first.levels:
-            return first.work
-        rasterio.shutil.copy(first.work, out.vrt_path, driver="VRT")
-        tree = ET.parse(out.vrt_path)
+        rasterio.shutil.copy(first.path(k), path, driver="VRT")
+        tree = ET.parse(path)
         root = tree.getroot()
-        template = root.findall("VRTRasterBand")[0]
         for md in root.findall("Metadata[@domain='IMAGE_STRUCTURE']"):
             root.remove(md)  # the first part's layout, not the output's
+        template = root.findall("VRTRasterBand")[0]
         for part in out.parts[1:]:  # one band each
+            assert part.bands is not None
             band = copy.deepcopy(template)
             band.set("band", str(part.bands.start + 1))
             for interp in band.findall("ColorInterp"):  # further bands are extra samples
@@ -742,31 +833,40 @@ class RasterWriter:
             source = band.find("SimpleSource/SourceFilename")
             if source is None:
                 raise OutputError(f"{out.final}: unexpected VRT of {first.work}")
-            source.text, source.attrib = str(part.work.resolve()), {"relativeToVRT": "0"}
+            source.text, source.attrib = str(part.path(k).resolve()), {"relativeToVRT": "0"}
             for desc in band.findall("Description"):
                 desc.text = out.band_names[part.bands.start] if out.band_names else ""
-            mask = root.find("MaskBand")
-            if mask is not None:  # bands come before the dataset's mask
-                root.insert(list(root).index(mask), band)
-            else:
-                root.append(band)
-        for band in root.findall("VRTRasterBand"):
-            j = int(band.get("band", "1")) - 1
-            part = next(p for p in out.parts if p.bands.start <= j < p.bands.stop)
-            for k in range(1, len(part.levels) + 1):
-                ovr = ET.SubElement(band, "Overview")
-                ET.SubElement(ovr, "SourceFilename", relativeToVRT="0").text = str(
-                    part.level_path(k).resolve()
-                )
-                ET.SubElement(ovr, "SourceBand").text = str(j - part.bands.start + 1)
-        tree.write(out.vrt_path)
-        return out.vrt_path
+            root.append(band)
+        if k == 0:
+            for band in root.findall("VRTRasterBand"):
+                for level in range(1, len(first.levels) + 1):
+                    ovr = ET.SubElement(band, "Overview")
+                    ET.SubElement(ovr, "SourceFilename", relativeToVRT="0").text = str(
+                        out.vrt_path(level).resolve()
+                    )
+                    ET.SubElement(ovr, "SourceBand").text = band.get("band", "1")
+        if out.mask is not None:
+            mask = ET.SubElement(ET.SubElement(root, "MaskBand"), "VRTRasterBand", dataType="Byte")
+            source = ET.SubElement(mask, "SimpleSource")
+            ET.SubElement(source, "SourceFilename", relativeToVRT="0").text = str(
+                out.mask.path(k).resolve()
+            )
+            ET.SubElement(source, "SourceBand").text = "1"
+        tree.write(path)
+        return path
+
+    def _source(self, out: _Output) -> Path:
+        """What the COG is copied from: the scratch file itself, or a VRT (see :meth:`_vrt`)."""
+        first = out.parts[0]
+        if len(out.parts) == 1 and out.mask is None and not first.levels:
+            return first.work
+        for k in range(1, len(first.levels) + 1):
+            self._vrt(out, k)
+        return self._vrt(out, 0)
 
     def _publish(self, out: _Output, tmp: Path) -> None:
         # every chunk is written by now: the COG's compression may use every core
-        with rasterio.Env(**GDAL_ENV, GDAL_NUM_THREADS="ALL_CPUS"):
-            for part in out.parts:
-                self._finish_levels(out, part)
+        with gdal_env(GDAL_NUM_THREADS="ALL_CPUS"):
             rasterio.shutil.copy(
                 self._source(out),
                 tmp,
@@ -789,8 +889,13 @@ class RasterWriter:
             self._drain()
             self._stop_threads()
             for out in outs:
-                for part in out.parts:
-                    part.dataset.close()
+                for part in out.all_parts():
+                    with GDAL_WRITES:
+                        part.dataset.close()
+            with gdal_env():  # before any COG is written: no part-block writes beside those
+                for out in outs:
+                    for part in out.all_parts():
+                        self._finish_levels(out, part)
             if self.background:  # the outputs side by side: parts of a conversion are serial
                 with ThreadPoolExecutor(len(outs), "geoseg-publish") as pool:
                     jobs = [
@@ -820,13 +925,14 @@ class RasterWriter:
     def _remove_scratch(self) -> None:
         self._stop_threads()
         for out in self._outputs.values():
-            for part in out.parts:
+            for part in out.all_parts():
                 for ds in (part.dataset, *part.levels):
                     if ds is not None and not ds.closed:
-                        with contextlib.suppress(Exception):
+                        with GDAL_WRITES, contextlib.suppress(Exception):
                             ds.close()
                 for path in part.paths():
                     with contextlib.suppress(OSError):
                         path.unlink()
-            with contextlib.suppress(OSError):
-                out.vrt_path.unlink()
+            for k in range(len(out.parts[0].levels) + 1):
+                with contextlib.suppress(OSError):
+                    out.vrt_path(k).unlink()

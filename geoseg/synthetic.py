@@ -22,7 +22,7 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from geoseg.raster import GDAL_ENV, atomic_path
+from geoseg.raster import atomic_path, gdal_env
 from geoseg.runtime import cpu_cores
 
 __all__ = ["BACKGROUND", "BUILDING", "ROAD", "SyntheticScene", "write_scene"]
@@ -172,7 +172,7 @@ def write_scene(
     targets = [(Path(path), 3)] + ([(Path(labels), 1)] if labels is not None else [])
     tmps = [atomic_path(p) for p, _ in targets]
     try:
-        with rasterio.Env(**GDAL_ENV):
+        with gdal_env():
             dsts = [
                 rasterio.open(
                     t, "w", count=n, photometric="rgb" if n == 3 else "minisblack", **profile

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +57,7 @@ def test_writer_levels_equal_the_cells_of_the_level_above(
                 win = Window(c, r, min(step, w - c), min(step, h - r))
                 sl = np.s_[r : r + int(win.height), c : c + int(win.width)]
                 writer.write("probs", win, data[(slice(None), *sl)], valid[sl])
-    assert made == [streamed] * (2 if background else 1)
+    assert made == [streamed] * (3 if background else 2)  # the bands' parts and the mask
     assert not [p for p in final.parent.iterdir() if p != final]  # no scratch or level files
     with rasterio.open(final) as out:
         assert out.overviews(1) == [2, 4]
@@ -71,3 +74,31 @@ def test_writer_levels_equal_the_cells_of_the_level_above(
             np.testing.assert_array_equal(got[:, got_valid], expect[:, got_valid])
             prev, prev_valid = got, got_valid
     assert cog_validate(str(final))[0]
+
+
+def test_block_cache_is_limited_once_for_the_process() -> None:
+    """GDAL's block cache is process-wide: set once to 64 MiB, never swung by a thread's
+    environment coming and going while other threads write (that crashed GDAL now and then)."""
+    code = """
+import threading
+from rasterio.env import get_gdal_config
+from geoseg.raster import BLOCK_CACHE_MB, gdal_env
+before = get_gdal_config("GDAL_CACHEMAX")
+seen = []
+def work():
+    with gdal_env():
+        seen.append(get_gdal_config("GDAL_CACHEMAX"))
+    seen.append(get_gdal_config("GDAL_CACHEMAX"))
+threads = [threading.Thread(target=work) for _ in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+seen.append(get_gdal_config("GDAL_CACHEMAX"))
+assert before > BLOCK_CACHE_MB << 20, before
+assert seen == [BLOCK_CACHE_MB] * 7, seen  # MiB, as set (GDAL's own default: in bytes)
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "GDAL_CACHEMAX"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

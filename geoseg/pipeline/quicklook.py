@@ -15,7 +15,7 @@ import rasterio
 from rasterio.enums import Resampling
 
 from geoseg.errors import OutputError
-from geoseg.raster import GDAL_ENV, atomic_path
+from geoseg.raster import atomic_path, gdal_env
 
 __all__ = ["BUILDING_RGB", "ROAD_RGB", "quicklook_shape", "write_quicklook"]
 
@@ -43,7 +43,7 @@ def _stretch(band: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def _image(scene_path: str, shape: tuple[int, int]) -> np.ndarray:
-    with rasterio.Env(**GDAL_ENV), rasterio.open(scene_path) as src:
+    with gdal_env(), rasterio.open(scene_path) as src:
         alpha = [i for i, ci in enumerate(src.colorinterp, 1) if ci.name == "alpha"]
         bands = [b for b in range(1, src.count + 1) if b not in alpha][:3]
         bands = bands if len(bands) == 3 else bands[:1]
@@ -80,7 +80,7 @@ def write_quicklook(
     from PIL import Image
 
     out = Path(out)
-    with rasterio.Env(**GDAL_ENV), rasterio.open(mask_path) as msk:
+    with gdal_env(), rasterio.open(mask_path) as msk:
         shape = quicklook_shape(msk.width, msk.height, longest)
         mask = msk.read(1, out_shape=shape, resampling=Resampling.nearest)
     rgb = _image(str(scene_path), shape).astype(np.float32)

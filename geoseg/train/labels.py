@@ -18,7 +18,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
-from geoseg.raster import GDAL_ENV, Scene, on_grid, reflect_index
+from geoseg.raster import Scene, gdal_env, on_grid, reflect_index
 from geoseg.train.config import RasterLabels, SceneConfig, VectorLabels
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class SceneLabels:
     def _burn_raster(self, layer: RasterLayer, inner: Window, out: np.ndarray) -> None:
         try:
             with (
-                rasterio.Env(**GDAL_ENV),
+                gdal_env(),
                 rasterio.open(layer.path) as src,
                 on_grid(src, self.scene) as vrt,
             ):
@@ -197,7 +197,7 @@ def raster_layer(src: RasterLabels, scene: Scene, classes: list[str]) -> RasterL
     from rasterio.warp import transform_bounds
 
     try:
-        with rasterio.Env(**GDAL_ENV), rasterio.open(src.path) as ds:
+        with gdal_env(), rasterio.open(src.path) as ds:
             if ds.crs is None:
                 raise InputError(f"{src.path}: label raster has no CRS")
             b = transform_bounds(ds.crs, scene.crs, *ds.bounds)

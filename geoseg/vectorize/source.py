@@ -14,7 +14,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
-from geoseg.raster import GDAL_ENV
+from geoseg.raster import gdal_env
 
 __all__ = ["ClassWindow", "Prediction", "open_prediction", "read_class"]
 
@@ -76,7 +76,7 @@ def open_prediction(path: str | Path) -> Prediction:
     if not p.is_file():
         raise InputError(f"{p}: no such file")
     try:
-        with rasterio.Env(**GDAL_ENV), rasterio.open(p) as src:
+        with gdal_env(), rasterio.open(p) as src:
             if src.crs is None:
                 raise InputError(
                     f"{p}: has no CRS, so its vectors could not be georeferenced; "
@@ -146,7 +146,7 @@ def _read_band(path: str, band: int, window: Window, width: int, height: int) ->
     if rr1 <= rr0 or cc1 <= cc0:
         return out
     try:
-        with rasterio.Env(**GDAL_ENV), rasterio.open(path) as src:
+        with gdal_env(), rasterio.open(path) as src:
             data = src.read(band, window=Window(cc0, rr0, cc1 - cc0, rr1 - rr0))
     except RasterioError as exc:
         raise InputError(f"{path}: read failed at window {window} ({exc})") from exc
