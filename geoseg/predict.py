@@ -53,6 +53,7 @@ __all__ = [
     "predict_scene",
     "resolve_device",
     "resolve_precision",
+    "scene_grid",
     "warm_up",
 ]
 
@@ -541,24 +542,34 @@ QUIET_LOCAL_CLUSTER = {
 }
 
 
-def warm_up(bundle: Bundle, options: PredictOptions, scene: Scene) -> threading.Thread | None:
-    """Build the predictor that :func:`predict_scene` will use, in a thread of this process,
-    while the caller starts its local cluster and opens its outputs; on CUDA also run one pass
-    at the scene's chunk shape. Only for an in-process cluster (no ``scheduler``), whose
-    workers then find the predictor built. Errors are left to the workers, which build it
-    again and report them. Returns the started thread, or None."""
-    if options.scheduler:
-        return None
-    factory = bundle_factory(bundle, options)
-    spec = bundle.spec
-    grid = ChunkGrid(
+def scene_grid(scene: Scene, spec: ModelSpec, options: PredictOptions) -> ChunkGrid:
+    """The chunk grid of ``scene``: the options' chunk and halo, else the bundle's."""
+    return ChunkGrid(
         scene.width,
         scene.height,
         options.chunk or spec.chunk,
         spec.halo if options.halo is None else options.halo,
         multiple=spec.stride,
     )
-    padded = grid.at(0, 0).padded
+
+
+def warm_up(
+    bundle: Bundle, options: PredictOptions, scene: Scene, *, on_cpu: bool = False
+) -> threading.Thread | None:
+    """On CUDA, build the predictor that :func:`predict_scene` will use and run one pass at the
+    scene's chunk shape, in a thread of this process, while the caller starts its local
+    cluster and opens its outputs. Only for an in-process cluster (no ``scheduler``), whose
+    workers then find the predictor built. Errors are left to the workers, which build it
+    again and report them. Returns the started thread, or None.
+
+    On a CPU (``on_cpu``: build only) it gains a fraction of a second of a run that takes
+    minutes, and the weights would live in another thread's malloc arena: not by default."""
+    device = resolve_device(options.device)
+    if options.scheduler or not (device.startswith("cuda") or on_cpu):
+        return None
+    factory = bundle_factory(bundle, options)
+    spec = bundle.spec
+    padded = scene_grid(scene, spec, options).at(0, 0).padded
     shape = (options.batch_size, len(spec.bands), int(padded.height), int(padded.width))
 
     def work() -> None:
@@ -704,13 +715,7 @@ def predict_scene(
     notes = check_compatible(scene, spec)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
-    grid = ChunkGrid(
-        scene.width,
-        scene.height,
-        options.chunk or spec.chunk,
-        spec.halo if options.halo is None else options.halo,
-        multiple=spec.stride,
-    )
+    grid = scene_grid(scene, spec, options)
     device = resolve_device(options.device)
     if factory is None:
         factory = bundle_factory(bundle, options)

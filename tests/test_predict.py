@@ -446,7 +446,8 @@ def test_warm_up_builds_the_predictor_that_the_workers_use(
     factory = engine.bundle_factory(bundle, options)
     engine._PREDICTORS.pop(factory, None)
     before = engine.LOAD_COUNT.get(factory, 0)
-    thread = engine.warm_up(bundle, options, scene)
+    assert engine.warm_up(bundle, options, scene) is None  # not by default on a CPU
+    thread = engine.warm_up(bundle, options, scene, on_cpu=True)
     assert thread is not None
     with open_client(options) as client:
         thread.join()
@@ -455,7 +456,7 @@ def test_warm_up_builds_the_predictor_that_the_workers_use(
     assert out.chunks == 4
     assert engine.LOAD_COUNT[factory] == before + 1
     remote = PredictOptions(device="cpu", scheduler="tcp://127.0.0.1:1")
-    assert engine.warm_up(bundle, remote, scene) is None  # workers elsewhere build their own
+    assert engine.warm_up(bundle, remote, scene, on_cpu=True) is None  # workers elsewhere
 
 
 def _assert_seamless(scene: Path, bundle: Any, tmp: Path, chunk: int, halo: int) -> None:
