@@ -670,20 +670,14 @@ class RasterWriter:
             valid = None
         elif valid is None:
             valid = np.ones(data.shape[1:], bool)
-        for part in out.all_parts():
-            if part is out.mask:
-                assert valid is not None
-                job: tuple[Any, ...] = (
-                    out,
-                    part,
-                    window,
-                    np.where(valid, np.uint8(255), np.uint8(0))[None],
-                    None,
-                )
-                key = f"{name}-mask"
-            else:
-                job = (out, part, window, data, valid)
-                key = name if len(out.parts) == 1 else f"{name}-{out.parts.index(part) + 1}"
+        jobs: list[tuple[str, tuple[Any, ...]]] = [
+            (name if len(out.parts) == 1 else f"{name}-{i}", (out, part, window, data, valid))
+            for i, part in enumerate(out.parts, start=1)
+        ]
+        if out.mask is not None and valid is not None:  # the mask first, as in all_parts()
+            mask = np.where(valid, np.uint8(255), np.uint8(0))[None]
+            jobs.insert(0, (f"{name}-mask", (out, out.mask, window, mask, None)))
+        for key, job in jobs:
             if not self.background:
                 self._write(*job)
                 continue
@@ -723,7 +717,7 @@ class RasterWriter:
             data = data[part.bands]
         try:
             with GDAL_WRITES:
-                part.dataset.write(data.astype(np.uint8, copy=False), window=window)
+                part.dataset.write(data, window=window)
             self._write_levels(out, part, window, data, valid)
         except (RasterioError, OSError) as exc:
             raise OutputError(f"{out.final}: write failed ({_short(exc)})") from exc
@@ -772,7 +766,7 @@ class RasterWriter:
             f = 2**k
             win = Window(int(window.col_off) // f, int(window.row_off) // f, *data.shape[:0:-1])
             with GDAL_WRITES:
-                part.levels[k - 1].write(data.astype(np.uint8, copy=False), window=win)
+                part.levels[k - 1].write(data, window=win)
         part.streamed = k  # the levels below are made from level k once every chunk is in
 
     def _finish_levels(self, out: _Output, part: _Part) -> None:
