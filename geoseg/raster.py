@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import threading
 import uuid
 from collections import OrderedDict, deque
@@ -32,6 +33,8 @@ __all__ = [
     "BLOCK_CACHE_MB",
     "GDAL_ENV",
     "RasterWriter",
+    "SCRATCH_COMPRESSION",
+    "SCRATCH_ROOM",
     "Scene",
     "atomic_path",
     "close_readers",
@@ -492,6 +495,16 @@ MIN_STREAMED_PX = 256
 #: Window side, in pixels, for making an overview level from the level above it.
 LEVEL_WINDOW = 2048
 
+#: Scratch files are written uncompressed when the output directory's file system has this
+#: many times their uncompressed size free, else ZSTD-compressed (level 1): compressing took
+#: 3.4x the time of the write itself (1.3 vs 0.4 s for 8192² px of 3-band probabilities, half
+#: the bytes), and GDAL writes take turns (:data:`GDAL_WRITES`), so on a fast GPU it was the
+#: pipeline's bottleneck; the COG conversion also reads uncompressed scratch faster.
+SCRATCH_ROOM = 3.0
+
+#: The scratch compression: "auto" (see :data:`SCRATCH_ROOM`), "none" or "zstd".
+SCRATCH_COMPRESSION = "auto"
+
 
 def overview_levels(width: int, height: int, block: int = BLOCK) -> int:
     """Number of 2x overview levels until the raster fits in one block (as GDAL's COG driver)."""
@@ -532,19 +545,29 @@ def downsample2(
         padded_valid[:h, :w] = True if valid is None else valid
         data, valid = padded, padded_valid
     weight = None if valid is None else valid.view(np.uint8)
-    x = data if weight is None else data * weight
-    sums = x[:, 0::2, 0::2].astype(np.uint16)
-    sums += x[:, 1::2, 0::2]
-    sums += x[:, 0::2, 1::2]
-    sums += x[:, 1::2, 1::2]
+    sums = _cell_sums(data if weight is None else data * weight)
     if weight is None:
-        return ((sums + 2) >> 2).astype(np.uint8), None
-    n = weight[0::2, 0::2].astype(np.uint16)
-    n += weight[1::2, 0::2]
-    n += weight[0::2, 1::2]
-    n += weight[1::2, 1::2]
+        sums += 2
+        sums >>= 2
+        return sums.astype(np.uint8), None
+    n = _cell_sums(weight)
     out = (sums + n // 2) // np.maximum(n, 1)
     return out.astype(np.uint8), (n > 0) if masked else None
+
+
+def _cell_sums(x: np.ndarray) -> np.ndarray:
+    """Sums of the 2x2 cells of ``x`` (..., 2h, 2w), uint8, as uint16 (..., h, w).
+
+    Each pair of neighbouring pixels is read as one uint16: the sum of its two bytes is the
+    pair's sum, whatever the byte order, and every step runs over contiguous memory (5x faster
+    than adding four strided quarters)."""
+    pairs = np.ascontiguousarray(x).view(np.uint16)
+    top, bottom = pairs[..., 0::2, :], pairs[..., 1::2, :]
+    sums = top & 0xFF
+    sums += top >> 8
+    sums += bottom & 0xFF
+    sums += bottom >> 8
+    return sums
 
 
 class RasterWriter:
@@ -626,12 +649,39 @@ class RasterWriter:
         mask = _Part(Path(f"{stem}.mask"), None, profile(1, None)) if with_mask else None
         self._outputs[name] = _Output(final, resampling, list(band_names or []), parts, mask)
 
+    def scratch_bytes(self) -> int:
+        """Size of every scratch file uncompressed: full resolution and overview levels."""
+        w, h = self.scene.width, self.scene.height
+        pixels = w * h
+        for k in range(1, overview_levels(w, h) + 1):
+            pixels += -(-w // 2**k) * -(-h // 2**k)
+        bands = sum(part.profile["count"] for o in self._outputs.values() for part in o.all_parts())
+        return pixels * bands
+
+    def _scratch_compression(self) -> str:
+        """Scratch compression: "none" where the outputs go has room (SCRATCH_ROOM), else "zstd"."""
+        if SCRATCH_COMPRESSION != "auto":
+            return SCRATCH_COMPRESSION
+        need = self.scratch_bytes()
+        for out in self._outputs.values():
+            try:
+                free = shutil.disk_usage(out.final.parent).free
+            except OSError:
+                return "zstd"
+            if free < SCRATCH_ROOM * need:
+                return "zstd"
+        return "none"
+
     def __enter__(self) -> RasterWriter:
         self._env.__enter__()
         levels = overview_levels(self.scene.width, self.scene.height)
+        compression = self._scratch_compression()
         try:
             for out in self._outputs.values():
                 for part in out.all_parts():
+                    part.profile["compress"] = compression
+                    if compression != "zstd":
+                        part.profile.pop("zstd_level", None)
                     part.dataset = rasterio.open(part.work, "w", **part.profile)
                     if part is out.parts[0]:
                         part.dataset.update_tags(**self.tags)

@@ -221,12 +221,13 @@ def test_block_cache_shared_by_threads(tmp_path: Path, monkeypatch: pytest.Monke
         assert sorted(pool.map(check, range(8))) == list(range(8))
 
 
-@pytest.mark.parametrize("h, w", [(5, 7), (6, 8), (1, 1), (2, 3)])
+@pytest.mark.parametrize("h, w", [(5, 7), (6, 8), (1, 1), (2, 3), (40, 66), (33, 18)])
 def test_downsample2_averages_the_valid_pixels_of_each_cell(h: int, w: int) -> None:
     from geoseg.raster import downsample2
 
     rng = np.random.default_rng(h * 10 + w)
-    data = rng.integers(0, 256, (2, h, w), dtype=np.uint8)
+    data = rng.integers(0, 256, (3, h, w + 1), dtype=np.uint8)[::2, :, 1:]  # not contiguous
+    data[:, : h // 2, : w // 2] = 255  # sums that need 10 bits
     for valid in (rng.random((h, w)) > 0.3, np.ones((h, w), bool), None):
         out, out_valid = downsample2(data, valid, "average")
         assert out.shape == (2, -(-h // 2), -(-w // 2)) and (out_valid is None) == (valid is None)

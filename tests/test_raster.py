@@ -102,3 +102,49 @@ print("ok")
     env = {k: v for k, v in os.environ.items() if k != "GDAL_CACHEMAX"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("free_factor, expect", [(10.0, "none"), (1.0, "zstd")])
+def test_scratch_is_compressed_only_when_the_disk_is_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, free_factor: float, expect: str
+) -> None:
+    """Scratch files are uncompressed (faster to write and to convert) when the output's file
+    system has room for them several times over, else ZSTD; the COG is the same either way."""
+    from collections import namedtuple
+
+    rng = np.random.default_rng(1)
+    h, w = 700, 900
+    data = rng.integers(0, 255, (3, h, w), dtype=np.uint8)
+    scene = open_scene(write_tif(tmp_path / "in.tif", data))
+
+    def write(final: Path) -> str:
+        writer = RasterWriter(scene)
+        writer.add("probs", final, 3, resampling="average")
+        need = writer.scratch_bytes()
+        assert need == 3 * (h * w + 350 * 450)  # full resolution and its one level
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(
+            raster.shutil, "disk_usage", lambda p: usage(0, 0, int(free_factor * need))
+        )
+        with writer:
+            (part,) = writer._outputs["probs"].all_parts()
+            compression = part.profile["compress"]
+            for r in range(0, h, 512):
+                win = Window(0, r, w, min(512, h - r))
+                writer.write("probs", win, data[:, r : r + int(win.height)])
+        monkeypatch.undo()
+        return compression
+
+    final = tmp_path / "a" / "probs.tif"
+    final.parent.mkdir()
+    assert write(final) == expect
+    forced = "zstd" if expect == "none" else "none"
+    monkeypatch.setattr(raster, "SCRATCH_COMPRESSION", forced)
+    other = tmp_path / "b" / "probs.tif"
+    other.parent.mkdir()
+    assert write(other) == forced
+    with rasterio.open(final) as a, rasterio.open(other) as b:
+        assert a.overviews(1) == b.overviews(1) == [2]
+        np.testing.assert_array_equal(a.read(), b.read())
+        level = (3, 350, 450)
+        np.testing.assert_array_equal(a.read(out_shape=level), b.read(out_shape=level))
