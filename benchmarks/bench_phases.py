@@ -9,6 +9,14 @@ model (forward and quantization, synchronized by the copy back) and writing each
 
 Per-chunk sums are thread time: with several worker or writer threads they overlap, and the
 phase spans (first forward to last write, publishing) are what the wall clock sees.
+
+``--null-model`` replaces the model by one that takes no time (its "probabilities" are the
+input pixels of the chunk's core, its classes their top bits) and runs the rest as on a GPU
+(quantized "on the device", background writers, the GPU's worker threads): what the pipeline
+costs around a model that is infinitely fast, the regime of a fast GPU, on any machine:
+
+    python benchmarks/bench_phases.py bench_out/scene_4096.tif bench_out/model_resnet18_512_64 \
+        --null-model --chunk 2048
 """
 
 from __future__ import annotations
@@ -49,6 +57,30 @@ def timed(name: str, fn: Any) -> Any:
     return wrapper
 
 
+class NullPredictor:
+    """A predictor that takes no time: "probabilities" are the chunk's input pixels (band k
+    is input band k modulo the band count), classes the first band's top two bits."""
+
+    quantizes_on_device = True
+
+    def __init__(self, n_classes: int) -> None:
+        self.n_classes = n_classes
+
+    def normalized(self, raw: Any, valid: Any, normalization: Any) -> Any:
+        return raw
+
+    def quantized(self, batch: Any, windows: Any) -> list[tuple[Any, Any]]:
+        import numpy as np
+
+        out = []
+        for raw, (r, c, h, w) in zip(batch, windows, strict=True):
+            core = raw[:, r : r + h, c : c + w]
+            bands = [k % core.shape[0] for k in range(self.n_classes)]
+            q = np.ascontiguousarray(core[bands].astype(np.uint8, copy=False))
+            out.append((q, (q[0] >> 6).astype(np.uint8)))
+        return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scene")
@@ -57,6 +89,17 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--chunk", type=int, default=None)
+    parser.add_argument("--halo", type=int, default=None)
+    parser.add_argument(
+        "--scratch",
+        choices=("auto", "none", "zstd"),
+        default="auto",
+        help="compression of the writer's scratch files (geoseg.raster.SCRATCH_COMPRESSION)",
+    )
+    parser.add_argument(
+        "--null-model", action="store_true", help="a model that takes no time (see above)"
+    )
     args = parser.parse_args()
 
     from geoseg.runtime import tune_allocator
@@ -71,6 +114,7 @@ def main() -> None:
     from geoseg.predict import PredictOptions, open_client, predict_scene, warm_up
     from geoseg.raster import open_scene
 
+    raster.SCRATCH_COMPRESSION = args.scratch
     marks: dict[str, float] = {"imports torch": t_torch}
     marks["imports all"] = time.perf_counter() - T0
 
@@ -96,8 +140,23 @@ def main() -> None:
     raster.RasterWriter._publish = timed("publish one output", raster.RasterWriter._publish)
     raster.RasterWriter.commit = timed("commit", raster.RasterWriter.commit)
 
-    options = PredictOptions(device=args.device, precision=args.precision, workers=args.workers)
     bundle = load_bundle(args.model)
+    workers = args.workers
+    if args.null_model:
+        from geoseg.runtime import cpu_cores
+
+        null = NullPredictor(len(bundle.spec.classes))
+        engine.get_predictor = timed("get predictor", lambda factory: null)
+        engine.write_in_background = lambda options, device: cpu_cores() > 1
+        workers = workers or max(2, min(8, cpu_cores() // 2))  # as on CUDA
+        null.quantized = timed("model (gpu, quantized)", null.quantized)  # type: ignore[method-assign]
+    options = PredictOptions(
+        device=args.device,
+        precision=args.precision,
+        workers=workers,
+        chunk=args.chunk,
+        halo=args.halo,
+    )
     scene = open_scene(args.scene)
     warm_up(bundle, options, scene)  # as the command line does
     t = time.perf_counter()
@@ -118,7 +177,8 @@ def main() -> None:
             {
                 "scene": args.scene,
                 "chunks": result.chunks,
-                "device": args.device,
+                "device": "null model" if args.null_model else args.device,
+                "scratch": args.scratch,
                 "marks_s": {k: round(v, 3) for k, v in marks.items()},
                 "sums_s": {k: round(v, 3) for k, v in SUMS.items()},
                 "counts": dict(COUNTS),
