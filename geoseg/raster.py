@@ -573,8 +573,9 @@ def _cell_sums(x: np.ndarray) -> np.ndarray:
 class RasterWriter:
     """Writes chunk results into outputs that share one grid, then publishes them as COGs.
 
-    Chunks are written windowed into tiled scratch GeoTIFFs, and each chunk's 2x2 cells into
-    scratch files of the overview levels, level after level, while its window there is at least
+    Chunks are written windowed into tiled scratch GeoTIFFs (uncompressed when the disk has
+    room, see :data:`SCRATCH_ROOM`), and each chunk's 2x2 cells into scratch files of the
+    overview levels, level after level, while its window there is at least
     :data:`MIN_STREAMED_PX` a side and on that level's grid; the smaller levels are made from
     the last of those at the end, window by window (a quarter of the pixels or fewer). An
     output's validity mask is a scratch band of its own (0 and 255), not a GDAL mask: GDAL
