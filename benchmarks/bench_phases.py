@@ -17,6 +17,9 @@ costs around a model that is infinitely fast, the regime of a fast GPU, on any m
 
     python benchmarks/bench_phases.py bench_out/scene_4096.tif bench_out/model_resnet18_512_64 \
         --null-model --chunk 2048
+
+``--repeat N`` predicts the scene N times in one process, as a pipeline does with its scenes,
+and prints the anonymous RSS after each.
 """
 
 from __future__ import annotations
@@ -81,6 +84,15 @@ class NullPredictor:
         return out
 
 
+def rss_anon_mib() -> int:
+    """This process's anonymous resident memory (heap, not mapped files), MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) // 1024
+    return -1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("scene")
@@ -96,6 +108,13 @@ def main() -> None:
         choices=("auto", "none", "zstd"),
         default="auto",
         help="compression of the writer's scratch files (geoseg.raster.SCRATCH_COMPRESSION)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="predict the scene this many times in one process (sums and counts add up); "
+        "prints the anonymous RSS after each, to show whether memory is left behind",
     )
     parser.add_argument(
         "--null-model", action="store_true", help="a model that takes no time (see above)"
@@ -165,6 +184,10 @@ def main() -> None:
         t = time.perf_counter()
         result = predict_scene(scene, bundle, Path(args.out), options, client)
         marks["predict_scene"] = time.perf_counter() - t
+        rss_after = [rss_anon_mib()]
+        for _ in range(args.repeat - 1):  # the same scene again, in the same process
+            predict_scene(scene, bundle, Path(args.out), options, client)
+            rss_after.append(rss_anon_mib())
         t = time.perf_counter()
     marks["cluster close"] = time.perf_counter() - t
     marks["total in process"] = time.perf_counter() - T0
@@ -182,6 +205,7 @@ def main() -> None:
                 "marks_s": {k: round(v, 3) for k, v in marks.items()},
                 "sums_s": {k: round(v, 3) for k, v in SUMS.items()},
                 "counts": dict(COUNTS),
+                "anonymous_rss_mib_after_each_scene": rss_after,
                 "first_s": {k: round(v, 3) for k, v in FIRST.items()},
                 "last_s": {k: round(v, 3) for k, v in LAST.items()},
             },
