@@ -505,6 +505,12 @@ SCRATCH_ROOM = 3.0
 #: The scratch compression: "auto" (see :data:`SCRATCH_ROOM`), "none" or "zstd".
 SCRATCH_COMPRESSION = "auto"
 
+#: Creation options of scratch files per compression.
+SCRATCH_CODECS: dict[str, dict[str, Any]] = {
+    "none": {"compress": "none"},
+    "zstd": {"compress": "zstd", "zstd_level": 1},
+}
+
 
 def overview_levels(width: int, height: int, block: int = BLOCK) -> int:
     """Number of 2x overview levels until the raster fits in one block (as GDAL's COG driver)."""
@@ -632,8 +638,6 @@ class RasterWriter:
                 "tiled": True,
                 "blockxsize": BLOCK,
                 "blockysize": BLOCK,
-                "compress": "zstd",
-                "zstd_level": 1,
                 "bigtiff": "if_safer",
                 "interleave": "pixel" if n > 1 else "band",
                 "photometric": "minisblack",
@@ -680,9 +684,7 @@ class RasterWriter:
         try:
             for out in self._outputs.values():
                 for part in out.all_parts():
-                    part.profile["compress"] = compression
-                    if compression != "zstd":
-                        part.profile.pop("zstd_level", None)
+                    part.profile.update(SCRATCH_CODECS[compression])
                     part.dataset = rasterio.open(part.work, "w", **part.profile)
                     if part is out.parts[0]:
                         part.dataset.update_tags(**self.tags)
