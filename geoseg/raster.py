@@ -33,6 +33,7 @@ __all__ = [
     "BLOCK_CACHE_MB",
     "GDAL_ENV",
     "RasterWriter",
+    "SCRATCH_CODECS",
     "SCRATCH_COMPRESSION",
     "SCRATCH_ROOM",
     "Scene",
