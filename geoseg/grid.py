@@ -14,7 +14,7 @@ from rasterio.windows import Window
 
 from geoseg.errors import ConfigError
 
-__all__ = ["Chunk", "ChunkGrid", "round_up"]
+__all__ = ["Chunk", "ChunkGrid", "round_up", "stripes"]
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -22,9 +22,23 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def stripes(shape: tuple[int, int], cols: int) -> Iterator[tuple[int, int]]:
+    """Grid positions (row, col) of a (rows, cols) grid in vertical stripes ``cols`` wide,
+    row by row within a stripe."""
+    if cols < 1:
+        raise ValueError(f"stripe width must be >= 1 chunk, got {cols}")
+    rows, ncols = shape
+    for c0 in range(0, ncols, cols):
+        for r in range(rows):
+            for c in range(c0, min(c0 + cols, ncols)):
+                yield r, c
+
+
 @dataclass(frozen=True)
 class Chunk:
-    """One unit of work: the core it owns and the padded window the model sees (pixels)."""
+    """One unit of work: the core it owns and the padded window the model sees (pixels; for a
+    scene read at the model's GSD, the padded window is on the virtual model grid, see
+    :mod:`geoseg.resample`)."""
 
     row: int
     col: int
@@ -97,13 +111,8 @@ class ChunkGrid:
         one chunk row are still in a small block cache when the next row needs them, however
         wide the scene is.
         """
-        if cols < 1:
-            raise ValueError(f"stripe width must be >= 1 chunk, got {cols}")
-        rows, ncols = self.shape
-        for c0 in range(0, ncols, cols):
-            for r in range(rows):
-                for c in range(c0, min(c0 + cols, ncols)):
-                    yield self.at(r, c)
+        for r, c in stripes(self.shape, cols):
+            yield self.at(r, c)
 
     def at(self, row: int, col: int) -> Chunk:
         """The chunk at grid position (row, col)."""

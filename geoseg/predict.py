@@ -27,6 +27,7 @@ from geoseg.errors import ConfigError, InputError, ModelError
 from geoseg.grid import Chunk, ChunkGrid
 from geoseg.model import Bundle, ModelSpec, Normalization, load_module
 from geoseg.raster import RasterWriter, Scene, check_writable, read_padded
+from geoseg.resample import ResampledGrid, ResamplePlan, resample_plan
 from geoseg.runtime import cpu_cores
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ __all__ = [
     "get_predictor",
     "open_client",
     "predict_chunks",
+    "predict_resampled",
     "predict_scene",
     "resolve_device",
     "resolve_precision",
@@ -305,12 +307,14 @@ def get_predictor(factory: PredictorFactory) -> Predictor:
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """What every chunk task of one scene shares: input bands, normalization, class count."""
+    """What every chunk task of one scene shares: input bands, normalization, class count,
+    and how to resample its chunks to the model's GSD (None: they are read as they are)."""
 
     scene: Scene
     bands: tuple[int, ...]
     normalization: Normalization
     n_classes: int
+    resample: ResamplePlan | None = None
 
 
 @dataclass
@@ -379,7 +383,10 @@ def predict_chunks(
     """One task: read each chunk with its halo, run the model on those with valid pixels, trim.
 
     A predictor that quantizes on its device also normalizes there: the raw pixels travel.
+    With a resample plan, see :func:`predict_resampled`.
     """
+    if plan.resample is not None:
+        return predict_resampled(plan, plan.resample, chunks, factory)
     results: list[ChunkResult | None] = [None] * len(chunks)
     todo: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
     for i, chunk in enumerate(chunks):
@@ -418,8 +425,54 @@ def predict_chunks(
     return [r for r in results if r is not None]
 
 
-def check_compatible(scene: Scene, spec: ModelSpec) -> list[str]:
-    """Raise if ``scene`` cannot feed the model; return warnings for doubtful fits."""
+def predict_resampled(
+    plan: ChunkPlan, resample: ResamplePlan, chunks: Sequence[Chunk], factory: PredictorFactory
+) -> list[ChunkResult]:
+    """:func:`predict_chunks` at the model's GSD: per chunk, read the scene pixels that its
+    model window needs, resample them onto that window (:meth:`ResamplePlan.to_model`),
+    normalize, run the model, bring the probabilities back onto the core's scene pixels
+    (:meth:`ResamplePlan.to_scene`), quantize. Nodata comes from the scene's own validity at
+    each core pixel. On the host whatever the device: the model's output is resampled."""
+    results: list[ChunkResult | None] = [None] * len(chunks)
+    todo: dict[tuple[int, ...], list[tuple[int, Any, np.ndarray, np.ndarray]]] = {}
+    for i, chunk in enumerate(chunks):
+        core = chunk.core
+        model = resample.model_window(core)
+        scene = resample.scene_window(model, core)
+        data, valid = read_padded(plan.scene, scene, plan.bands)
+        r0, c0 = int(core.row_off - scene.row_off), int(core.col_off - scene.col_off)
+        core_valid = valid[r0 : r0 + int(core.height), c0 : c0 + int(core.width)]
+        if not core_valid.any():
+            h, w = core_valid.shape
+            results[i] = ChunkResult(
+                chunk,
+                np.zeros((plan.n_classes, h, w), np.uint8),
+                np.full((1, h, w), MASK_NODATA, np.uint8),
+                core_valid,
+                skipped=True,
+            )
+            continue
+        x, x_valid = resample.to_model(
+            data, valid, scene, model, may_be_invalid=plan.scene.has_mask
+        )
+        x = plan.normalization.apply(x, x_valid)
+        todo.setdefault(x.shape, []).append((i, model, x, np.ascontiguousarray(core_valid)))
+    if todo:
+        predictor = get_predictor(factory)
+        for items in todo.values():
+            probs = predictor(np.stack([x for _, _, x, _ in items]))
+            for (i, model, _, core_valid), p in zip(items, probs, strict=True):
+                back = resample.to_scene(p, model, chunks[i].core)
+                q, classes = with_nodata(*_quantize(back), core_valid)
+                results[i] = ChunkResult(chunks[i], q, classes, core_valid)
+    return [r for r in results if r is not None]
+
+
+def check_compatible(scene: Scene, spec: ModelSpec, *, resample: bool = False) -> list[str]:
+    """Raise if ``scene`` cannot feed the model; return warnings for doubtful fits.
+
+    ``resample``: whether the caller reads the scene at the model's GSD (then a different
+    ground sample distance is no reason for a warning)."""
     usable = [b for b in range(1, scene.count + 1) if b != scene.alpha_band]
     missing = [b for b in spec.bands if b > scene.count]
     if missing:
@@ -440,19 +493,25 @@ def check_compatible(scene: Scene, spec: ModelSpec) -> list[str]:
         notes.append(
             f"{scene.path}: has {len(usable)} image bands; the model reads bands {spec.bands}"
         )
-    if spec.gsd_m:
+    if spec.gsd_m and not resample:
         ratio = scene.gsd_m / spec.gsd_m
         if ratio > 2 or ratio < 0.5:
             notes.append(
                 f"{scene.path}: ground sample distance {scene.gsd_m:.3g} m is {ratio:.2g}x the "
-                f"model's {spec.gsd_m:.3g} m; expect poor results (resample the scene)"
+                f"model's {spec.gsd_m:.3g} m; expect poor results (resample the scene, or "
+                "let geoseg read it at the model's GSD: --resample)"
             )
     return notes
 
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """How to run: sizes in pixels; ``None`` takes the bundle's recommendation."""
+    """How to run: sizes in model pixels; ``None`` takes the bundle's recommendation.
+
+    ``resample``: read each chunk at the model's GSD when the scene's ground resolution differs
+    from it by more than :data:`geoseg.resample.RESAMPLE_TOLERANCE` (see
+    :mod:`geoseg.resample`).
+    """
 
     chunk: int | None = None
     halo: int | None = None
@@ -463,6 +522,7 @@ class PredictOptions:
     workers: int | None = None
     scheduler: str | None = None
     max_in_flight: int | None = None
+    resample: bool = True
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -484,6 +544,8 @@ class PredictOutputs:
     skipped: int
     redundancy: float
     warnings: list[str] = field(default_factory=list)
+    #: model pixels per scene pixel (x, y) when the scene was read at the model's GSD
+    resampled: tuple[float, float] | None = None
 
 
 def local_threads(options: PredictOptions) -> int:
@@ -542,15 +604,22 @@ QUIET_LOCAL_CLUSTER = {
 }
 
 
-def scene_grid(scene: Scene, spec: ModelSpec, options: PredictOptions) -> ChunkGrid:
-    """The chunk grid of ``scene``: the options' chunk and halo, else the bundle's."""
-    return ChunkGrid(
+def scene_grid(scene: Scene, spec: ModelSpec, options: PredictOptions) -> ChunkGrid | ResampledGrid:
+    """The chunk grid of ``scene``: the options' chunk and halo, else the bundle's (model
+    pixels). A :class:`ResampledGrid` when the scene is read at the model's GSD."""
+    grid = ChunkGrid(
         scene.width,
         scene.height,
         options.chunk or spec.chunk,
         spec.halo if options.halo is None else options.halo,
         multiple=spec.stride,
     )
+    if not (options.resample and spec.gsd_m):
+        return grid
+    plan = resample_plan(scene.ground_res, spec.gsd_m, grid.halo, grid.multiple)
+    if plan is None:
+        return grid
+    return ResampledGrid.for_chunk(scene.width, scene.height, grid.chunk, plan)
 
 
 def warm_up(
@@ -617,7 +686,7 @@ def open_client(options: PredictOptions) -> Iterator[Client]:
 STRIPE_BYTES = 24 << 20
 
 
-def chunk_order(grid: ChunkGrid, scene: Scene, n_bands: int) -> Iterator[Chunk]:
+def chunk_order(grid: ChunkGrid | ResampledGrid, scene: Scene, n_bands: int) -> Iterator[Chunk]:
     """The order to run chunks in: stripes that keep shared source blocks cached when the
     scene is tiled (for strip-organised files every chunk row needs whole strips anyway)."""
     bh, bw = scene.block_shape
@@ -712,17 +781,27 @@ def predict_scene(
     device and precision). ``progress(done, total)`` is called after each chunk is written.
     """
     spec = bundle.spec
-    notes = check_compatible(scene, spec)
+    notes = check_compatible(scene, spec, resample=options.resample)
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
     grid = scene_grid(scene, spec, options)
+    resample = grid.plan if isinstance(grid, ResampledGrid) else None
+    if resample is not None:
+        gx, gy = scene.ground_res
+        log.info(
+            "%s: read at the model's %.3g m (ground pixels %.3g x %.3g m)",
+            scene.path,
+            spec.gsd_m,
+            gx,
+            gy,
+        )
     device = resolve_device(options.device)
     if factory is None:
         factory = bundle_factory(bundle, options)
     out = Path(out_dir)
     check_writable(out)
     probs_path, mask_path = output_paths(scene, out)
-    plan = ChunkPlan(scene, tuple(spec.bands), spec.normalization, len(spec.classes))
+    plan = ChunkPlan(scene, tuple(spec.bands), spec.normalization, len(spec.classes), resample)
     n_workers = max(1, sum(client.nthreads().values()))
     max_in_flight = options.max_in_flight or 2 * n_workers
     total, done, skipped = len(grid), 0, 0
@@ -749,7 +828,16 @@ def predict_scene(
             if progress is not None:
                 progress(done, total)
     log.info("%s: %d chunks (%d all-nodata) → %s", scene.path, total, skipped, out)
-    return PredictOutputs(scene.path, probs_path, mask_path, total, skipped, grid.redundancy, notes)
+    return PredictOutputs(
+        scene.path,
+        probs_path,
+        mask_path,
+        total,
+        skipped,
+        grid.redundancy,
+        notes,
+        None if resample is None else (resample.ratio_x, resample.ratio_y),
+    )
 
 
 def write_in_background(options: PredictOptions, device: str) -> bool:

@@ -40,6 +40,7 @@ __all__ = [
     "atomic_path",
     "close_readers",
     "gdal_env",
+    "ground_resolution",
     "limit_block_cache",
     "on_grid",
     "open_scene",
@@ -120,15 +121,92 @@ class Scene:
         return (abs(self.transform.a), abs(self.transform.e))
 
     @property
+    def ground_res(self) -> tuple[float, float]:
+        """Ground metres per pixel along x (columns) and y (rows) at the scene's centre.
+
+        CRS units are not ground metres: a Web Mercator metre is about 1/cos(latitude) metres
+        on the ground, and every projection has its own scale factors (see
+        :func:`ground_resolution`).
+        """
+        return ground_resolution(self.crs, self.transform, self.width, self.height)
+
+    @property
     def gsd_m(self) -> float:
-        """Ground sample distance in metres, also for geographic CRSs (at the scene's centre)."""
-        rx, ry = self.res
-        if self.crs.is_geographic:
-            lat = (self.transform * (self.width / 2, self.height / 2))[1]
-            metres_per_degree = 111_320.0
-            return math.sqrt(rx * metres_per_degree * math.cos(math.radians(lat)) * ry * 111_320.0)
-        factor = self.crs.linear_units_factor[1] if self.crs.is_projected else 1.0
-        return math.sqrt(rx * ry) * factor
+        """Ground sample distance in metres at the scene's centre: sqrt(gx * gy) of
+        :attr:`ground_res`."""
+        gx, gy = self.ground_res
+        return math.sqrt(gx * gy)
+
+
+def ground_resolution(crs: CRS, transform: Affine, width: int, height: int) -> tuple[float, float]:
+    """Ground metres per pixel (x, y) of a north-up grid, at its centre.
+
+    Projected CRSs: the pixel size in metres divided by the projection's scale along each grid
+    axis, from the derivatives of ``pyproj.Proj.get_factors`` (exact also for projections that
+    are not conformal or whose grid is not aligned with the meridians). Geographic CRSs:
+    geodesic lengths (``pyproj.Geod``) of one pixel along each axis. Falls back to CRS units
+    taken as metres where neither applies (for example an engineering CRS).
+    """
+    rx, ry = abs(transform.a), abs(transform.e)
+    cx = transform.c + transform.a * width / 2 + transform.b * height / 2
+    cy = transform.f + transform.d * width / 2 + transform.e * height / 2
+    try:
+        import pyproj
+
+        pcrs = pyproj.CRS.from_user_input(crs)
+        if pcrs.is_geographic:
+            res = _geographic_res(pcrs, cx, cy, rx, ry)
+        elif pcrs.is_projected:
+            unit = pcrs.axis_info[0].unit_conversion_factor if pcrs.axis_info else 1.0
+            sx, sy = _grid_scales(pcrs, cx, cy)
+            res = (rx * unit / sx, ry * unit / sy)
+        else:
+            res = (rx, ry)
+    except Exception:  # pyproj or PROJ cannot describe this CRS: take its units as metres
+        res = (rx, ry)
+    if not all(math.isfinite(v) and v > 0 for v in res):
+        return (rx, ry)
+    return res
+
+
+def _geographic_res(crs: Any, lon: float, lat: float, rx: float, ry: float) -> tuple[float, float]:
+    """Geodesic length (metres) of one pixel along x and y at (lon, lat), in the CRS's units."""
+    unit = crs.axis_info[0].unit_conversion_factor if crs.axis_info else math.radians(1)
+    to_deg = math.degrees(unit)  # the CRS's angular unit in degrees (1 for degrees)
+    lon, lat, dx, dy = lon * to_deg, lat * to_deg, rx * to_deg, ry * to_deg
+    geod = crs.get_geod()
+    gx = geod.inv(lon - dx / 2, lat, lon + dx / 2, lat)[2]
+    gy = geod.inv(lon, lat - dy / 2, lon, lat + dy / 2)[2]
+    return float(gx), float(gy)
+
+
+def _grid_scales(crs: Any, x: float, y: float) -> tuple[float, float]:
+    """The projection's scale factor (CRS length / ground length) along the grid's x and y
+    axes at projected point (x, y).
+
+    ``get_factors`` gives the partial derivatives of the projected coordinates (in units of
+    the semi-major axis) by longitude and latitude (radians). Inverting that Jacobian turns a
+    unit step along a grid axis into (dlon, dlat), whose length on the ellipsoid is
+    sqrt((N cos(lat) dlon)² + (M dlat)²), N and M the prime-vertical and meridional radii.
+    For a conformal projection both scales equal the ``parallel_scale`` (1/cos(lat) for Web
+    Mercator on a sphere).
+    """
+    import pyproj
+
+    proj = pyproj.Proj(crs)
+    lon, lat = proj(x, y, inverse=True)
+    f = proj.get_factors(lon, lat)
+    e2 = crs.get_geod().es
+    phi = math.radians(lat)
+    w = 1.0 - e2 * math.sin(phi) ** 2
+    n, m = 1.0 / math.sqrt(w), (1.0 - e2) / w**1.5  # radii / semi-major axis
+    a, b, c, d = f.dx_dlam, f.dx_dphi, f.dy_dlam, f.dy_dphi
+    det = a * d - b * c
+    scales = []
+    for vx, vy in ((1.0, 0.0), (0.0, 1.0)):
+        dlam, dphi = (d * vx - b * vy) / det, (a * vy - c * vx) / det
+        scales.append(1.0 / math.hypot(n * math.cos(phi) * dlam, m * dphi))
+    return scales[0], scales[1]
 
 
 def open_scene(path: str | os.PathLike[str]) -> Scene:

@@ -604,9 +604,10 @@ def test_incompatible_scene_refused_before_compute(tmp_path: Path, make_bundle: 
 
 
 def test_resolution_mismatch_warns(tmp_path: Path, rgb_scene: Any, make_bundle: Any) -> None:
+    """Without resampling (--no-resample); with it, the scene is read at the model's GSD."""
     scene = rgb_scene(64, 64)  # 1 m pixels
     with pytest.warns(UserWarning, match=r"ground sample distance 1 m is 3.3x the model's 0.3 m"):
-        run(scene, make_bundle(gsd_m=0.3), tmp_path / "out", IdentityFactory("gsd"))
+        run(scene, make_bundle(gsd_m=0.3), tmp_path / "out", IdentityFactory("gsd"), resample=False)
 
 
 @pytest.mark.parametrize("background", [False, True])

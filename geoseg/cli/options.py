@@ -22,6 +22,16 @@ out_dir_option = click.option(
 )
 
 
+#: ``--resample/--no-resample``, for the commands that run a model on scenes.
+resample_option = click.option(
+    "--resample/--no-resample",
+    default=True,
+    show_default=True,
+    help="Read each chunk at the model's ground sample distance when the scene's differs from "
+    "it by more than 5 % on an axis, and bring the probabilities back onto the scene's grid.",
+)
+
+
 def compute_options(f: F) -> F:
     """Chunk, halo, batch, device, precision, threads, workers and scheduler options."""
     opts = [
@@ -29,13 +39,13 @@ def compute_options(f: F) -> F:
             "--chunk",
             type=click.IntRange(min=32),
             default=None,
-            help="Chunk core size in pixels (default: the model's recommendation).",
+            help="Chunk core size in model pixels (default: the model's recommendation).",
         ),
         click.option(
             "--halo",
             type=click.IntRange(min=0),
             default=None,
-            help="Halo around each chunk in pixels (default: the model's).",
+            help="Halo around each chunk in model pixels (default: the model's).",
         ),
         click.option(
             "--batch-size",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from geoseg.cli.options import Progress, compute_options, out_dir_option
+from geoseg.cli.options import Progress, compute_options, out_dir_option, resample_option
 from geoseg.model import load_bundle
 from geoseg.predict import (
     PredictOptions,
@@ -33,6 +33,7 @@ log = logging.getLogger("geoseg.cli")
 )
 @out_dir_option
 @compute_options
+@resample_option
 @click.option(
     "--vectorize",
     "also_vectorize",
@@ -51,6 +52,7 @@ def predict(
     threads: int | None,
     workers: int | None,
     scheduler: str | None,
+    resample: bool = True,
     also_vectorize: bool = False,
 ) -> None:
     """Write <stem>.probs.tif and <stem>.mask.tif COGs for each SCENE into --out."""
@@ -64,10 +66,11 @@ def predict(
         threads=threads,
         workers=workers,
         scheduler=scheduler,
+        resample=resample,
     )
     opened = [open_scene(s) for s in scenes]
     for scene in opened:
-        check_compatible(scene, bundle.spec)
+        check_compatible(scene, bundle.spec, resample=resample)
     check_writable(out_dir)
     warm_up(bundle, options, opened[0])  # the model loads while the cluster starts
     with open_client(options) as client:
@@ -77,9 +80,12 @@ def predict(
                 result = predict_scene(scene, bundle, out_dir, options, client, progress=progress)
             finally:
                 progress.close()
+            read_at = ""
+            if result.resampled is not None:
+                read_at = f", read at the model's {bundle.spec.gsd_m:g} m"
             click.echo(
                 f"{scene.stem}: {result.probs} {result.mask} "
-                f"({result.chunks} chunks, {result.skipped} all-nodata)"
+                f"({result.chunks} chunks, {result.skipped} all-nodata{read_at})"
             )
             if also_vectorize:
                 from geoseg.cli.vectorize import report

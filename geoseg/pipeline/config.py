@@ -72,14 +72,19 @@ class Inputs(_Strict):
 
 
 class PredictSettings(_Strict):
-    """Prediction settings; sizes in pixels, ``null`` takes the model's recommendation."""
+    """Prediction settings; sizes in model pixels, ``null`` takes the model's recommendation."""
 
-    chunk: int | None = Field(None, ge=32, description="Chunk core size, pixels.")
-    halo: int | None = Field(None, ge=0, description="Halo on each side of a chunk, pixels.")
+    chunk: int | None = Field(None, ge=32, description="Chunk core size, model pixels.")
+    halo: int | None = Field(None, ge=0, description="Halo on each side of a chunk, model pixels.")
     batch_size: int = Field(1, ge=1, description="Chunks per forward pass.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto picks bf16/fp16 autocast where the device runs it fast."
+    )
+    resample: bool = Field(
+        True,
+        description="Read each chunk at the model's ground sample distance when the scene's "
+        "differs from it by more than 5 % on an axis (false: read scenes as they are).",
     )
 
     @field_validator("device")

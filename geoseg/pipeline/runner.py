@@ -192,6 +192,7 @@ def predict_options(config: PipelineConfig, scheduler: str | None = None) -> Pre
         batch_size=p.batch_size,
         device=p.device,
         precision=p.precision,
+        resample=p.resample,
         threads=c.threads,
         workers=workers,
         scheduler=address,
