@@ -106,6 +106,11 @@ class ModelSpec(BaseModel):
     halo: int = Field(64, ge=0, description="Recommended halo on each side, pixels.")
     gsd_m: float | None = Field(None, gt=0, description="Ground sample distance trained at, m.")
     weights_sha256: str | None = Field(None, description="SHA-256 of weights.safetensors.")
+    encoder_weights: str | None = Field(
+        None,
+        description="Where the encoder's starting weights came from before training "
+        "(e.g. 'lite0-imagenet (file, sha256 …)', 'imagenet'); None: random.",
+    )
     description: str = ""
 
     @field_validator("bands")
@@ -211,9 +216,17 @@ def file_sha256(path: Path) -> str:
 
 
 def save_bundle(
-    spec: ModelSpec, state_dict: dict[str, torch.Tensor], out: str | os.PathLike[str]
+    spec: ModelSpec,
+    state_dict: dict[str, torch.Tensor],
+    out: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
 ) -> Bundle:
-    """Write ``state_dict`` and ``spec`` as a bundle directory, atomically (temp dir + rename)."""
+    """Write ``state_dict`` and ``spec`` as a bundle directory, atomically (temp dir + rename).
+
+    ``dtype`` (e.g. ``torch.float16``) stores floating-point tensors in that type; they are
+    cast back to the module's own types when loaded.
+    """
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -223,6 +236,8 @@ def save_bundle(
     tmp.mkdir(parents=True)
     try:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         digest = file_sha256(tmp / WEIGHTS_FILE)
         spec = spec.model_copy(update={"weights_sha256": digest})

