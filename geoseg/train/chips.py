@@ -24,6 +24,11 @@ from geoseg.train.labels import IGNORE, SceneLabels
 
 __all__ = [
     "Chip",
+    "holdout_window",
+    "random_windows",
+    "read_chip",
+    "read_resampled",
+    "virtual_grid",
     "ChipSet",
     "band_statistics",
     "blocks",
@@ -115,15 +120,33 @@ def plan_chips(
     block: int,
     val_fraction: float,
     seed: int,
+    holdouts: Sequence[Window | None] | None = None,
+    train_chips: bool = True,
 ) -> ChipSet:
-    """Every chip window of every scene, all-nodata chips dropped (their pixels are read once)."""
+    """Every chip window of every scene, all-nodata chips dropped (their pixels are read once).
+
+    A scene with a hold-out window gives validation chips inside it, training chips outside
+    it (never touching it); the others are split by seeded regions. ``train_chips=False``
+    plans validation chips only (training chips are then drawn at random).
+    """
     chips: list[Chip] = []
     skipped = 0
     for i, lab in enumerate(labels):
         s = lab.scene
-        for region, split in split_regions(s.width, s.height, block, size, val_fraction, seed + i):
-            for window in chip_windows(region, size, stride):
-                _, valid = read_padded(s, window, bands)
+        held = holdouts[i] if holdouts else None
+        if held is not None:
+            parts: list[tuple[Window, Split]] = [(held, "val")]
+            if train_chips:
+                parts += [(r, "train") for r in _outside(s, held)]
+        else:
+            parts = split_regions(s.width, s.height, block, size, val_fraction, seed + i)
+        for region, split in parts:
+            if split == "train" and not train_chips:
+                continue
+            if region.width < size or region.height < size:
+                continue
+            for window in chip_windows(region, size, stride if split == "train" else size):
+                _, valid = read_chip(lab, window, bands)
                 if valid.any():
                     chips.append(Chip(i, window, split))
                 else:
@@ -131,15 +154,132 @@ def plan_chips(
     return ChipSet(tuple(chips), tuple(labels), skipped)
 
 
+def _outside(scene: Scene, held: Window) -> list[Window]:
+    """Up to four rectangles covering ``scene`` minus ``held`` (left, right, top, bottom)."""
+    c0, r0 = int(held.col_off), int(held.row_off)
+    c1, r1 = c0 + int(held.width), r0 + int(held.height)
+    parts = [
+        Window(0, 0, c0, scene.height),
+        Window(c1, 0, scene.width - c1, scene.height),
+        Window(c0, 0, c1 - c0, r0),
+        Window(c0, r1, c1 - c0, scene.height - r1),
+    ]
+    return [p for p in parts if p.width > 0 and p.height > 0]
+
+
 def load_chip(
     labels: SceneLabels, window: Window, spec: ModelSpec
 ) -> tuple[np.ndarray, np.ndarray]:
     """(normalized float32 image (bands, h, w), uint8 labels (h, w) with nodata = IGNORE)."""
-    data, valid = read_padded(labels.scene, window, spec.bands)
+    data, valid = read_chip(labels, window, spec.bands)
     x = spec.normalization.apply(data, valid)
     y = labels.burn(window)
     y[~valid] = IGNORE
     return x, y
+
+
+def read_chip(
+    labels: SceneLabels, window: Window, bands: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw pixels and validity of ``window`` of the labels' grid: a padded read of the image
+    itself, or, on a virtual grid at the model's GSD, a resampled read of the window's extent
+    (average when shrinking, bilinear when enlarging)."""
+    if labels.image is None:
+        return read_padded(labels.scene, window, bands)
+    return read_resampled(labels.image, labels.scene, window, bands)
+
+
+def virtual_grid(scene: Scene, gsd_m: float, tolerance: float = 0.05) -> Scene | None:
+    """``scene``'s extent on a grid of ``gsd_m`` ground metres per pixel, or None when its own
+    ground resolution is within ``tolerance`` of it on both axes."""
+    import dataclasses
+
+    from rasterio.transform import Affine
+
+    gx, gy = scene.ground_res
+    fx, fy = gx / gsd_m, gy / gsd_m  # grid pixels per scene pixel
+    if abs(fx - 1) <= tolerance and abs(fy - 1) <= tolerance:
+        return None
+    width, height = max(1, round(scene.width * fx)), max(1, round(scene.height * fy))
+    t = scene.transform
+    transform = t * Affine.scale(scene.width / width, scene.height / height)
+    return dataclasses.replace(scene, width=width, height=height, transform=Affine(*transform[:6]))
+
+
+def read_resampled(
+    image: Scene, grid: Scene, window: Window, bands: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``window`` of ``grid`` (same extent and CRS as ``image``) from ``image``, resampled.
+
+    The window must lie inside the grid. Pixels count as valid when GDAL's mask, resampled by
+    nearest neighbour, says so (and, for floats, when finite).
+    """
+    import rasterio
+    from rasterio.enums import Resampling
+
+    from geoseg.raster import gdal_env
+
+    sx = image.width / grid.width  # image pixels per grid pixel
+    sy = image.height / grid.height
+    c0, r0 = float(window.col_off) * sx, float(window.row_off) * sy
+    w, h = float(window.width) * sx, float(window.height) * sy
+    src = Window(c0, r0, min(w, image.width - c0), min(h, image.height - r0))
+    shape = (int(window.height), int(window.width))
+    kind = Resampling.average if sx * sy > 1 else Resampling.bilinear
+    try:
+        with gdal_env(), rasterio.open(image.path) as ds:
+            data = ds.read(list(bands), window=src, out_shape=(len(bands), *shape), resampling=kind)
+            mask = ds.dataset_mask(window=src, out_shape=shape, resampling=Resampling.nearest)
+    except (rasterio.errors.RasterioError, OSError) as exc:
+        raise InputError(f"{image.path}: read failed at window {src} ({exc})") from exc
+    valid = mask > 0
+    if data.dtype.kind == "f":
+        valid &= np.isfinite(data).all(axis=0)
+    return data, valid
+
+
+def holdout_window(scene: Scene, x: tuple[float, float], y: tuple[float, float]) -> Window:
+    """The hold-out rectangle (fractions of the width and height) in pixels of ``scene``."""
+    c0, c1 = round(x[0] * scene.width), round(x[1] * scene.width)
+    r0, r1 = round(y[0] * scene.height), round(y[1] * scene.height)
+    return Window(c0, r0, c1 - c0, r1 - r0)
+
+
+def overlaps(a: Window, b: Window) -> bool:
+    """Whether two windows share any pixel."""
+    return (
+        a.col_off < b.col_off + b.width
+        and b.col_off < a.col_off + a.width
+        and a.row_off < b.row_off + b.height
+        and b.row_off < a.row_off + a.height
+    )
+
+
+def random_windows(
+    scenes: Sequence[tuple[Scene, Window | None, float]],
+    size: int,
+    count: int,
+    rng: random.Random,
+) -> list[tuple[int, Window]]:
+    """``count`` (scene index, ``size``² window) pairs, scenes drawn by weight, positions uniform
+    among those inside the scene that do not touch its hold-out window."""
+    weights = [w for _, _, w in scenes]
+    out: list[tuple[int, Window]] = []
+    while len(out) < count:
+        i = rng.choices(range(len(scenes)), weights)[0]
+        scene, held, _ = scenes[i]
+        for _ in range(100):
+            col = rng.randint(0, max(0, scene.width - size))
+            row = rng.randint(0, max(0, scene.height - size))
+            win = Window(col, row, size, size)
+            if held is None or not overlaps(win, held):
+                out.append((i, win))
+                break
+        else:
+            raise InputError(
+                f"{scene.path}: no room for a {size} px training chip outside its holdout"
+            )
+    return out
 
 
 def band_statistics(

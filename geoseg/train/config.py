@@ -17,6 +17,7 @@ from geoseg.model import ModelSpec
 
 __all__ = [
     "ChipConfig",
+    "HoldOut",
     "LabelSource",
     "OptimConfig",
     "RasterLabels",
@@ -41,8 +42,21 @@ class VectorLabels(_Strict):
         None, gt=0, description="Full width of line and point features in metres (buffered)."
     )
     layer: str | None = Field(None, description="Layer name for multi-layer files.")
+    contact_class: str | None = Field(
+        None,
+        description="Burn pixels within contact_width_m of two different features as this class "
+        "(e.g. building_contact): shared walls and narrow gaps, so that touching buildings can "
+        "be told apart.",
+    )
+    contact_width_m: float = Field(
+        1.0, gt=0, description="Width of the contact zone between two features, metres."
+    )
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def classes(self) -> list[str]:
+        """Class names this source burns."""
+        return [self.class_name] + ([self.contact_class] if self.contact_class else [])
 
 
 class RasterLabels(_Strict):
@@ -58,11 +72,48 @@ class RasterLabels(_Strict):
 LabelSource = Annotated[VectorLabels | RasterLabels, Field(discriminator="kind")]
 
 
+class HoldOut(_Strict):
+    """A rectangle of a scene kept for validation, as fractions of its width and height."""
+
+    x: tuple[float, float] = Field((0.0, 1.0), description="Column range, fractions 0..1.")
+    y: tuple[float, float] = Field((0.0, 1.0), description="Row range, fractions 0..1.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> HoldOut:
+        for name, (a, b) in (("x", self.x), ("y", self.y)):
+            if not 0.0 <= a < b <= 1.0:
+                raise ValueError(f"holdout.{name} must satisfy 0 <= start < end <= 1, got {a, b}")
+        return self
+
+
 class SceneConfig(_Strict):
     """One training scene and the label sources burned onto it, later sources on top."""
 
     image: Path
     labels: list[LabelSource] = Field(min_length=1)
+    classes: list[str] | None = Field(
+        None,
+        description="Classes this scene labels completely (default: those its label sources "
+        "burn). A model class that is not listed is unknown here: never taught as background.",
+    )
+    holdout: HoldOut | None = Field(
+        None,
+        description="Validation rectangle of this scene; training chips never touch it "
+        "(default: a seeded share of regions, see chips.block).",
+    )
+    weight: float = Field(
+        1.0, gt=0, description="Relative share of random training chips drawn from this scene."
+    )
+
+    def labelled(self) -> list[str]:
+        """The class names this scene labels completely."""
+        if self.classes is not None:
+            return list(self.classes)
+        out: list[str] = []
+        for src in self.labels:
+            names = src.classes() if isinstance(src, VectorLabels) else list(src.values.values())
+            out += [n for n in names if n not in out]
+        return out
 
 
 class ChipConfig(_Strict):
@@ -74,6 +125,24 @@ class ChipConfig(_Strict):
         512, ge=32, description="Split-region side, pixels; whole regions go to validation."
     )
     val_fraction: float = Field(0.25, ge=0, lt=1, description="Share of regions for validation.")
+    sampling: Literal["grid", "random"] = Field(
+        "grid",
+        description="grid: every chip of the training regions each epoch; random: "
+        "chips_per_epoch chips at random positions, scenes drawn by weight.",
+    )
+    chips_per_epoch: int = Field(512, ge=1, description="Training chips per epoch (random).")
+    scale_jitter: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Random zoom of training chips by up to this fraction (0.2: 0.8x-1.25x).",
+    )
+    color_jitter: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="Random per-band gain and offset of training chips (fraction of the range).",
+    )
 
     @model_validator(mode="after")
     def _block_holds_chip(self) -> ChipConfig:
@@ -100,7 +169,11 @@ class TrainConfig(_Strict):
     """Everything ``geoseg train`` needs; the model section is a bundle spec (see model.json)."""
 
     schema_version: Literal[1] = 1
-    model: ModelSpec
+    model: ModelSpec = Field(
+        description="The bundle spec. model.encoder_weights picks the encoder's start: random, "
+        "imagenet, lite0-imagenet or a weights file; model.normalization.mean/std, when "
+        "given (e.g. ImageNet's for a pretrained encoder), are kept instead of computed."
+    )
     scenes: list[SceneConfig] = Field(min_length=1)
     chips: ChipConfig = Field(default_factory=lambda: ChipConfig.model_validate({}))
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig.model_validate({}))
@@ -108,14 +181,22 @@ class TrainConfig(_Strict):
     checkpoint: Path | None = Field(
         None, description="Resumable state directory (default: <out>.checkpoint)."
     )
+    resample: bool = Field(
+        True,
+        description="Read scenes whose ground resolution differs from model.gsd_m by more than "
+        "5 % resampled to it (needs model.gsd_m).",
+    )
+    weights_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="Storage type of the bundle's weights (float16: half the size)."
+    )
 
     @field_validator("model")
     @classmethod
-    def _no_fixed_stats(cls, spec: ModelSpec) -> ModelSpec:
-        if spec.normalization.mean or spec.normalization.std:
+    def _stats_pair(cls, spec: ModelSpec) -> ModelSpec:
+        if bool(spec.normalization.mean) != bool(spec.normalization.std):
             raise ValueError(
-                "model.normalization.mean/std are computed from the training scenes; "
-                "give only model.normalization.scale"
+                "give both model.normalization.mean and std (fixed statistics, e.g. ImageNet's "
+                "for a pretrained encoder), or neither (computed from the training scenes)"
             )
         return spec
 
@@ -129,13 +210,21 @@ class TrainConfig(_Strict):
         known = set(self.model.classes)
         for scene in self.scenes:
             for src in scene.labels:
-                names = [src.class_name] if isinstance(src, VectorLabels) else src.values.values()
+                names = src.classes() if isinstance(src, VectorLabels) else src.values.values()
                 for name in names:
                     if name not in known:
                         raise ValueError(
                             f"{src.path}: class {name!r} is not one of the model classes "
                             f"{self.model.classes}"
                         )
+            for name in scene.classes or []:
+                if name not in known:
+                    raise ValueError(
+                        f"{scene.image}: classes lists {name!r}, not one of the model classes "
+                        f"{self.model.classes}"
+                    )
+        if self.chips.sampling == "random" and not any(s.holdout for s in self.scenes):
+            raise ValueError("chips.sampling random needs a holdout rectangle in some scene")
         return self
 
     @property

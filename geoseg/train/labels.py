@@ -34,10 +34,16 @@ IGNORE = 255
 
 @dataclass(frozen=True)
 class BurnLayer:
-    """Polygons in the scene CRS, burned with one class id."""
+    """Polygons in the scene CRS, burned with one class id.
+
+    With ``contact_id``, pixels within ``contact_m`` (metres, as a square neighbourhood) of two
+    different polygons are burned with ``contact_id`` instead: shared walls and narrow gaps.
+    """
 
     class_id: int
     geometries: gpd.GeoSeries
+    contact_id: int | None = None
+    contact_m: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -50,10 +56,18 @@ class RasterLayer:
 
 @dataclass(frozen=True)
 class SceneLabels:
-    """All label layers of one scene, burned in order (later layers on top)."""
+    """All label layers of one scene, burned in order (later layers on top).
+
+    ``scene`` is the pixel grid chips are cut from and burned on: the image's own grid, or a
+    virtual grid at the model's GSD over the same extent (then ``image`` is the file read and
+    resampled). ``labelled`` holds the class ids the scene labels completely; an unburned pixel
+    is background or any class not in ``labelled``.
+    """
 
     scene: Scene
     layers: tuple[BurnLayer | RasterLayer, ...]
+    labelled: frozenset[int] = frozenset()
+    image: Scene | None = None
 
     def burn(self, window: Window) -> np.ndarray:
         """uint8 class ids (h, w) over ``window``, reflected outside the scene like the image."""
@@ -73,19 +87,37 @@ class SceneLabels:
         from rasterio.features import rasterize
         from rasterio.windows import bounds, transform
 
-        box = bounds(inner, self.scene.transform)
+        px = self._pixel_m()
+        reach = 0 if layer.contact_id is None else max(1, round(layer.contact_m / px / 2))
+        grown = Window(
+            inner.col_off - reach,
+            inner.row_off - reach,
+            inner.width + 2 * reach,
+            inner.height + 2 * reach,
+        )
+        box = bounds(grown, self.scene.transform)
         hits = layer.geometries.sindex.query(_box(box), predicate="intersects")
         if len(hits) == 0:
             return
-        shapes = ((g, 1) for g in layer.geometries.iloc[np.sort(hits)])
+        hits = np.sort(hits)
+        shapes = ((g, i + 1) for i, g in zip(hits, layer.geometries.iloc[hits], strict=True))
         burned = rasterize(
             shapes,
-            out_shape=out.shape,
-            transform=transform(inner, self.scene.transform),
+            out_shape=(int(grown.height), int(grown.width)),
+            transform=transform(grown, self.scene.transform),
             fill=0,
-            dtype="uint8",
+            dtype="int32",
         )
-        out[burned > 0] = layer.class_id
+        inside = burned[reach : reach + out.shape[0], reach : reach + out.shape[1]]
+        out[inside > 0] = layer.class_id
+        if layer.contact_id is not None:
+            contact = contact_zone(burned, reach)
+            out[contact[reach : reach + out.shape[0], reach : reach + out.shape[1]]] = (
+                layer.contact_id
+            )
+
+    def _pixel_m(self) -> float:
+        return self.scene.gsd_m
 
     def _burn_raster(self, layer: RasterLayer, inner: Window, out: np.ndarray) -> None:
         try:
@@ -99,6 +131,17 @@ class SceneLabels:
             raise InputError(f"{layer.path}: cannot read label raster ({exc})") from exc
         for value, class_id in layer.lookup.items():
             out[values == value] = class_id
+
+
+def contact_zone(ids: np.ndarray, reach: int) -> np.ndarray:
+    """Pixels whose (2 reach + 1)² neighbourhood holds two different non-zero ids."""
+    from scipy import ndimage
+
+    size = 2 * reach + 1
+    big = np.iinfo(ids.dtype).max
+    hi = ndimage.maximum_filter(ids, size=size, mode="nearest")
+    lo = ndimage.minimum_filter(np.where(ids > 0, ids, big), size=size, mode="nearest")
+    return (lo != big) & (hi != lo)
 
 
 def _box(bounds: tuple[float, float, float, float]) -> object:
@@ -154,7 +197,9 @@ def _read_vector(src: VectorLabels) -> gpd.GeoDataFrame:
         raise InputError(f"{src.path}: cannot read vector labels ({exc})") from exc
 
 
-def vector_layer(src: VectorLabels, scene: Scene, class_id: int) -> BurnLayer:
+def vector_layer(
+    src: VectorLabels, scene: Scene, class_id: int, contact_id: int | None = None
+) -> BurnLayer:
     """Read, check, reproject and buffer one vector source for ``scene``."""
     from shapely.geometry import box
 
@@ -188,7 +233,7 @@ def vector_layer(src: VectorLabels, scene: Scene, class_id: int) -> BurnLayer:
             f"reprojection to {scene.crs.to_string()}; the labels belong to another place or "
             "their CRS is wrong"
         )
-    return BurnLayer(class_id, geoms.reset_index(drop=True))
+    return BurnLayer(class_id, geoms.reset_index(drop=True), contact_id, src.contact_width_m)
 
 
 def raster_layer(src: RasterLabels, scene: Scene, classes: list[str]) -> RasterLayer:
@@ -210,12 +255,20 @@ def raster_layer(src: RasterLabels, scene: Scene, classes: list[str]) -> RasterL
     return RasterLayer(str(src.path), {v: classes.index(n) for v, n in src.values.items()})
 
 
-def load_scene_labels(cfg: SceneConfig, scene: Scene, classes: list[str]) -> SceneLabels:
-    """All label layers of one configured scene, ready to burn."""
+def load_scene_labels(
+    cfg: SceneConfig, scene: Scene, classes: list[str], grid: Scene | None = None
+) -> SceneLabels:
+    """All label layers of one configured scene, ready to burn on ``grid`` (default: the
+    scene's own pixel grid)."""
     layers: list[BurnLayer | RasterLayer] = []
+    target = grid or scene
     for src in cfg.labels:
         if isinstance(src, VectorLabels):
-            layers.append(vector_layer(src, scene, classes.index(src.class_name)))
+            contact = classes.index(src.contact_class) if src.contact_class else None
+            layers.append(vector_layer(src, target, classes.index(src.class_name), contact))
         else:
-            layers.append(raster_layer(src, scene, classes))
-    return SceneLabels(scene, tuple(layers))
+            layers.append(raster_layer(src, target, classes))
+    labelled = frozenset(classes.index(n) for n in cfg.labelled())
+    if len(labelled) == len(classes) - 1:
+        labelled |= {0}  # every foreground class labelled: unburned pixels are background
+    return SceneLabels(target, tuple(layers), labelled, scene if grid is not None else None)

@@ -20,17 +20,28 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from geoseg._smp import import_smp
+from geoseg.encoders import init_encoder
 from geoseg.errors import ConfigError, InputError, ModelError
 from geoseg.model import Bundle, ModelSpec, build_module, load_bundle, save_bundle
 from geoseg.predict import check_compatible, resolve_device
 from geoseg.raster import open_scene, read_padded
-from geoseg.train.chips import Chip, ChipSet, band_statistics, load_chip, mean_gsd, plan_chips
+from geoseg.train.chips import (
+    Chip,
+    ChipSet,
+    band_statistics,
+    holdout_window,
+    load_chip,
+    mean_gsd,
+    plan_chips,
+    random_windows,
+    virtual_grid,
+)
 from geoseg.train.config import TrainConfig
 from geoseg.train.labels import IGNORE, load_scene_labels
 
 if TYPE_CHECKING:
     import torch
+    from rasterio.windows import Window
 
 __all__ = ["EpochReport", "TrainResult", "augment", "confusion", "iou_scores", "prepare", "train"]
 
@@ -79,22 +90,38 @@ class Prepared:
 
     spec: ModelSpec
     chips: ChipSet
+    holdouts: tuple[Window | None, ...] = ()
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
-    """Open scenes, check labels, compute band statistics and plan the chips."""
+    """Open scenes, check labels, compute band statistics and plan the chips.
+
+    With ``model.gsd_m`` set and ``resample`` on, scenes at another ground resolution are cut
+    into chips on a virtual grid at the model's GSD (resampled reads, no copy of the scene).
+    """
     spec = cfg.model
     scenes = [open_scene(s.image) for s in cfg.scenes]
     for scene in scenes:
         check_compatible(scene, spec)
-    labels = [
-        load_scene_labels(s, scene, spec.classes)
-        for s, scene in zip(cfg.scenes, scenes, strict=True)
+    gsd = spec.gsd_m if spec.gsd_m else round(mean_gsd(scenes), 4)
+    grids = [
+        virtual_grid(scene, gsd) if (cfg.resample and spec.gsd_m) else None for scene in scenes
     ]
-    norm = band_statistics(scenes, spec.bands, spec.normalization.scale)
-    spec = spec.model_copy(update={"normalization": norm, "gsd_m": round(mean_gsd(scenes), 4)})
+    labels = [
+        load_scene_labels(s, scene, spec.classes, grid)
+        for s, scene, grid in zip(cfg.scenes, scenes, grids, strict=True)
+    ]
+    if spec.normalization.mean:
+        norm = spec.normalization
+    else:
+        norm = band_statistics(scenes, spec.bands, spec.normalization.scale)
+    spec = spec.model_copy(update={"normalization": norm, "gsd_m": gsd})
     spec = ModelSpec.model_validate(spec.model_dump())
     c = cfg.chips
+    holdouts = [
+        holdout_window(lab.scene, s.holdout.x, s.holdout.y) if s.holdout else None
+        for s, lab in zip(cfg.scenes, labels, strict=True)
+    ]
     chips = plan_chips(
         labels,
         spec.bands,
@@ -103,8 +130,12 @@ def prepare(cfg: TrainConfig) -> Prepared:
         block=c.block,
         val_fraction=c.val_fraction,
         seed=cfg.optim.seed,
+        holdouts=holdouts,
+        train_chips=c.sampling == "grid",
     )
     n_train, n_val = len(chips.split("train")), len(chips.split("val"))
+    if c.sampling == "random":
+        n_train = c.chips_per_epoch
     if n_train == 0:
         raise InputError("no training chips: every chip is nodata or in a validation region")
     if n_val == 0:
@@ -119,13 +150,19 @@ def prepare(cfg: TrainConfig) -> Prepared:
         chips.skipped,
         norm.model_dump(),
     )
-    return Prepared(spec, chips)
+    return Prepared(spec, chips, tuple(holdouts))
 
 
 def augment(
-    x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gen: torch.Generator,
+    color: float = 0.0,
+    std: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random flips and 90° rotations, the same for each image (N, C, H, W) and label (N, H, W)."""
+    """Random flips and 90° rotations, the same for each image (N, C, H, W) and label (N, H, W);
+    with ``color`` > 0 also a random brightness gain and per-band gain and offset of up to that
+    fraction (in scaled pixel units, ``std`` (C,) the normalization's std)."""
     import torch
 
     xs, ys = [], []
@@ -134,6 +171,15 @@ def augment(
         xi, yi = torch.rot90(xi, k, (1, 2)), torch.rot90(yi, k, (0, 1))
         if flip & 1:
             xi, yi = torch.flip(xi, (2,)), torch.flip(yi, (1,))
+        if color > 0:
+            c = xi.shape[0]
+            u = torch.rand((2 * c + 1,), generator=gen) * 2 - 1
+            gain = (1 + color * u[0]) * (1 + 0.5 * color * u[1 : c + 1])
+            offset = 0.5 * color * u[c + 1 :]
+            scale = std if std is not None else torch.ones(c)
+            # x = (v - mean) / std; v' = v * gain + offset  →  x' = x * gain + (mean (gain - 1)
+            # + offset) / std; the mean term is folded in as gain applied around the mean
+            xi = xi * gain[:, None, None] + (offset / scale)[:, None, None]
         xs.append(xi)
         ys.append(yi)
     return torch.stack(xs), torch.stack(ys)
@@ -157,19 +203,57 @@ def iou_scores(cm: np.ndarray) -> np.ndarray:
 
 
 class _Loss:
-    def __init__(self, dice_weight: float) -> None:
-        smp = import_smp()
-        import torch
+    """Cross-entropy + Dice for partial labels.
 
-        self.ce = torch.nn.CrossEntropyLoss(ignore_index=IGNORE)
-        self.dice = smp.losses.DiceLoss("multiclass", ignore_index=IGNORE, from_logits=True)
+    ``unknown`` (N, K) marks, per chip, the classes its scene does not label. An unburned pixel
+    (class 0) of such a chip is "background or one of those": its cross-entropy is
+    -log of the summed probability of that set, so no unlabelled class is ever taught as
+    background. Dice of class k is computed over the chips whose scene labels k.
+    """
+
+    def __init__(self, dice_weight: float) -> None:
         self.dice_weight = dice_weight
 
-    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = self.ce(logits, y)
+    def __call__(
+        self, logits: torch.Tensor, y: torch.Tensor, unknown: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        import torch
+
+        n, k = logits.shape[:2]
+        if unknown is None:
+            unknown = torch.zeros((n, k), dtype=torch.bool, device=logits.device)
+        keep = y != IGNORE
+        logp = torch.log_softmax(logits, dim=1)
+        target = torch.where(keep, y, 0)
+        picked = logp.gather(1, target[:, None])[:, 0]
+        group = unknown.clone()
+        group[:, 0] = True
+        neg_inf = torch.tensor(float("-inf"), device=logits.device)
+        bg = torch.logsumexp(torch.where(group[:, :, None, None], logp, neg_inf), dim=1)
+        nll = -torch.where(target == 0, bg, picked)
+        loss = nll[keep].mean() if keep.any() else logits.sum() * 0.0
         if self.dice_weight:
-            loss = loss + self.dice_weight * self.dice(logits, y)
+            loss = loss + self.dice_weight * self._dice(logp.exp(), target, keep, unknown)
         return loss
+
+    @staticmethod
+    def _dice(
+        probs: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, unknown: torch.Tensor
+    ) -> torch.Tensor:
+        import torch
+
+        k = probs.shape[1]
+        onehot = torch.nn.functional.one_hot(target, k).permute(0, 3, 1, 2).to(probs.dtype)
+        labelled = ~unknown.clone()
+        labelled[:, 0] = ~unknown.any(dim=1)  # background is known only where all classes are
+        m = keep[:, None].to(probs.dtype) * labelled[:, :, None, None].to(probs.dtype)
+        inter = (probs * onehot * m).sum(dim=(0, 2, 3))
+        card = ((probs + onehot) * m).sum(dim=(0, 2, 3))
+        present = (onehot * m).sum(dim=(0, 2, 3)) > 0
+        if not present.any():
+            return probs.sum() * 0.0
+        dice = 1.0 - (2.0 * inter + 1e-6) / (card + 1e-6)
+        return dice[present].mean()
 
 
 def _lr_factor(step: int, total: int, warmup: int) -> float:
@@ -186,14 +270,58 @@ def _batches(chips: Sequence[Chip], size: int, order: Sequence[int]) -> Iterator
 
 
 def _tensors(
-    prep: Prepared, batch: Sequence[Chip], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+    prep: Prepared,
+    batch: Sequence[Chip],
+    device: torch.device,
+    size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, labels, unknown (N, K) classes per chip); chips of another side than ``size``
+    (scale jitter) are resized to it, images bilinearly and labels by nearest neighbour."""
     import torch
 
-    pairs = [load_chip(prep.chips.labels[c.scene], c.window, prep.spec) for c in batch]
-    x = torch.from_numpy(np.stack([p[0] for p in pairs]))
-    y = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))
-    return x.to(device), y.to(device)
+    k = len(prep.spec.classes)
+    xs, ys = [], []
+    for c in batch:
+        x, y = load_chip(prep.chips.labels[c.scene], c.window, prep.spec)
+        tx, ty = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+        if size is not None and x.shape[-1] != size:
+            tx = torch.nn.functional.interpolate(
+                tx[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )[0]
+            ty = torch.nn.functional.interpolate(
+                ty[None, None].float(), size=(size, size), mode="nearest"
+            )[0, 0].long()
+        xs.append(tx)
+        ys.append(ty)
+    unknown = torch.tensor(
+        [[i not in prep.chips.labels[c.scene].labelled for i in range(k)] for c in batch],
+        dtype=torch.bool,
+    )
+    unknown[:, 0] = False
+    return torch.stack(xs).to(device), torch.stack(ys).to(device), unknown.to(device)
+
+
+def _random_chips(cfg: TrainConfig, prep: Prepared, epoch: int) -> list[Chip]:
+    """This epoch's random training chips; sides vary with the scale jitter (seeded by epoch)."""
+    import random
+
+    rng = random.Random(cfg.optim.seed * 1_000_003 + epoch)
+    c = cfg.chips
+    scenes = [
+        (lab.scene, held, s.weight)
+        for lab, held, s in zip(prep.chips.labels, prep.holdouts, cfg.scenes, strict=True)
+    ]
+    j = c.scale_jitter
+    biggest = round(c.size * (1 + j))
+    picks = random_windows(scenes, biggest, c.chips_per_epoch, rng)
+    chips = []
+    for i, win in picks:
+        side = round(c.size * math.exp(rng.uniform(-math.log1p(j), math.log1p(j)))) if j else c.size
+        side = min(side, biggest)
+        dc = rng.randint(0, biggest - side)
+        dr = rng.randint(0, biggest - side)
+        chips.append(Chip(i, type(win)(win.col_off + dc, win.row_off + dr, side, side), "train"))
+    return chips
 
 
 @contextlib.contextmanager
@@ -224,12 +352,21 @@ def train(
     prep = prepare(cfg)
     train_chips, val_chips = prep.chips.split("train"), prep.chips.split("val")
     o = cfg.optim
-    steps_per_epoch = math.ceil(len(train_chips) / o.batch_size)
+    c = cfg.chips
+    random_sampling = c.sampling == "random"
+    n_train = c.chips_per_epoch if random_sampling else len(train_chips)
+    steps_per_epoch = math.ceil(n_train / o.batch_size)
     total_steps = steps_per_epoch * o.epochs
     warmup = round(o.warmup_epochs * steps_per_epoch)
 
     torch.manual_seed(o.seed)
-    module = build_module(prep.spec).to(device)
+    module = build_module(prep.spec)
+    source = init_encoder(
+        module, prep.spec.encoder, prep.spec.encoder_depth, cfg.model.encoder_weights
+    )
+    spec = prep.spec.model_copy(update={"encoder_weights": source})
+    prep = Prepared(spec, prep.chips, prep.holdouts)
+    module = module.to(device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     loss_fn = _Loss(o.dice_weight)
     ckpt = Checkpoint(cfg.checkpoint_dir, cfg.fingerprint())
@@ -244,26 +381,29 @@ def train(
     if resumed_from:
         log.info("resuming from %s at epoch %d", ckpt.path, start + 1)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    std = torch.tensor(prep.spec.normalization.arrays(len(prep.spec.bands))[1][:, 0, 0])
+    dtype = torch.float16 if cfg.weights_dtype == "float16" else None
 
     with _deterministic():
         for epoch in range(start, o.epochs):
             t0 = time.perf_counter()
             gen = torch.Generator().manual_seed(o.seed * 100_003 + epoch)
-            order = torch.randperm(len(train_chips), generator=gen).tolist()
+            epoch_chips = _random_chips(cfg, prep, epoch) if random_sampling else train_chips
+            order = torch.randperm(len(epoch_chips), generator=gen).tolist()
             module.train()
             losses: list[float] = []
             lr = o.lr
-            for b, batch in enumerate(_batches(train_chips, o.batch_size, order)):
+            for b, batch in enumerate(_batches(epoch_chips, o.batch_size, order)):
                 step = epoch * steps_per_epoch + b
                 lr = o.lr * _lr_factor(step, total_steps, warmup)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                x, y = _tensors(prep, batch, torch.device("cpu"))
-                x, y = augment(x, y, gen)
-                x, y = x.to(device), y.to(device)
+                x, y, unknown = _tensors(prep, batch, torch.device("cpu"), c.size)
+                x, y = augment(x, y, gen, c.color_jitter, std)
+                x, y, unknown = x.to(device), y.to(device), unknown.to(device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     logits = module(x)
-                loss = loss_fn(logits.float(), y)
+                loss = loss_fn(logits.float(), y, unknown)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -278,7 +418,7 @@ def train(
             is_best = score > best_score
             if is_best:
                 best_score, best_epoch = score, epoch
-                save_bundle(prep.spec, module.state_dict(), cfg.out)
+                save_bundle(prep.spec, module.state_dict(), cfg.out, dtype=dtype)
             report = EpochReport(
                 epoch=epoch,
                 epochs=o.epochs,
@@ -288,7 +428,7 @@ def train(
                 score=score,
                 best=is_best,
                 lr=lr,
-                chips_per_s=len(train_chips) / seconds,
+                chips_per_s=len(epoch_chips) / seconds,
                 seconds=seconds,
             )
             history.append(report)
@@ -345,23 +485,39 @@ def evaluate_chips(
     chips: Sequence[Chip],
     batch_size: int,
     device: torch.device,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: _Loss,
 ) -> tuple[float, np.ndarray]:
-    """(mean loss, per-class IoU) of ``module`` on ``chips``, without augmentation."""
+    """(mean loss, per-class IoU) of ``module`` on ``chips``, without augmentation.
+
+    The IoU of a class counts only chips whose scene labels it (valid pixels only); NaN for a
+    class no validation chip labels or shows.
+    """
     import torch
 
     k = len(prep.spec.classes)
-    cm = np.zeros((k, k), dtype=np.int64)
+    tp, fp, fn = np.zeros(k), np.zeros(k), np.zeros(k)
     losses = []
     module.eval()
     with torch.no_grad():
         for batch in _batches(chips, batch_size, range(len(chips))):
-            x, y = _tensors(prep, batch, device)
+            x, y, unknown = _tensors(prep, batch, device)
             logits = module(x).float()
-            losses.append(float(loss_fn(logits, y)) * len(batch))
+            losses.append(float(loss_fn(logits, y, unknown)) * len(batch))
             pred = logits.argmax(1).cpu().numpy()
-            cm += confusion(pred, y.cpu().numpy(), k)
-    return float(np.sum(losses) / max(1, len(chips))), iou_scores(cm)
+            truth = y.cpu().numpy()
+            known = ~unknown.cpu().numpy()
+            known[:, 0] = ~unknown.cpu().numpy().any(axis=1)
+            for i in range(len(batch)):
+                keep = truth[i] != IGNORE
+                for cls in np.flatnonzero(known[i]):
+                    p, t = pred[i][keep] == cls, truth[i][keep] == cls
+                    tp[cls] += np.count_nonzero(p & t)
+                    fp[cls] += np.count_nonzero(p & ~t)
+                    fn[cls] += np.count_nonzero(~p & t)
+    denom = tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(denom > 0, tp / denom, np.nan)
+    return float(np.sum(losses) / max(1, len(chips))), iou
 
 
 class Checkpoint:
