@@ -74,6 +74,13 @@ def vectorize_options(f: Any) -> Any:
             help="Prune dangling road edges shorter than this, in metres (default 10).",
         ),
         click.option(
+            "--split-touching/--merge-touching",
+            "split_touching",
+            default=None,
+            help="With a model that has a building_contact class: its pixels separate touching "
+            "buildings (default), or count as building (--merge-touching).",
+        ),
+        click.option(
             "--road-polygons/--no-road-polygons",
             default=None,
             help="Also write road polygons (<stem>.road_areas).",

@@ -8,7 +8,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["FORMATS", "LayerOutput", "VectorizeOptions", "VectorizeOutputs"]
+#: The class a model learns between touching buildings (see ``contact_class`` in training).
+CONTACT_CLASS = "building_contact"
+
+__all__ = ["CONTACT_CLASS", "FORMATS", "LayerOutput", "VectorizeOptions", "VectorizeOutputs"]
 
 Format = Literal["geojson", "gpkg", "fgb", "parquet"]
 LayerKind = Literal["polygons", "centerlines"]
@@ -56,6 +59,12 @@ class VectorizeOptions(BaseModel):
         default=10.0,
         ge=0.0,
         description="Prune dangling centerline edges shorter than this (m).",
+    )
+    split_touching: bool = Field(
+        default=True,
+        description=f"Pixels of class {CONTACT_CLASS!r} (shared walls and narrow gaps, from a "
+        "model trained with a contact class) separate touching buildings; False counts them "
+        "as building.",
     )
     road_polygons: bool = Field(
         default=False,

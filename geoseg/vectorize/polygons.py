@@ -42,6 +42,8 @@ class PolygonJob:
     regularize: bool
     precision: int = 7
     keep_features: bool = False
+    #: further classes whose pixels count as this class (e.g. building_contact, merged)
+    also: tuple[str, ...] = ()
 
 
 @dataclass
@@ -111,7 +113,7 @@ def polygonize_chunk(
     job: PolygonJob, index: tuple[int, int], core: Window, seams: tuple[bool, bool, bool, bool]
 ) -> ChunkPolygons:
     """Polygonize one chunk core; ``seams``: which sides (top, bottom, left, right) are seams."""
-    cw = read_class(job.pred, job.cls, core, job.threshold)
+    cw = read_class(job.pred, job.cls, core, job.threshold, job.also)
     origin = (int(core.row_off), int(core.col_off))
     labels, n = ndimage.label(cw.fg)
     if n == 0:

@@ -23,7 +23,7 @@ from geoseg.vectorize.centerlines import (
 )
 from geoseg.vectorize.export import LayerWriter
 from geoseg.vectorize.geometry import frames_for
-from geoseg.vectorize.options import LayerOutput, VectorizeOptions, VectorizeOutputs
+from geoseg.vectorize.options import CONTACT_CLASS, LayerOutput, VectorizeOptions, VectorizeOutputs
 from geoseg.vectorize.polygons import ChunkPolygons, PolygonJob, finish_polygons, polygonize_chunk
 from geoseg.vectorize.seams import SeamMerger
 from geoseg.vectorize.source import Prediction, open_prediction
@@ -95,6 +95,13 @@ def _run(tasks: list[Task], client: Client | None, workers: int) -> Iterator[tup
         yield from stream_tasks(local, _call, iter(tasks), 2 * workers, "geoseg-vectorize")
 
 
+def _merged(pred: Prediction, cls: str, options: VectorizeOptions) -> tuple[str, ...]:
+    """Classes whose pixels join ``cls``'s: the contact class, for buildings, when merging."""
+    if cls == "building" and not options.split_touching and CONTACT_CLASS in pred.classes:
+        return (CONTACT_CLASS,)
+    return ()
+
+
 def _layer_plan(pred: Prediction, options: VectorizeOptions) -> list[tuple[str, str, str]]:
     """(class, layer name, kind) for every layer to write."""
     plan: list[tuple[str, str, str]] = []
@@ -148,6 +155,7 @@ def vectorize_prediction(
                 options.regularize and cls != "road",
                 options.precision,
                 len(options.formats) > 1,
+                _merged(pred, cls, options),
             )
             jobs[layer] = pj
             for ch in grid:

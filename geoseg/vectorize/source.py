@@ -154,19 +154,31 @@ def _read_band(path: str, band: int, window: Window, width: int, height: int) ->
     return out
 
 
-def read_class(pred: Prediction, name: str, window: Window, threshold: float) -> ClassWindow:
-    """Foreground and confidence of class ``name`` over ``window`` (zeros outside the raster)."""
+def read_class(
+    pred: Prediction, name: str, window: Window, threshold: float, also: tuple[str, ...] = ()
+) -> ClassWindow:
+    """Foreground and confidence of class ``name`` over ``window`` (zeros outside the raster).
+
+    Pixels of the classes ``also`` count as foreground too (the confidence stays ``name``'s).
+    """
     k = pred.class_index(name)
+    extra = [pred.class_index(a) for a in also]
     conf = None
     if pred.probs is not None:
         conf = _read_band(pred.probs, k + 1, window, pred.width, pred.height)
     if pred.mask is not None:
-        fg = _read_band(pred.mask, 1, window, pred.width, pred.height) == k
+        ids = _read_band(pred.mask, 1, window, pred.width, pred.height)
+        fg = ids == k
+        for e in extra:
+            fg |= ids == e
         if k == 0:
             fg &= _inside(window, pred.width, pred.height)
     else:
-        assert conf is not None
-        fg = conf >= np.float32(threshold * 255.0)
+        assert conf is not None and pred.probs is not None
+        total = conf.astype(np.float32)
+        for e in extra:
+            total += _read_band(pred.probs, e + 1, window, pred.width, pred.height)
+        fg = total >= np.float32(threshold * 255.0)
     return ClassWindow(fg, conf)
 
 
