@@ -254,14 +254,14 @@ def _resolve(raw: Any, base: Path) -> Any:
         return raw
     for key in ("out", "checkpoint"):
         if isinstance(raw.get(key), str):
-            raw[key] = str(base / raw[key])
+            raw[key] = os.path.normpath(base / raw[key])
     for scene in raw.get("scenes") or []:
         if isinstance(scene, dict):
             if isinstance(scene.get("image"), str):
-                scene["image"] = str(base / scene["image"])
+                scene["image"] = os.path.normpath(base / scene["image"])
             for src in scene.get("labels") or []:
                 if isinstance(src, dict) and isinstance(src.get("path"), str):
-                    src["path"] = str(base / src["path"])
+                    src["path"] = os.path.normpath(base / src["path"])
     return raw
 
 
