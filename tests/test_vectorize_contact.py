@@ -1,0 +1,61 @@
+"""Touching buildings: a model's building_contact pixels split them, or are merged on request."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+from click.testing import CliRunner
+
+from geoseg.cli import cli
+from geoseg.vectorize import VectorizeOptions, vectorize_prediction
+from tests.conftest import write_tif
+from tests.vectorize_helpers import TILED, UTM, UTM_TRANSFORM
+
+CLASSES = ["background", "building", "road", "building_contact"]
+
+
+def _row_of_houses(tmp: Path, chunked: bool = False) -> Path:
+    """Three 20 x 16 px buildings in a row sharing walls (2 px of contact), one detached."""
+    ids = np.zeros((64, 96), np.uint8)
+    ids[10:30, 10:58] = 1
+    ids[10:30, 25:27] = 3
+    ids[10:30, 41:43] = 3
+    ids[40:56, 70:90] = 1
+    probs = np.zeros((4, *ids.shape), np.uint8)
+    for k in range(4):
+        probs[k][ids == k] = 230
+    tags = {"GEOSEG_CLASSES": json.dumps(CLASSES), "GEOSEG_MODEL": "m@0123456789ab"}
+    kw = dict(crs=UTM, transform=UTM_TRANSFORM, tags={**tags, "GEOSEG_SCENE": "houses.tif"})
+    write_tif(tmp / "houses.mask.tif", ids[None], nodata=255, **kw, **TILED)
+    return write_tif(tmp / "houses.probs.tif", probs, **kw, **TILED)
+
+
+def _count(tmp: Path, **opts: object) -> int:
+    outs = vectorize_prediction(
+        _row_of_houses(tmp), tmp / "out", VectorizeOptions(layers={"building": "polygons"}, **opts)
+    )
+    path = outs.layers["buildings"].paths["geojson"]
+    return len(pyogrio.read_dataframe(path))
+
+
+def test_contact_pixels_split_touching_buildings(tmp_path: Path) -> None:
+    assert _count(tmp_path, min_area_m2=0) == 4
+    assert _count(tmp_path, min_area_m2=0, split_touching=False) == 2
+
+
+def test_split_is_the_same_across_chunk_seams(tmp_path: Path) -> None:
+    assert _count(tmp_path, min_area_m2=0, chunk=64) == 4
+    assert _count(tmp_path, min_area_m2=0, chunk=64, split_touching=False) == 2
+
+
+def test_cli_merge_touching(tmp_path: Path) -> None:
+    probs = _row_of_houses(tmp_path)
+    args = ["vectorize", str(probs), "--out", str(tmp_path / "o"), "--min-area", "0"]
+    res = CliRunner().invoke(cli, [*args, "--merge-touching"])
+    assert res.exit_code == 0, res.output
+    assert "buildings: 2 features" in res.output
+    res = CliRunner().invoke(cli, args)
+    assert "buildings: 4 features" in res.output
