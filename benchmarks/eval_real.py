@@ -1,0 +1,224 @@
+"""Accuracy of a bundle on real, held-out imagery in ../shared/data (never copied here).
+
+Cuts the held-out parts that ``data_samples/train.yml`` keeps out of training, runs
+``geoseg predict --vectorize`` on them (and on Austin, which no training saw), and scores:
+
+- Banepa, eastern quarter (OpenAerialMap, OSM buildings): building pixel IoU, SpaceNet F1 at
+  IoU >= 0.5, with touching buildings split (default) and merged (``--merge-touching``);
+- SpaceNet 3 Las Vegas, eastern quarter, and Paris, southern 40 %: road buffer IoU and APLS;
+- Inria Austin (0.30 m): building pixel IoU and F1 (its truth polygons merge touching
+  buildings, so F1 there is measured against merged footprints).
+
+    python benchmarks/eval_real.py data_samples/model [--out bench_out/eval] [--shared ../shared]
+
+Prints one table and writes ``<out>/scores.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import rasterio
+from rasterio.features import rasterize
+from rasterio.windows import Window
+from shapely.geometry import box
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def crop(src_path: Path, window: Window, dst: Path) -> Path:
+    """Copy ``window`` of a raster to a tiled GeoTIFF (all bands, same georeferencing)."""
+    with rasterio.open(src_path) as src:
+        profile = src.profile.copy()
+        profile.update(
+            driver="GTiff",
+            width=int(window.width),
+            height=int(window.height),
+            transform=src.window_transform(window),
+            tiled=True,
+            blockxsize=256,
+            blockysize=256,
+            compress="deflate",
+        )
+        profile.pop("photometric", None)
+        data = src.read(window=window)
+    with rasterio.open(dst, "w", **profile) as out:
+        out.write(data)
+    return dst
+
+
+def clip_truth(vector: Path, image: Path, dst: Path) -> gpd.GeoDataFrame:
+    """Truth features clipped to ``image``'s extent, saved as GeoJSON (EPSG:4326)."""
+    with rasterio.open(image) as src:
+        extent = box(*src.bounds)
+        crs = src.crs
+    gdf = gpd.read_file(vector).to_crs(crs)
+    gdf = gdf[gdf.intersects(extent)].copy()
+    gdf["geometry"] = gdf.geometry.intersection(extent)
+    gdf = gdf[~gdf.geometry.is_empty]
+    gdf.to_crs("EPSG:4326").to_file(dst, driver="GeoJSON")
+    return gdf
+
+
+def truth_mask(gdf: gpd.GeoDataFrame, image: Path) -> np.ndarray:
+    with rasterio.open(image) as src:
+        shape, transform = (src.height, src.width), src.transform
+    return rasterize(
+        ((g, 1) for g in gdf.geometry), out_shape=shape, transform=transform, dtype="uint8"
+    ).astype(bool)
+
+
+def pixel_iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    union = np.count_nonzero(pred | truth)
+    return float(np.count_nonzero(pred & truth) / union) if union else float("nan")
+
+
+def predicted(mask_path: Path, classes: list[str], names: tuple[str, ...]) -> np.ndarray:
+    with rasterio.open(mask_path) as src:
+        ids = src.read(1)
+    return np.isin(ids, [classes.index(n) for n in names if n in classes])
+
+
+def geoseg(*args: str) -> None:
+    cmd = [sys.executable, "-m", "geoseg", *args]
+    print("$ geoseg " + " ".join(args), file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "eval")
+    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    ap.add_argument("--chunk", default=None, help="--chunk for geoseg predict (model px)")
+    args = ap.parse_args()
+    data = args.shared / "data"
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    from geoseg.evaluate import evaluate_buildings, evaluate_roads
+    from geoseg.model import load_bundle
+
+    classes = load_bundle(args.model).spec.classes
+    banepa = data / "open" / "banepa_buildings_rgb"
+    vegas = data / "real" / "vegas_roads_rgb"
+    paris = data / "real" / "paris_roads_rgb"
+    austin = data / "real" / "austin_buildings_rgb"
+
+    scenes: dict[str, Path] = {}
+    with rasterio.open(banepa / "banepa_train_rgb.tif") as src:
+        c0 = round(0.75 * src.width)
+        scenes["banepa_east"] = crop(
+            src.name, Window(c0, 0, src.width - c0, src.height), out / "banepa_east.tif"
+        )
+    vegas_img = vegas / "RGB-PanSharpen_AOI_2_Vegas_img0.tif"
+    with rasterio.open(vegas_img) as src:
+        c0 = round(0.75 * src.width)
+        scenes["vegas_east"] = crop(
+            vegas_img, Window(c0, 0, src.width - c0, src.height), out / "vegas_east.tif"
+        )
+    paris_img = paris / "RGB-PanSharpen_img1447.tif"
+    with rasterio.open(paris_img) as src:
+        r0 = round(0.6 * src.height)
+        scenes["paris_south"] = crop(
+            paris_img, Window(0, r0, src.width, src.height - r0), out / "paris_south.tif"
+        )
+    scenes["austin"] = austin / "aerial_sample.tif"
+
+    t0 = time.perf_counter()
+    extra = ["--chunk", args.chunk] if args.chunk else []
+    geoseg(
+        "predict",
+        *map(str, scenes.values()),
+        "--model",
+        str(args.model),
+        "--out",
+        str(out / "pred"),
+        "--device",
+        "cpu",
+        "--vectorize",
+        *extra,
+    )
+    predict_s = time.perf_counter() - t0
+    merged = out / "merged"
+    geoseg(
+        "vectorize",
+        str(out / "pred" / "banepa_east.probs.tif"),
+        str(out / "pred" / "aerial_sample.probs.tif"),
+        "--out",
+        str(merged),
+        "--merge-touching",
+        "--layer",
+        "building=polygons",
+    )
+    pred = out / "pred"
+
+    scores: dict[str, Any] = {"model": str(args.model), "predict_s": round(predict_s, 1)}
+    # Banepa: buildings
+    truth = clip_truth(
+        banepa / "banepa_osm_buildings.geojson", scenes["banepa_east"], out / "banepa_truth.geojson"
+    )
+    t_mask = truth_mask(truth, scenes["banepa_east"])
+    m = pred / "banepa_east.mask.tif"
+    b = evaluate_buildings(pred / "banepa_east.buildings.geojson", out / "banepa_truth.geojson")
+    bm = evaluate_buildings(merged / "banepa_east.buildings.geojson", out / "banepa_truth.geojson")
+    scores["banepa_east"] = {
+        "truth_buildings": len(truth),
+        "building_iou": pixel_iou(predicted(m, classes, ("building", "building_contact")), t_mask),
+        "building_iou_without_contact": pixel_iou(predicted(m, classes, ("building",)), t_mask),
+        "f1_split": b.to_dict(),
+        "f1_merged": bm.to_dict(),
+    }
+    # Austin: buildings, no training there
+    with rasterio.open(austin / "aerial_sample_gt_mask.tif") as src:
+        a_truth = src.read(1) > 0
+    am = pred / "aerial_sample.mask.tif"
+    a_poly = austin / "aerial_sample_buildings_from_mask.DERIVED.geojson"
+    scores["austin"] = {
+        "building_iou": pixel_iou(
+            predicted(am, classes, ("building", "building_contact")), a_truth
+        ),
+        "f1_split": evaluate_buildings(pred / "aerial_sample.buildings.geojson", a_poly).to_dict(),
+        "f1_merged": evaluate_buildings(
+            merged / "aerial_sample.buildings.geojson", a_poly
+        ).to_dict(),
+    }
+    # roads
+    for name, vec in (
+        ("vegas_east", vegas / "AOI_2_Vegas_img0_roads.geojson"),
+        ("paris_south", paris / "OSMroads_img1447.geojson"),
+    ):
+        clip_truth(vec, scenes[name], out / f"{name}_truth.geojson")
+        r = evaluate_roads(pred / f"{name}.roads.geojson", out / f"{name}_truth.geojson", 6.0)
+        scores[name] = r.to_dict()
+
+    (out / "scores.json").write_text(json.dumps(scores, indent=2, default=float) + "\n")
+    be, au = scores["banepa_east"], scores["austin"]
+    rows = [
+        ("Banepa east: building IoU (building + contact px)", be["building_iou"]),
+        ("Banepa east: building IoU (building px only)", be["building_iou_without_contact"]),
+        ("Banepa east: F1, touching split", be["f1_split"]["f1"]),
+        ("Banepa east: F1, touching merged", be["f1_merged"]["f1"]),
+        ("Austin: building IoU", au["building_iou"]),
+        ("Austin: F1 vs merged truth, split", au["f1_split"]["f1"]),
+        ("Austin: F1 vs merged truth, merged", au["f1_merged"]["f1"]),
+        ("Vegas east: road buffer IoU (6 m)", scores["vegas_east"]["iou"]),
+        ("Vegas east: APLS", scores["vegas_east"]["apls"]),
+        ("Paris south: road buffer IoU (6 m)", scores["paris_south"]["iou"]),
+        ("Paris south: APLS", scores["paris_south"]["apls"]),
+    ]
+    for label, value in rows:
+        print(f"{label:<52} {value:.3f}")
+    print(f"{'predict + vectorize, 4 scenes (s)':<52} {predict_s:.1f}")
+
+
+if __name__ == "__main__":
+    main()
