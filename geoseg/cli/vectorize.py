@@ -81,6 +81,13 @@ def vectorize_options(f: Any) -> Any:
             "buildings (default), or count as building (--merge-touching).",
         ),
         click.option(
+            "--contact-threshold",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=None,
+            help="Cut pixels whose building_contact probability reaches this out of buildings "
+            "(default 0.5; lower splits more).",
+        ),
+        click.option(
             "--road-polygons/--no-road-polygons",
             default=None,
             help="Also write road polygons (<stem>.road_areas).",

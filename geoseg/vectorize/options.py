@@ -66,6 +66,13 @@ class VectorizeOptions(BaseModel):
         "model trained with a contact class) separate touching buildings; False counts them "
         "as building.",
     )
+    contact_threshold: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description=f"When splitting, pixels whose {CONTACT_CLASS!r} probability is at least this "
+        "are cut out of buildings (besides those where it is the likeliest class).",
+    )
     road_polygons: bool = Field(
         default=False,
         description="Also write polygons of centerline classes (<class>_areas).",

@@ -44,6 +44,8 @@ class PolygonJob:
     keep_features: bool = False
     #: further classes whose pixels count as this class (e.g. building_contact, merged)
     also: tuple[str, ...] = ()
+    #: (class, probability): pixels where that class is at least that likely are cut out
+    cut: tuple[str, float] | None = None
 
 
 @dataclass
@@ -113,7 +115,7 @@ def polygonize_chunk(
     job: PolygonJob, index: tuple[int, int], core: Window, seams: tuple[bool, bool, bool, bool]
 ) -> ChunkPolygons:
     """Polygonize one chunk core; ``seams``: which sides (top, bottom, left, right) are seams."""
-    cw = read_class(job.pred, job.cls, core, job.threshold, job.also)
+    cw = read_class(job.pred, job.cls, core, job.threshold, job.also, job.cut)
     origin = (int(core.row_off), int(core.col_off))
     labels, n = ndimage.label(cw.fg)
     if n == 0:

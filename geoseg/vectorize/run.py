@@ -95,11 +95,18 @@ def _run(tasks: list[Task], client: Client | None, workers: int) -> Iterator[tup
         yield from stream_tasks(local, _call, iter(tasks), 2 * workers, "geoseg-vectorize")
 
 
-def _merged(pred: Prediction, cls: str, options: VectorizeOptions) -> tuple[str, ...]:
-    """Classes whose pixels join ``cls``'s: the contact class, for buildings, when merging."""
-    if cls == "building" and not options.split_touching and CONTACT_CLASS in pred.classes:
-        return (CONTACT_CLASS,)
-    return ()
+def _contact(
+    pred: Prediction, cls: str, options: VectorizeOptions
+) -> tuple[tuple[str, ...], tuple[str, float] | None]:
+    """(classes whose pixels join ``cls``'s, class cut out above a probability) for buildings
+    of a model with a contact class. Merging: building and contact pixels form the footprint.
+    Splitting: building pixels only, less those whose contact probability reaches
+    ``contact_threshold`` (which matters below 0.5, where building can still be likeliest)."""
+    if cls != "building" or CONTACT_CLASS not in pred.classes:
+        return (), None
+    if not options.split_touching:
+        return (CONTACT_CLASS,), None
+    return (), (CONTACT_CLASS, options.contact_threshold)
 
 
 def _layer_plan(pred: Prediction, options: VectorizeOptions) -> list[tuple[str, str, str]]:
@@ -155,7 +162,7 @@ def vectorize_prediction(
                 options.regularize and cls != "road",
                 options.precision,
                 len(options.formats) > 1,
-                _merged(pred, cls, options),
+                *_contact(pred, cls, options),
             )
             jobs[layer] = pj
             for ch in grid:

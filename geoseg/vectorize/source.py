@@ -155,11 +155,17 @@ def _read_band(path: str, band: int, window: Window, width: int, height: int) ->
 
 
 def read_class(
-    pred: Prediction, name: str, window: Window, threshold: float, also: tuple[str, ...] = ()
+    pred: Prediction,
+    name: str,
+    window: Window,
+    threshold: float,
+    also: tuple[str, ...] = (),
+    cut: tuple[str, float] | None = None,
 ) -> ClassWindow:
     """Foreground and confidence of class ``name`` over ``window`` (zeros outside the raster).
 
-    Pixels of the classes ``also`` count as foreground too (the confidence stays ``name``'s).
+    Pixels of the classes ``also`` count as foreground too (the confidence stays ``name``'s);
+    with ``cut`` = (class, p), pixels where that class has probability >= p are not.
     """
     k = pred.class_index(name)
     extra = [pred.class_index(a) for a in also]
@@ -179,6 +185,10 @@ def read_class(
         for e in extra:
             total += _read_band(pred.probs, e + 1, window, pred.width, pred.height)
         fg = total >= np.float32(threshold * 255.0)
+    if cut is not None and pred.probs is not None:
+        c = pred.class_index(cut[0])
+        p = _read_band(pred.probs, c + 1, window, pred.width, pred.height)
+        fg &= p < np.float32(cut[1] * 255.0)
     return ClassWindow(fg, conf)
 
 
