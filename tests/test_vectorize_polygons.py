@@ -145,6 +145,32 @@ def test_area_and_tolerances_in_metres_for_lonlat_rasters(tmp_path: Path) -> Non
     assert len(df2) == 2
 
 
+@pytest.mark.parametrize("lat", [27.6, 45.0, 60.0])
+def test_areas_are_ground_metres_in_web_mercator(tmp_path: Path, lat: float) -> None:
+    """EPSG:3857, where a projection metre is 1/cos(latitude) ground metres: areas, lengths and
+    the minimum area match geodesic measures of the output polygons within 0.5 %."""
+    from affine import Affine
+    from pyproj import Geod, Transformer
+
+    x, y = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True).transform(85.5, lat)
+    transform = Affine(0.15, 0, x, 0, -0.15, y)
+    classes = np.zeros((200, 200), np.uint8)
+    classes[20:60, 30:110] = 1  # 40 x 80 px, 12 x 6 projection metres
+    classes[120:125, 120:125] = 1  # 5 x 5 px
+    path = write_mask(tmp_path / "m.mask.tif", classes, crs="EPSG:3857", transform=transform)
+    k = 1 / math.cos(math.radians(lat))  # Web Mercator scale factor
+    small_ground = 25 * (0.15 / k) ** 2
+    _, df = polygons(tmp_path / "a", path, min_area_m2=small_ground * 1.5)
+    assert len(df) == 1
+    geod = Geod(ellps="WGS84")
+    lonlat = df.to_crs("EPSG:4326").geometry.iloc[0]
+    area, perimeter = geod.geometry_area_perimeter(lonlat)
+    assert df["area_m2"].iloc[0] == pytest.approx(abs(area), rel=0.005)
+    assert df["perimeter_m"].iloc[0] == pytest.approx(perimeter, rel=0.005)
+    _, df2 = polygons(tmp_path / "b", path, min_area_m2=small_ground * 0.5)
+    assert len(df2) == 2
+
+
 def test_simplification_keeps_polygons_valid(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     yy, xx = np.mgrid[0:300, 0:300]

@@ -6,6 +6,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -14,7 +15,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
-from geoseg.raster import gdal_env
+from geoseg.raster import gdal_env, ground_resolution
 
 __all__ = ["ClassWindow", "Prediction", "open_prediction", "read_class"]
 
@@ -120,7 +121,7 @@ def open_prediction(path: str | Path) -> Prediction:
         crs_wkt=crs.to_wkt(),
         transform=t,
         geographic=bool(crs.is_geographic),
-        metric=bool(crs.is_projected and linear == 1.0),
+        metric=_metric(crs, t, width, height, linear),
         scene=tags.get("GEOSEG_SCENE", p.name),
         model=tags.get("GEOSEG_MODEL", ""),
         probs=probs,
@@ -196,6 +197,21 @@ def _inside(window: Window, width: int, height: int) -> np.ndarray:
     rows = np.arange(int(window.row_off), int(window.row_off) + int(window.height))
     cols = np.arange(int(window.col_off), int(window.col_off) + int(window.width))
     return ((rows >= 0) & (rows < height))[:, None] & ((cols >= 0) & (cols < width))[None, :]
+
+
+#: Largest departure of a projection's scale from 1 (at the raster's centre) for which its own
+#: metres are used as ground metres; beyond it a local transverse Mercator is used.
+SCALE_TOLERANCE = 0.005
+
+
+def _metric(crs: Any, t: Affine, width: int, height: int, linear: float) -> bool:
+    """Whether the CRS's units are ground metres at the raster: projected, in metres, and with a
+    scale factor within :data:`SCALE_TOLERANCE` of 1 (UTM: 0.9996; Web Mercator at 27.6° N:
+    1.13, so not)."""
+    if not crs.is_projected or linear != 1.0:
+        return False
+    gx, gy = ground_resolution(crs, t, width, height)
+    return abs(gx / abs(t.a) - 1) <= SCALE_TOLERANCE and abs(gy / abs(t.e) - 1) <= SCALE_TOLERANCE
 
 
 def prediction_stem(path: Path) -> str:
