@@ -184,3 +184,19 @@ def test_predict_then_vectorize_in_one_command(tmp_path: Path, make_bundle: Any)
     for layer in ("buildings", "roads"):
         doc = json.loads((tmp_path / "o" / f"v.{layer}.geojson").read_text())
         assert doc["type"] == "FeatureCollection" and "crs" not in doc
+
+
+def test_two_scenes_with_one_name_are_refused_before_any_output(
+    tmp_path: Path, scene: Path, make_bundle: Any
+) -> None:
+    """a/scene.tif and b/scene.tif would both write scene.* into --out: the first one's results
+    would be lost, so nothing runs."""
+    (tmp_path / "b").mkdir()
+    rng = np.random.default_rng(1)
+    other = write_tif(tmp_path / "b" / "scene.tif", rng.integers(0, 255, (3, 40, 30), np.uint8))
+    out = tmp_path / "o"
+    res = predict(str(scene), str(other), "-m", str(make_bundle().path), "-o", str(out))
+    assert res.exit_code == 2, res.output
+    assert "would both write scene.probs.tif" in res.output
+    assert str(other) in res.output
+    assert not out.exists() or not any(out.iterdir())

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import click
 
 from geoseg.cli.options import Progress, compute_options, out_dir_option, resample_option
+from geoseg.errors import ConfigError
 from geoseg.model import load_bundle
 from geoseg.predict import (
     PredictOptions,
@@ -16,7 +18,7 @@ from geoseg.predict import (
     predict_scene,
     warm_up,
 )
-from geoseg.raster import check_writable, open_scene
+from geoseg.raster import Scene, check_writable, open_scene
 
 log = logging.getLogger("geoseg.cli")
 
@@ -69,6 +71,7 @@ def predict(
         resample=resample,
     )
     opened = [open_scene(s) for s in scenes]
+    _check_distinct_outputs(opened)
     for scene in opened:
         check_compatible(scene, bundle.spec, resample=resample)
     check_writable(out_dir)
@@ -92,3 +95,18 @@ def predict(
                 from geoseg.vectorize import vectorize_prediction
 
                 report(vectorize_prediction(result.probs, out_dir, client=client))
+
+
+def _check_distinct_outputs(scenes: list[Scene]) -> None:
+    """Refuse two scenes that would write the same output files (same stem), before any work:
+    the second would silently replace the first's results."""
+    seen: dict[str, str] = {}
+    for scene in scenes:
+        other = seen.get(scene.stem)
+        if other is not None and os.path.realpath(other) != os.path.realpath(scene.path):
+            raise ConfigError(
+                f"scenes {other} and {scene.path} would both write {scene.stem}.probs.tif and "
+                f"{scene.stem}.mask.tif in --out; rename one or predict them into different "
+                "directories"
+            )
+        seen[scene.stem] = scene.path
