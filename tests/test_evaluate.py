@@ -140,6 +140,31 @@ def test_files_in_different_crs_are_compared_in_metres(tmp_path: Path) -> None:
     assert s.mean_iou > 0.99
 
 
+def test_min_area_leaves_out_small_buildings_in_ground_metres(tmp_path: Path) -> None:
+    """Web Mercator at 60° N: a 2 x 2 projection-metre square is 1 ground m². With --min-area
+    1.5 the small truth building (missed) and the small false positive no longer count."""
+    import math as m
+
+    from pyproj import Transformer
+
+    x, y = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True).transform(10.0, 60.0)
+    big = [box(x + 40 * i, y, x + 40 * i + 20, y + 20) for i in range(3)]  # 100 ground m² each
+    small_truth = box(x + 200, y, x + 202, y + 2)
+    small_pred = box(x + 300, y, x + 302, y + 2)
+    t = _write(tmp_path / "truth.gpkg", [*big, small_truth], "EPSG:3857")
+    p = _write(tmp_path / "pred.gpkg", [*big, small_pred], "EPSG:3857")
+    s = evaluate_buildings(p, t)
+    assert (s.tp, s.fp, s.fn) == (3, 1, 1)
+    s = evaluate_buildings(p, t, min_area_m2=1.5)
+    assert (s.tp, s.fp, s.fn) == (3, 0, 0)
+    s = evaluate_buildings(p, t, min_area_m2=0.9)  # 1 ground m²: kept
+    assert (s.tp, s.fp, s.fn) == (3, 1, 1)
+    assert m.isclose(4 * m.cos(m.radians(60)) ** 2, 1.0)
+    res = CliRunner().invoke(cli, ["evaluate", "buildings", str(p), str(t), "--min-area", "1.5"])
+    assert res.exit_code == 0, res.output
+    assert "1.000" in res.output
+
+
 def test_label_file_with_wrong_crs_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "utm_as_wgs.geojson"
     bad.write_text(
