@@ -449,7 +449,8 @@ def evaluate_masks(
 
     The truth raster is warped onto the prediction's grid (nearest) and read block by block.
     ``truth_values`` maps truth pixel values to class names (default: values are class ids);
-    pixels that are nodata in either raster, or unmapped in the truth, are left out.
+    pixels that are nodata in either raster are left out, and a valid truth value that maps to
+    no class is an error naming it (it would otherwise be silently left out of the scores).
     """
     import rasterio
     from rasterio.errors import RasterioError
@@ -473,6 +474,7 @@ def evaluate_masks(
             else:
                 lut[:k] = np.arange(k)
             cm = np.zeros((k, k), dtype=np.int64)
+            unmapped: set[int] = set()
             with (
                 rasterio.open(truth_path) as truth_ds,
                 on_grid(truth_ds, pred_ds) as vrt,
@@ -487,11 +489,24 @@ def evaluate_masks(
                     t = vrt.read(1, window=w).astype(np.int64)
                     t_ok = vrt.read_masks(1, window=w) > 0
                     t_cls = lut[np.clip(t, 0, 65535)]
+                    unmapped.update(np.unique(t[t_ok & (t_cls < 0)]).tolist())
                     keep = p_ok & t_ok & (t_cls >= 0) & (p >= 0) & (p < k)
                     idx = t_cls[keep] * k + p[keep]
                     cm += np.bincount(idx, minlength=k * k).reshape(k, k)
     except RasterioError as exc:
         raise InputError(f"cannot read {pred_path} or {truth_path}: {exc}") from exc
+    if unmapped:
+        values = ", ".join(str(v) for v in sorted(unmapped)[:10])
+        how = (
+            "map each with --truth-value VALUE=CLASS"
+            if truth_values
+            else f"they are not class ids 0..{k - 1} of {names}; map them with "
+            "--truth-value VALUE=CLASS"
+        )
+        raise InputError(
+            f"{truth_path}: truth pixel value(s) {values} are not mapped to any class "
+            f"(set them as the truth's nodata to leave them out); {how}"
+        )
     return mask_scores(cm, names)
 
 

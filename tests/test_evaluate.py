@@ -261,6 +261,28 @@ def test_mask_scores_known_answer(tmp_path: Path) -> None:
     assert math.isclose(s.f1["background"], 1.0)
 
 
+def test_unmapped_truth_values_are_an_error_naming_them(tmp_path: Path) -> None:
+    """A 0/255 building mask scored with ids, or with 255 alone mapped, must not give scores
+    that silently leave pixels out."""
+    truth = np.zeros((10, 10), np.uint8)
+    truth[:, :5] = 255
+    pred = np.zeros((10, 10), np.uint8)
+    pred[:, :5] = 1
+    tags = {"GEOSEG_CLASSES": json.dumps(["background", "building", "road"])}
+    p = _mask(tmp_path / "p.tif", pred, tags, nodata=255)
+    t = _mask(tmp_path / "t.tif", truth)
+    with pytest.raises(InputError, match=r"value\(s\) 255 are not mapped.*class ids 0..2"):
+        evaluate_masks(p, t)
+    with pytest.raises(InputError, match=r"value\(s\) 0 are not mapped"):
+        evaluate_masks(p, t, {255: "building"})
+    res = CliRunner().invoke(cli, ["evaluate", "mask", str(p), str(t)])
+    assert res.exit_code == 2 and "255" in res.output
+    # the same values as the truth's nodata are left out, as documented
+    t2 = _mask(tmp_path / "t2.tif", truth, nodata=0)
+    s = evaluate_masks(p, t2, {255: "building"})
+    assert s.pixels == 50 and s.iou["building"] == 1.0
+
+
 def test_cli_writes_table_and_json(tmp_path: Path) -> None:
     truth = [box(733700 + 30 * i, 3725000, 733712 + 30 * i, 3725012) for i in range(4)]
     t = _write(tmp_path / "truth.gpkg", truth, "EPSG:32616")
