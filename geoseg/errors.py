@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 __all__ = [
     "ConfigError",
@@ -10,12 +13,30 @@ __all__ = [
     "InputError",
     "ModelError",
     "OutputError",
+    "call_portably",
     "describe_validation_error",
 ]
 
 
 class GeosegError(Exception):
     """Root of every error geoseg raises on purpose; the CLI turns it into exit code 2."""
+
+    def portable(self) -> GeosegError:
+        """A copy of the same type and message without cause or traceback: what crosses a process
+        boundary intact. (Dask pickles an exception with its cause chain, and a cause such as
+        rasterio's ``CPLE_AppDefinedError`` cannot be unpickled: the client then got a bare
+        ``Exception`` instead of this error.)"""
+        return type(self)(*self.args)
+
+
+def call_portably(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, re-raising a :class:`GeosegError` as its :meth:`~GeosegError.portable`
+    copy; for functions that run as tasks in other processes."""
+    try:
+        return fn(*args)
+    except GeosegError as exc:
+        portable = exc.portable()
+    raise portable  # outside the handler: no __context__ either (Dask pickles that too)
 
 
 class InputError(GeosegError, ValueError):

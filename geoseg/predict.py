@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from geoseg.errors import ConfigError, InputError, ModelError
+from geoseg.errors import ConfigError, InputError, ModelError, call_portably
 from geoseg.grid import Chunk, ChunkGrid
 from geoseg.model import Bundle, ModelSpec, Normalization, load_module
 from geoseg.raster import RasterWriter, Scene, check_writable, read_padded
@@ -729,7 +729,8 @@ def stream_tasks(
         a = next(args, None)
         if a is None:
             return False
-        fut = client.submit(fn, *a, key=f"{name}-{uuid.uuid4().hex}", pure=False, retries=1)
+        key = f"{name}-{uuid.uuid4().hex}"
+        fut = client.submit(call_portably, fn, *a, key=key, pure=False, retries=1)
         futures.add(fut)
         pending.add(fut)
         return True

@@ -122,3 +122,52 @@ def test_worker_killed_mid_scene_is_retried(
     with distributed.Client(cluster) as client:
         client.wait_for_workers(2, timeout=60)
         assert killer.killed not in client.run(os.getpid).values()
+
+
+def _corrupt_middle_tile(path: Path) -> Path:
+    """A scene whose middle tile no longer decodes (its first and last tiles still do)."""
+    import rasterio
+
+    plain = make_scene(path.with_name("plain.tif"), 300, 300, 192)
+    with rasterio.open(plain) as src:
+        profile, data = src.profile, src.read()
+    with rasterio.open(path, "w", **{**profile, "compress": "deflate"}) as dst:
+        dst.write(data)
+    with rasterio.open(path) as src:
+        offset = int(src.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
+        size = int(src.get_tag_item("BLOCK_SIZE_1_1", "TIFF", bidx=1))
+        assert src.profile.get("compress")  # a compressed tile, so garbage cannot decode
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff\x00" * (size // 2))
+    return path
+
+
+def test_corrupt_tile_read_on_a_worker_is_one_clean_error(
+    cluster: distributed.LocalCluster, tmp_path: Path
+) -> None:
+    """The error a worker process raises reaches the client as geoseg's own InputError with its
+    message (not a bare Exception), in the CLI (one line, exit 2) and in a pipeline's record."""
+    from click.testing import CliRunner
+
+    from geoseg.cli import cli
+
+    scene = _corrupt_middle_tile(tmp_path / "bad.tif")
+    model = make_model(tmp_path / "model")
+    args = ["predict", str(scene), "-m", str(model), "-o", str(tmp_path / "o"), "--device", "cpu"]
+    res = CliRunner().invoke(cli, [*args, "--scheduler", cluster.scheduler_address])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    errors = [line for line in lines if str(scene) in line and "read failed" in line]
+    assert errors and "Traceback" not in res.output
+
+    (tmp_path / "scenes").mkdir()
+    scene.rename(tmp_path / "scenes" / "bad.tif")
+    job = _job(tmp_path, "broken", cluster.scheduler_address)
+    summary = run_pipeline(load_pipeline(job))
+    assert not summary.ok
+    (result,) = summary.results
+    assert result.status == "failed"
+    # geoseg's own error (recorded as its message), not "Exception: InputError(...)"
+    assert result.error is not None and result.error.startswith(str(tmp_path / "scenes"))
+    assert "read failed" in result.error and "Exception" not in result.error
