@@ -301,6 +301,35 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
     return Bundle(p, spec, digest)
 
 
+def check_weights(bundle: Bundle) -> None:
+    """Check the weights file's tensor names and shapes against the spec's architecture without
+    loading the tensors or allocating the network (it is built on PyTorch's meta device).
+
+    Raises :class:`ModelError` for a file that is not safetensors (a pickle, say), an encoder or
+    architecture that cannot be built, and any missing, unexpected or misshapen tensor, before
+    prediction starts a cluster or allocates anything large.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(bundle.weights_path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(
+            f"{bundle.weights_path}: not a valid safetensors file ({_first_line(exc)})"
+        ) from exc
+    _check_shapes(bundle.spec, shapes, str(bundle.weights_path), _meta_state(bundle.spec))
+
+
+def _meta_state(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Name → shape of every tensor of the spec's module, built on the meta device (no memory)."""
+    import torch
+
+    with torch.device("meta"):
+        module = build_module(spec)
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
 def load_module(bundle: Bundle) -> torch.nn.Module:
     """Build the bundle's module and load its weights (strictly), in eval mode."""
     from safetensors import SafetensorError
@@ -324,13 +353,23 @@ def _check_state_dict(
     module: torch.nn.Module | None = None,
 ) -> None:
     """Raise :class:`ModelError` listing how ``state`` differs from the spec's architecture."""
-    expected = (module or build_module(spec)).state_dict()
+    if module is not None:
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    else:
+        expected = _meta_state(spec)
+    _check_shapes(spec, {k: tuple(v.shape) for k, v in state.items()}, source, expected)
+
+
+def _check_shapes(
+    spec: ModelSpec,
+    state: dict[str, tuple[int, ...]],
+    source: str,
+    expected: dict[str, tuple[int, ...]],
+) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [
-        f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
+        f"{k}: {state[k]} != {v}" for k, v in expected.items() if k in state and state[k] != v
     ]
     if missing or unexpected or shapes:
         parts = []

@@ -69,6 +69,50 @@ def test_weights_must_match_spec(tmp_path: Path, make_bundle: Any) -> None:
     assert not (tmp_path / "x").exists()
 
 
+def _swap_spec(path: Path, **update: Any) -> None:
+    """Rewrite a bundle's model.json with ``update`` (the weights and their hash stay)."""
+    spec = json.loads((path / "model.json").read_text())
+    spec.update(update)
+    (path / "model.json").write_text(json.dumps(spec))
+
+
+def test_bad_weights_are_refused_before_prediction_starts(tmp_path: Path, make_bundle: Any) -> None:
+    """Wrong shapes, a pickle as weights, an unknown encoder and a huge architecture are one
+    line on stderr and exit 2, before any cluster starts and without allocating the network."""
+    import shutil
+
+    import numpy as np
+
+    from geoseg.model import check_weights
+    from tests.conftest import write_tif
+
+    scene = write_tif(tmp_path / "s.tif", np.zeros((3, 64, 64), np.uint8))
+    src = make_bundle().path
+    cases: dict[str, tuple[dict[str, Any], str]] = {
+        "classes": ({"classes": ["background", "building"]}, "wrong shape"),
+        "encoder": ({"encoder": "resnet-nonexistent"}, "resnet-nonexistent"),
+        "huge": ({"decoder_channels": [4096, 4096, 4096]}, "wrong shape"),
+    }
+    for name, (update, message) in cases.items():
+        bad = tmp_path / name
+        shutil.copytree(src, bad)
+        _swap_spec(bad, **update)
+        with pytest.raises(ModelError, match=message):
+            check_weights(load_bundle(bad))
+        res = CliRunner().invoke(
+            cli,
+            ["predict", str(scene), "-m", str(bad), "-o", str(tmp_path / "o"), "--device", "cpu"],
+        )
+        assert res.exit_code == 2, res.output
+        assert "Traceback" not in res.output and "distributed" not in res.output
+    pickled = tmp_path / "pickled"
+    shutil.copytree(src, pickled)
+    (pickled / "weights.safetensors").write_bytes(pickle.dumps({"w": torch.zeros(2)}))
+    _swap_spec(pickled, weights_sha256=None)
+    with pytest.raises(ModelError, match="not a valid safetensors file"):
+        check_weights(load_bundle(pickled))
+
+
 def test_spec_validation() -> None:
     with pytest.raises(ValueError, match="unknown segmentation-models-pytorch architecture"):
         ModelSpec(arch="NoSuchNet")

@@ -10,7 +10,7 @@ import click
 
 from geoseg.cli.options import Progress, compute_options, out_dir_option, resample_option
 from geoseg.errors import ConfigError
-from geoseg.model import load_bundle
+from geoseg.model import check_weights, load_bundle
 from geoseg.predict import (
     PredictOptions,
     check_compatible,
@@ -59,6 +59,7 @@ def predict(
 ) -> None:
     """Write <stem>.probs.tif and <stem>.mask.tif COGs for each SCENE into --out."""
     bundle = load_bundle(model_path)
+    check_weights(bundle)  # before any cluster starts or memory is allocated
     options = PredictOptions(
         chunk=chunk,
         halo=halo,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from geoseg.errors import ConfigError, GeosegError
-from geoseg.model import Bundle, load_bundle
+from geoseg.model import Bundle, check_weights, load_bundle
 from geoseg.pipeline.config import LocalCompute, PipelineConfig
 from geoseg.pipeline.ledger import Ledger, SceneRow, default_ledger_path
 from geoseg.pipeline.lock import PipelineLock
@@ -376,6 +376,7 @@ def run_pipeline(
     t0 = time.perf_counter()
     stop = stop or threading.Event()
     bundle = load_bundle(config.model_path)
+    check_weights(bundle)  # a bad bundle fails the run before any cluster starts
     options = predict_options(config, scheduler)
     path = ledger_path_for(config, ledger_path)
     with Ledger(path) as ledger, PipelineLock(lock_path(path, config.name), config.name):
