@@ -9,6 +9,7 @@ with a bounded number of tasks in flight: no full-scene array exists anywhere.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import numpy as np
 
 from geoseg.errors import ConfigError, InputError, ModelError, call_portably
 from geoseg.grid import Chunk, ChunkGrid
-from geoseg.model import Bundle, ModelSpec, Normalization, load_module
+from geoseg.model import Bundle, ModelSpec, Normalization, build_module, load_module
 from geoseg.raster import RasterWriter, Scene, check_writable, read_padded
 from geoseg.resample import ResampledGrid, ResamplePlan, resample_plan
 from geoseg.runtime import cpu_cores
@@ -786,6 +787,8 @@ def predict_scene(
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
     grid = scene_grid(scene, spec, options)
+    if not options.scheduler:
+        check_working_set(spec, grid.at(0, 0).padded, options.batch_size, options.device)
     resample = grid.plan if isinstance(grid, ResampledGrid) else None
     if resample is not None:
         gx, gy = scene.ground_res
@@ -839,6 +842,79 @@ def predict_scene(
         notes,
         None if resample is None else (resample.ratio_x, resample.ratio_y),
     )
+
+
+def forward_bytes_lower_bound(spec: ModelSpec, batch: int, height: int, width: int) -> int:
+    """A lower bound of one forward pass's memory (bytes, fp32) on ``batch`` windows of
+    ``height`` x ``width`` px: the input, the encoder's features (kept for the skips) and the
+    largest layer output, taken from the model run on PyTorch's meta device (nothing allocated).
+    """
+    return _forward_bytes(spec.model_dump_json(), batch, height, width)
+
+
+@functools.lru_cache(maxsize=16)
+def _forward_bytes(spec_json: str, batch: int, height: int, width: int) -> int:
+    import torch
+
+    spec = ModelSpec.model_validate_json(spec_json)
+    with torch.device("meta"):
+        module = build_module(spec).eval()
+    largest = 0
+
+    def hook(_m: Any, _i: Any, out: Any) -> None:
+        nonlocal largest
+        if isinstance(out, torch.Tensor):
+            largest = max(largest, out.numel())
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
+    x = torch.empty((batch, len(spec.bands), height, width), device="meta")
+    try:
+        with torch.inference_mode():
+            encoder: Any = module.encoder
+            feats = encoder(x)
+            module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    kept = sum(f.numel() for f in feats)
+    return 4 * (x.numel() + kept + 2 * largest)
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory free for a forward pass on ``device``: the GPU's free memory, or the system's
+    available memory (``MemAvailable``); None when unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except (RuntimeError, AssertionError):
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError):
+        return None
+
+
+def check_working_set(spec: ModelSpec, window: Any, batch: int, device: str) -> None:
+    """Refuse chunk, halo and batch sizes whose forward pass cannot fit in memory, before
+    anything is allocated (a 100000 px halo once asked for 112 GiB)."""
+    h, w = int(window.height), int(window.width)
+    need = forward_bytes_lower_bound(spec, batch, h, w)
+    have = available_bytes(resolve_device(device))
+    if have is not None and need > have:
+        raise ConfigError(
+            f"a forward pass on {batch} window(s) of {w} x {h} px (chunk plus halo) needs at "
+            f"least {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB available on "
+            f"{resolve_device(device)}; use a smaller --chunk, --halo or --batch-size"
+        )
 
 
 def write_in_background(options: PredictOptions, device: str) -> bool:

@@ -200,3 +200,23 @@ def test_two_scenes_with_one_name_are_refused_before_any_output(
     assert "would both write scene.probs.tif" in res.output
     assert str(other) in res.output
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_halo_that_cannot_fit_is_refused_before_allocating(
+    tmp_path: Path, scene: Path, make_bundle: Any
+) -> None:
+    """--halo 100000 asked for 112 GiB and crashed; now it is one line with the size needed."""
+    from geoseg.model import ModelSpec
+    from geoseg.predict import forward_bytes_lower_bound
+
+    res = predict(str(scene), "-m", str(make_bundle().path), "-o", str(tmp_path / "o"))
+    assert res.exit_code == 0, res.output
+    args = [str(scene), "-m", str(make_bundle().path), "-o", str(tmp_path / "h")]
+    res = predict(*args, "--halo", "100000")
+    assert res.exit_code == 2, res.output
+    assert "needs at least" in res.output and "GiB" in res.output and "--halo" in res.output
+    assert not (tmp_path / "h" / "scene.probs.tif").exists()
+    spec = ModelSpec(encoder="resnet18")
+    small = forward_bytes_lower_bound(spec, 1, 640, 640)
+    assert 50 * 2**20 < small < 1024 * 2**20  # a resnet18 pass on 640² px: ~0.1-1 GiB
+    assert forward_bytes_lower_bound(spec, 2, 640, 640) == 2 * small
