@@ -22,6 +22,7 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from affine import Affine
+from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioError, RasterioIOError
@@ -223,6 +224,30 @@ def open_scene(path: str | os.PathLike[str]) -> Scene:
     except RasterioError as exc:
         raise InputError(f"{p}: not a readable raster ({_short(exc)})") from exc
     return scene
+
+
+#: Free bytes below which a failed write is reported as a full disk.
+FULL_DISK_BYTES = 1 << 20
+
+
+def write_error(path: Path, exc: BaseException, what: str) -> OutputError:
+    """An :class:`OutputError` for a failed write to ``path``: "no space left on device" with
+    the free space when the disk is full (GDAL and libtiff report it in many ways, e.g.
+    ``TIFFRewriteDirectory`` or "Write failed"), else ``what`` with the first line of ``exc``."""
+    import errno
+    import shutil
+
+    full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+    full = full or "no space left" in str(exc).lower()
+    directory = Path(path) if Path(path).is_dir() else Path(path).parent
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    if full or (free is not None and free < FULL_DISK_BYTES):
+        left = f"; {free} bytes free" if free is not None else ""
+        return OutputError(f"{path}: no space left on device ({directory}{left})")
+    return OutputError(f"{what} ({_short(exc)})")
 
 
 def _short(exc: BaseException) -> str:
@@ -775,9 +800,10 @@ class RasterWriter:
                         for k in range(1, levels + 1)
                     ]
                     part.streamed = len(part.levels)
-        except (RasterioError, OSError) as exc:
+        except (RasterioError, CPLE_BaseError, OSError) as exc:
             self.abort()
-            raise OutputError(f"cannot create outputs for {self.scene.path}: {exc}") from exc
+            where = next(iter(self._outputs.values())).final if self._outputs else Path(".")
+            raise write_error(where, exc, f"cannot create outputs for {self.scene.path}") from exc
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
@@ -851,8 +877,8 @@ class RasterWriter:
             with GDAL_WRITES:
                 part.dataset.write(data, window=window)
             self._write_levels(out, part, window, data, valid)
-        except (RasterioError, OSError) as exc:
-            raise OutputError(f"{out.final}: write failed ({_short(exc)})") from exc
+        except (RasterioError, CPLE_BaseError, OSError) as exc:
+            raise write_error(out.final, exc, f"{out.final}: write failed") from exc
 
     @staticmethod
     def _resampling(out: _Output, part: _Part) -> str:
@@ -1035,8 +1061,9 @@ class RasterWriter:
             for done, out in zip(tmps, outs, strict=True):
                 os.replace(done, out.final)
             published = True
-        except (RasterioError, OSError) as exc:
-            raise OutputError(f"cannot write outputs for {self.scene.path}: {_short(exc)}") from exc
+        except (RasterioError, CPLE_BaseError, OSError) as exc:
+            where = outs[0].final if outs else Path(".")
+            raise write_error(where, exc, f"cannot write outputs for {self.scene.path}") from exc
         finally:
             if not published:
                 for path in tmps:

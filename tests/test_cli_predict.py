@@ -220,3 +220,33 @@ def test_a_halo_that_cannot_fit_is_refused_before_allocating(
     small = forward_bytes_lower_bound(spec, 1, 640, 640)
     assert 50 * 2**20 < small < 1024 * 2**20  # a resnet18 pass on 640² px: ~0.1-1 GiB
     assert forward_bytes_lower_bound(spec, 2, 640, 640) == 2 * small
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Any:
+    """A 1 MiB tmpfs (needs root and mount rights; skipped elsewhere)."""
+    import subprocess
+
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_is_one_line_naming_the_path(
+    tmp_path: Path, make_bundle: Any, tiny_disk: Path
+) -> None:
+    rng = np.random.default_rng(3)
+    big = write_tif(tmp_path / "big.tif", rng.integers(0, 255, (3, 640, 640), dtype=np.uint8))
+    out = tiny_disk / "out"
+    res = predict(str(big), "-m", str(make_bundle().path), "-o", str(out))
+    assert res.exit_code == 2, res.output
+    last = [line for line in res.output.splitlines() if line.strip()][-1]
+    assert "no space left on device" in last and str(tiny_disk) in last
+    assert "Traceback" not in res.output
+    assert not list(out.glob("big.*.tif"))  # nothing half-written under a final name
