@@ -133,7 +133,7 @@ def test_shipped_pipelines_are_valid() -> None:
     configs = {c.name: c for c in load_pipelines(REPO / "pipelines")}
     assert {"demo", "nightly-buildings"} <= set(configs)
     demo = configs["demo"]
-    assert [p.name for p in demo.scene_paths()] == ["road_mask_input.tif", "sample_geotiff.tif"]
+    assert [p.name for p in demo.scene_paths()] == ["banepa_rgb.tif"]
     assert demo.model_path == REPO / "data_samples" / "model"
     nightly = configs["nightly-buildings"]
     assert nightly.schedule is not None and nightly.schedule.timezone == "Europe/Paris"

@@ -363,5 +363,9 @@ def test_cli_train_from_yaml(tmp_path: Path) -> None:
 
 def test_demo_config_is_valid() -> None:
     cfg = load_config(DATA / "train.yml")
-    assert cfg.model.bands == [1] and cfg.model.dtype == "uint16"
+    assert cfg.model.bands == [1, 2, 3] and cfg.model.dtype == "uint8"
+    assert cfg.model.encoder_weights == "lite0-imagenet" and cfg.model.gsd_m == 0.3
     assert cfg.out == (DATA / "model").resolve()
+    labelled = [s.labelled() for s in cfg.scenes]
+    assert labelled == [["building", "building_contact"], ["road"], ["road"]]
+    assert all(s.holdout for s in cfg.scenes)
