@@ -93,13 +93,51 @@ def geoseg(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+def tune_contact(args: argparse.Namespace) -> None:
+    """SpaceNet F1 of Banepa's buildings per contact threshold, on a part of the training area."""
+    from geoseg.evaluate import evaluate_buildings
+
+    out: Path = args.out / "tune"
+    out.mkdir(parents=True, exist_ok=True)
+    banepa = args.shared / "data" / "open" / "banepa_buildings_rgb"
+    with rasterio.open(banepa / "banepa_train_rgb.tif") as src:
+        c0, c1 = round(0.5 * src.width), round(0.75 * src.width)
+        image = crop(src.name, Window(c0, 0, c1 - c0, src.height), out / "banepa_train_part.tif")
+    clip_truth(banepa / "banepa_osm_buildings.geojson", image, out / "truth.geojson")
+    geoseg("predict", str(image), "--model", str(args.model), "--out", str(out), "--device", "cpu")
+    print("threshold  F1     precision  recall")
+    for t in (0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1):
+        d = out / f"t{t}"
+        geoseg(
+            "vectorize",
+            str(out / "banepa_train_part.probs.tif"),
+            "--out",
+            str(d),
+            "--layer",
+            "building=polygons",
+            "--contact-threshold",
+            str(t),
+        )
+        s = evaluate_buildings(d / "banepa_train_part.buildings.geojson", out / "truth.geojson")
+        print(f"{t:<9}  {s.f1:.3f}  {s.precision:.3f}      {s.recall:.3f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("model", type=Path)
     ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "eval")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     ap.add_argument("--chunk", default=None, help="--chunk for geoseg predict (model px)")
+    ap.add_argument(
+        "--tune-contact",
+        action="store_true",
+        help="instead: F1 per --contact-threshold on a TRAINING part of Banepa (x 0.5-0.75),\n"
+        "to choose the threshold without looking at held-out data",
+    )
     args = ap.parse_args()
+    if args.tune_contact:
+        tune_contact(args)
+        return
     data = args.shared / "data"
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

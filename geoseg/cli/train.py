@@ -94,6 +94,6 @@ def train(
     result = run(cfg, restart=restart, progress=progress, on_epoch=on_epoch)
     click.echo(
         f"best epoch {result.best_epoch + 1} (mean foreground IoU {result.best_score:.3f}); "
-        f"{result.train_chips} train / {result.val_chips} val chips; "
+        f"{result.train_chips} train chips per epoch / {result.val_chips} val chips; "
         f"wrote {result.bundle.path} ({result.bundle.ident})"
     )

@@ -85,7 +85,7 @@ def vectorize_options(f: Any) -> Any:
             type=click.FloatRange(0, 1, min_open=True),
             default=None,
             help="Cut pixels whose building_contact probability reaches this out of buildings "
-            "(default 0.5; lower splits more).",
+            "(default 0.4; lower splits more).",
         ),
         click.option(
             "--road-polygons/--no-road-polygons",

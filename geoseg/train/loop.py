@@ -451,7 +451,7 @@ def train(
         best_epoch,
         best_score,
         history,
-        len(train_chips),
+        n_train,
         len(val_chips),
         resumed_from,
     )
