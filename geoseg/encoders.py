@@ -23,7 +23,6 @@ with TensorFlow's 'same' padding, which timm's ``tf_`` variant reproduces; smp's
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -151,11 +150,9 @@ def _lite0(encoder: torch.nn.Module, encoder_name: str) -> str:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(1 << 20), b""):
-            h.update(piece)
-    return h.hexdigest()
+    from geoseg.model import file_sha256
+
+    return file_sha256(path)
 
 
 def _from_file(encoder: torch.nn.Module, path: Path) -> str:

@@ -14,7 +14,7 @@ from rasterio.windows import Window
 
 from geoseg.errors import ConfigError
 
-__all__ = ["Chunk", "ChunkGrid", "round_up", "stripes"]
+__all__ = ["Chunk", "ChunkGrid", "Tiling", "round_up", "stripes"]
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -58,8 +58,40 @@ class Chunk:
         )
 
 
+class Tiling:
+    """What every chunk grid offers, given its ``shape`` and ``at``: its size, iteration in
+    row-major order and in vertical stripes."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def at(self, row: int, col: int) -> Chunk:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        rows, cols = self.shape
+        return rows * cols
+
+    def __iter__(self) -> Iterator[Chunk]:
+        rows, cols = self.shape
+        for r in range(rows):
+            for c in range(cols):
+                yield self.at(r, c)
+
+    def in_stripes(self, cols: int) -> Iterator[Chunk]:
+        """All chunks, in vertical stripes ``cols`` chunks wide, row by row within a stripe.
+
+        Neighbouring chunks share their halos' source blocks; in this order the blocks read for
+        one chunk row are still in a small block cache when the next row needs them, however
+        wide the scene is.
+        """
+        for r, c in stripes(self.shape, cols):
+            yield self.at(r, c)
+
+
 @dataclass(frozen=True)
-class ChunkGrid:
+class ChunkGrid(Tiling):
     """Chunk cores of ``chunk`` pixels tiling a ``width`` x ``height`` scene, with a ``halo``.
 
     ``multiple`` is the model's output stride: padded windows start at a multiple of it relative
@@ -93,26 +125,6 @@ class ChunkGrid:
     def shape(self) -> tuple[int, int]:
         """Number of chunks as (rows, cols)."""
         return (math.ceil(self.height / self.chunk), math.ceil(self.width / self.chunk))
-
-    def __len__(self) -> int:
-        rows, cols = self.shape
-        return rows * cols
-
-    def __iter__(self) -> Iterator[Chunk]:
-        rows, cols = self.shape
-        for r in range(rows):
-            for c in range(cols):
-                yield self.at(r, c)
-
-    def in_stripes(self, cols: int) -> Iterator[Chunk]:
-        """All chunks, in vertical stripes ``cols`` chunks wide, row by row within a stripe.
-
-        Neighbouring chunks share their halos' source blocks; in this order the blocks read for
-        one chunk row are still in a small block cache when the next row needs them, however
-        wide the scene is.
-        """
-        for r, c in stripes(self.shape, cols):
-            yield self.at(r, c)
 
     def at(self, row: int, col: int) -> Chunk:
         """The chunk at grid position (row, col)."""

@@ -394,14 +394,7 @@ def predict_chunks(
         data, valid = read_padded(plan.scene, chunk.padded, plan.bands)
         core_valid = _core(chunk, valid)
         if not core_valid.any():
-            h, w = core_valid.shape
-            results[i] = ChunkResult(
-                chunk,
-                np.zeros((plan.n_classes, h, w), np.uint8),
-                np.full((1, h, w), MASK_NODATA, np.uint8),
-                core_valid,
-                skipped=True,
-            )
+            results[i] = _skipped(plan, chunk, core_valid)
             continue
         todo.setdefault(data.shape, []).append((i, data, valid, core_valid))
     if todo:
@@ -426,6 +419,18 @@ def predict_chunks(
     return [r for r in results if r is not None]
 
 
+def _skipped(plan: ChunkPlan, chunk: Chunk, core_valid: np.ndarray) -> ChunkResult:
+    """The result of a chunk whose core is all nodata: nothing runs through the model."""
+    h, w = core_valid.shape
+    return ChunkResult(
+        chunk,
+        np.zeros((plan.n_classes, h, w), np.uint8),
+        np.full((1, h, w), MASK_NODATA, np.uint8),
+        core_valid,
+        skipped=True,
+    )
+
+
 def predict_resampled(
     plan: ChunkPlan, resample: ResamplePlan, chunks: Sequence[Chunk], factory: PredictorFactory
 ) -> list[ChunkResult]:
@@ -444,14 +449,7 @@ def predict_resampled(
         r0, c0 = int(core.row_off - scene.row_off), int(core.col_off - scene.col_off)
         core_valid = valid[r0 : r0 + int(core.height), c0 : c0 + int(core.width)]
         if not core_valid.any():
-            h, w = core_valid.shape
-            results[i] = ChunkResult(
-                chunk,
-                np.zeros((plan.n_classes, h, w), np.uint8),
-                np.full((1, h, w), MASK_NODATA, np.uint8),
-                core_valid,
-                skipped=True,
-            )
+            results[i] = _skipped(plan, chunk, core_valid)
             continue
         x, x_valid = resample.to_model(
             data, valid, scene, model, may_be_invalid=plan.scene.has_mask

@@ -18,14 +18,13 @@ reads files; everything is per chunk, so memory stays bounded.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from rasterio.windows import Window
 
-from geoseg.grid import Chunk, round_up, stripes
+from geoseg.grid import Chunk, Tiling, round_up
 
 __all__ = [
     "RESAMPLE_TOLERANCE",
@@ -307,7 +306,7 @@ def _core_size(chunk: int, ratio: float) -> int:
 
 
 @dataclass(frozen=True)
-class ResampledGrid:
+class ResampledGrid(Tiling):
     """Chunk cores of a resampled scene: ``core_width`` x ``core_height`` scene pixels that
     partition it, each chunk's ``padded`` its model window (:meth:`ResamplePlan.model_window`,
     pixels of the virtual model grid, not of the scene). Iterates like a ChunkGrid."""
@@ -329,21 +328,6 @@ class ResampledGrid:
     def shape(self) -> tuple[int, int]:
         """Number of chunks as (rows, cols)."""
         return (math.ceil(self.height / self.core_height), math.ceil(self.width / self.core_width))
-
-    def __len__(self) -> int:
-        rows, cols = self.shape
-        return rows * cols
-
-    def __iter__(self) -> Iterator[Chunk]:
-        rows, cols = self.shape
-        for r in range(rows):
-            for c in range(cols):
-                yield self.at(r, c)
-
-    def in_stripes(self, cols: int) -> Iterator[Chunk]:
-        """All chunks in vertical stripes ``cols`` chunks wide (see ChunkGrid.in_stripes)."""
-        for r, c in stripes(self.shape, cols):
-            yield self.at(r, c)
 
     def at(self, row: int, col: int) -> Chunk:
         r0, c0 = row * self.core_height, col * self.core_width

@@ -70,22 +70,27 @@ def _labels(tmp: Path) -> tuple[Path, Path]:
     return b, road
 
 
+def tiny_model() -> dict[str, Any]:
+    """The model section of a small, fast training config (1-band uint8, 3 classes)."""
+    return {
+        "name": "tiny",
+        "encoder": "tu-resnet18",
+        "encoder_depth": 3,
+        "decoder_channels": [16, 8, 8],
+        "bands": [1],
+        "dtype": "uint8",
+        "normalization": {"scale": 255},
+        "classes": ["background", "building", "road"],
+        "chunk": 64,
+        "halo": 16,
+    }
+
+
 def _config(tmp: Path, **optim: Any) -> dict[str, Any]:
     scene = _scene(tmp / "scene.tif")
     b, road = _labels(tmp)
     return {
-        "model": {
-            "name": "tiny",
-            "encoder": "tu-resnet18",
-            "encoder_depth": 3,
-            "decoder_channels": [16, 8, 8],
-            "bands": [1],
-            "dtype": "uint8",
-            "normalization": {"scale": 255},
-            "classes": ["background", "building", "road"],
-            "chunk": 64,
-            "halo": 16,
-        },
+        "model": tiny_model(),
         "scenes": [
             {
                 "image": str(scene),

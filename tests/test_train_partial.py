@@ -23,7 +23,7 @@ from geoseg.train.config import parse_config
 from geoseg.train.labels import contact_zone
 from geoseg.train.loop import _Loss, _random_chips, _tensors, prepare, train
 
-from .test_train import ORIGIN, _labels, _scene
+from .test_train import ORIGIN, _labels, _scene, tiny_model
 
 CLASSES = ["background", "building", "road", "building_contact"]
 
@@ -98,18 +98,7 @@ def _partial_config(tmp: Path) -> dict[str, Any]:
     b_img = _scene(tmp / "b.tif")
     buildings, roads = _labels(tmp)
     return {
-        "model": {
-            "name": "partial",
-            "encoder": "tu-resnet18",
-            "encoder_depth": 3,
-            "decoder_channels": [16, 8, 8],
-            "bands": [1],
-            "dtype": "uint8",
-            "normalization": {"scale": 255},
-            "classes": CLASSES,
-            "chunk": 64,
-            "halo": 16,
-        },
+        "model": {**tiny_model(), "name": "partial", "classes": CLASSES},
         "scenes": [
             {
                 "image": str(a),
