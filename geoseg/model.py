@@ -239,6 +239,7 @@ def save_bundle(
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        follow_umask(tmp / WEIGHTS_FILE)
         digest = file_sha256(tmp / WEIGHTS_FILE)
         spec = spec.model_copy(update={"weights_sha256": digest})
         (tmp / SPEC_FILE).write_text(spec.model_dump_json(indent=2) + "\n")
@@ -254,6 +255,15 @@ def save_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Bundle(out, spec, digest)
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file the permissions a newly created file gets under this process's umask
+    (safetensors writes ``-rw-------``: a bundle that Dask workers running as another user, or
+    a shared model directory, could not read)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def write_spec(path: str | os.PathLike[str], spec: ModelSpec) -> None:

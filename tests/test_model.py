@@ -190,3 +190,23 @@ def test_cli_init_info_and_errors(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "model bundle not found" in res.output
     res = runner.invoke(cli, ["model", "init", str(tmp_path / "x"), "--dtype", "int8", *TINY])
     assert res.exit_code == 2 and "dtype must be one of" in res.output
+
+
+def test_bundle_files_follow_the_umask(tmp_path: Path, make_bundle: Any) -> None:
+    """safetensors writes -rw-------; a bundle must be readable by workers running as another
+    user, like every other output."""
+    import os
+    import stat
+
+    from geoseg.cli.options import plural
+
+    old = os.umask(0o022)
+    try:
+        bundle = save_bundle(
+            make_bundle().spec, build_module(make_bundle().spec).state_dict(), tmp_path / "b"
+        )
+    finally:
+        os.umask(old)
+    for name in ("weights.safetensors", "model.json"):
+        assert stat.S_IMODE((bundle.path / name).stat().st_mode) == 0o644, name
+    assert [plural(u) for u in ("chunk", "batch", "scene")] == ["chunks", "batches", "scenes"]

@@ -89,6 +89,11 @@ def compute_options(f: F) -> F:
     return f
 
 
+def plural(noun: str) -> str:
+    """English plural of a unit name: chunk → chunks, batch → batches."""
+    return noun + ("es" if noun.endswith(("s", "sh", "ch", "x", "z")) else "s")
+
+
 class Progress:
     """A tqdm bar on a terminal; a log line per quarter elsewhere."""
 
@@ -110,7 +115,7 @@ class Progress:
         quarter = 4 * done // max(total, 1)
         if quarter != self.last_quarter:
             self.last_quarter = quarter
-            self.log(f"{self.desc}: {done}/{total} {self.unit}s")
+            self.log(f"{self.desc}: {done}/{total} {plural(self.unit)}")
 
     def close(self) -> None:
         if self.bar is not None:

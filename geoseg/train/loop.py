@@ -22,7 +22,14 @@ import numpy as np
 
 from geoseg.encoders import init_encoder
 from geoseg.errors import ConfigError, InputError, ModelError
-from geoseg.model import Bundle, ModelSpec, build_module, load_bundle, save_bundle
+from geoseg.model import (
+    Bundle,
+    ModelSpec,
+    build_module,
+    follow_umask,
+    load_bundle,
+    save_bundle,
+)
 from geoseg.predict import check_compatible, resolve_device
 from geoseg.raster import open_scene, read_padded
 from geoseg.train.chips import (
@@ -577,6 +584,7 @@ class Checkpoint:
         try:
             weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
             save_file(weights, str(tmp / WEIGHTS_FILE))
+            follow_umask(tmp / WEIGHTS_FILE)
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
             body = {"fingerprint": self.fingerprint, **state}
             (tmp / STATE_FILE).write_text(json.dumps(body, indent=1, allow_nan=True) + "\n")
