@@ -105,6 +105,8 @@ def test_bad_weights_are_refused_before_prediction_starts(tmp_path: Path, make_b
         )
         assert res.exit_code == 2, res.output
         assert "Traceback" not in res.output and "distributed" not in res.output
+        res = CliRunner().invoke(cli, ["model", "info", str(bad)])
+        assert res.exit_code == 2 and message.split()[0] in res.output, res.output
     pickled = tmp_path / "pickled"
     shutil.copytree(src, pickled)
     (pickled / "weights.safetensors").write_bytes(pickle.dumps({"w": torch.zeros(2)}))

@@ -175,3 +175,9 @@ def test_cli_glob_matching_nothing_exit_2(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["run", str(tmp_path / "p.yml")])
     assert res.exit_code == 2, res.output
     assert "matches no file" in res.output
+
+
+def test_a_key_given_twice_is_an_error_with_its_line(tmp_path: Path) -> None:
+    text = GOOD.replace("name:", "name: first\nname:", 1)
+    with pytest.raises(ConfigError, match=r"line 3.*duplicate key 'name' \(first on line 2\)"):
+        parse_pipeline(text, "p.yml")

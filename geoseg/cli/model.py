@@ -181,8 +181,11 @@ def halo(bundle: Path, write: bool) -> None:
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print model.json as JSON.")
 def info(bundle: Path, as_json: bool) -> None:
-    """Show a bundle's spec and verify its weights."""
+    """Show a bundle's spec and verify its weights (hash, tensor names and shapes)."""
+    from geoseg.model import check_weights
+
     b = load_bundle(bundle)
+    check_weights(b)
     if as_json:
         click.echo(json.dumps(b.spec.model_dump(), indent=2))
         return

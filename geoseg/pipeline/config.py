@@ -29,6 +29,7 @@ from pydantic import (
 
 from geoseg.errors import ConfigError
 from geoseg.vectorize.options import Format, LayerKind, VectorizeOptions
+from geoseg.yamlio import safe_load_unique
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -355,7 +356,7 @@ def parse_pipeline(text: str, source: str) -> PipelineConfig:
     """Parse and validate the YAML ``text`` of a pipeline file named ``source``."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data = safe_load_unique(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

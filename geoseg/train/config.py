@@ -280,9 +280,11 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     """Read and validate a YAML training config."""
     import yaml
 
+    from geoseg.yamlio import safe_load_unique
+
     p = Path(path)
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = safe_load_unique(p.read_text())
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
