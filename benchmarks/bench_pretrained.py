@@ -63,7 +63,7 @@ def main() -> None:
         cells = []
         for s in args.starts:
             r = results[s][i]
-            cells.append(" ".join(f"{c[:8]}={r[c]:.3f}" for c in classes if c != "background"))
+            cells.append(" ".join(f"{c}={r[c]:.3f}" for c in classes if c != "background"))
         print(f"{i + 1:>5}  " + "  ".join(cells))
 
 
