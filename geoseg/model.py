@@ -312,12 +312,13 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
 
 
 def check_weights(bundle: Bundle) -> None:
-    """Check the weights file's tensor names and shapes against the spec's architecture without
-    loading the tensors or allocating the network (it is built on PyTorch's meta device).
+    """Check the weights file's tensor names and shapes against the spec's architecture, before
+    prediction starts a cluster.
 
     Raises :class:`ModelError` for a file that is not safetensors (a pickle, say), an encoder or
-    architecture that cannot be built, and any missing, unexpected or misshapen tensor, before
-    prediction starts a cluster or allocates anything large.
+    architecture that cannot be built, a decoder far larger than the file's weights (refused
+    before the network is built, so a huge ``decoder_channels`` allocates nothing), and any
+    missing, unexpected or misshapen tensor. Only the file's header is read.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -328,16 +329,25 @@ def check_weights(bundle: Bundle) -> None:
         raise ModelError(
             f"{bundle.weights_path}: not a valid safetensors file ({_first_line(exc)})"
         ) from exc
-    _check_shapes(bundle.spec, shapes, str(bundle.weights_path), _meta_state(bundle.spec))
+    held = sum(int(np.prod(v)) for v in shapes.values())
+    need = decoder_params_lower_bound(bundle.spec)
+    if need > 4 * held + 1_000_000:
+        raise ModelError(
+            f"{bundle.weights_path}: weights do not match {bundle.spec.arch}/{bundle.spec.encoder}:"
+            f" decoder_channels {bundle.spec.decoder_channels} need at least {need:,} "
+            f"parameters ({4 * need / 2**30:.1f} GiB), the file holds {held:,} in all "
+            "(wrong shape)"
+        )
+    expected = {k: tuple(v.shape) for k, v in build_module(bundle.spec).state_dict().items()}
+    _check_shapes(bundle.spec, shapes, str(bundle.weights_path), expected)
 
 
-def _meta_state(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Name → shape of every tensor of the spec's module, built on the meta device (no memory)."""
-    import torch
-
-    with torch.device("meta"):
-        module = build_module(spec)
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+def decoder_params_lower_bound(spec: ModelSpec) -> int:
+    """At least this many decoder parameters: a 3x3 convolution from each decoder stage's
+    channels to themselves (every smp decoder that takes ``decoder_channels`` has one)."""
+    if not spec._takes_decoder_channels():
+        return 0
+    return sum(9 * c * c for c in spec.decoder_channels)
 
 
 def load_module(bundle: Bundle) -> torch.nn.Module:
@@ -363,10 +373,7 @@ def _check_state_dict(
     module: torch.nn.Module | None = None,
 ) -> None:
     """Raise :class:`ModelError` listing how ``state`` differs from the spec's architecture."""
-    if module is not None:
-        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
-    else:
-        expected = _meta_state(spec)
+    expected = {k: tuple(v.shape) for k, v in (module or build_module(spec)).state_dict().items()}
     _check_shapes(spec, {k: tuple(v.shape) for k, v in state.items()}, source, expected)
 
 

@@ -9,7 +9,6 @@ with a bounded number of tasks in flight: no full-scene array exists anywhere.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ import numpy as np
 
 from geoseg.errors import ConfigError, InputError, ModelError, call_portably
 from geoseg.grid import Chunk, ChunkGrid
-from geoseg.model import Bundle, ModelSpec, Normalization, build_module, load_module
+from geoseg.model import Bundle, ModelSpec, Normalization, load_module
 from geoseg.raster import RasterWriter, Scene, check_writable, read_padded
 from geoseg.resample import ResampledGrid, ResamplePlan, resample_plan
 from geoseg.runtime import cpu_cores
@@ -844,38 +843,12 @@ def predict_scene(
 
 def forward_bytes_lower_bound(spec: ModelSpec, batch: int, height: int, width: int) -> int:
     """A lower bound of one forward pass's memory (bytes, fp32) on ``batch`` windows of
-    ``height`` x ``width`` px: the input, the encoder's features (kept for the skips) and the
-    largest layer output, taken from the model run on PyTorch's meta device (nothing allocated).
-    """
-    return _forward_bytes(spec.model_dump_json(), batch, height, width)
-
-
-@functools.lru_cache(maxsize=16)
-def _forward_bytes(spec_json: str, batch: int, height: int, width: int) -> int:
-    import torch
-
-    spec = ModelSpec.model_validate_json(spec_json)
-    with torch.device("meta"):
-        module = build_module(spec).eval()
-    largest = 0
-
-    def hook(_m: Any, _i: Any, out: Any) -> None:
-        nonlocal largest
-        if isinstance(out, torch.Tensor):
-            largest = max(largest, out.numel())
-
-    handles = [m.register_forward_hook(hook) for m in module.modules() if not list(m.children())]
-    x = torch.empty((batch, len(spec.bands), height, width), device="meta")
-    try:
-        with torch.inference_mode():
-            encoder: Any = module.encoder
-            feats = encoder(x)
-            module(x)
-    finally:
-        for h in handles:
-            h.remove()
-    kept = sum(f.numel() for f in feats)
-    return 4 * (x.numel() + kept + 2 * largest)
+    ``height`` x ``width`` px: at the end of the pass the input, the last decoder stage's output
+    and the class scores exist at full resolution at once (the encoder's features and every
+    earlier stage come on top, so the real peak is several times this)."""
+    last = spec.decoder_channels[-1] if spec._takes_decoder_channels() else len(spec.classes)
+    per_px = len(spec.bands) + last + 2 * len(spec.classes)
+    return 4 * batch * height * width * per_px
 
 
 def available_bytes(device: str) -> int | None:

@@ -246,7 +246,7 @@ def write_error(path: Path, exc: BaseException, what: str) -> OutputError:
         free = None
     if full or (free is not None and free < FULL_DISK_BYTES):
         left = f"; {free} bytes free" if free is not None else ""
-        return OutputError(f"{path}: no space left on device ({directory}{left})")
+        return OutputError(f"{path}: No space left on device ({directory}{left})")
     return OutputError(f"{what} ({_short(exc)})")
 
 
