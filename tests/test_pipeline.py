@@ -136,6 +136,7 @@ def test_corrupt_scene_is_isolated(job: Path) -> None:
     res = CliRunner().invoke(cli, ["run", str(job)])
     assert res.exit_code == 1, res.output
     assert "3 done, 0 skipped, 1 failed" in res.output
+    assert f"outputs: {job.parent / 'out'}/<scene>/" in res.output
     assert "FAILED" in res.output and "bad.tif" in res.output
     assert "not a readable raster" in res.output
     with _ledger(job) as ledger:
@@ -209,6 +210,16 @@ def test_unopenable_ledger_is_a_clear_error(job: Path) -> None:
     (job.parent / "state" / "ledger.sqlite").write_text("this is not a database" * 100)
     res = CliRunner().invoke(cli, ["run", str(job)])
     assert res.exit_code == 2 and "run ledger" in res.output
+
+
+def test_empty_ledger_file_is_refused_not_treated_as_new(job: Path) -> None:
+    """A zero-byte ledger (truncated history) must not silently start over."""
+    (job.parent / "state").mkdir()
+    (job.parent / "state" / "ledger.sqlite").write_bytes(b"")
+    res = CliRunner().invoke(cli, ["run", str(job)])
+    assert res.exit_code == 2, res.output
+    assert "empty file (0 bytes)" in res.output and "ledger.sqlite" in res.output
+    assert (job.parent / "state" / "ledger.sqlite").stat().st_size == 0
 
 
 def _count_done(db: Path) -> int:

@@ -110,6 +110,8 @@ def print_summary(summary: RunSummary) -> None:
         f"run {summary.run_id} of {summary.pipeline}: {len(summary.results)} scene(s): "
         f"{counts} ({summary.seconds:.1f} s)"
     )
+    if summary.out_dir is not None:
+        click.echo(f"outputs: {summary.out_dir}/<scene>/")
     for r in summary.results:
         if r.status in ("failed", "interrupted"):
             click.echo(f"  {r.status.upper()} {r.path}: {r.error}")

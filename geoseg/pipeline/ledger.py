@@ -128,6 +128,11 @@ class Ledger:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._lock = threading.RLock()
+        if self.path.is_file() and self.path.stat().st_size == 0:
+            raise OutputError(
+                f"{self.path}: the run ledger is an empty file (0 bytes): its history is gone, "
+                "and using it as new would hide that; move it away to start a new ledger"
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(

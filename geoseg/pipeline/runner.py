@@ -82,6 +82,7 @@ class RunSummary:
     pipeline: str
     results: list[SceneResult]
     seconds: float
+    out_dir: Path | None = None
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -434,7 +435,7 @@ def run_pipeline(
         ledger.finish_run(run_id, status, f"{failed} scene(s) failed" if failed else None)
     order = {p.path: i for i, p in enumerate(planned)}
     results.sort(key=lambda r: order[r.path])
-    return RunSummary(run_id, config.name, results, time.perf_counter() - t0)
+    return RunSummary(run_id, config.name, results, time.perf_counter() - t0, config.out_dir)
 
 
 def _run_scenes(
