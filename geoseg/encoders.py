@@ -28,7 +28,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from geoseg.errors import ModelError
+from geoseg.errors import ModelError, first_line
+from geoseg.model import (
+    file_sha256,
+    load_torch_state_dict,
+    read_safetensors,
+    shape_problems,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -72,8 +78,6 @@ def lite0_file() -> Path:
 
 def lite0_tensors(path: Path | None = None) -> list[torch.Tensor]:
     """The Lite0 file's tensors in file order, ``num_batches_tracked`` left out (weights only)."""
-    from geoseg.model import load_torch_state_dict
-
     state = load_torch_state_dict(path or lite0_file())
     tensors = [v for k, v in state.items() if not k.endswith("num_batches_tracked")]
     if len(tensors) != LITE0_TENSORS:
@@ -146,51 +150,28 @@ def _lite0(encoder: torch.nn.Module, encoder_name: str) -> str:
     tensors[0] = _adapt_first_conv(tensors[0], int(in_channels))
     state = _assign_in_order(encoder, tensors[: len(keys)], str(path))
     encoder.load_state_dict(state, strict=True)
-    return f"{LITE0_SOURCE} ({path.name}, sha256 {_sha256(path)[:12]})"
-
-
-def _sha256(path: Path) -> str:
-    from geoseg.model import file_sha256
-
-    return file_sha256(path)
+    return f"{LITE0_SOURCE} ({path.name}, sha256 {file_sha256(path)[:12]})"
 
 
 def _from_file(encoder: torch.nn.Module, path: Path) -> str:
     """Load an encoder state dict (or a whole smp model's ``encoder.*`` tensors) strictly."""
-    from geoseg.model import load_torch_state_dict
-
     if not path.exists():
         raise ModelError(f"{path}: encoder weights file not found")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ModelError(f"{path}: not a valid safetensors file ({exc})") from exc
-    else:
-        state = load_torch_state_dict(path)
+    state = read_safetensors(path) if path.suffix == ".safetensors" else load_torch_state_dict(path)
     if any(k.startswith("encoder.") for k in state):
         state = {
             k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")
         }
     expected = encoder.state_dict()
-    missing = sorted(set(expected) - set(state))
-    shapes = [
-        f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or shapes:
-        detail = []
-        if missing:
-            detail.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if shapes:
-            detail.append(f"{len(shapes)} with wrong shape (e.g. {'; '.join(shapes[:3])})")
-        raise ModelError(f"{path}: does not fit the encoder: " + ", ".join(detail))
+    problems = shape_problems(
+        {k: tuple(v.shape) for k, v in state.items()},
+        {k: tuple(v.shape) for k, v in expected.items()},
+        unexpected=False,
+    )
+    if problems:
+        raise ModelError(f"{path}: does not fit the encoder: " + ", ".join(problems))
     encoder.load_state_dict({k: state[k] for k in expected}, strict=True)
-    return f"file {path.name} (sha256 {_sha256(path)[:12]})"
+    return f"file {path.name} (sha256 {file_sha256(path)[:12]})"
 
 
 def _imagenet(module: torch.nn.Module, encoder_name: str, depth: int) -> str:
@@ -205,7 +186,7 @@ def _imagenet(module: torch.nn.Module, encoder_name: str, depth: int) -> str:
     except Exception as exc:  # network, hub and "no imagenet weights" errors alike
         raise ModelError(
             f"cannot get ImageNet weights for encoder {encoder_name!r} through "
-            f"segmentation-models-pytorch ({_first_line(exc)}); this needs internet access. "
+            f"segmentation-models-pytorch ({first_line(exc)}); this needs internet access. "
             f"Offline, use --encoder-weights {LITE0_SOURCE} (encoder {LITE0_ENCODER}) or a "
             "local weights file"
         ) from exc
@@ -220,11 +201,6 @@ def _in_channels(module: torch.nn.Module) -> int:
         if isinstance(p, torch.Tensor) and p.dim() == 4:
             return int(p.shape[1])
     raise ModelError("cannot find the encoder's first convolution")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def init_encoder(

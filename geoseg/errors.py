@@ -15,6 +15,7 @@ __all__ = [
     "OutputError",
     "call_portably",
     "describe_validation_error",
+    "first_line",
 ]
 
 
@@ -60,3 +61,9 @@ def describe_validation_error(exc: Any) -> str:
     return "; ".join(
         f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
     )
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

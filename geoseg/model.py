@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from geoseg._smp import import_smp
-from geoseg.errors import ModelError, describe_validation_error
+from geoseg.errors import ModelError, describe_validation_error, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -327,7 +327,7 @@ def check_weights(bundle: Bundle) -> None:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(
-            f"{bundle.weights_path}: not a valid safetensors file ({_first_line(exc)})"
+            f"{bundle.weights_path}: not a valid safetensors file ({first_line(exc)})"
         ) from exc
     held = sum(int(np.prod(v)) for v in shapes.values())
     need = decoder_params_lower_bound(bundle.spec)
@@ -352,17 +352,45 @@ def decoder_params_lower_bound(spec: ModelSpec) -> int:
 
 def load_module(bundle: Bundle) -> torch.nn.Module:
     """Build the bundle's module and load its weights (strictly), in eval mode."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(bundle.weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"{bundle.weights_path}: not a valid safetensors file ({exc})") from exc
+    state = read_safetensors(bundle.weights_path)
     module = build_module(bundle.spec)
     _check_state_dict(bundle.spec, state, source=str(bundle.weights_path), module=module)
     module.load_state_dict(state, strict=True)
     return module.eval()
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; :class:`ModelError` naming it when it is not one."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not a valid safetensors file ({exc})") from exc
+
+
+def shape_problems(
+    state: dict[str, tuple[int, ...]],
+    expected: dict[str, tuple[int, ...]],
+    *,
+    unexpected: bool = True,
+) -> list[str]:
+    """How tensor shapes ``state`` differ from ``expected`` (name → shape), one phrase per kind
+    of difference (missing, unexpected unless told not to, wrong shape); empty when they fit."""
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected)) if unexpected else []
+    shapes = [
+        f"{k}: {state[k]} != {v}" for k, v in expected.items() if k in state and state[k] != v
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if extra:
+        parts.append(f"{len(extra)} unexpected (e.g. {', '.join(extra[:3])})")
+    if shapes:
+        parts.append(f"{len(shapes)} with wrong shape (e.g. {'; '.join(shapes[:3])})")
+    return parts
 
 
 def _check_state_dict(
@@ -383,19 +411,8 @@ def _check_shapes(
     source: str,
     expected: dict[str, tuple[int, ...]],
 ) -> None:
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: {state[k]} != {v}" for k, v in expected.items() if k in state and state[k] != v
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if shapes:
-            parts.append(f"{len(shapes)} with wrong shape (e.g. {'; '.join(shapes[:3])})")
+    parts = shape_problems(state, expected)
+    if parts:
         raise ModelError(
             f"{source}: weights do not match {spec.arch}/{spec.encoder} with "
             f"{len(spec.bands)} bands and {len(spec.classes)} classes: " + ", ".join(parts)
@@ -413,7 +430,7 @@ def load_torch_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tenso
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad or unsafe pickles
         raise ModelError(
-            f"{p}: cannot load as a weights-only state_dict ({_first_line(exc)})"
+            f"{p}: cannot load as a weights-only state_dict ({first_line(exc)})"
         ) from exc
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -422,8 +439,3 @@ def load_torch_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tenso
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelError(f"{p}: does not hold a state_dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -28,7 +28,7 @@ from rasterio.enums import MaskFlags, Resampling
 from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
-from geoseg.errors import InputError, OutputError
+from geoseg.errors import InputError, OutputError, first_line
 
 __all__ = [
     "BLOCK_CACHE_MB",
@@ -222,7 +222,7 @@ def open_scene(path: str | os.PathLike[str]) -> Scene:
             scene = _describe(src, p)
             _probe_last_block(src, p)
     except RasterioError as exc:
-        raise InputError(f"{p}: not a readable raster ({_short(exc)})") from exc
+        raise InputError(f"{p}: not a readable raster ({first_line(exc)})") from exc
     return scene
 
 
@@ -247,11 +247,7 @@ def write_error(path: Path, exc: BaseException, what: str) -> OutputError:
     if full or (free is not None and free < FULL_DISK_BYTES):
         left = f"; {free} bytes free" if free is not None else ""
         return OutputError(f"{path}: No space left on device ({directory}{left})")
-    return OutputError(f"{what} ({_short(exc)})")
-
-
-def _short(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return OutputError(f"{what} ({first_line(exc)})")
 
 
 def _describe(src: Any, p: Path) -> Scene:
@@ -307,7 +303,7 @@ def _probe_last_block(src: Any, p: Path) -> None:
     try:
         src.read(window=win)
     except RasterioIOError as exc:
-        raise InputError(f"{p}: is truncated or corrupt ({_short(exc)})") from exc
+        raise InputError(f"{p}: is truncated or corrupt ({first_line(exc)})") from exc
 
 
 def reflect_index(start: int, size: int, n: int) -> np.ndarray:
@@ -509,7 +505,7 @@ def read_padded(
                 block = src.read(list(bands), window=src_win)
                 mask = src.dataset_mask(window=src_win) > 0 if scene.has_mask else None
     except (RasterioError, OSError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else _short(exc)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
         raise InputError(f"{scene.path}: read failed at window {src_win} ({why})") from exc
     data = _reflect(_reflect(block, rows - r0), cols - c0, axis=-1)
     if mask is None:
