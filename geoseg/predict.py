@@ -441,8 +441,7 @@ def predict_resampled(
     results: list[ChunkResult | None] = [None] * len(chunks)
     todo: dict[tuple[int, ...], list[tuple[int, Any, np.ndarray, np.ndarray]]] = {}
     for i, chunk in enumerate(chunks):
-        core = chunk.core
-        model = resample.model_window(core)
+        core, model = chunk.core, chunk.padded  # padded: the model window (ResampledGrid)
         scene = resample.scene_window(model, core)
         data, valid = read_padded(plan.scene, scene, plan.bands)
         r0, c0 = int(core.row_off - scene.row_off), int(core.col_off - scene.col_off)
@@ -879,12 +878,13 @@ def check_working_set(spec: ModelSpec, window: Any, batch: int, device: str) -> 
     anything is allocated (a 100000 px halo once asked for 112 GiB)."""
     h, w = int(window.height), int(window.width)
     need = forward_bytes_lower_bound(spec, batch, h, w)
-    have = available_bytes(resolve_device(device))
+    device = resolve_device(device)
+    have = available_bytes(device)
     if have is not None and need > have:
         raise ConfigError(
             f"a forward pass on {batch} window(s) of {w} x {h} px (chunk plus halo) needs at "
             f"least {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB available on "
-            f"{resolve_device(device)}; use a smaller --chunk, --halo or --batch-size"
+            f"{device}; use a smaller --chunk, --halo or --batch-size"
         )
 
 

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from rasterio.windows import Window
+from rasterio.windows import Window, intersect
 
 from geoseg.errors import InputError
 from geoseg.model import ModelSpec, Normalization
 from geoseg.raster import Scene, read_padded
+from geoseg.resample import RESAMPLE_TOLERANCE
 from geoseg.train.labels import IGNORE, SceneLabels
 
 __all__ = [
@@ -189,7 +190,7 @@ def read_chip(
     return read_resampled(labels.image, labels.scene, window, bands)
 
 
-def virtual_grid(scene: Scene, gsd_m: float, tolerance: float = 0.05) -> Scene | None:
+def virtual_grid(scene: Scene, gsd_m: float, tolerance: float = RESAMPLE_TOLERANCE) -> Scene | None:
     """``scene``'s extent on a grid of ``gsd_m`` ground metres per pixel, or None when its own
     ground resolution is within ``tolerance`` of it on both axes."""
     import dataclasses
@@ -245,16 +246,6 @@ def holdout_window(scene: Scene, x: tuple[float, float], y: tuple[float, float])
     return Window(c0, r0, c1 - c0, r1 - r0)
 
 
-def overlaps(a: Window, b: Window) -> bool:
-    """Whether two windows share any pixel."""
-    return (
-        a.col_off < b.col_off + b.width
-        and b.col_off < a.col_off + a.width
-        and a.row_off < b.row_off + b.height
-        and b.row_off < a.row_off + a.height
-    )
-
-
 def random_windows(
     scenes: Sequence[tuple[Scene, Window | None, float]],
     size: int,
@@ -272,7 +263,7 @@ def random_windows(
             col = rng.randint(0, max(0, scene.width - size))
             row = rng.randint(0, max(0, scene.height - size))
             win = Window(col, row, size, size)
-            if held is None or not overlaps(win, held):
+            if held is None or not intersect(win, held):
                 out.append((i, win))
                 break
         else:

@@ -68,6 +68,10 @@ class RasterLabels(_Strict):
         description="Pixel value → class name, e.g. {255: road}; unlisted values are background."
     )
 
+    def classes(self) -> list[str]:
+        """Class names this source burns."""
+        return list(dict.fromkeys(self.values.values()))
+
 
 LabelSource = Annotated[VectorLabels | RasterLabels, Field(discriminator="kind")]
 
@@ -111,8 +115,7 @@ class SceneConfig(_Strict):
             return list(self.classes)
         out: list[str] = []
         for src in self.labels:
-            names = src.classes() if isinstance(src, VectorLabels) else list(src.values.values())
-            out += [n for n in names if n not in out]
+            out += [n for n in src.classes() if n not in out]
         return out
 
 
@@ -210,8 +213,7 @@ class TrainConfig(_Strict):
         known = set(self.model.classes)
         for scene in self.scenes:
             for src in scene.labels:
-                names = src.classes() if isinstance(src, VectorLabels) else src.values.values()
-                for name in names:
+                for name in src.classes():
                     if name not in known:
                         raise ValueError(
                             f"{src.path}: class {name!r} is not one of the model classes "

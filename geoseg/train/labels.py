@@ -36,14 +36,14 @@ IGNORE = 255
 class BurnLayer:
     """Polygons in the scene CRS, burned with one class id.
 
-    With ``contact_id``, pixels within ``contact_m`` (metres, as a square neighbourhood) of two
+    With ``contact_id``, pixels whose (2 ``contact_reach`` + 1)² neighbourhood (pixels) holds two
     different polygons are burned with ``contact_id`` instead: shared walls and narrow gaps.
     """
 
     class_id: int
     geometries: gpd.GeoSeries
     contact_id: int | None = None
-    contact_m: float = 1.0
+    contact_reach: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,8 +87,7 @@ class SceneLabels:
         from rasterio.features import rasterize
         from rasterio.windows import bounds, transform
 
-        px = self._pixel_m()
-        reach = 0 if layer.contact_id is None else max(1, round(layer.contact_m / px / 2))
+        reach = layer.contact_reach if layer.contact_id is not None else 0
         grown = Window(
             inner.col_off - reach,
             inner.row_off - reach,
@@ -115,9 +114,6 @@ class SceneLabels:
             out[contact[reach : reach + out.shape[0], reach : reach + out.shape[1]]] = (
                 layer.contact_id
             )
-
-    def _pixel_m(self) -> float:
-        return self.scene.gsd_m
 
     def _burn_raster(self, layer: RasterLayer, inner: Window, out: np.ndarray) -> None:
         try:
@@ -233,7 +229,9 @@ def vector_layer(
             f"reprojection to {scene.crs.to_string()}; the labels belong to another place or "
             "their CRS is wrong"
         )
-    return BurnLayer(class_id, geoms.reset_index(drop=True), contact_id, src.contact_width_m)
+    # half the contact width on each side of a wall, in pixels of this grid (at least one)
+    reach = max(1, round(src.contact_width_m / scene.gsd_m / 2)) if contact_id is not None else 0
+    return BurnLayer(class_id, geoms.reset_index(drop=True), contact_id, reach)
 
 
 def raster_layer(src: RasterLabels, scene: Scene, classes: list[str]) -> RasterLayer:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from rasterio.windows import Window
 
 from geoseg.encoders import init_encoder
 from geoseg.errors import ConfigError, InputError, ModelError
@@ -48,9 +49,8 @@ from geoseg.train.labels import IGNORE, load_scene_labels
 
 if TYPE_CHECKING:
     import torch
-    from rasterio.windows import Window
 
-__all__ = ["EpochReport", "TrainResult", "augment", "confusion", "iou_scores", "prepare", "train"]
+__all__ = ["EpochReport", "TrainResult", "augment", "known_classes", "prepare", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -192,21 +192,12 @@ def augment(
     return torch.stack(xs), torch.stack(ys)
 
 
-def confusion(
-    pred: np.ndarray, truth: np.ndarray, n_classes: int, ignore: int = IGNORE
-) -> np.ndarray:
-    """(K, K) int64 counts, rows = truth, columns = prediction; ``ignore`` pixels left out."""
-    keep = truth != ignore
-    idx = truth[keep].astype(np.int64) * n_classes + pred[keep].astype(np.int64)
-    return np.bincount(idx, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-
-
-def iou_scores(cm: np.ndarray) -> np.ndarray:
-    """Per-class IoU from a confusion matrix; NaN for a class absent from truth and prediction."""
-    tp = np.diag(cm).astype(np.float64)
-    denom = cm.sum(0) + cm.sum(1) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, tp / denom, np.nan)
+def known_classes(unknown: torch.Tensor) -> torch.Tensor:
+    """(N, K) bool: the classes each chip's scene labels completely, from ``unknown``;
+    background is known only on chips whose scene labels every class."""
+    known = ~unknown
+    known[:, 0] = ~unknown.any(dim=1)
+    return known
 
 
 class _Loss:
@@ -251,8 +242,7 @@ class _Loss:
 
         k = probs.shape[1]
         onehot = torch.nn.functional.one_hot(target, k).permute(0, 3, 1, 2).to(probs.dtype)
-        labelled = ~unknown.clone()
-        labelled[:, 0] = ~unknown.any(dim=1)  # background is known only where all classes are
+        labelled = known_classes(unknown)
         m = keep[:, None].to(probs.dtype) * labelled[:, :, None, None].to(probs.dtype)
         inter = (probs * onehot * m).sum(dim=(0, 2, 3))
         card = ((probs + onehot) * m).sum(dim=(0, 2, 3))
@@ -327,7 +317,7 @@ def _random_chips(cfg: TrainConfig, prep: Prepared, epoch: int) -> list[Chip]:
         side = min(side, biggest)
         dc = rng.randint(0, biggest - side)
         dr = rng.randint(0, biggest - side)
-        chips.append(Chip(i, type(win)(win.col_off + dc, win.row_off + dr, side, side), "train"))
+        chips.append(Chip(i, Window(win.col_off + dc, win.row_off + dr, side, side), "train"))
     return chips
 
 
@@ -512,8 +502,7 @@ def evaluate_chips(
             losses.append(float(loss_fn(logits, y, unknown)) * len(batch))
             pred = logits.argmax(1).cpu().numpy()
             truth = y.cpu().numpy()
-            known = ~unknown.cpu().numpy()
-            known[:, 0] = ~unknown.cpu().numpy().any(axis=1)
+            known = known_classes(unknown).cpu().numpy()
             for i in range(len(batch)):
                 keep = truth[i] != IGNORE
                 for cls in np.flatnonzero(known[i]):
