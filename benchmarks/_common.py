@@ -32,3 +32,19 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[flo
         sys.stderr.write(out.decode(errors="replace"))
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
     return wall, usage.ru_maxrss / 1024  # KiB on Linux
+
+
+def machine() -> str:
+    """The CPU model, its core count and whether it has native bf16 (figures depend on it)."""
+    model, flags = "unknown CPU", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    bf16 = "native bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no native bf16"
+    simd = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+    return f"{model}, {os.cpu_count()} cores, {simd}, {bf16}"

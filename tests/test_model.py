@@ -16,6 +16,7 @@ from geoseg.errors import ModelError
 from geoseg.model import (
     ModelSpec,
     build_module,
+    check_architecture,
     load_bundle,
     load_module,
     load_torch_state_dict,
@@ -116,8 +117,10 @@ def test_bad_weights_are_refused_before_prediction_starts(tmp_path: Path, make_b
 
 
 def test_spec_validation() -> None:
-    with pytest.raises(ValueError, match="unknown segmentation-models-pytorch architecture"):
-        ModelSpec(arch="NoSuchNet")
+    with pytest.raises(ModelError, match="unknown segmentation-models-pytorch architecture"):
+        build_module(ModelSpec(arch="NoSuchNet"))
+    with pytest.raises(ModelError, match="decoder_channels has 2 entries; encoder_depth 3"):
+        check_architecture(ModelSpec(encoder_depth=3, decoder_channels=[8, 8]))
     with pytest.raises(ValueError, match="normalization.mean has 2 values for 3 bands"):
         ModelSpec(normalization={"scale": 1, "mean": [0, 0]})
     with pytest.raises(ValueError, match="class names must be unique"):

@@ -107,6 +107,24 @@ def test_run_then_rerun_skips(job: Path) -> None:
         assert rows[0].model_hash == runs[0].model_hash and rows[0].seconds is not None
 
 
+def test_cli_output_counts_scenes_once_on_one_clock_in_plain_lines(job: Path) -> None:
+    res = CliRunner().invoke(cli, ["run", str(job)])
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    started = sorted(line.split(" ")[0] for line in lines if "processing" in line)
+    assert started == ["[1/3]", "[2/3]", "[3/3]"], lines
+    assert all(not line[:1].isdigit() for line in lines), lines  # no timestamps by default
+    with _ledger(job) as ledger:
+        run = ledger.runs("tiny")[0]
+    assert run.finished is not None
+    summary = res.stdout.splitlines()[0]
+    assert summary.endswith(f"({run.finished - run.started:.1f} s)"), (summary, run)
+    assert res.stdout.splitlines()[1] == f"outputs: {job.parent / 'out'}/<scene>/"
+
+    res = CliRunner().invoke(cli, ["-v", "run", str(job), "--force"])
+    assert res.exit_code == 0 and "INFO geoseg.pipeline.runner:" in res.stderr, res.stderr
+
+
 def test_changes_force_and_dry_run(job: Path) -> None:
     config = load_pipeline(job)
     run_pipeline(config)
@@ -273,6 +291,9 @@ def test_sigkill_mid_batch_then_resume(tmp_path: Path, model_dir: Path) -> None:
     with _ledger(job) as ledger:
         first = ledger.run(summary.run_id - 1)
         assert first is not None and first.status == "interrupted"
+        assert first.n_done == finished  # the killed run's finished scenes are counted
+        last_event = max(s.finished or s.started for s in ledger.scenes(first.id))
+        assert first.finished == last_event  # it ended at its last record, not at the resume
         assert ledger.integrity_ok()
     for i in range(5):
         assert np.isin(read_pixels(tmp_path / "out" / f"k{i}" / f"k{i}.mask.tif"), [0, 1, 2]).all()

@@ -6,9 +6,11 @@ import atexit
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import warnings
+from types import FrameType
 from typing import Any
 
 import click
@@ -42,6 +44,26 @@ class GeosegGroup(click.Group):
             return super().invoke(ctx)
         except GeosegError as exc:
             raise UserFacingError(str(exc)) from exc
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main): outputs in progress removed
+            click.echo("geoseg: interrupted", err=True)
+            ctx.exit(130)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+class PlainFormatter(logging.Formatter):
+    """Log lines as a user reads them: the message alone, with ``geoseg: warning:`` or
+    ``geoseg: error:`` in front of problems. ``-v`` shows times, levels and modules instead."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.levelno >= logging.ERROR:
+            return f"geoseg: error: {message}"
+        if record.levelno >= logging.WARNING:
+            return f"geoseg: warning: {message}"
+        return message
 
 
 def _show_warning(
@@ -66,12 +88,13 @@ def cli(verbose: int, quiet: bool) -> None:
     )
     if not quiet and verbose == 0:
         level = logging.INFO
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if verbose
+        else PlainFormatter()
     )
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("distributed", "rasterio", "fiona", "pyogrio", "timm", "tornado"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     warnings.showwarning = _show_warning
@@ -100,7 +123,9 @@ _register()
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. SIGTERM (``kill``, a batch system's time limit) stops a
+    command as Ctrl-C does, so every temporary output is removed on the way out."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         cli.main(prog_name="geoseg")
     except SystemExit as exc:

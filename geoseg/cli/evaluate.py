@@ -10,8 +10,6 @@ from typing import Any
 import click
 
 from geoseg.errors import OutputError
-from geoseg.evaluate import fmt, format_table
-from geoseg.raster import atomic_path
 
 JSON_OPTION = click.option(
     "--json",
@@ -22,9 +20,17 @@ JSON_OPTION = click.option(
 )
 
 
+def fmt(value: float) -> str:
+    from geoseg.evaluate import fmt as _fmt
+
+    return _fmt(value)
+
+
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """Write ``report`` as JSON (NaN → null) to ``path``, atomically."""
     text = json.dumps(_nan_to_none(report), indent=2) + "\n"
+    from geoseg.raster import atomic_path
+
     tmp = atomic_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +59,8 @@ def _emit(
     rows: list[tuple[str, str]],
     json_path: Path | None,
 ) -> None:
+    from geoseg.evaluate import format_table
+
     click.echo(format_table(rows))
     if json_path is not None:
         write_report(

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from pydantic import ValidationError
 
 from geoseg.errors import ConfigError, describe_validation_error
-from geoseg.model import ModelSpec, Normalization, build_module, load_bundle, load_torch_state_dict
-from geoseg.model import save_bundle as _save
+
+if TYPE_CHECKING:
+    from geoseg.model import ModelSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -83,6 +83,10 @@ def spec_options(f: F) -> F:
 
 
 def build_spec(kw: dict[str, Any]) -> ModelSpec:
+    from pydantic import ValidationError
+
+    from geoseg.model import ModelSpec, Normalization
+
     try:
         return ModelSpec(
             name=kw["name"],
@@ -127,6 +131,7 @@ def init(out: Path, seed: int, encoder_weights: str, **kw: Any) -> None:
     import torch
 
     from geoseg.encoders import init_encoder
+    from geoseg.model import build_module, save_bundle
 
     spec = build_spec(kw)
     torch.manual_seed(seed)
@@ -135,7 +140,7 @@ def init(out: Path, seed: int, encoder_weights: str, **kw: Any) -> None:
     spec = spec.model_copy(update={"encoder_weights": source})
     if kw["halo"] == "auto":
         spec = spec.model_copy(update={"halo": _measure(spec, module)})
-    bundle = _save(spec, module.state_dict(), out)
+    bundle = save_bundle(spec, module.state_dict(), out)
     click.echo(f"wrote {bundle.path} ({bundle.ident}, halo {spec.halo} px)")
 
 
@@ -145,13 +150,15 @@ def init(out: Path, seed: int, encoder_weights: str, **kw: Any) -> None:
 @spec_options
 def import_(weights: Path, out: Path, **kw: Any) -> None:
     """Wrap a plain smp state_dict (WEIGHTS.pth, loaded weights-only) as a bundle in OUT."""
+    from geoseg.model import build_module, load_torch_state_dict, save_bundle
+
     spec = build_spec(kw)
     state = load_torch_state_dict(weights)
     if kw["halo"] == "auto":
         module = build_module(spec)
         module.load_state_dict(state, strict=False)
         spec = spec.model_copy(update={"halo": _measure(spec, module)})
-    bundle = _save(spec, state, out)
+    bundle = save_bundle(spec, state, out)
     click.echo(f"wrote {bundle.path} ({bundle.ident}, halo {spec.halo} px)")
 
 
@@ -167,7 +174,7 @@ def _measure(spec: ModelSpec, module: Any) -> int:
 @click.option("--write", is_flag=True, help="Store the measured halo in model.json.")
 def halo(bundle: Path, write: bool) -> None:
     """Measure the halo (px) BUNDLE needs for tiled output to equal a whole-scene pass."""
-    from geoseg.model import load_module, write_spec
+    from geoseg.model import load_bundle, load_module, write_spec
 
     b = load_bundle(bundle)
     measured = _measure(b.spec, load_module(b))
@@ -182,7 +189,7 @@ def halo(bundle: Path, write: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print model.json as JSON.")
 def info(bundle: Path, as_json: bool) -> None:
     """Show a bundle's spec and verify its weights (hash, tensor names and shapes)."""
-    from geoseg.model import check_weights
+    from geoseg.model import check_weights, load_bundle
 
     b = load_bundle(bundle)
     check_weights(b)

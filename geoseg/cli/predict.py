@@ -5,20 +5,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from geoseg.cli.options import Progress, compute_options, out_dir_option, resample_option
 from geoseg.errors import ConfigError
-from geoseg.model import check_weights, load_bundle
-from geoseg.predict import (
-    PredictOptions,
-    check_compatible,
-    open_client,
-    predict_scene,
-    warm_up,
-)
-from geoseg.raster import Scene, check_writable, open_scene
+
+if TYPE_CHECKING:
+    from geoseg.raster import Scene
 
 log = logging.getLogger("geoseg.cli")
 
@@ -58,8 +53,11 @@ def predict(
     also_vectorize: bool = False,
 ) -> None:
     """Write <stem>.probs.tif and <stem>.mask.tif COGs for each SCENE into --out."""
+    from geoseg.model import check_weights, load_bundle
+    from geoseg.predict import PredictOptions, check_compatible, open_client, predict_scene, warm_up
+    from geoseg.raster import check_writable, open_scene
+
     bundle = load_bundle(model_path)
-    check_weights(bundle)  # before any cluster starts or memory is allocated
     options = PredictOptions(
         chunk=chunk,
         halo=halo,
@@ -75,6 +73,7 @@ def predict(
     _check_distinct_outputs(opened)
     for scene in opened:
         check_compatible(scene, bundle.spec, resample=resample)
+    check_weights(bundle)  # after the cheap checks, before any cluster starts or allocation
     check_writable(out_dir)
     warm_up(bundle, options, opened[0])  # the model loads while the cluster starts
     with open_client(options) as client:

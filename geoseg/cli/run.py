@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import threading
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import click
@@ -26,26 +24,29 @@ class BatchProgress:
         self.tty = sys.stderr.isatty()
         self.lock = threading.Lock()
         self.total = 0
+        self.to_run = 0
         self.finished = 0
+        self.started = 0
+        self.index: dict[str, int] = {}  # each scene's place in the order scenes started
         self.batch: Any = None
         self.bars: dict[str, Any] = {}
         self.quarters: dict[str, int] = {}
 
     def batch_started(self, planned: list[PlannedScene]) -> None:
         self.total = len(planned)
+        self.to_run = sum(p.action == "run" for p in planned)
         if self.tty:
             from tqdm import tqdm
 
             self.batch = tqdm(total=self.total, desc="scenes", unit="scene", position=0)
 
     def scene_started(self, scene: PlannedScene) -> None:
+        with self.lock:
+            self.started += 1
+            self.index[scene.stem] = self.started
         if not self.tty:
             log.info(
-                "[%d/%d] %s: processing (%s)",
-                self.finished + 1,
-                self.total,
-                scene.stem,
-                scene.reason,
+                "[%d/%d] %s: processing (%s)", self.started, self.to_run, scene.stem, scene.reason
             )
 
     def scene_chunks(self, scene: PlannedScene, done: int, total: int) -> None:
@@ -81,8 +82,8 @@ class BatchProgress:
             elif result.status != "skipped":
                 log.info(
                     "[%d/%d] %s: %s in %.1f s",
-                    self.finished,
-                    self.total,
+                    self.index.get(result.stem, self.finished),
+                    self.to_run,
                     result.stem,
                     result.status,
                     result.seconds,
@@ -93,10 +94,6 @@ class BatchProgress:
             bar.close()
         if self.batch is not None:
             self.batch.close()
-
-
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def print_summary(summary: RunSummary) -> None:
@@ -151,8 +148,7 @@ def run(
         click.echo(f"{config.name}: {n} of {len(planned)} scene(s) would run")
         return
     progress = BatchProgress()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
+    try:  # SIGTERM arrives as KeyboardInterrupt too (see geoseg.cli.main)
         summary = run_pipeline(
             config, force=force, scheduler=scheduler, ledger_path=ledger_path, progress=progress
         )
@@ -162,8 +158,6 @@ def run(
             f"{config.name}: interrupted; run it again to finish the remaining scenes", err=True
         )
         sys.exit(130)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     progress.close()
     print_summary(summary)
     if not summary.ok:

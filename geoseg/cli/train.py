@@ -10,7 +10,6 @@ from typing import Any
 import click
 
 from geoseg.cli.options import Progress
-from geoseg.train.config import load_config, parse_config
 
 log = logging.getLogger("geoseg.cli")
 
@@ -50,6 +49,7 @@ def train(
     restart: bool,
 ) -> None:
     """Train a model from CONFIG (YAML); keeps the best epoch as a bundle, resumes if stopped."""
+    from geoseg.train.config import load_config, parse_config
     from geoseg.train.loop import EpochReport
     from geoseg.train.loop import train as run
 

@@ -177,8 +177,10 @@ class Ledger:
         model: str,
         compute: str,
         forced: bool,
+        started: float | None = None,
     ) -> int:
-        """Record a new run as ``running``; returns its id."""
+        """Record a new run as ``running``; returns its id. ``started``: when the command began
+        (``time.time()``; default now), so that the recorded duration is the one users wait."""
         with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO runs (pipeline, source, config_hash, model_hash, model, host, pid,"
@@ -193,7 +195,7 @@ class Ledger:
                     os.getpid(),
                     compute,
                     int(forced),
-                    time.time(),
+                    time.time() if started is None else started,
                 ),
             )
             assert cur.lastrowid is not None
@@ -202,24 +204,7 @@ class Ledger:
     def finish_run(self, run_id: int, status: str, message: str | None = None) -> None:
         """Close a run with its final status and the counts of its scene rows."""
         with self._tx() as db:
-            counts = dict(
-                db.execute(
-                    "SELECT status, COUNT(*) FROM scenes WHERE run_id=? GROUP BY status", (run_id,)
-                ).fetchall()
-            )
-            db.execute(
-                "UPDATE runs SET status=?, finished=?, n_done=?, n_skipped=?, n_failed=?,"
-                " message=? WHERE id=?",
-                (
-                    status,
-                    time.time(),
-                    counts.get("done", 0),
-                    counts.get("skipped", 0),
-                    counts.get("failed", 0) + counts.get("interrupted", 0),
-                    message,
-                    run_id,
-                ),
-            )
+            _close_run(db, run_id, status, message, time.time())
 
     def mark_interrupted(self, pipeline: str) -> int:
         """Close the rows of earlier runs of ``pipeline`` that died while running; returns how many.
@@ -234,15 +219,19 @@ class Ledger:
                 )
             ]
             for rid in ids:
+                # When it died is unknown: its last recorded event stands for the end.
+                (last,) = db.execute(
+                    "SELECT MAX(COALESCE(s.finished, s.started, r.started)) FROM runs r"
+                    " LEFT JOIN scenes s ON s.run_id = r.id WHERE r.id=?",
+                    (rid,),
+                ).fetchone()
                 db.execute(
                     "UPDATE scenes SET status='interrupted', error='the run was killed',"
                     " finished=? WHERE run_id=? AND status='running'",
-                    (time.time(), rid),
+                    (last, rid),
                 )
-                db.execute(
-                    "UPDATE runs SET status='interrupted', finished=COALESCE(finished, ?),"
-                    " message='the process ended without closing the run' WHERE id=?",
-                    (time.time(), rid),
+                _close_run(
+                    db, rid, "interrupted", "the process ended without closing the run", last
                 )
             return len(ids)
 
@@ -384,3 +373,27 @@ class Ledger:
         d = dict(r)
         d["outputs"] = json.loads(d["outputs"]) if d["outputs"] else {}
         return SceneRow(**d)
+
+
+def _close_run(
+    db: sqlite3.Connection, run_id: int, status: str, message: str | None, finished: float
+) -> None:
+    """Set a run's status, end time and the counts of its scene rows (inside a transaction)."""
+    counts = dict(
+        db.execute(
+            "SELECT status, COUNT(*) FROM scenes WHERE run_id=? GROUP BY status", (run_id,)
+        ).fetchall()
+    )
+    db.execute(
+        "UPDATE runs SET status=?, finished=?, n_done=?, n_skipped=?, n_failed=?,"
+        " message=? WHERE id=?",
+        (
+            status,
+            finished,
+            counts.get("done", 0),
+            counts.get("skipped", 0),
+            counts.get("failed", 0) + counts.get("interrupted", 0),
+            message,
+            run_id,
+        ),
+    )

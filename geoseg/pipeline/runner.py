@@ -23,16 +23,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from geoseg.errors import ConfigError, GeosegError
-from geoseg.model import Bundle, check_weights, load_bundle
+from geoseg.model import Bundle, load_bundle
 from geoseg.pipeline.config import LocalCompute, PipelineConfig
 from geoseg.pipeline.ledger import Ledger, SceneRow, default_ledger_path
 from geoseg.pipeline.lock import PipelineLock
-from geoseg.pipeline.quicklook import write_quicklook
-from geoseg.predict import PredictOptions, open_client, predict_scene
-from geoseg.raster import check_writable, open_scene
 
+# Planning, skipping and listing import none of the engine (numpy, rasterio, torch, Dask):
+# a run with nothing to do answers in well under a second. The engine is imported by the
+# functions that run scenes.
 if TYPE_CHECKING:
     from distributed import Client
+
+    from geoseg.predict import PredictOptions
 
 __all__ = [
     "PlannedScene",
@@ -184,6 +186,8 @@ def _check_unique_stems(paths: list[Path]) -> None:
 
 def predict_options(config: PipelineConfig, scheduler: str | None = None) -> PredictOptions:
     """The engine's options for this pipeline; ``scheduler`` overrides ``compute``."""
+    from geoseg.predict import PredictOptions
+
     p, c = config.predict, config.compute
     workers = c.workers if isinstance(c, LocalCompute) else 1
     address = scheduler or (None if isinstance(c, LocalCompute) else c.scheduler)
@@ -198,6 +202,12 @@ def predict_options(config: PipelineConfig, scheduler: str | None = None) -> Pre
         workers=workers,
         scheduler=address,
     )
+
+
+def scheduler_name(config: PipelineConfig, scheduler: str | None = None) -> str:
+    """Where the run computes, for the ledger: a scheduler address, or ``local``."""
+    c = config.compute
+    return scheduler or (c.scheduler if not isinstance(c, LocalCompute) else None) or "local"
 
 
 def lock_path(ledger_path: Path, name: str) -> Path:
@@ -307,10 +317,13 @@ class _SceneJob:
             self.progress.scene_finished(result)
 
     def _process(self, planned: PlannedScene) -> tuple[dict[str, str], dict[str, Any]]:
+        from geoseg.pipeline.quicklook import write_quicklook
+        from geoseg.predict import predict_scene
+        from geoseg.raster import check_writable, open_scene
+
         scene = open_scene(planned.path)
         out = self.config.out_dir / planned.stem
-        check_writable(out)
-        _remove_leftovers(out)
+        check_writable(out)  # also sweeps what a killed run left
 
         def chunks(done: int, total: int) -> None:
             if self.progress is not None:
@@ -367,32 +380,38 @@ def run_pipeline(
     ledger_path: str | os.PathLike[str] | None = None,
     progress: RunProgress | None = None,
     stop: threading.Event | None = None,
-    client_factory: Callable[[PredictOptions], Any] = open_client,
+    client_factory: Callable[[PredictOptions], Any] | None = None,
 ) -> RunSummary:
     """Run ``config`` once over its scenes; see the module docstring for the guarantees.
 
     Raises :class:`GeosegError` for problems of the whole run (bad model, no scenes, locked,
     unreadable ledger). Problems of single scenes are in the summary and the ledger instead.
     """
-    t0 = time.perf_counter()
+    started = time.time()  # the ledger's clock: the summary reports the recorded duration
     stop = stop or threading.Event()
     bundle = load_bundle(config.model_path)
-    check_weights(bundle)  # a bad bundle fails the run before any cluster starts
-    options = predict_options(config, scheduler)
     path = ledger_path_for(config, ledger_path)
     with Ledger(path) as ledger, PipelineLock(lock_path(path, config.name), config.name):
         stale = ledger.mark_interrupted(config.name)
         if stale:
             log.info("%s: closed %d earlier run(s) that were killed", config.name, stale)
         planned = plan_run(config, bundle, ledger, force)
+        todo = [p for p in planned if p.action == "run"]
+        options = None
+        if todo:
+            from geoseg.model import check_weights
+
+            check_weights(bundle)  # a bad bundle fails the run before any cluster starts
+            options = predict_options(config, scheduler)
         run_id = ledger.start_run(
             config.name,
             config.source,
             config.config_hash(),
             bundle.sha256,
             bundle.ident,
-            options.scheduler or "local",
+            scheduler_name(config, scheduler),
             force,
+            started=started,
         )
         log.info(
             "%s: run %d: %d scene(s), %d to process",
@@ -421,8 +440,7 @@ def run_pipeline(
                     results.append(res)
                     if progress is not None:
                         progress.scene_finished(res)
-            todo = [p for p in planned if p.action == "run"]
-            if todo:
+            if options is not None:
                 results += _run_scenes(
                     config, bundle, options, ledger, run_id, todo, progress, stop, client_factory
                 )
@@ -433,9 +451,11 @@ def run_pipeline(
         failed = sum(r.status in ("failed", "interrupted") for r in results)
         status = "interrupted" if stop.is_set() else ("failed" if failed else "done")
         ledger.finish_run(run_id, status, f"{failed} scene(s) failed" if failed else None)
+        row = ledger.run(run_id)
     order = {p.path: i for i, p in enumerate(planned)}
     results.sort(key=lambda r: order[r.path])
-    return RunSummary(run_id, config.name, results, time.perf_counter() - t0, config.out_dir)
+    seconds = row.finished - row.started if row is not None and row.finished else 0.0
+    return RunSummary(run_id, config.name, results, seconds, config.out_dir)
 
 
 def _run_scenes(
@@ -447,9 +467,13 @@ def _run_scenes(
     todo: list[PlannedScene],
     progress: RunProgress | None,
     stop: threading.Event,
-    client_factory: Callable[[PredictOptions], Any],
+    client_factory: Callable[[PredictOptions], Any] | None,
 ) -> list[SceneResult]:
     """Run scenes on one client, at most ``scenes_in_flight`` at a time."""
+    if client_factory is None:
+        from geoseg.predict import open_client
+
+        client_factory = open_client
     in_flight = config.compute.scenes_in_flight
     with client_factory(options) as client:
         job = _SceneJob(config, bundle, options, client, ledger, run_id, progress, stop)
