@@ -6,11 +6,12 @@ This is the only module of the engine that opens raster files.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import shutil
 import threading
-import uuid
+import warnings
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,10 +26,13 @@ from affine import Affine
 from rasterio._err import CPLE_BaseError
 from rasterio.crs import CRS
 from rasterio.enums import MaskFlags, Resampling
-from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from geoseg.errors import InputError, OutputError, first_line
+from geoseg.tempfiles import sweep, temporary_path
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BLOCK_CACHE_MB",
@@ -218,10 +222,13 @@ def open_scene(path: str | os.PathLike[str]) -> Scene:
     if p.is_dir():
         raise InputError(f"{p}: is a directory, not a raster file")
     try:
-        with gdal_env(), rasterio.open(p) as src:
-            scene = _describe(src, p)
-            _probe_last_block(src, p)
-    except RasterioError as exc:
+        # Without a geotransform rasterio warns, then _describe refuses the file in one line.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with gdal_env(), rasterio.open(p) as src:
+                scene = _describe(src, p)
+                _probe_last_block(src, p)
+    except (RasterioError, CPLE_BaseError) as exc:  # a damaged header or IFD, among others
         raise InputError(f"{p}: not a readable raster ({first_line(exc)})") from exc
     return scene
 
@@ -271,6 +278,8 @@ def _describe(src: Any, p: Path) -> Scene:
         if src.gcps[0]:
             raise InputError(f"{p}: is georeferenced by GCPs only; warp it to a CRS first")
         raise InputError(f"{p}: has no CRS, so its outputs could not be georeferenced")
+    if t.is_identity:  # GDAL's stand-in when a CRS is set but no geotransform is
+        raise InputError(f"{p}: has a CRS but no geotransform, so its pixels have no place")
     if t.e > 0:
         raise InputError(f"{p}: is stored bottom-up (positive y pixel size); warp it first")
     flags = src.mask_flag_enums
@@ -518,12 +527,14 @@ def read_padded(
 
 
 def atomic_path(final: Path) -> Path:
-    """A hidden temporary name beside ``final``, to be renamed onto it when complete."""
-    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
+    """A hidden temporary name beside ``final``, to be renamed onto it when complete; it names
+    its writer, so that :func:`geoseg.tempfiles.sweep` can tell when it is left over."""
+    return temporary_path(final)
 
 
 def check_writable(directory: Path) -> None:
-    """Create ``directory`` if needed and prove that files can be created in it."""
+    """Create ``directory`` if needed and prove that files can be created in it; then remove
+    the temporary files that killed processes left there (:func:`geoseg.tempfiles.sweep`)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = atomic_path(directory / "probe")
@@ -533,6 +544,9 @@ def check_writable(directory: Path) -> None:
         raise OutputError(
             f"{directory}: output directory is not writable ({exc.strerror})"
         ) from exc
+    removed = sweep(directory)
+    if removed:
+        log.info("%s: removed %d temporary file(s) a killed process left", directory, len(removed))
 
 
 @dataclass

@@ -9,7 +9,6 @@ import contextlib
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import IO, Any
 
@@ -18,6 +17,7 @@ import orjson
 import shapely
 
 from geoseg.errors import OutputError
+from geoseg.tempfiles import temporary_path
 from geoseg.vectorize.features import FeatureBatch
 from geoseg.vectorize.geometry import Frames
 from geoseg.vectorize.options import FORMATS
@@ -117,7 +117,7 @@ def render_geojson(
 
 def _temporary(final: Path) -> Path:
     """A hidden name beside ``final`` with the same extension (GDAL picks drivers by it)."""
-    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial{final.suffix}")
+    return temporary_path(final, final.suffix)
 
 
 class LayerWriter:
