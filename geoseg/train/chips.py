@@ -203,7 +203,7 @@ def virtual_grid(scene: Scene, gsd_m: float, tolerance: float = RESAMPLE_TOLERAN
         return None
     width, height = max(1, round(scene.width * fx)), max(1, round(scene.height * fy))
     t = scene.transform
-    transform = t * Affine.scale(scene.width / width, scene.height / height)
+    transform = t @ Affine.scale(scene.width / width, scene.height / height)
     return dataclasses.replace(scene, width=width, height=height, transform=Affine(*transform[:6]))
 
 
