@@ -107,7 +107,7 @@ def main() -> None:
         "--scratch",
         choices=("auto", "none", "zstd"),
         default="auto",
-        help="compression of the writer's scratch files (geoseg.raster.SCRATCH_COMPRESSION)",
+        help="compression of the writer's scratch files (geoseg.writer.SCRATCH_COMPRESSION)",
     )
     parser.add_argument(
         "--repeat",
@@ -128,7 +128,7 @@ def main() -> None:
 
     t_torch = time.perf_counter() - T0
     from geoseg import predict as engine
-    from geoseg import raster
+    from geoseg import writer as raster
     from geoseg.model import load_bundle, load_module  # noqa: F401  (smp)
     from geoseg.predict import PredictOptions, open_client, predict_scene, warm_up
     from geoseg.raster import open_scene

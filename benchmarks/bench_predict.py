@@ -105,7 +105,8 @@ from geoseg.grid import ChunkGrid
 from geoseg.model import load_bundle, load_module
 from geoseg.predict import PredictOptions, TorchPredictor, resolve_device, resolve_precision
 from geoseg.predict import torch_threads
-from geoseg.raster import open_scene, read_padded
+from geoseg.raster import open_scene
+from geoseg.reader import read_padded
 model, scene_path, device, precision = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 threads, side = int(sys.argv[5]), int(sys.argv[7])
 b = load_bundle(model); s = b.spec

@@ -24,7 +24,8 @@ from geoseg.predict import (
     open_client,
     predict_chunks,
 )
-from geoseg.raster import open_scene, read_padded
+from geoseg.raster import open_scene
+from geoseg.reader import read_padded
 
 OUT = ROOT / "bench_out"
 

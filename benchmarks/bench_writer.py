@@ -24,8 +24,9 @@ from typing import Any
 import rasterio
 from rasterio.windows import Window
 
-from geoseg import raster
-from geoseg.raster import RasterWriter, open_scene
+from geoseg import writer as raster
+from geoseg.raster import open_scene
+from geoseg.writer import RasterWriter
 
 
 def cpu_seconds() -> float:

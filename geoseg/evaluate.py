@@ -455,7 +455,8 @@ def evaluate_masks(
     import rasterio
     from rasterio.errors import RasterioError
 
-    from geoseg.raster import gdal_env, on_grid
+    from geoseg.raster import gdal_env
+    from geoseg.reader import on_grid
     from geoseg.train.chips import blocks
 
     for p in (pred_path, truth_path):

@@ -26,9 +26,11 @@ import numpy as np
 from geoseg.errors import ConfigError, InputError, ModelError, call_portably
 from geoseg.grid import Chunk, ChunkGrid
 from geoseg.model import Bundle, ModelSpec, Normalization, load_module
-from geoseg.raster import RasterWriter, Scene, check_writable, read_padded
+from geoseg.raster import Scene, check_writable
+from geoseg.reader import read_padded
 from geoseg.resample import ResampledGrid, ResamplePlan, resample_plan
 from geoseg.runtime import cpu_cores
+from geoseg.writer import RasterWriter
 
 if TYPE_CHECKING:
     import torch
@@ -678,7 +680,7 @@ def open_client(options: PredictOptions) -> Iterator[Client]:
 
 
 #: Source bytes that one stripe of chunk rows may span (see :meth:`ChunkGrid.in_stripes`): a
-#: fraction of the reader's cache of decoded blocks (:data:`geoseg.raster.BLOCK_CACHE_BYTES`),
+#: fraction of the reader's cache of decoded blocks (:data:`geoseg.reader.BLOCK_CACHE_BYTES`),
 #: so that blocks shared by neighbouring chunk rows are decoded once.
 STRIPE_BYTES = 24 << 20
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from geoseg.errors import ConfigError
 from geoseg.grid import ChunkGrid
-from geoseg.raster import reflect_index
+from geoseg.reader import reflect_index
 
 
 @settings(max_examples=200, deadline=None)

@@ -202,9 +202,9 @@ def test_unwritable_output_fails_that_scene(job: Path) -> None:
 
 
 def test_full_disk_leaves_no_partial_outputs(job: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import geoseg.raster
+    import geoseg.writer
 
-    real_copy = geoseg.raster.rasterio.shutil.copy
+    real_copy = geoseg.writer.rasterio.shutil.copy
 
     def copy(src: object, dst: object, **kw: object) -> None:
         if "s2" in str(dst):
@@ -212,7 +212,7 @@ def test_full_disk_leaves_no_partial_outputs(job: Path, monkeypatch: pytest.Monk
             raise OSError(errno.ENOSPC, "No space left on device")
         real_copy(src, dst, **kw)
 
-    monkeypatch.setattr(geoseg.raster.rasterio.shutil, "copy", copy)
+    monkeypatch.setattr(geoseg.writer.rasterio.shutil, "copy", copy)
     summary = run_pipeline(load_pipeline(job))
     assert [r.status for r in summary.results] == ["done", "done", "failed"]
     assert "No space left" in (summary.results[2].error or "")

@@ -142,7 +142,7 @@ def test_reader_sees_a_rewritten_file(tmp_path: Path) -> None:
     """Open datasets are reused between chunk reads, but never serve a replaced file."""
     from rasterio.windows import Window
 
-    from geoseg.raster import close_readers, read_padded
+    from geoseg.reader import close_readers, read_padded
 
     path = write_tif(tmp_path / "s.tif", np.full((1, 8, 8), 7, np.uint8))
     scene = open_scene(path)
@@ -161,8 +161,8 @@ def test_block_reads_equal_whole_file_reads(
     the same way; values and the nodata mask; also while the cache evicts blocks."""
     from rasterio.windows import Window
 
-    from geoseg import raster
-    from geoseg.raster import close_readers, read_padded, reflect_index
+    from geoseg import reader as raster
+    from geoseg.reader import close_readers, read_padded, reflect_index
 
     rng = np.random.default_rng(7)
     data = rng.integers(0, 256, (3, 150, 173), dtype=np.uint8)
@@ -196,8 +196,8 @@ def test_block_cache_shared_by_threads(tmp_path: Path, monkeypatch: pytest.Monke
 
     from rasterio.windows import Window
 
-    from geoseg import raster
-    from geoseg.raster import read_padded, reflect_index
+    from geoseg import reader as raster
+    from geoseg.reader import read_padded, reflect_index
 
     data = np.random.default_rng(3).integers(0, 256, (3, 200, 190), dtype=np.uint8)
     path = write_tif(tmp_path / "t.tif", data, tiled=True, blockxsize=32, blockysize=32)
@@ -223,7 +223,7 @@ def test_block_cache_shared_by_threads(tmp_path: Path, monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("h, w", [(5, 7), (6, 8), (1, 1), (2, 3), (40, 66), (33, 18)])
 def test_downsample2_averages_the_valid_pixels_of_each_cell(h: int, w: int) -> None:
-    from geoseg.raster import downsample2
+    from geoseg.writer import downsample2
 
     rng = np.random.default_rng(h * 10 + w)
     data = rng.integers(0, 256, (3, h, w + 1), dtype=np.uint8)[::2, :, 1:]  # not contiguous
@@ -251,7 +251,7 @@ def test_overviews_match_gdals_own(
     there gets small); level 1 must be what GDAL would make, each level the cells of the last."""
     import rasterio.shutil
 
-    from geoseg.raster import downsample2
+    from geoseg.writer import downsample2
 
     rng = np.random.default_rng(4)
     data = rng.integers(0, 250, size=(3, height, width), dtype=np.uint8)

@@ -13,8 +13,9 @@ import rasterio
 from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_validate
 
-from geoseg import raster
-from geoseg.raster import RasterWriter, downsample2, open_scene
+from geoseg import writer as raster
+from geoseg.raster import open_scene
+from geoseg.writer import RasterWriter, downsample2
 from tests.conftest import write_tif
 
 

@@ -16,7 +16,8 @@ from rasterio.windows import Window
 
 from geoseg import predict as engine
 from geoseg.cli import cli
-from geoseg.raster import open_scene, reflect_index
+from geoseg.raster import open_scene
+from geoseg.reader import reflect_index
 from geoseg.resample import (
     RESAMPLE_TOLERANCE,
     ResampledGrid,

@@ -19,7 +19,8 @@ from shapely.geometry import LineString, box
 from geoseg.cli import cli
 from geoseg.errors import ConfigError, InputError
 from geoseg.model import load_bundle
-from geoseg.raster import open_scene, read_padded
+from geoseg.raster import open_scene
+from geoseg.reader import read_padded
 from geoseg.train.chips import chip_windows, load_chip, split_regions
 from geoseg.train.config import load_config, parse_config
 from geoseg.train.labels import IGNORE, load_scene_labels

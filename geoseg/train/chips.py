@@ -1,6 +1,6 @@
 """Training chips: spatial train/validation regions, chip windows, band statistics, reading.
 
-Chips go through exactly the inference path: :func:`geoseg.raster.read_padded` then the
+Chips go through exactly the inference path: :func:`geoseg.reader.read_padded` then the
 bundle's :meth:`~geoseg.model.Normalization.apply`. Each scene is cut into a few large regions,
 and every region goes wholly to training or to validation, so no validation chip has a
 training neighbour that shares its pixels.
@@ -19,7 +19,8 @@ from rasterio.windows import Window, intersect
 
 from geoseg.errors import InputError
 from geoseg.model import ModelSpec, Normalization
-from geoseg.raster import Scene, read_padded
+from geoseg.raster import Scene
+from geoseg.reader import read_padded
 from geoseg.resample import RESAMPLE_TOLERANCE
 from geoseg.train.labels import IGNORE, SceneLabels
 

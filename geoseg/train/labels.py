@@ -18,7 +18,8 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
-from geoseg.raster import Scene, gdal_env, on_grid, reflect_index
+from geoseg.raster import Scene, gdal_env
+from geoseg.reader import on_grid, reflect_index
 from geoseg.train.config import RasterLabels, SceneConfig, VectorLabels
 
 if TYPE_CHECKING:

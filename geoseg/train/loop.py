@@ -32,7 +32,8 @@ from geoseg.model import (
     save_bundle,
 )
 from geoseg.predict import check_compatible, resolve_device
-from geoseg.raster import open_scene, read_padded
+from geoseg.raster import open_scene
+from geoseg.reader import read_padded
 from geoseg.train.chips import (
     Chip,
     ChipSet,
