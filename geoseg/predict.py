@@ -30,7 +30,7 @@ from geoseg.raster import Scene, check_writable
 from geoseg.reader import read_padded
 from geoseg.resample import ResampledGrid, ResamplePlan, resample_plan
 from geoseg.runtime import cpu_cores
-from geoseg.writer import RasterWriter
+from geoseg.writer import COMPRESSIONS, DEFAULT_COMPRESS, RasterWriter
 
 if TYPE_CHECKING:
     import torch
@@ -64,6 +64,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MASK_NODATA = 255
+
+#: The rasters a prediction can write: class probabilities (uint8 per class) and class mask.
+RASTERS = ("probs", "mask")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -522,8 +525,21 @@ class PredictOptions:
     scheduler: str | None = None
     max_in_flight: int | None = None
     resample: bool = True
+    #: which rasters to write, among :data:`RASTERS`
+    rasters: tuple[str, ...] = ("probs", "mask")
+    #: the COGs' codec, among :data:`geoseg.writer.COMPRESSIONS`
+    compress: str = DEFAULT_COMPRESS
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.rasters) - set(RASTERS))
+        if unknown or not self.rasters:
+            raise ConfigError(
+                f"rasters must be one or more of {', '.join(RASTERS)}, got {list(self.rasters)}"
+            )
+        if self.compress not in COMPRESSIONS:
+            raise ConfigError(
+                f"compress must be one of {', '.join(COMPRESSIONS)}, got {self.compress!r}"
+            )
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 1:
@@ -537,8 +553,8 @@ class PredictOutputs:
     """What one scene produced."""
 
     scene: str
-    probs: Path
-    mask: Path
+    probs: Path | None  # None when not asked for
+    mask: Path | None
     chunks: int
     skipped: int
     redundancy: float
@@ -807,24 +823,34 @@ def predict_scene(
     n_workers = max(1, sum(client.nthreads().values()))
     max_in_flight = options.max_in_flight or 2 * n_workers
     total, done, skipped = len(grid), 0, 0
-    writer = RasterWriter(scene, output_tags(bundle, scene), write_in_background(options, device))
-    writer.add(
-        "probs",
-        probs_path,
-        len(spec.classes),
-        band_names=spec.classes,
-        resampling="average",
-        with_mask=scene.has_mask,  # else every pixel is valid: no mask to write or to read
+    writer = RasterWriter(
+        scene,
+        output_tags(bundle, scene),
+        write_in_background(options, device),
+        compress=options.compress,
     )
-    writer.add("mask", mask_path, 1, nodata=MASK_NODATA, band_names=["class_id"])
+    want_probs, want_mask = "probs" in options.rasters, "mask" in options.rasters
+    if want_probs:
+        writer.add(
+            "probs",
+            probs_path,
+            len(spec.classes),
+            band_names=spec.classes,
+            resampling="average",
+            with_mask=scene.has_mask,  # else every pixel is valid: no mask to write or to read
+        )
+    if want_mask:
+        writer.add("mask", mask_path, 1, nodata=MASK_NODATA, band_names=["class_id"])
     order = chunk_order(grid, scene, len(spec.bands))
     tasks = ((plan, batch, factory) for batch in _batches(order, options.batch_size))
     name = f"geoseg-predict-{scene.stem}"
     with writer:
         for results in stream_tasks(client, predict_chunks, tasks, max_in_flight, name):
             for r in results:
-                writer.write("probs", r.chunk.core, r.probs, r.valid)
-                writer.write("mask", r.chunk.core, r.mask)
+                if want_probs:
+                    writer.write("probs", r.chunk.core, r.probs, r.valid)
+                if want_mask:
+                    writer.write("mask", r.chunk.core, r.mask)
                 done += 1
                 skipped += r.skipped
             if progress is not None:
@@ -832,8 +858,8 @@ def predict_scene(
     log.info("%s: %d chunks (%d all-nodata) → %s", scene.path, total, skipped, out)
     return PredictOutputs(
         scene.path,
-        probs_path,
-        mask_path,
+        probs_path if want_probs else None,
+        mask_path if want_mask else None,
         total,
         skipped,
         grid.redundancy,

@@ -39,6 +39,8 @@ from geoseg.raster import Scene, _enter_thread_env, atomic_path, gdal_env, write
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "COMPRESSIONS",
+    "DEFAULT_COMPRESS",
     "GDAL_WRITES",
     "RasterWriter",
     "SCRATCH_CODECS",
@@ -115,6 +117,14 @@ LEVEL_WINDOW = 2048
 #: the bytes), and GDAL writes take turns (:data:`GDAL_WRITES`), so on a fast GPU it was the
 #: pipeline's bottleneck; the COG conversion also reads uncompressed scratch faster.
 SCRATCH_ROOM = 3.0
+
+#: The COG codecs and their creation options: level 1 of DEFLATE is 6x faster than GDAL's
+#: default 6 for about 10 % larger files; ZSTD level 1 the same trade (see
+#: ``benchmarks/bench_outputs.py``). Every codec is read by GDAL >= 2.3, QGIS and rasterio.
+COMPRESSIONS: dict[str, dict[str, int]] = {"deflate": {"level": 1}, "zstd": {"level": 1}, "lzw": {}}
+
+#: The codec used unless another is asked for: DEFLATE, which every TIFF reader decodes.
+DEFAULT_COMPRESS = "deflate"
 
 #: The scratch compression: "auto" (see :data:`SCRATCH_ROOM`), "none" or "zstd".
 SCRATCH_COMPRESSION = "auto"
@@ -208,13 +218,21 @@ class RasterWriter:
     """
 
     def __init__(
-        self, scene: Scene, tags: dict[str, str] | None = None, background: bool = False
+        self,
+        scene: Scene,
+        tags: dict[str, str] | None = None,
+        background: bool = False,
+        compress: str = DEFAULT_COMPRESS,
     ) -> None:
         """``background``: write each output on a thread of its own, so that the caller only
-        queues chunks. Default: write on the calling thread."""
+        queues chunks. Default: write on the calling thread. ``compress``: the COGs' codec,
+        one of :data:`COMPRESSIONS`."""
+        if compress not in COMPRESSIONS:
+            raise ValueError(f"compress must be one of {', '.join(COMPRESSIONS)}, got {compress!r}")
         self.scene = scene
         self.tags = tags or {}
         self.background = background
+        self.compress = compress
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._pending: dict[str, deque[Future[None]]] = {}
         self._outputs: dict[str, _Output] = {}
@@ -533,8 +551,8 @@ class RasterWriter:
                 self._source(out),
                 tmp,
                 driver="COG",
-                compress="deflate",
-                level=1,  # 6x faster than the default 6, for about 10 % larger files
+                compress=self.compress,
+                **COMPRESSIONS[self.compress],
                 predictor=2,
                 blocksize=BLOCK,
                 overview_resampling=out.resampling,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -250,3 +251,64 @@ def test_full_disk_is_one_line_naming_the_path(
     assert "no space left on device" in last.lower() and str(tiny_disk) in last
     assert "Traceback" not in res.output
     assert not list(out.glob("big.*.tif"))  # nothing half-written under a final name
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_outputs_choose_what_is_written(tmp_path: Path, make_bundle: Any) -> None:
+    rng = np.random.default_rng(2)
+    scene = write_tif(tmp_path / "v.tif", rng.integers(0, 255, (3, 96, 80), dtype=np.uint8))
+    model = str(make_bundle().path)
+
+    res = predict(str(scene), "-m", model, "-o", str(tmp_path / "a"), "--outputs", "mask,vectors")
+    assert res.exit_code == 0, res.output
+    assert _names(tmp_path / "a") == ["v.buildings.geojson", "v.mask.tif", "v.roads.geojson"]
+    # vectors from the mask: the same geometries `geoseg vectorize` makes from that mask
+    res = CliRunner().invoke(
+        cli, ["vectorize", str(tmp_path / "a" / "v.mask.tif"), "-o", str(tmp_path / "ref")]
+    )
+    assert res.exit_code == 0, res.output
+    for layer in ("buildings", "roads"):
+        got = json.loads((tmp_path / "a" / f"v.{layer}.geojson").read_text())
+        ref = json.loads((tmp_path / "ref" / f"v.{layer}.geojson").read_text())
+        assert [f["geometry"] for f in got["features"]] == [f["geometry"] for f in ref["features"]]
+
+    res = predict(str(scene), "-m", model, "-o", str(tmp_path / "b"), "--outputs", "vectors")
+    assert res.exit_code == 0, res.output
+    assert _names(tmp_path / "b") == ["v.buildings.geojson", "v.roads.geojson"]
+
+    res = predict(
+        str(scene), "-m", model, "-o", str(tmp_path / "c"), "--outputs", "probs,quicklook"
+    )
+    assert res.exit_code == 0, res.output
+    assert _names(tmp_path / "c") == ["v.probs.tif", "v.quicklook.png"]
+
+    res = predict(str(scene), "-m", model, "-o", str(tmp_path / "d"), "--outputs", "mask,pdf")
+    assert res.exit_code == 2 and "unknown: pdf" in res.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_compress_zstd_gives_valid_cogs_with_identical_pixels(
+    tmp_path: Path, make_bundle: Any
+) -> None:
+    from rio_cogeo.cogeo import cog_validate
+
+    rng = np.random.default_rng(3)
+    scene = write_tif(tmp_path / "v.tif", rng.integers(0, 255, (3, 300, 260), dtype=np.uint8))
+    model = str(make_bundle().path)
+    for codec in ("deflate", "zstd", "lzw"):
+        res = predict(str(scene), "-m", model, "-o", str(tmp_path / codec), "--compress", codec)
+        assert res.exit_code == 0, res.output
+    for name in ("v.probs.tif", "v.mask.tif"):
+        ref = tmp_path / "deflate" / name
+        for codec in ("zstd", "lzw"):
+            path = tmp_path / codec / name
+            assert cog_validate(str(path))[0]
+            with rasterio.open(path) as got, rasterio.open(ref) as want:
+                assert got.compression is not None and got.compression.name.lower() == codec
+                assert got.descriptions == want.descriptions and got.tags() == want.tags()
+                assert got.nodata == want.nodata and got.overviews(1) == want.overviews(1)
+                assert np.array_equal(got.read(), want.read())
+                assert np.array_equal(got.read_masks(), want.read_masks())

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from geoseg.cli import cli
@@ -181,3 +182,29 @@ def test_a_key_given_twice_is_an_error_with_its_line(tmp_path: Path) -> None:
     text = GOOD.replace("name:", "name: first\nname:", 1)
     with pytest.raises(ConfigError, match=r"line 3.*duplicate key 'name' \(first on line 2\)"):
         parse_pipeline(text, "p.yml")
+
+
+def test_compress_is_hashed_only_when_set(tmp_path: Path) -> None:
+    def config(**outputs: object) -> str:
+        path = tmp_path / "p.yml"
+        doc = {"schema_version": 1, "name": "c", "inputs": {"paths": ["*.tif"]}, "model": "m"}
+        doc["outputs"] = {"dir": "out", **outputs}
+        path.write_text(yaml.safe_dump(doc))
+        return load_pipeline(path).config_hash()
+
+    assert config() == config(compress="deflate") != config(compress="zstd")
+
+
+def test_probabilities_are_written_only_when_kept_or_vectorized(tmp_path: Path) -> None:
+    from geoseg.pipeline.runner import predict_options
+
+    def rasters(**outputs: object) -> tuple[str, ...]:
+        path = tmp_path / "p.yml"
+        doc = {"schema_version": 1, "name": "c", "inputs": {"paths": ["*.tif"]}, "model": "m"}
+        doc["outputs"] = {"dir": "out", **outputs}
+        path.write_text(yaml.safe_dump(doc))
+        return predict_options(load_pipeline(path)).rasters
+
+    assert rasters() == ("probs", "mask")
+    assert rasters(rasters=["mask"]) == ("probs", "mask")  # the vectors are made from them
+    assert rasters(rasters=["mask"], vectors=False) == ("mask",)

@@ -155,3 +155,29 @@ def test_options_forbid_unknown_fields() -> None:
     with pytest.raises(ValueError):
         VectorizeOptions(treshold=0.4)  # type: ignore[call-arg]
     assert VectorizeOptions(formats=("gpkg",)).formats == ("geojson", "gpkg")
+
+
+def test_polygons_geos_cannot_snap_are_made_valid_not_a_crash() -> None:
+    """A traced polygon can self-intersect once in lon/lat (near-touching vertices move a
+    little differently); GEOS's set_precision then raises "side location conflict". Found by
+    benchmarks/bench_outputs.py on a synthetic 8192² scene: the whole vectorize failed."""
+    import shapely
+
+    from geoseg.vectorize.export import _coordinate_lists, snap_to_grid
+
+    wkt = (
+        "POLYGON ((15.015890239339006 45.14642235385251, 15.015924588746756 45.146438552119825, "
+        "15.015913138942011 45.14643315269852, 15.01592458649107 45.14643045059436, "
+        "15.015920766632357 45.1464169485839, 15.015916952787723 45.14642505064129, "
+        "15.015905504488392 45.14642505223621, 15.015901686136171 45.1464169512421, "
+        "15.015890239339006 45.14642235385251))"
+    )
+    bad = shapely.from_wkt(wkt)
+    with pytest.raises(shapely.errors.GEOSException):
+        shapely.set_precision(bad, 1e-7)
+    ok = shapely.from_wkt("POLYGON ((15 45, 15.0001 45, 15.0001 45.0001, 15 45))")
+    snapped = snap_to_grid(np.array([ok, bad]), 1e-7)
+    assert snapped[0].equals(shapely.set_precision(ok, 1e-7))
+    assert snapped[1].is_valid and abs(snapped[1].area / bad.area - 1) < 0.05
+    coords = _coordinate_lists(np.array([ok, bad]), 7)
+    assert coords is not None and len(coords) == 2

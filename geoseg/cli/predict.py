@@ -35,7 +35,27 @@ log = logging.getLogger("geoseg.cli")
     "--vectorize",
     "also_vectorize",
     is_flag=True,
-    help="Also write building polygons and road centerlines (see geoseg vectorize).",
+    help="Also write building polygons and road centerlines (the same as adding vectors to "
+    "--outputs).",
+)
+@click.option(
+    "--outputs",
+    "outputs",
+    default="probs,mask",
+    show_default=True,
+    metavar="LIST",
+    help="What to write, comma-separated: probs (class probabilities, uint8, one band per "
+    "class: most of the bytes), mask (class ids), vectors (building polygons, road "
+    "centerlines), quicklook (PNG). Vectors come from probs when they are written, else from "
+    "the mask (then without confidence attributes).",
+)
+@click.option(
+    "--compress",
+    type=click.Choice(["deflate", "zstd", "lzw"]),
+    default="deflate",
+    show_default=True,
+    help="The rasters' COG codec. deflate: read everywhere; zstd: smaller and faster to "
+    "write (GDAL >= 2.3, QGIS, rasterio).",
 )
 def predict(
     scenes: tuple[Path, ...],
@@ -51,8 +71,13 @@ def predict(
     scheduler: str | None,
     resample: bool = True,
     also_vectorize: bool = False,
+    outputs: str = "probs,mask",
+    compress: str = "deflate",
 ) -> None:
-    """Write <stem>.probs.tif and <stem>.mask.tif COGs for each SCENE into --out."""
+    """Write <stem>.probs.tif and <stem>.mask.tif COGs (and, with --outputs, vectors and a
+    quicklook) for each SCENE into --out."""
+    keep = parse_outputs(outputs) | ({"vectors"} if also_vectorize else set())
+    rasters = needed_rasters(keep)
     from geoseg.model import check_weights, load_bundle
     from geoseg.predict import PredictOptions, check_compatible, open_client, predict_scene, warm_up
     from geoseg.raster import check_writable, open_scene
@@ -68,6 +93,8 @@ def predict(
         workers=workers,
         scheduler=scheduler,
         resample=resample,
+        rasters=rasters,
+        compress=compress,
     )
     opened = [open_scene(s) for s in scenes]
     _check_distinct_outputs(opened)
@@ -86,15 +113,52 @@ def predict(
             read_at = ""
             if result.resampled is not None:
                 read_at = f", read at the model's {bundle.spec.gsd_m:g} m"
+            written = [p for p in (result.probs, result.mask) if p is not None]
+            source = written[0]  # the probabilities when written, else the class mask
+            kept = [p for p in written if p.name.split(".")[-2] in keep]
             click.echo(
-                f"{scene.stem}: {result.probs} {result.mask} "
+                f"{scene.stem}: {' '.join(map(str, kept))} "
                 f"({result.chunks} chunks, {result.skipped} all-nodata{read_at})"
             )
-            if also_vectorize:
+            if "vectors" in keep:
                 from geoseg.cli.vectorize import report
                 from geoseg.vectorize import vectorize_prediction
 
-                report(vectorize_prediction(result.probs, out_dir, client=client))
+                report(vectorize_prediction(source, out_dir, client=client))
+            if "quicklook" in keep:
+                from geoseg.pipeline.quicklook import write_quicklook
+
+                assert result.mask is not None  # written for the quicklook
+                png = out_dir / f"{scene.stem}.quicklook.png"
+                png = write_quicklook(scene.path, result.mask, bundle.spec.classes, png, 1024)
+                click.echo(f"{scene.stem}: {png}")
+            for p in written:
+                if p not in kept:  # written only to make the vectors or the quicklook
+                    p.unlink(missing_ok=True)
+
+
+OUTPUTS = ("probs", "mask", "vectors", "quicklook")
+
+
+def parse_outputs(value: str) -> set[str]:
+    """The set named by ``--outputs`` (comma-separated names among :data:`OUTPUTS`)."""
+    names = {v.strip() for v in value.split(",") if v.strip()}
+    unknown = sorted(names - set(OUTPUTS))
+    if unknown or not names:
+        raise ConfigError(
+            f"--outputs takes one or more of {', '.join(OUTPUTS)}, got {value!r}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    return names
+
+
+def needed_rasters(keep: set[str]) -> tuple[str, ...]:
+    """The rasters to write for the outputs ``keep``: those asked for, the mask for a
+    quicklook, and for vectors the probabilities if asked for, else the mask."""
+    rasters = [r for r in ("probs", "mask") if r in keep]
+    if "quicklook" in keep or ("vectors" in keep and not rasters):
+        rasters.append("mask")
+    return tuple(dict.fromkeys(rasters))
 
 
 def _check_distinct_outputs(scenes: list[Scene]) -> None:

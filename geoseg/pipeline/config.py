@@ -97,6 +97,7 @@ class PredictSettings(_Strict):
 
 
 RasterName = Literal["probs", "mask"]
+Compression = Literal["deflate", "zstd", "lzw"]
 
 
 def _both_rasters() -> list[RasterName]:
@@ -121,6 +122,11 @@ class Outputs(_Strict):
         None,
         description="Vector formats among geojson, gpkg, fgb, parquet (GeoJSON is always "
         "written); sets vectorize.formats.",
+    )
+    compress: Compression = Field(
+        "deflate",
+        description="The rasters' COG codec: deflate (the default; every TIFF reader decodes "
+        "it), zstd (smaller and faster; GDAL >= 2.3, QGIS, rasterio) or lzw.",
     )
     quicklook: bool = Field(True, description="Write <stem>.quicklook.png per scene.")
     quicklook_px: int = Field(1024, ge=64, le=8192, description="Quicklook's longer side, px.")
@@ -239,7 +245,11 @@ class PipelineConfig(_Strict):
             "schema_version": self.schema_version,
             "predict": self.predict.model_dump(mode="json"),
             "vectorize": self.vectorize_options().model_dump(mode="json"),
-            "outputs": self.outputs.model_dump(mode="json", exclude={"dir"}),
+            # compress only when set: pipelines hashed before it existed keep their hash
+            "outputs": self.outputs.model_dump(
+                mode="json",
+                exclude={"dir"} | ({"compress"} if self.outputs.compress == "deflate" else set()),
+            ),
         }
         blob = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()

@@ -192,6 +192,8 @@ def predict_options(config: PipelineConfig, scheduler: str | None = None) -> Pre
     workers = c.workers if isinstance(c, LocalCompute) else 1
     address = scheduler or (None if isinstance(c, LocalCompute) else c.scheduler)
     return PredictOptions(
+        rasters=needed_rasters(config),
+        compress=config.outputs.compress,
         chunk=p.chunk,
         halo=p.halo,
         batch_size=p.batch_size,
@@ -202,6 +204,15 @@ def predict_options(config: PipelineConfig, scheduler: str | None = None) -> Pre
         workers=workers,
         scheduler=address,
     )
+
+
+def needed_rasters(config: PipelineConfig) -> tuple[str, ...]:
+    """The rasters a scene's prediction writes: the class mask always (the quicklook and the
+    ledger use it), the probabilities when kept or when the vectors are made from them (then
+    they are removed after vectorizing). Not writing unwanted probabilities saves most of the
+    output's cost: they are ``classes`` bands against the mask's one."""
+    keep_probs = "probs" in config.outputs.rasters or config.outputs.vectors
+    return ("probs", "mask") if keep_probs else ("mask",)
 
 
 def scheduler_name(config: PipelineConfig, scheduler: str | None = None) -> str:
@@ -330,15 +341,17 @@ class _SceneJob:
                 self.progress.scene_chunks(planned, done, total)
 
         pred = predict_scene(scene, self.bundle, out, self.options, self.client, progress=chunks)
-        files = {"probs": str(pred.probs), "mask": str(pred.mask)}
+        files = {name: str(p) for name, p in (("probs", pred.probs), ("mask", pred.mask)) if p}
         info: dict[str, Any] = {"chunks": pred.chunks, "skipped_chunks": pred.skipped}
         if pred.warnings:
             info["warnings"] = pred.warnings
         if self.config.outputs.vectors:
+            assert pred.probs is not None  # written for the vectors (see needed_rasters)
             vfiles, vinfo = self._vectorize(pred.probs, out)
             files.update(vfiles)
             info.update(vinfo)
         if self.config.outputs.quicklook:
+            assert pred.mask is not None  # always written
             png = write_quicklook(
                 scene.path,
                 pred.mask,
@@ -347,7 +360,7 @@ class _SceneJob:
                 self.config.outputs.quicklook_px,
             )
             files["quicklook"] = str(png)
-        if "probs" not in self.config.outputs.rasters:
+        if "probs" in files and "probs" not in self.config.outputs.rasters:
             Path(files.pop("probs")).unlink(missing_ok=True)
         return files, info
 

@@ -63,11 +63,36 @@ def _coordinate_lists(g: np.ndarray, precision: int) -> list[Any] | None:
         ring_xy = [xy[a:b] for a, b in zip(rings[:-1].tolist(), rings[1:].tolist(), strict=True)]
         out = [ring_xy[a:b] for a, b in zip(polys[:-1].tolist(), polys[1:].tolist(), strict=True)]
     if len(bad):
-        snapped = shapely.set_precision(g[bad], 10.0**-precision)
+        snapped = snap_to_grid(g[bad], 10.0**-precision)
         if kind == shapely.GeometryType.POLYGON:
             snapped = shapely.orient_polygons(snapped, exterior_cw=False)
         for i, text in zip(bad.tolist(), shapely.to_geojson(snapped).tolist(), strict=True):
-            out[i] = json.loads(text)
+            if text is not None:  # else keep the rounded coordinates: nothing better exists
+                out[i] = json.loads(text)
+    return out
+
+
+def snap_to_grid(g: np.ndarray, grid: float) -> np.ndarray:
+    """:func:`shapely.set_precision` of each geometry; GEOS refuses some (a "side location
+    conflict" after reprojection): those are made valid first (their polygonal part for
+    polygons), and any it still refuses become None."""
+    try:
+        return shapely.set_precision(g, grid)
+    except shapely.errors.GEOSException:
+        pass
+    out = np.empty(len(g), dtype=object)
+    for i, geom in enumerate(g):
+        try:
+            out[i] = shapely.set_precision(geom, grid)
+        except shapely.errors.GEOSException:
+            fixed = shapely.make_valid(geom)
+            if shapely.get_type_id(geom) in (3, 6):  # Polygon, MultiPolygon: keep the area
+                parts = shapely.get_parts(fixed)
+                fixed = shapely.multipolygons(parts[shapely.get_type_id(parts) == 3])
+            try:
+                out[i] = shapely.set_precision(fixed, grid)
+            except shapely.errors.GEOSException:
+                out[i] = None
     return out
 
 
@@ -90,10 +115,10 @@ def render_geojson(
     coords = _coordinate_lists(g, precision)
     geometries: list[Any]
     if coords is None:
-        snapped = shapely.set_precision(g, 10.0**-precision)
+        snapped = snap_to_grid(g, 10.0**-precision)
         if geometry_type == "Polygon":
             snapped = shapely.orient_polygons(snapped, exterior_cw=False)
-        geometries = [json.loads(t) for t in shapely.to_geojson(snapped).tolist()]
+        geometries = [None if t is None else json.loads(t) for t in shapely.to_geojson(snapped)]
     else:
         geometries = [{"type": geometry_type, "coordinates": c} for c in coords]
     names = list(batch.columns)
