@@ -120,9 +120,22 @@ def test_cli_output_counts_scenes_once_on_one_clock_in_plain_lines(job: Path) ->
     summary = res.stdout.splitlines()[0]
     assert summary.endswith(f"({run.finished - run.started:.1f} s)"), (summary, run)
     assert res.stdout.splitlines()[1] == f"outputs: {job.parent / 'out'}/<scene>/"
+    assert res.stdout.splitlines()[2].startswith("first scene done after ")
 
     res = CliRunner().invoke(cli, ["-v", "run", str(job), "--force"])
     assert res.exit_code == 0 and "INFO geoseg.pipeline.runner:" in res.stderr, res.stderr
+
+
+def test_batch_reports_its_marginal_cost_per_scene() -> None:
+    from geoseg.pipeline.runner import RunSummary
+
+    def done(ended: float | None, status: str = "done") -> SceneResult:
+        return SceneResult(Path("x"), "x", status, "new", ended=ended)
+
+    results = [done(112.0), done(104.0), done(None, "failed"), done(108.0), done(116.0)]
+    summary = RunSummary(1, "p", results, 20.0, None, started=100.0)
+    assert summary.amortized() == (4.0, 4.0)  # first after 4 s, then 12 s for 3 more
+    assert RunSummary(1, "p", results[:1], 20.0, None, started=100.0).amortized() is None
 
 
 def test_changes_force_and_dry_run(job: Path) -> None:

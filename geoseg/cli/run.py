@@ -109,6 +109,12 @@ def print_summary(summary: RunSummary) -> None:
     )
     if summary.out_dir is not None:
         click.echo(f"outputs: {summary.out_dir}/<scene>/")
+    amortized = summary.amortized()
+    if amortized is not None:
+        first, each = amortized
+        click.echo(
+            f"first scene done after {first:.1f} s (start-up included), then {each:.1f} s per scene"
+        )
     for r in summary.results:
         if r.status in ("failed", "interrupted"):
             click.echo(f"  {r.status.upper()} {r.path}: {r.error}")

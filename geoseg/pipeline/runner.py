@@ -74,6 +74,8 @@ class SceneResult:
     seconds: float = 0.0
     outputs: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    #: when it ended (``time.time()``), for the batch's marginal cost per scene
+    ended: float | None = None
 
 
 @dataclass
@@ -85,6 +87,7 @@ class RunSummary:
     results: list[SceneResult]
     seconds: float
     out_dir: Path | None = None
+    started: float | None = None  # time.time() when the command began
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -92,6 +95,15 @@ class RunSummary:
     @property
     def failures(self) -> list[SceneResult]:
         return [r for r in self.results if r.status == "failed"]
+
+    def amortized(self) -> tuple[float, float] | None:
+        """(seconds until the first scene was done, start-up included; seconds per scene after
+        it, from the completions of the others): what a batch costs beyond its first scene.
+        None with fewer than two scenes done."""
+        ends = sorted(r.ended for r in self.results if r.status == "done" and r.ended)
+        if len(ends) < 2 or self.started is None:
+            return None
+        return ends[0] - self.started, (ends[-1] - ends[0]) / (len(ends) - 1)
 
     @property
     def ok(self) -> bool:
@@ -305,6 +317,7 @@ class _SceneJob:
             result.error = f"{type(exc).__name__}: {exc}"
         else:
             result.seconds = time.perf_counter() - t0
+            result.ended = time.time()
             self._close(row, result, {"files": files, **info})
             return result
         result.seconds = time.perf_counter() - t0
@@ -468,7 +481,7 @@ def run_pipeline(
     order = {p.path: i for i, p in enumerate(planned)}
     results.sort(key=lambda r: order[r.path])
     seconds = row.finished - row.started if row is not None and row.finished else 0.0
-    return RunSummary(run_id, config.name, results, seconds, config.out_dir)
+    return RunSummary(run_id, config.name, results, seconds, config.out_dir, started)
 
 
 def _run_scenes(
