@@ -28,6 +28,7 @@ from geoseg.grid import Chunk, ChunkGrid
 from geoseg.model import Bundle, ModelSpec, Normalization, load_module
 from geoseg.raster import Scene, check_writable
 from geoseg.reader import read_padded
+from geoseg.remote import redact
 from geoseg.resample import ResampledGrid, ResamplePlan, resample_plan
 from geoseg.runtime import cpu_cores
 from geoseg.writer import COMPRESSIONS, DEFAULT_COMPRESS, RasterWriter
@@ -777,7 +778,7 @@ def output_tags(bundle: Bundle, scene: Scene) -> dict[str, str]:
         "GEOSEG_MODEL": bundle.ident,
         "GEOSEG_MODEL_NAME": bundle.spec.name,
         "GEOSEG_MODEL_SHA256": bundle.sha256,
-        "GEOSEG_SCENE": os.path.basename(scene.path),
+        "GEOSEG_SCENE": os.path.basename(redact(scene.path)),
     }
 
 

@@ -29,6 +29,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from geoseg.errors import InputError, OutputError, first_line
+from geoseg.remote import is_remote, network_options, redact, remote_stem
 from geoseg.tempfiles import sweep, temporary_path
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def limit_block_cache() -> None:
 def gdal_env(**options: Any) -> rasterio.Env:
     """A rasterio environment with :data:`GDAL_ENV` and ``options``, the block cache limited."""
     limit_block_cache()
-    return rasterio.Env(**GDAL_ENV, **options)
+    return rasterio.Env(**{**GDAL_ENV, **network_options(), **options})
 
 
 def _enter_thread_env() -> None:
@@ -111,7 +112,7 @@ class Scene:
     @property
     def stem(self) -> str:
         """File name without its last extension, used to name outputs (``a.b.tif`` → ``a.b``)."""
-        return Path(self.path).stem
+        return remote_stem(self.path) if is_remote(self.path) else Path(self.path).stem
 
     @property
     def res(self) -> tuple[float, float]:
@@ -208,21 +209,31 @@ def _grid_scales(crs: Any, x: float, y: float) -> tuple[float, float]:
 
 
 def open_scene(path: str | os.PathLike[str]) -> Scene:
-    """Open ``path`` and check that geoseg can process it; raise :class:`InputError` if not."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file")
-    if p.is_dir():
-        raise InputError(f"{p}: is a directory, not a raster file")
+    """Open ``path`` (a local file, a URL or a GDAL ``/vsi`` path, see :mod:`geoseg.remote`)
+    and check that geoseg can process it; raise :class:`InputError` if not."""
+    remote = is_remote(path)
+    if remote:
+        name = os.fspath(path)
+        shown: str | Path = redact(name)
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise InputError(f"{p}: no such file")
+        if p.is_dir():
+            raise InputError(f"{p}: is a directory, not a raster file")
+        name, shown = str(p.resolve()), p
     try:
         # Without a geotransform rasterio warns, then _describe refuses the file in one line.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with gdal_env(), rasterio.open(p) as src:
-                scene = _describe(src, p)
-                _probe_last_block(src, p)
+            with gdal_env(), rasterio.open(name) as src:
+                scene = _describe(src, shown, name)
+                _probe_last_block(src, shown)
     except (RasterioError, CPLE_BaseError) as exc:  # a damaged header or IFD, among others
-        raise InputError(f"{p}: not a readable raster ({first_line(exc)})") from exc
+        why = first_line(exc).replace(name, str(shown))
+        if remote:
+            raise InputError(f"{shown}: cannot be read ({why})") from exc
+        raise InputError(f"{shown}: not a readable raster ({why})") from exc
     return scene
 
 
@@ -249,7 +260,8 @@ def write_error(path: Path, exc: BaseException, what: str) -> OutputError:
     return OutputError(f"{what} ({first_line(exc)})")
 
 
-def _describe(src: Any, p: Path) -> Scene:
+def _describe(src: Any, p: str | Path, name: str) -> Scene:
+    """The scene ``name`` (shown as ``p`` in messages) if geoseg can process it."""
     if src.count < 1:
         raise InputError(f"{p}: has no raster bands")
     dtypes = set(src.dtypes)
@@ -281,7 +293,7 @@ def _describe(src: Any, p: Path) -> Scene:
         if ci.name == "alpha":
             alpha = i
     return Scene(
-        path=str(p.resolve()),
+        path=name,
         width=src.width,
         height=src.height,
         count=src.count,
@@ -296,7 +308,7 @@ def _describe(src: Any, p: Path) -> Scene:
     )
 
 
-def _probe_last_block(src: Any, p: Path) -> None:
+def _probe_last_block(src: Any, p: str | Path) -> None:
     """Read the last block of every band, so that a truncated file fails now, not mid-run."""
     bh, bw = src.block_shapes[0]
     h, w = min(bh, src.height), min(bw, src.width)
@@ -304,6 +316,11 @@ def _probe_last_block(src: Any, p: Path) -> None:
     try:
         src.read(window=win)
     except RasterioIOError as exc:
+        if isinstance(p, str) and is_remote(src.name):
+            raise InputError(
+                f"{p}: cannot be read (the server stalled, dropped the connection or sent a "
+                f"truncated file; {first_line(exc)})"
+            ) from exc
         raise InputError(f"{p}: is truncated or corrupt ({first_line(exc)})") from exc
 
 

@@ -28,6 +28,7 @@ from rasterio.windows import Window
 
 from geoseg.errors import InputError, first_line
 from geoseg.raster import Scene, gdal_env
+from geoseg.remote import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +115,16 @@ MAX_OPEN_READERS = 4
 @contextlib.contextmanager
 def _reader(path: str) -> Iterator[tuple[tuple[str, int, int], Any]]:
     """(key, open dataset) for ``path``, reused by later reads in this thread while the file
-    is unchanged (the key: path, modification time and size). A failed read closes it."""
+    is unchanged (the key: path, modification time and size; a remote scene is taken as
+    unchanged during a run, as GDAL's own cache of it does). A failed read closes it."""
     if _READERS.pid != os.getpid():  # a forked child must not share the parent's file offsets
         _READERS.datasets = OrderedDict()
         _READERS.pid = os.getpid()
-    st = os.stat(path)
-    key = (path, st.st_mtime_ns, st.st_size)
+    if is_remote(path):
+        key = (path, 0, 0)
+    else:
+        st = os.stat(path)
+        key = (path, st.st_mtime_ns, st.st_size)
     src = _READERS.datasets.pop(key, None)
     if src is None:
         src = rasterio.open(path)

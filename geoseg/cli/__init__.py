@@ -66,6 +66,12 @@ class PlainFormatter(logging.Formatter):
         return message
 
 
+def _drop_http_retries(record: logging.LogRecord) -> bool:
+    """GDAL's note on each retry of an HTTP request: debug detail, not a warning (a request
+    that still fails after its retries is an error of the command, shown in one line)."""
+    return "Retrying again in" not in record.getMessage() or record.levelno < logging.WARNING
+
+
 def _show_warning(
     message: Warning | str,
     category: type[Warning],
@@ -97,6 +103,13 @@ def cli(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for noisy in ("distributed", "rasterio", "fiona", "pyogrio", "timm", "tornado"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    for name in ("rasterio", "rasterio._env", "rasterio._err"):
+        logging.getLogger(name).addFilter(_drop_http_retries)
+    # A failed chunk task is raised again, as one line, by the command that waits for it;
+    # the worker's own "Compute Failed" report of it (a dozen lines) is debug detail.
+    logging.getLogger("distributed.worker").setLevel(
+        logging.DEBUG if verbose >= 2 else logging.CRITICAL
+    )
     warnings.showwarning = _show_warning
 
 

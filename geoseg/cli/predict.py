@@ -19,7 +19,7 @@ log = logging.getLogger("geoseg.cli")
 
 
 @click.command()
-@click.argument("scenes", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("scenes", nargs=-1, required=True)
 @click.option(
     "-m",
     "--model",
@@ -58,7 +58,7 @@ log = logging.getLogger("geoseg.cli")
     "write (GDAL >= 2.3, QGIS, rasterio).",
 )
 def predict(
-    scenes: tuple[Path, ...],
+    scenes: tuple[str, ...],
     model_path: Path,
     out_dir: Path,
     chunk: int | None,
@@ -75,7 +75,8 @@ def predict(
     compress: str = "deflate",
 ) -> None:
     """Write <stem>.probs.tif and <stem>.mask.tif COGs (and, with --outputs, vectors and a
-    quicklook) for each SCENE into --out."""
+    quicklook) for each SCENE into --out. A SCENE is a file, an http(s)://, s3://, gs:// or
+    az:// URL, or a GDAL /vsi path: remote scenes are read window by window, never copied."""
     keep = parse_outputs(outputs) | ({"vectors"} if also_vectorize else set())
     rasters = needed_rasters(keep)
     from geoseg.model import check_weights, load_bundle

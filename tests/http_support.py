@@ -1,0 +1,97 @@
+"""A real HTTP server on the loopback interface with range requests, for reading remote COGs,
+and faults to test against: a server that stalls, or drops the connection mid-body."""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import hashlib
+import re
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class RangeServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root = root
+        self.fault: str | None = None  # None, "stall" or "drop"
+        self.fault_after = 0  # bytes offset from which range requests meet the fault
+        self.requests = 0
+        self.stop = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: RangeServer
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+    def do_HEAD(self) -> None:
+        self._serve(head=True)
+
+    def do_GET(self) -> None:
+        self._serve(head=False)
+
+    def _serve(self, head: bool) -> None:
+        self.server.requests += 1
+        path = self.server.root / self.path.split("?")[0].lstrip("/")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        size = len(data)
+        start, end, status = 0, size - 1, 200
+        m = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if m:
+            start = int(m.group(1))
+            end = min(int(m.group(2)) if m.group(2) else size - 1, size - 1)
+            if start >= size:
+                self.send_error(416)
+                return
+            status = 206
+        body = data[start : end + 1]
+        faulty = m is not None and start >= self.server.fault_after
+        if faulty and self.server.fault == "stall":
+            self.server.stop.wait(120)  # until the test ends: the client must time out
+            return
+        self.send_response(status)
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", f'"{hashlib.md5(data).hexdigest()}"')
+        mtime = path.stat().st_mtime
+        self.send_header("Last-Modified", email.utils.formatdate(mtime, usegmt=True))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        if head:
+            return
+        if faulty and self.server.fault == "drop":
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+
+@contextlib.contextmanager
+def serve(root: Path) -> Iterator[RangeServer]:
+    server = RangeServer(root)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stop.set()
+        server.shutdown()
+        server.server_close()
+        time.sleep(0.05)
