@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from geoseg.errors import InputError, OutputError, first_line
-from geoseg.remote import is_remote, network_options, redact, remote_stem
+from geoseg.remote import gdal_path, is_remote, network_options, redact, remote_stem
 from geoseg.tempfiles import sweep, temporary_path
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,8 @@ class Scene:
     has_mask: bool
     alpha_band: int | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    #: when it was opened (ns): a remote scene is read as it was then, by every chunk
+    opened_ns: int = field(default_factory=time.time_ns)
 
     @property
     def stem(self) -> str:
@@ -226,11 +229,11 @@ def open_scene(path: str | os.PathLike[str]) -> Scene:
         # Without a geotransform rasterio warns, then _describe refuses the file in one line.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with gdal_env(), rasterio.open(name) as src:
+            with gdal_env(), rasterio.open(gdal_path(name)) as src:
                 scene = _describe(src, shown, name)
                 _probe_last_block(src, shown)
     except (RasterioError, CPLE_BaseError) as exc:  # a damaged header or IFD, among others
-        why = first_line(exc).replace(name, str(shown))
+        why = first_line(exc).replace(gdal_path(name), str(shown)).replace(name, str(shown))
         if remote:
             raise InputError(f"{shown}: cannot be read ({why})") from exc
         raise InputError(f"{shown}: not a readable raster ({why})") from exc

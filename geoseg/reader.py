@@ -28,7 +28,7 @@ from rasterio.windows import Window
 
 from geoseg.errors import InputError, first_line
 from geoseg.raster import Scene, gdal_env
-from geoseg.remote import is_remote
+from geoseg.remote import gdal_path, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -113,21 +113,23 @@ MAX_OPEN_READERS = 4
 
 
 @contextlib.contextmanager
-def _reader(path: str) -> Iterator[tuple[tuple[str, int, int], Any]]:
+def _reader(path: str, opened_ns: int = 0) -> Iterator[tuple[tuple[str, int, int], Any]]:
     """(key, open dataset) for ``path``, reused by later reads in this thread while the file
-    is unchanged (the key: path, modification time and size; a remote scene is taken as
-    unchanged during a run, as GDAL's own cache of it does). A failed read closes it."""
+    is unchanged (the key: path, modification time and size). A remote scene is keyed by
+    when it was opened (``opened_ns``): unchanged during one prediction, opened afresh by the
+    next, whose reads GDAL does not serve from an earlier one's cache (``CPL_VSIL_CURL_NON_
+    CACHED``, see :mod:`geoseg.remote`). A failed read closes it."""
     if _READERS.pid != os.getpid():  # a forked child must not share the parent's file offsets
         _READERS.datasets = OrderedDict()
         _READERS.pid = os.getpid()
     if is_remote(path):
-        key = (path, 0, 0)
+        key = (path, opened_ns, 0)
     else:
         st = os.stat(path)
         key = (path, st.st_mtime_ns, st.st_size)
     src = _READERS.datasets.pop(key, None)
     if src is None:
-        src = rasterio.open(path)
+        src = rasterio.open(gdal_path(path))
     try:
         yield key, src
     except BaseException:
@@ -238,7 +240,7 @@ def read_padded(
     c0, c1 = int(cols.min()), int(cols.max()) + 1
     src_win = Window(c0, r0, c1 - c0, r1 - r0)
     try:
-        with gdal_env(), _reader(scene.path) as (key, src):
+        with gdal_env(), _reader(scene.path, scene.opened_ns) as (key, src):
             if _uses_blocks(scene):
                 block, mask = _read_blocks(scene, src, key, src_win, bands)
             else:

@@ -16,12 +16,26 @@ messages.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
+import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["NETWORK_DEFAULTS", "is_remote", "network_options", "redact", "remote_stem"]
+from geoseg.errors import InputError
+
+__all__ = [
+    "NETWORK_DEFAULTS",
+    "gdal_path",
+    "identity",
+    "is_remote",
+    "list_matching",
+    "network_options",
+    "redact",
+    "remote_name",
+    "remote_stem",
+]
 
 _SCHEMES = ("http://", "https://", "s3://", "gs://", "az://")
 
@@ -33,6 +47,9 @@ NETWORK_DEFAULTS: dict[str, str] = {
     "GDAL_HTTP_RETRY_DELAY": "1",  # seconds, doubled each retry by GDAL
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no listing of the scene's "folder"
     "CPL_VSIL_CURL_USE_HEAD": "YES",
+    # what GDAL read of an object is forgotten when the file is closed: a long-lived process
+    # (a Dask worker) reads tonight's object, not what it cached of last night's
+    "CPL_VSIL_CURL_NON_CACHED": "/vsis3/:/vsigs/:/vsiaz/:/vsicurl/",
 }
 
 
@@ -42,10 +59,15 @@ def is_remote(name: str | os.PathLike[str]) -> bool:
     return text.lower().startswith(_SCHEMES) or text.startswith("/vsi")
 
 
+def remote_name(name: str) -> str:
+    """The file name of a remote scene (its URL's last path element)."""
+    path = urlsplit(name).path if "://" in name else name
+    return posixpath.basename(path.rstrip("/"))
+
+
 def remote_stem(name: str) -> str:
     """The file name of a remote scene without its last extension, as for local files."""
-    path = urlsplit(name).path if "://" in name else name
-    base = posixpath.basename(path.rstrip("/"))
+    base = remote_name(name)
     stem, _ = posixpath.splitext(base)
     return stem or base
 
@@ -62,5 +84,110 @@ def redact(name: str) -> str:
 
 
 def network_options() -> dict[str, Any]:
-    """:data:`NETWORK_DEFAULTS` less those the environment sets itself."""
-    return {k: v for k, v in NETWORK_DEFAULTS.items() if k not in os.environ}
+    """:data:`NETWORK_DEFAULTS` less those the environment sets itself; and for an
+    S3-compatible store named by ``AWS_ENDPOINT_URL`` (the AWS tools' variable), GDAL's own
+    ``AWS_S3_ENDPOINT``, ``AWS_HTTPS`` and path-style addressing, unless those are set."""
+    options: dict[str, Any] = {k: v for k, v in NETWORK_DEFAULTS.items() if k not in os.environ}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and "AWS_S3_ENDPOINT" not in os.environ:
+        parts = urlsplit(endpoint)
+        options["AWS_S3_ENDPOINT"] = parts.netloc + parts.path.rstrip("/")
+        options.setdefault("AWS_HTTPS", "NO" if parts.scheme == "http" else "YES")
+        if "AWS_VIRTUAL_HOSTING" not in os.environ:
+            options["AWS_VIRTUAL_HOSTING"] = "FALSE"
+    return options
+
+
+_VSI = {
+    "s3": "/vsis3/",
+    "gs": "/vsigs/",
+    "az": "/vsiaz/",
+    "http": "/vsicurl/",
+    "https": "/vsicurl/",
+}
+
+
+def gdal_path(name: str) -> str:
+    """The GDAL path that opens ``name``: ``s3://b/k`` → ``/vsis3/b/k``, ``https://…`` →
+    ``/vsicurl/https://…``; local paths and ``/vsi`` paths as they are."""
+    if "://" not in name:
+        return name
+    scheme, rest = name.split("://", 1)
+    prefix = _VSI.get(scheme.lower())
+    if prefix is None:
+        return name
+    return prefix + (name if prefix == "/vsicurl/" else rest)
+
+
+def _store(name: str) -> tuple[Any, str]:
+    """(obstore store, key) for an object URL; the store reads credentials and endpoints from
+    the environment as the AWS, Google and Azure tools do."""
+    from obstore.store import from_url
+
+    parts = urlsplit(name)
+    scheme = parts.scheme.lower()
+    options: dict[str, Any] = {"timeout": f"{NETWORK_DEFAULTS['GDAL_HTTP_TIMEOUT']}s"}
+    config: dict[str, Any] = {}
+    if scheme == "s3":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if not endpoint and os.environ.get("AWS_S3_ENDPOINT"):
+            https = os.environ.get("AWS_HTTPS", "YES").upper() != "NO"
+            endpoint = ("https://" if https else "http://") + os.environ["AWS_S3_ENDPOINT"]
+        if endpoint:
+            config["endpoint"] = endpoint
+            options["allow_http"] = endpoint.startswith("http://")
+        base, key = f"s3://{parts.netloc}/", parts.path.lstrip("/")
+    elif scheme in ("http", "https"):
+        options["allow_http"] = scheme == "http"
+        base, key = f"{scheme}://{parts.netloc}/", parts.path.lstrip("/")
+    else:
+        base, key = f"{scheme}://{parts.netloc}/", parts.path.lstrip("/")
+    kwargs: dict[str, Any] = {"client_options": options}
+    if config:
+        kwargs["config"] = config
+    return from_url(base, **kwargs), key
+
+
+def identity(name: str) -> tuple[int, int]:
+    """(size in bytes, version) of a remote object: the version is a number made from its
+    ETag, else its Last-Modified time, so that the ledger can tell when it changed. Raises
+    :class:`InputError` (one line, the URL redacted) when it cannot be reached."""
+    import obstore
+
+    try:
+        store, key = _store(name)
+        meta = obstore.head(store, key)
+    except Exception as exc:  # obstore's errors: not found, permission, network, timeout
+        raise InputError(f"{redact(name)}: cannot be reached ({_first_line(exc)})") from exc
+    tag = str(meta.get("e_tag") or meta.get("last_modified") or "")
+    version = int(hashlib.sha256(tag.encode()).hexdigest()[:15], 16)
+    return int(meta["size"]), version
+
+
+def list_matching(pattern: str) -> list[str]:
+    """Object URLs matching ``pattern``, a URL with glob characters (``*``, ``?``, ``[``) in
+    its key: the store is listed from the key's part before the first of them, and keys are
+    matched with :func:`fnmatch.fnmatchcase` (``*`` also crosses ``/``)."""
+    import fnmatch
+
+    import obstore
+
+    store, key = _store(pattern)
+    cut = min((i for i, ch in enumerate(key) if ch in "*?["), default=len(key))
+    prefix = key[:cut]
+    base = pattern[: len(pattern) - len(key)]
+    try:
+        listed = [o["path"] for batch in obstore.list(store, prefix=prefix) for o in batch]
+    except Exception as exc:
+        raise InputError(f"{redact(pattern)}: cannot list ({_first_line(exc)})") from exc
+    return sorted(base + k for k in listed if fnmatch.fnmatchcase(k, key))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return redact_text(text[0] if text else type(exc).__name__)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL's query string removed."""
+    return re.sub(r"(https?://[^\s?]+)\?\S*", r"\1", text)

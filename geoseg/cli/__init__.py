@@ -66,10 +66,14 @@ class PlainFormatter(logging.Formatter):
         return message
 
 
+#: GDAL's warnings on each failed or retried HTTP request: debug detail (a request that
+#: still fails after its retries is an error of the command, shown in one line).
+HTTP_NOISE = ("Retrying again in", "HTTP response code on", "HTTP error code")
+
+
 def _drop_http_retries(record: logging.LogRecord) -> bool:
-    """GDAL's note on each retry of an HTTP request: debug detail, not a warning (a request
-    that still fails after its retries is an error of the command, shown in one line)."""
-    return "Retrying again in" not in record.getMessage() or record.levelno < logging.WARNING
+    message = record.getMessage()
+    return record.levelno < logging.WARNING or not any(n in message for n in HTTP_NOISE)
 
 
 def _show_warning(
@@ -101,7 +105,7 @@ def cli(verbose: int, quiet: bool) -> None:
         else PlainFormatter()
     )
     logging.basicConfig(level=level, handlers=[handler], force=True)
-    for noisy in ("distributed", "rasterio", "fiona", "pyogrio", "timm", "tornado"):
+    for noisy in ("distributed", "rasterio", "fiona", "pyogrio", "timm", "tornado", "botocore"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     for name in ("rasterio", "rasterio._env", "rasterio._err"):
         logging.getLogger(name).addFilter(_drop_http_retries)

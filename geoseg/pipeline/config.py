@@ -27,7 +27,8 @@ from pydantic import (
     model_validator,
 )
 
-from geoseg.errors import ConfigError
+from geoseg.errors import ConfigError, GeosegError
+from geoseg.remote import is_remote, list_matching, redact, remote_name
 from geoseg.vectorize.options import Format, LayerKind, VectorizeOptions
 from geoseg.yamlio import safe_load_unique
 
@@ -272,13 +273,32 @@ class PipelineConfig(_Strict):
                 raise ValueError(f"set {name} in outputs or in vectorize, not in both")
         return self
 
-    def scene_paths(self) -> list[Path]:
-        """Every scene the inputs match, sorted, without duplicates; raise if none match."""
-        found: dict[str, Path] = {}
+    def scene_paths(self) -> list[Path | str]:
+        """Every scene the inputs match, sorted, without duplicates; raise if none match.
+
+        Local scenes are absolute paths; remote ones (URLs, ``/vsi`` paths; see
+        :mod:`geoseg.remote`) stay strings, and a URL with glob characters in its key is
+        matched against a listing of the store."""
+        found: dict[str, Path | str] = {}
         entries = [(p, "inputs.paths") for p in self.inputs.paths]
         if self.inputs.list_file:
             entries += [(p, f"inputs.list_file ({self.inputs.list_file})") for p in self._listed()]
         for entry, origin in entries:
+            if is_remote(entry):
+                urls = [entry]
+                if globlib.has_magic(entry):
+                    try:
+                        urls = list_matching(entry)
+                    except GeosegError as exc:
+                        raise ConfigError(f"{self.source}: {origin}: {exc}") from exc
+                    if not urls and not self.inputs.allow_empty:
+                        raise ConfigError(
+                            f"{self.source}: {origin}: {redact(entry)!r} matches no object"
+                        )
+                for url in urls:
+                    if not self._excluded(url):
+                        found.setdefault(url, url)
+                continue
             pattern = str(self.resolve(entry))
             if globlib.has_magic(pattern):
                 matches = [Path(m) for m in globlib.glob(pattern, recursive=True)]
@@ -292,7 +312,7 @@ class PipelineConfig(_Strict):
                     found.setdefault(str(m.resolve()), m.resolve())
         if not found and not self.inputs.allow_empty:
             raise ConfigError(f"{self.source}: inputs match no scene")
-        return sorted(found.values())
+        return [found[k] for k in sorted(found)]
 
     def _listed(self) -> list[str]:
         assert self.inputs.list_file is not None
@@ -305,16 +325,19 @@ class PipelineConfig(_Strict):
         out = []
         for line in lines:
             text = line.split("#", 1)[0].strip()
-            if text:
+            if text and is_remote(text):
+                out.append(text)
+            elif text:
                 q = Path(os.path.expanduser(text))
                 out.append(str(q if q.is_absolute() else base / q))
         return out
 
-    def _excluded(self, path: Path) -> bool:
+    def _excluded(self, path: Path | str) -> bool:
         from fnmatch import fnmatch
 
+        name = remote_name(path) if isinstance(path, str) else path.name
         pats = self.inputs.exclude
-        return any(fnmatch(path.name, pat) or fnmatch(str(path), pat) for pat in pats)
+        return any(fnmatch(name, pat) or fnmatch(str(path), pat) for pat in pats)
 
 
 def _node_at(node: yaml.Node | None, loc: Sequence[int | str]) -> yaml.Node | None:

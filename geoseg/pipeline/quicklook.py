@@ -16,6 +16,7 @@ from rasterio.enums import Resampling
 
 from geoseg.errors import OutputError
 from geoseg.raster import atomic_path, gdal_env
+from geoseg.remote import gdal_path
 
 __all__ = ["BUILDING_RGB", "ROAD_RGB", "quicklook_shape", "write_quicklook"]
 
@@ -43,7 +44,7 @@ def _stretch(band: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def _image(scene_path: str, shape: tuple[int, int]) -> np.ndarray:
-    with gdal_env(), rasterio.open(scene_path) as src:
+    with gdal_env(), rasterio.open(gdal_path(scene_path)) as src:
         alpha = [i for i, ci in enumerate(src.colorinterp, 1) if ci.name == "alpha"]
         bands = [b for b in range(1, src.count + 1) if b not in alpha][:3]
         bands = bands if len(bands) == 3 else bands[:1]

@@ -27,6 +27,7 @@ from geoseg.model import Bundle, load_bundle
 from geoseg.pipeline.config import LocalCompute, PipelineConfig
 from geoseg.pipeline.ledger import Ledger, SceneRow, default_ledger_path
 from geoseg.pipeline.lock import PipelineLock
+from geoseg.remote import identity, remote_stem
 
 # Planning, skipping and listing import none of the engine (numpy, rasterio, torch, Dask):
 # a run with nothing to do answers in well under a second. The engine is imported by the
@@ -53,9 +54,10 @@ Action = Literal["run", "skip"]
 
 @dataclass(frozen=True)
 class PlannedScene:
-    """A scene of the batch, whether it will run, and why; size in bytes, mtime in ns."""
+    """A scene of the batch, whether it will run, and why; size in bytes, mtime in ns (for a
+    remote scene, its version: see :func:`file_identity`)."""
 
-    path: Path
+    path: Path | str
     stem: str
     size: int | None
     mtime_ns: int | None
@@ -67,7 +69,7 @@ class PlannedScene:
 class SceneResult:
     """How one scene ended: ``done``, ``skipped``, ``failed`` or ``interrupted``."""
 
-    path: Path
+    path: Path | str
     stem: str
     status: str
     reason: str
@@ -122,8 +124,15 @@ class RunProgress(Protocol):
     def scene_finished(self, result: SceneResult) -> None: ...
 
 
-def file_identity(path: Path) -> tuple[int | None, int | None]:
-    """(size in bytes, mtime in ns) of ``path``; (None, None) when it cannot be stat'ed."""
+def file_identity(path: Path | str) -> tuple[int | None, int | None]:
+    """(size in bytes, mtime in ns) of ``path``; for a remote scene (size, a number made from
+    its ETag or Last-Modified, see :func:`geoseg.remote.identity`); (None, None) when it
+    cannot be stat'ed or reached."""
+    if isinstance(path, str):
+        try:
+            return identity(path)
+        except GeosegError:
+            return None, None
     try:
         st = path.stat()
     except OSError:
@@ -131,9 +140,9 @@ def file_identity(path: Path) -> tuple[int | None, int | None]:
     return st.st_size, st.st_mtime_ns
 
 
-def scene_stem(path: Path) -> str:
+def scene_stem(path: Path | str) -> str:
     """The name a scene's outputs get: its file name without the last extension."""
-    return path.stem
+    return remote_stem(path) if isinstance(path, str) else path.stem
 
 
 def _missing_outputs(row: SceneRow) -> list[str]:
@@ -142,7 +151,7 @@ def _missing_outputs(row: SceneRow) -> list[str]:
 
 
 def _decide(
-    path: Path,
+    path: Path | str,
     size: int | None,
     mtime: int | None,
     prev: SceneRow | None,
@@ -157,7 +166,7 @@ def _decide(
     if prev is None:
         return "run", "new: not done before by this pipeline"
     if (prev.size, prev.mtime_ns) != (size, mtime):
-        return "run", "input changed (size or modification time differs)"
+        return "run", "input changed (size, modification time or ETag differs)"
     if prev.model_hash != model_hash:
         return "run", f"model changed (was {prev.model_hash[:12]})"
     if prev.config_hash != config_hash:
@@ -184,8 +193,8 @@ def plan_run(
     return planned
 
 
-def _check_unique_stems(paths: list[Path]) -> None:
-    seen: dict[str, Path] = {}
+def _check_unique_stems(paths: list[Path | str]) -> None:
+    seen: dict[str, Path | str] = {}
     for p in paths:
         stem = scene_stem(p)
         if stem in seen:
