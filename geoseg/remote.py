@@ -20,21 +20,26 @@ import hashlib
 import os
 import posixpath
 import re
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from geoseg.errors import InputError
+from geoseg.errors import InputError, OutputError
 
 __all__ = [
     "NETWORK_DEFAULTS",
+    "check_writable_prefix",
+    "exists",
     "gdal_path",
     "identity",
     "is_remote",
+    "join",
     "list_matching",
     "network_options",
     "redact",
     "remote_name",
     "remote_stem",
+    "upload",
 ]
 
 _SCHEMES = ("http://", "https://", "s3://", "gs://", "az://")
@@ -181,6 +186,50 @@ def list_matching(pattern: str) -> list[str]:
     except Exception as exc:
         raise InputError(f"{redact(pattern)}: cannot list ({_first_line(exc)})") from exc
     return sorted(base + k for k in listed if fnmatch.fnmatchcase(k, key))
+
+
+def join(prefix: str, *names: str) -> str:
+    """``prefix`` (a URL of a "folder") joined with ``names`` by ``/``."""
+    return "/".join([prefix.rstrip("/"), *names])
+
+
+def check_writable_prefix(prefix: str) -> None:
+    """Prove that objects can be written under ``prefix`` (write and delete a probe), or raise
+    :class:`OutputError` in one line: wrong credentials, no such bucket, unreachable."""
+    import obstore
+
+    probe = join(prefix, f".geoseg-probe-{os.getpid()}")
+    try:
+        store, key = _store(probe)
+        obstore.put(store, key, b"")
+        obstore.delete(store, key)
+    except Exception as exc:
+        raise OutputError(f"{redact(prefix)}: cannot write there ({_first_line(exc)})") from exc
+
+
+def upload(local: os.PathLike[str], url: str) -> None:
+    """Copy the complete local file ``local`` to ``url``. Object stores publish an object
+    only when its upload completes (multipart uploads too), so no reader ever sees part of
+    it under its final key."""
+    import obstore
+
+    try:
+        store, key = _store(url)
+        obstore.put(store, key, Path(local))
+    except Exception as exc:
+        raise OutputError(f"{redact(url)}: upload failed ({_first_line(exc)})") from exc
+
+
+def exists(url: str) -> bool:
+    """Whether the object ``url`` exists (False too when it cannot be reached)."""
+    import obstore
+
+    try:
+        store, key = _store(url)
+        obstore.head(store, key)
+    except Exception:
+        return False
+    return True
 
 
 def _first_line(exc: BaseException) -> str:

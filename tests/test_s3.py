@@ -5,6 +5,7 @@ the object that changed (its ETag)."""
 
 from __future__ import annotations
 
+import logging
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ ENV = {
 def bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh bucket on a moto S3 server; the environment points the AWS tools and GDAL at it
     as a user would (AWS_ENDPOINT_URL and keys)."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's request log
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -123,3 +125,40 @@ def test_an_unreachable_store_is_one_line(
     assert res.exit_code == 2, res.output
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("geoseg: error: s3://bkt/a.tif: cannot be read")
+
+
+def _get(url: str) -> bytes:
+    import obstore
+
+    from geoseg.remote import _store
+
+    store, key = _store(url)
+    return bytes(obstore.get(store, key).bytes())
+
+
+def test_predict_s3_to_s3_uploads_whole_outputs(
+    tmp_path: Path, bucket: str, make_bundle: Any
+) -> None:
+    rng = np.random.default_rng(4)
+    local = write_tif(tmp_path / "b.tif", rng.integers(0, 255, (3, 120, 100), dtype=np.uint8))
+    url = put(bucket, "in/b.tif", local)
+    model = str(make_bundle().path)
+    args = ["predict", url, "-m", model, "--device", "cpu", "--outputs", "mask,probs,vectors"]
+    res = CliRunner().invoke(cli, [*args, "-o", f"s3://{bucket}/results/"])
+    assert res.exit_code == 0, res.output
+    assert f"b: uploaded 4 file(s) to s3://{bucket}/results/" in res.output
+    res = CliRunner().invoke(cli, [*args, "-o", str(tmp_path / "local")])
+    assert res.exit_code == 0, res.output
+    for name in ("b.probs.tif", "b.mask.tif", "b.buildings.geojson", "b.roads.geojson"):
+        got = _get(f"s3://{bucket}/results/{name}")
+        if name.endswith(".tif"):
+            (tmp_path / name).write_bytes(got)
+            with rasterio.open(tmp_path / name) as a, rasterio.open(tmp_path / "local" / name) as b:
+                assert np.array_equal(a.read(), b.read()) and a.tags() == b.tags()
+        else:
+            assert got == (tmp_path / "local" / name).read_bytes()
+
+    res = CliRunner().invoke(cli, [*args, "-o", "s3://no-such-bucket/x/"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().startswith("geoseg: error: s3://no-such-bucket/x/: cannot write")
+    assert len(res.output.strip().splitlines()) == 1, res.output

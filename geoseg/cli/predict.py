@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from geoseg.cli.options import Progress, compute_options, out_dir_option, resample_option
+from geoseg.cli.options import Progress, compute_options, resample_option
 from geoseg.errors import ConfigError
+from geoseg.remote import check_writable_prefix, is_remote, join, redact, upload
 
 if TYPE_CHECKING:
+    from geoseg.model import Bundle
+    from geoseg.predict import PredictOptions
     from geoseg.raster import Scene
 
 log = logging.getLogger("geoseg.cli")
@@ -28,7 +33,14 @@ log = logging.getLogger("geoseg.cli")
     type=click.Path(path_type=Path),
     help="Model bundle directory (model.json + weights.safetensors).",
 )
-@out_dir_option
+@click.option(
+    "-o",
+    "--out",
+    "out",
+    required=True,
+    help="Output directory, or an object-store prefix (s3://bucket/prefix/, gs://, az://): "
+    "outputs are made in a local temporary folder, then uploaded whole.",
+)
 @compute_options
 @resample_option
 @click.option(
@@ -60,7 +72,7 @@ log = logging.getLogger("geoseg.cli")
 def predict(
     scenes: tuple[str, ...],
     model_path: Path,
-    out_dir: Path,
+    out: str,
     chunk: int | None,
     halo: int | None,
     batch_size: int,
@@ -80,7 +92,7 @@ def predict(
     keep = parse_outputs(outputs) | ({"vectors"} if also_vectorize else set())
     rasters = needed_rasters(keep)
     from geoseg.model import check_weights, load_bundle
-    from geoseg.predict import PredictOptions, check_compatible, open_client, predict_scene, warm_up
+    from geoseg.predict import PredictOptions, check_compatible, warm_up
     from geoseg.raster import check_writable, open_scene
 
     bundle = load_bundle(model_path)
@@ -102,8 +114,32 @@ def predict(
     for scene in opened:
         check_compatible(scene, bundle.spec, resample=resample)
     check_weights(bundle)  # after the cheap checks, before any cluster starts or allocation
-    check_writable(out_dir)
+    remote_out = out if is_remote(out) else None
+    if remote_out is not None:
+        check_writable_prefix(remote_out)
+        out_dir = Path(tempfile.mkdtemp(prefix="geoseg-out-"))
+    else:
+        out_dir = Path(out)
+        check_writable(out_dir)
     warm_up(bundle, options, opened[0])  # the model loads while the cluster starts
+    try:
+        _run(opened, bundle, options, keep, out_dir, remote_out)
+    finally:
+        if remote_out is not None:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _run(
+    opened: list[Scene],
+    bundle: Bundle,
+    options: PredictOptions,
+    keep: set[str],
+    out_dir: Path,
+    remote_out: str | None,
+) -> None:
+    """Predict every scene on one client; upload each scene's files when ``remote_out``."""
+    from geoseg.predict import open_client, predict_scene
+
     with open_client(options) as client:
         for i, scene in enumerate(opened, start=1):
             progress = Progress(f"[{i}/{len(opened)}] {scene.stem}", log.info)
@@ -136,6 +172,12 @@ def predict(
             for p in written:
                 if p not in kept:  # written only to make the vectors or the quicklook
                     p.unlink(missing_ok=True)
+            if remote_out is not None:
+                files = sorted(out_dir.glob(f"{scene.stem}.*"))
+                for f in files:
+                    upload(f, join(remote_out, f.name))
+                    f.unlink()
+                click.echo(f"{scene.stem}: uploaded {len(files)} file(s) to {redact(remote_out)}")
 
 
 OUTPUTS = ("probs", "mask", "vectors", "quicklook")
