@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,9 +45,10 @@ def bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         monkeypatch.setenv(k, v)
     for k in ("AWS_S3_ENDPOINT", "AWS_HTTPS", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(k, raising=False)
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/bkt", method="PUT")).close()
+    name = f"bkt-{uuid.uuid4().hex[:8]}"  # moto's state is the process's: a bucket per test
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{name}", method="PUT")).close()
     try:
-        yield "bkt"
+        yield name
     finally:
         server.stop()
 
@@ -162,3 +164,37 @@ def test_predict_s3_to_s3_uploads_whole_outputs(
     assert res.exit_code == 2, res.output
     assert res.output.strip().startswith("geoseg: error: s3://no-such-bucket/x/: cannot write")
     assert len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_pipeline_from_s3_to_s3_records_urls_and_reruns_lost_objects(
+    tmp_path: Path, bucket: str
+) -> None:
+    import obstore
+
+    from geoseg.remote import _store
+
+    (tmp_path / "scenes").mkdir()
+    for i in range(2):
+        put(bucket, f"in/t{i}.tif", make_scene(tmp_path / "scenes" / f"t{i}.tif", 90 * i, 0, 64))
+    make_model(tmp_path / "model")
+    job = write_pipeline(
+        tmp_path / "p.yml",
+        inputs={"paths": [f"s3://{bucket}/in/*.tif"]},
+        outputs={"dir": f"s3://{bucket}/out", "vectors": True, "quicklook_px": 64},
+    )
+    first = run_pipeline(load_pipeline(job))
+    assert [r.status for r in first.results] == ["done", "done"]
+    assert first.out_dir == f"s3://{bucket}/out"
+    outputs = first.results[0].outputs
+    assert outputs["mask"] == f"s3://{bucket}/out/t0/t0.mask.tif"
+    assert set(outputs) == {"probs", "mask", "buildings.geojson", "roads.geojson", "quicklook"}
+    store, _ = _store(f"s3://{bucket}/")
+    keys = sorted(o["path"] for batch in obstore.list(store, prefix="out/") for o in batch)
+    assert len(keys) == 10 and all(k.startswith(("out/t0/t0.", "out/t1/t1.")) for k in keys)
+    assert not (tmp_path / "out").exists()  # nothing local
+
+    assert [r.status for r in run_pipeline(load_pipeline(job)).results] == ["skipped"] * 2
+    obstore.delete(store, "out/t1/t1.mask.tif")
+    third = run_pipeline(load_pipeline(job))
+    assert [r.status for r in third.results] == ["skipped", "done"]
+    assert "outputs missing: mask" in third.results[1].reason

@@ -238,7 +238,13 @@ class PipelineConfig(_Strict):
 
     @property
     def out_dir(self) -> Path:
+        """The local output directory (for a remote ``outputs.dir``, see :attr:`remote_out`)."""
         return self.resolve(self.outputs.dir)
+
+    @property
+    def remote_out(self) -> str | None:
+        """``outputs.dir`` when it is an object-store prefix (s3://, gs://, az://), else None."""
+        return self.outputs.dir if is_remote(self.outputs.dir) else None
 
     def config_hash(self) -> str:
         """SHA-256 of every setting that changes the outputs (not inputs, compute or schedule)."""

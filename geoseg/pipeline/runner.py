@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +29,15 @@ from geoseg.model import Bundle, load_bundle
 from geoseg.pipeline.config import LocalCompute, PipelineConfig
 from geoseg.pipeline.ledger import Ledger, SceneRow, default_ledger_path
 from geoseg.pipeline.lock import PipelineLock
-from geoseg.remote import identity, remote_stem
+from geoseg.remote import (
+    check_writable_prefix,
+    exists,
+    identity,
+    is_remote,
+    join,
+    remote_stem,
+    upload,
+)
 
 # Planning, skipping and listing import none of the engine (numpy, rasterio, torch, Dask):
 # a run with nothing to do answers in well under a second. The engine is imported by the
@@ -36,6 +46,7 @@ if TYPE_CHECKING:
     from distributed import Client
 
     from geoseg.predict import PredictOptions
+    from geoseg.raster import Scene
 
 __all__ = [
     "PlannedScene",
@@ -88,7 +99,7 @@ class RunSummary:
     pipeline: str
     results: list[SceneResult]
     seconds: float
-    out_dir: Path | None = None
+    out_dir: Path | str | None = None
     started: float | None = None  # time.time() when the command began
 
     def count(self, status: str) -> int:
@@ -147,7 +158,9 @@ def scene_stem(path: Path | str) -> str:
 
 def _missing_outputs(row: SceneRow) -> list[str]:
     files = row.outputs.get("files", {})
-    return sorted(name for name, p in files.items() if not Path(p).exists())
+    return sorted(
+        name for name, p in files.items() if not (exists(p) if is_remote(p) else Path(p).exists())
+    )
 
 
 def _decide(
@@ -330,8 +343,9 @@ class _SceneJob:
             self._close(row, result, {"files": files, **info})
             return result
         result.seconds = time.perf_counter() - t0
-        with contextlib.suppress(OSError):
-            _remove_leftovers(self.config.out_dir / planned.stem)
+        if self.config.remote_out is None:  # a remote run's local folder is gone already
+            with contextlib.suppress(OSError):
+                _remove_leftovers(self.config.out_dir / planned.stem)
         if self.stop.is_set():
             result.status = "interrupted"
             result.error = f"the run was stopped while this scene was in progress ({result.error})"
@@ -350,13 +364,32 @@ class _SceneJob:
             self.progress.scene_finished(result)
 
     def _process(self, planned: PlannedScene) -> tuple[dict[str, str], dict[str, Any]]:
-        from geoseg.pipeline.quicklook import write_quicklook
-        from geoseg.predict import predict_scene
         from geoseg.raster import check_writable, open_scene
 
         scene = open_scene(planned.path)
-        out = self.config.out_dir / planned.stem
-        check_writable(out)  # also sweeps what a killed run left
+        remote = self.config.remote_out
+        if remote is None:
+            out = self.config.out_dir / planned.stem
+            check_writable(out)  # also sweeps what a killed run left
+            return self._outputs(planned, scene, out)
+        # made locally, then each file uploaded whole (an object appears complete or not at all)
+        out = Path(tempfile.mkdtemp(prefix=f"geoseg-{planned.stem}-"))
+        try:
+            files, info = self._outputs(planned, scene, out)
+            uploaded = {}
+            for name, p in files.items():
+                url = join(remote, planned.stem, Path(p).name)
+                upload(Path(p), url)
+                uploaded[name] = url
+            return uploaded, info
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+
+    def _outputs(
+        self, planned: PlannedScene, scene: Scene, out: Path
+    ) -> tuple[dict[str, str], dict[str, Any]]:
+        from geoseg.pipeline.quicklook import write_quicklook
+        from geoseg.predict import predict_scene
 
         def chunks(done: int, total: int) -> None:
             if self.progress is not None:
@@ -437,6 +470,8 @@ def run_pipeline(
             from geoseg.model import check_weights
 
             check_weights(bundle)  # a bad bundle fails the run before any cluster starts
+            if config.remote_out is not None:
+                check_writable_prefix(config.remote_out)
             options = predict_options(config, scheduler)
         run_id = ledger.start_run(
             config.name,
@@ -490,7 +525,8 @@ def run_pipeline(
     order = {p.path: i for i, p in enumerate(planned)}
     results.sort(key=lambda r: order[r.path])
     seconds = row.finished - row.started if row is not None and row.finished else 0.0
-    return RunSummary(run_id, config.name, results, seconds, config.out_dir, started)
+    out_dir = config.remote_out or config.out_dir
+    return RunSummary(run_id, config.name, results, seconds, out_dir, started)
 
 
 def _run_scenes(
