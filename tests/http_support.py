@@ -17,8 +17,8 @@ from pathlib import Path
 class RangeServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, root: Path, port: int = 0) -> None:
+        super().__init__(("127.0.0.1", port), _Handler)
         self.root = root
         self.fault: str | None = None  # None, "stall" or "drop"
         self.fault_after = 0  # bytes offset from which range requests meet the fault
@@ -48,8 +48,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not path.is_file():
             self.send_error(404)
             return
-        data = path.read_bytes()
-        size = len(data)
+        size = path.stat().st_size
         start, end, status = 0, size - 1, 200
         m = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
         if m:
@@ -59,7 +58,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_error(416)
                 return
             status = 206
-        body = data[start : end + 1]
+        with open(path, "rb") as f:  # only the range: a large scene is not read whole
+            f.seek(start)
+            body = f.read(end + 1 - start)
         faulty = m is not None and start >= self.server.fault_after
         if faulty and self.server.fault == "stall":
             self.server.stop.wait(120)  # until the test ends: the client must time out
@@ -67,8 +68,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("ETag", f'"{hashlib.md5(data).hexdigest()}"')
         mtime = path.stat().st_mtime
+        self.send_header("ETag", f'"{hashlib.md5(f"{size}-{mtime}".encode()).hexdigest()}"')
         self.send_header("Last-Modified", email.utils.formatdate(mtime, usegmt=True))
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
@@ -95,3 +96,9 @@ def serve(root: Path) -> Iterator[RangeServer]:
         server.shutdown()
         server.server_close()
         time.sleep(0.05)
+
+
+if __name__ == "__main__":  # serve a folder: python -m tests.http_support DIR PORT
+    import sys
+
+    RangeServer(Path(sys.argv[1]), int(sys.argv[2])).serve_forever()
