@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -48,3 +49,13 @@ def machine() -> str:
     bf16 = "native bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no native bf16"
     simd = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
     return f"{model}, {os.cpu_count()} cores, {simd}, {bf16}"
+
+
+def scene_args(doc: str, size: int = 8192) -> argparse.Namespace:
+    """``--size`` (scene side, px), ``--repeat`` and ``--chunk``: the arguments of the
+    benchmarks that run one synthetic scene with the null model."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--size", type=int, default=size)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--chunk", type=int, default=2048)
+    return ap.parse_args()

@@ -12,34 +12,24 @@ times; the fastest is printed, with the bytes written and the throughput in scen
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import time
 
-from _common import machine
-from bench_phases import NullPredictor
+from _common import machine, scene_args
+from bench_phases import install_null_model
 from bench_predict import OUT, bundle, scene
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=int, default=8192)
-    ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--chunk", type=int, default=2048)
-    args = ap.parse_args()
+    args = scene_args(__doc__)
 
-    from geoseg import predict as engine
     from geoseg.model import load_bundle
     from geoseg.predict import PredictOptions, open_client, predict_scene
     from geoseg.raster import open_scene
-    from geoseg.runtime import cpu_cores
 
     path = scene(args.size)
     model = load_bundle(bundle("resnet18", 512, 64))
-    null = NullPredictor(len(model.spec.classes))
-    engine.get_predictor = lambda factory: null  # type: ignore[assignment]
-    engine.write_in_background = lambda options, device: cpu_cores() > 1  # type: ignore[assignment]
-    workers = max(2, min(8, cpu_cores() // 2))  # as on CUDA
+    workers = install_null_model(len(model.spec.classes))
     sc = open_scene(path)
     mp = sc.width * sc.height / 1e6
     configs = [

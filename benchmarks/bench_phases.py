@@ -84,6 +84,18 @@ class NullPredictor:
         return out
 
 
+def install_null_model(n_classes: int) -> int:
+    """Replace the engine's model by a :class:`NullPredictor` and run the rest as on a GPU
+    (background writers, the GPU's worker threads); returns that worker count."""
+    from geoseg import predict as engine
+    from geoseg.runtime import cpu_cores
+
+    null = NullPredictor(n_classes)
+    engine.get_predictor = lambda factory: null  # type: ignore[assignment]
+    engine.write_in_background = lambda options, device: cpu_cores() > 1  # type: ignore[assignment]
+    return max(2, min(8, cpu_cores() // 2))
+
+
 def rss_anon_mib() -> int:
     """This process's anonymous resident memory (heap, not mapped files), MiB."""
     with open("/proc/self/status") as f:

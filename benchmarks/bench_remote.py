@@ -22,8 +22,8 @@ import sys
 import time
 import urllib.request
 
-from _common import ROOT, machine
-from bench_phases import NullPredictor
+from _common import ROOT, machine, scene_args
+from bench_phases import install_null_model
 from bench_predict import OUT, bundle, scene
 
 
@@ -34,11 +34,7 @@ def free_port() -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=int, default=8192)
-    ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--chunk", type=int, default=2048)
-    args = ap.parse_args()
+    args = scene_args(__doc__)
 
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -75,12 +71,10 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     import obstore
 
-    from geoseg import predict as engine
     from geoseg.model import load_bundle
     from geoseg.predict import PredictOptions, open_client, predict_scene
     from geoseg.raster import open_scene
     from geoseg.remote import _store
-    from geoseg.runtime import cpu_cores
 
     path = scene(args.size)
     store, _ = _store("s3://bench/")
@@ -88,10 +82,7 @@ def run(args: argparse.Namespace) -> None:
     obstore.put(store, path.name, path)
     upload_s = time.perf_counter() - t
     model = load_bundle(bundle("resnet18", 512, 64))
-    null = NullPredictor(len(model.spec.classes))
-    engine.get_predictor = lambda factory: null  # type: ignore[assignment]
-    engine.write_in_background = lambda options, device: cpu_cores() > 1  # type: ignore[assignment]
-    workers = max(2, min(8, cpu_cores() // 2))
+    workers = install_null_model(len(model.spec.classes))
     sources = {
         "local disk": str(path),
         "HTTP (loopback)": f"{os.environ['GEOSEG_BENCH_HTTP']}/{path.name}",

@@ -82,3 +82,12 @@ def read_pixels(path: Path) -> np.ndarray:
 def leftovers(root: Path) -> list[Path]:
     """Temporary files (``.*.partial*``) anywhere under ``root``."""
     return sorted(p for p in root.rglob(".*partial*"))
+
+
+def assert_same_rasters(got: Path, want: Path, names: list[str]) -> None:
+    """The rasters ``names`` in folders ``got`` and ``want`` have equal profiles, tags and
+    pixels (a remote run against a local one, say)."""
+    for name in names:
+        with rasterio.open(got / name) as a, rasterio.open(want / name) as b:
+            assert a.profile == b.profile and a.tags() == b.tags(), name
+            assert np.array_equal(a.read(), b.read()), name

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import rasterio
 from click.testing import CliRunner
 
 from geoseg.cli import cli
@@ -18,7 +17,7 @@ from geoseg.raster import open_scene
 from geoseg.remote import is_remote, redact, remote_stem
 from tests.conftest import write_tif
 from tests.http_support import serve
-from tests.pipeline_support import leftovers
+from tests.pipeline_support import assert_same_rasters, leftovers
 
 
 def predict(*args: str) -> Any:
@@ -56,13 +55,9 @@ def test_http_scene_gives_the_local_outputs(tmp_path: Path, served: Path, make_b
         assert server.requests > 2  # windowed range reads, not one download
     res = predict(str(served / "scene.tif"), "-m", model, "-o", str(tmp_path / "local"))
     assert res.exit_code == 0, res.output
-    for name in ("scene.probs.tif", "scene.mask.tif"):
-        with (
-            rasterio.open(tmp_path / "remote" / name) as got,
-            rasterio.open(tmp_path / "local" / name) as want,
-        ):
-            assert got.profile == want.profile and got.tags() == want.tags()
-            assert np.array_equal(got.read(), want.read())
+    assert_same_rasters(
+        tmp_path / "remote", tmp_path / "local", ["scene.probs.tif", "scene.mask.tif"]
+    )
 
 
 def _one_line_failure(res: Any, out: Path, needle: str) -> None:

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from geoseg.cli import cli
 from geoseg.pipeline import load_pipeline, run_pipeline
 from tests.conftest import write_tif
-from tests.pipeline_support import make_model, make_scene, write_pipeline
+from tests.pipeline_support import assert_same_rasters, make_model, make_scene, write_pipeline
 
 moto_server = pytest.importorskip("moto.server")
 
@@ -76,13 +76,7 @@ def test_predict_from_s3_gives_the_local_outputs(
             cli, ["predict", src, "-m", model, "-o", str(tmp_path / name), "--device", "cpu"]
         )
         assert res.exit_code == 0, res.output
-    for name in ("a.probs.tif", "a.mask.tif"):
-        with (
-            rasterio.open(tmp_path / "remote" / name) as got,
-            rasterio.open(tmp_path / "local" / name) as want,
-        ):
-            assert got.profile == want.profile and got.tags() == want.tags()
-            assert np.array_equal(got.read(), want.read())
+    assert_same_rasters(tmp_path / "remote", tmp_path / "local", ["a.probs.tif", "a.mask.tif"])
 
 
 def test_pipeline_over_a_bucket_glob_runs_skips_and_reruns_what_changed(
