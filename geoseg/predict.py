@@ -791,8 +791,12 @@ def predict_scene(
     *,
     factory: PredictorFactory | None = None,
     progress: Callable[[int, int], None] | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> PredictOutputs:
     """Predict one scene into ``<stem>.probs.tif`` and ``<stem>.mask.tif`` COGs in ``out_dir``.
+
+    ``extra_tags`` are stored in the outputs beside :func:`output_tags` (e.g. the scene's STAC
+    item id).
 
     ``factory`` overrides how workers build the predictor (default: the bundle on the options'
     device and precision). ``progress(done, total)`` is called after each chunk is written.
@@ -826,7 +830,7 @@ def predict_scene(
     total, done, skipped = len(grid), 0, 0
     writer = RasterWriter(
         scene,
-        output_tags(bundle, scene),
+        {**output_tags(bundle, scene), **(extra_tags or {})},
         write_in_background(options, device),
         compress=options.compress,
     )

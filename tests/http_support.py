@@ -23,6 +23,7 @@ class RangeServer(ThreadingHTTPServer):
         self.fault: str | None = None  # None, "stall" or "drop"
         self.fault_after = 0  # bytes offset from which range requests meet the fault
         self.requests = 0
+        self.posted: list[bytes] = []
         self.stop = threading.Event()
 
     @property
@@ -42,9 +43,25 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._serve(head=False)
 
+    def do_POST(self) -> None:
+        """A recorded answer: ``<path>.post.json`` under the root (a STAC API's /search);
+        the request's body is kept in ``server.posted``."""
+        length = int(self.headers.get("Content-Length", 0))
+        self.server.posted.append(self.rfile.read(length))
+        path = self.server.root / (self.path.split("?")[0].strip("/") + ".post.json")
+        if not path.is_file():
+            self.send_error(404)
+            return
+        body = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/geo+json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def _serve(self, head: bool) -> None:
         self.server.requests += 1
-        path = self.server.root / self.path.split("?")[0].lstrip("/")
+        path = self.server.root / (self.path.split("?")[0].lstrip("/") or "index.json")
         if not path.is_file():
             self.send_error(404)
             return

@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -53,8 +54,32 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class StacSearch(_Strict):
+    """A STAC API search (pystac-client's ``search`` arguments)."""
+
+    collections: list[str] | None = Field(None, description="Collection ids.")
+    bbox: list[float] | None = Field(
+        None, min_length=4, max_length=4, description="west, south, east, north (EPSG:4326)."
+    )
+    datetime: str | None = Field(None, description="A date, or an interval 'start/end'.")
+    query: dict[str, Any] | None = Field(None, description="Property filters (STAC query).")
+    ids: list[str] | None = Field(None, description="Item ids.")
+    max_items: int = Field(1000, ge=1, description="At most this many items.")
+
+
+class StacInput(_Strict):
+    """Scenes from STAC: the asset ``asset`` of each item of ``source``."""
+
+    source: str = Field(
+        description="A STAC Item, ItemCollection or Catalog (file, relative to the YAML file, "
+        "or URL), or with ``search`` the root URL of a STAC API."
+    )
+    asset: str = Field(description="The key of the asset to read, e.g. 'visual' or 'image'.")
+    search: StacSearch | None = Field(None, description="Search the STAC API at ``source``.")
+
+
 class Inputs(_Strict):
-    """Which scenes to process: paths and globs, and optionally a text file listing paths."""
+    """Which scenes to process: paths and globs, a text file listing paths, STAC items."""
 
     paths: list[str] = Field(
         default_factory=list,
@@ -66,6 +91,7 @@ class Inputs(_Strict):
     exclude: list[str] = Field(
         default_factory=list, description="Glob patterns of file names or paths to leave out."
     )
+    stac: StacInput | None = Field(None, description="Scenes from STAC items or a STAC search.")
     allow_empty: bool = Field(
         False,
         description="Succeed with nothing to do when no scene matches (for example a nightly "
@@ -196,6 +222,8 @@ class ScheduleSettings(_Strict):
 class PipelineConfig(_Strict):
     """One pipeline file: what to process, with which model and settings, where, and when."""
 
+    _stac: dict[str, str] | None = PrivateAttr(None)
+
     schema_version: Literal[1] = Field(description="Pipeline file format version; must be 1.")
     name: str = Field(description="Pipeline name: letters, digits, '.', '_' and '-'.")
     description: str = ""
@@ -286,6 +314,10 @@ class PipelineConfig(_Strict):
         :mod:`geoseg.remote`) stay strings, and a URL with glob characters in its key is
         matched against a listing of the store."""
         found: dict[str, Path | str] = {}
+        for href in self.stac_items():
+            scene: Path | str = href if is_remote(href) else Path(href)
+            if not self._excluded(scene):
+                found.setdefault(href, scene)
         entries = [(p, "inputs.paths") for p in self.inputs.paths]
         if self.inputs.list_file:
             entries += [(p, f"inputs.list_file ({self.inputs.list_file})") for p in self._listed()]
@@ -319,6 +351,27 @@ class PipelineConfig(_Strict):
         if not found and not self.inputs.allow_empty:
             raise ConfigError(f"{self.source}: inputs match no scene")
         return [found[k] for k in sorted(found)]
+
+    def stac_items(self) -> dict[str, str]:
+        """Asset href → STAC item id of the scenes ``inputs.stac`` names (read once)."""
+        if self.inputs.stac is None:
+            return {}
+        if self._stac is None:
+            from geoseg.stac import stac_scenes
+
+            st = self.inputs.stac
+            source = st.source if is_remote(st.source) else str(self.resolve(st.source))
+            search = None
+            max_items = 1000
+            if st.search is not None:
+                search = st.search.model_dump(exclude_none=True)
+                max_items = search.pop("max_items")
+            try:
+                found = stac_scenes(source, st.asset, search, max_items)
+            except GeosegError as exc:
+                raise ConfigError(f"{self.source}: inputs.stac: {exc}") from exc
+            self._stac = {s.href: s.item_id for s in found}
+        return self._stac
 
     def _listed(self) -> list[str]:
         assert self.inputs.list_file is not None

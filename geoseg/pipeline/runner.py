@@ -395,9 +395,20 @@ class _SceneJob:
             if self.progress is not None:
                 self.progress.scene_chunks(planned, done, total)
 
-        pred = predict_scene(scene, self.bundle, out, self.options, self.client, progress=chunks)
+        item = self.config.stac_items().get(str(planned.path))
+        pred = predict_scene(
+            scene,
+            self.bundle,
+            out,
+            self.options,
+            self.client,
+            progress=chunks,
+            extra_tags={"GEOSEG_STAC_ITEM": item} if item else None,
+        )
         files = {name: str(p) for name, p in (("probs", pred.probs), ("mask", pred.mask)) if p}
         info: dict[str, Any] = {"chunks": pred.chunks, "skipped_chunks": pred.skipped}
+        if item:
+            info["stac_item"] = item
         if pred.warnings:
             info["warnings"] = pred.warnings
         if self.config.outputs.vectors:
