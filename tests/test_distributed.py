@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from geoseg.pipeline import PlannedScene, SceneResult, load_pipeline, run_pipeline
 from tests.pipeline_support import make_model, make_scene, read_pixels, write_pipeline
@@ -171,3 +172,22 @@ def test_corrupt_tile_read_on_a_worker_is_one_clean_error(
     # geoseg's own error (recorded as its message), not "Exception: InputError(...)"
     assert result.error is not None and result.error.startswith(str(tmp_path / "scenes"))
     assert "read failed" in result.error and "Exception" not in result.error
+
+
+def test_workers_read_remote_scenes_themselves(
+    cluster: distributed.LocalCluster, local_run: Path
+) -> None:
+    """Scenes given by URL: each worker process reads its chunks with range requests (no
+    shared file system for inputs), and the outputs are the local run's."""
+    from tests.http_support import serve
+
+    with serve(local_run / "scenes") as server:
+        urls = [f"{server.url}/{name}.tif" for name in SCENES]
+        job = _job(local_run, "remote", cluster.scheduler_address)
+        doc = yaml.safe_load(job.read_text())
+        doc["inputs"] = {"paths": urls}
+        job.write_text(yaml.safe_dump(doc))
+        summary = run_pipeline(load_pipeline(job))
+        assert summary.ok and summary.count("done") == 2, summary.results
+        assert [str(r.path) for r in summary.results] == urls
+    _assert_same_outputs(local_run, "remote")

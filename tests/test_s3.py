@@ -192,3 +192,25 @@ def test_pipeline_from_s3_to_s3_records_urls_and_reruns_lost_objects(
     third = run_pipeline(load_pipeline(job))
     assert [r.status for r in third.results] == ["skipped", "done"]
     assert "outputs missing: mask" in third.results[1].reason
+
+
+def test_wrong_credentials_are_one_line(
+    tmp_path: Path, bucket: str, make_bundle: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moto import settings
+
+    rng = np.random.default_rng(6)
+    local = write_tif(tmp_path / "c.tif", rng.integers(0, 255, (3, 64, 64), dtype=np.uint8))
+    url = put(bucket, "in/c.tif", local)
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # check keys from now on
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "0")
+    model = str(make_bundle().path)
+    for args, needle in (
+        ([url, "-o", str(tmp_path / "o")], f"{url}: cannot be read"),
+        ([str(local), "-o", f"s3://{bucket}/out/"], f"s3://{bucket}/out/: cannot write there"),
+    ):
+        res = CliRunner().invoke(cli, ["predict", *args, "-m", model, "--device", "cpu"])
+        assert res.exit_code == 2, res.output
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"geoseg: error: {needle}"), res.output
+        assert "testing" not in res.output  # the secret is never shown
