@@ -154,6 +154,17 @@ def test_predict_s3_to_s3_uploads_whole_outputs(
         else:
             assert got == (tmp_path / "local" / name).read_bytes()
 
+    # geoseg vectorize reads a remote prediction as it reads the local file (a mask also
+    # finds its sibling probabilities there, for confidences)
+    for source in ("b.probs.tif", "b.mask.tif"):
+        for where, src in (("remote", f"s3://{bucket}/results/{source}"), ("here", "")):
+            src = src or str(tmp_path / "local" / source)
+            res = CliRunner().invoke(cli, ["vectorize", src, "-o", str(tmp_path / where)])
+            assert res.exit_code == 0, res.output
+        for name in ("b.buildings.geojson", "b.roads.geojson"):
+            got = (tmp_path / "remote" / name).read_bytes()
+            assert got == (tmp_path / "here" / name).read_bytes(), (source, name)
+
     res = CliRunner().invoke(cli, [*args, "-o", "s3://no-such-bucket/x/"])
     assert res.exit_code == 2, res.output
     assert res.output.strip().startswith("geoseg: error: s3://no-such-bucket/x/: cannot write")

@@ -169,6 +169,28 @@ def test_labels_are_burned_from_reprojected_vectors(cfg_raw: dict) -> None:
     assert (y_chip == IGNORE).all()  # nodata corner
 
 
+def test_a_training_scene_may_be_a_url(cfg_raw: dict, tmp_path: Path) -> None:
+    """The same chips and labels from the scene served over HTTP as from the file."""
+    from tests.http_support import serve
+
+    local = parse_config(cfg_raw, "test", tmp_path)
+    with serve(tmp_path) as server:
+        raw = json.loads(json.dumps(cfg_raw))
+        raw["scenes"][0]["image"] = f"{server.url}/scene.tif"
+        cfg = parse_config(raw, "test", tmp_path)  # a URL is not made relative to the file
+        assert cfg.scenes[0].image == f"{server.url}/scene.tif"
+        a, b = prepare(local), prepare(cfg)
+        assert [c.window for c in a.chips.chips] == [c.window for c in b.chips.chips]
+        scene = open_scene(cfg.scenes[0].image)
+        labels = load_scene_labels(cfg.scenes[0], scene, cfg.model.classes)
+        x, y = load_chip(labels, Window(64, 64, 32, 32), cfg.model)
+        ref = load_scene_labels(
+            local.scenes[0], open_scene(local.scenes[0].image), cfg.model.classes
+        )
+        x_ref, y_ref = load_chip(ref, Window(64, 64, 32, 32), cfg.model)
+        assert np.array_equal(x, x_ref) and np.array_equal(y, y_ref)
+
+
 def test_road_width_is_metric_on_a_geographic_scene(tmp_path: Path) -> None:
     scene_path = DATA / "road_mask_input.tif"
     raw = {

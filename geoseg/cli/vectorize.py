@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from pydantic import ValidationError
 
 from geoseg.cli.options import Progress, out_dir_option
 from geoseg.errors import ConfigError, describe_validation_error
+from geoseg.remote import redact
 from geoseg.vectorize.options import VectorizeOptions, VectorizeOutputs
 
 log = logging.getLogger("geoseg.cli")
@@ -149,7 +151,7 @@ def report(outs: VectorizeOutputs) -> None:
 
 
 @click.command()
-@click.argument("predictions", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("predictions", nargs=-1, required=True)
 @out_dir_option
 @vectorize_options
 @click.option(
@@ -159,7 +161,7 @@ def report(outs: VectorizeOutputs) -> None:
     help="Local worker processes (default 2).",
 )
 def vectorize(
-    predictions: tuple[Path, ...],
+    predictions: tuple[str, ...],
     out_dir: Path,
     workers: int | None,
     layer_spec: tuple[str, ...],
@@ -168,10 +170,11 @@ def vectorize(
     **kwargs: Any,
 ) -> None:
     """Write <stem>.buildings.geojson and <stem>.roads.geojson for each PREDICTION
-    (a <stem>.probs.tif or <stem>.mask.tif from geoseg predict) into --out."""
+    (a <stem>.probs.tif or <stem>.mask.tif from geoseg predict; a file, or an http(s)://,
+    s3://, gs:// or az:// URL) into --out."""
     options = options_from_cli(layer_spec, formats, vchunk, workers, **kwargs)
     for path in predictions:
-        progress = Progress(f"vectorize {path.name}", log.info)
+        progress = Progress(f"vectorize {os.path.basename(redact(path))}", log.info)
         try:
             from geoseg.vectorize.run import vectorize_prediction  # scipy etc.: only when used
 

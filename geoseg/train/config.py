@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from geoseg.errors import ConfigError, describe_validation_error
 from geoseg.model import ModelSpec
+from geoseg.remote import is_remote
 
 __all__ = [
     "ChipConfig",
@@ -93,7 +94,10 @@ class HoldOut(_Strict):
 class SceneConfig(_Strict):
     """One training scene and the label sources burned onto it, later sources on top."""
 
-    image: Path
+    image: str = Field(
+        description="The scene: a GeoTIFF path (relative to the config file), or an http(s)://, "
+        "s3://, gs:// or az:// URL (see geoseg.remote)."
+    )
     labels: list[LabelSource] = Field(min_length=1)
     classes: list[str] | None = Field(
         None,
@@ -259,7 +263,7 @@ def _resolve(raw: Any, base: Path) -> Any:
             raw[key] = os.path.normpath(base / raw[key])
     for scene in raw.get("scenes") or []:
         if isinstance(scene, dict):
-            if isinstance(scene.get("image"), str):
+            if isinstance(scene.get("image"), str) and not is_remote(scene["image"]):
                 scene["image"] = os.path.normpath(base / scene["image"])
             for src in scene.get("labels") or []:
                 if isinstance(src, dict) and isinstance(src.get("path"), str):

@@ -125,7 +125,7 @@ class LayerOutput:
 class VectorizeOutputs:
     """What vectorizing one prediction produced, layer by layer."""
 
-    source: Path
+    source: Path | str
     layers: dict[str, LayerOutput] = field(default_factory=dict)
 
     @property

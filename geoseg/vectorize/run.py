@@ -15,6 +15,7 @@ from rasterio.windows import Window
 from geoseg.errors import InputError
 from geoseg.grid import ChunkGrid
 from geoseg.raster import check_writable
+from geoseg.remote import is_remote
 from geoseg.vectorize.centerlines import (
     CenterlineJob,
     SkeletonPixels,
@@ -140,7 +141,7 @@ def vectorize_prediction(
     raster is read window by window. ``progress(done, total)`` is called after each chunk.
     """
     options = options or VectorizeOptions()
-    pred = open_prediction(Path(path))
+    pred = open_prediction(path)
     frames = frames_for(pred)
     out = Path(out_dir)
     check_writable(out)
@@ -210,7 +211,7 @@ def vectorize_prediction(
             w.abort()
         raise
     log.info("%s: %s", pred.path, ", ".join(f"{n} {c.count}" for n, c in counts.items()))
-    return VectorizeOutputs(Path(path), counts)
+    return VectorizeOutputs(os.fspath(path) if is_remote(path) else Path(path), counts)
 
 
 def _collect(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,13 @@ from typing import Any
 import numpy as np
 import rasterio
 from affine import Affine
+from rasterio._err import CPLE_BaseError
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from geoseg.errors import InputError
+from geoseg.errors import InputError, first_line
 from geoseg.raster import gdal_env, ground_resolution
+from geoseg.remote import exists, gdal_path, is_remote, redact, remote_name
 
 __all__ = ["ClassWindow", "Prediction", "open_prediction", "read_class"]
 
@@ -54,7 +57,7 @@ class Prediction:
         return (x, y)
 
 
-def _classes(src: rasterio.io.DatasetReader, p: Path) -> tuple[str, ...]:
+def _classes(src: rasterio.io.DatasetReader, p: Path | str) -> tuple[str, ...]:
     raw = src.tags().get("GEOSEG_CLASSES")
     if raw:
         try:
@@ -71,13 +74,17 @@ def _classes(src: rasterio.io.DatasetReader, p: Path) -> tuple[str, ...]:
     )
 
 
-def open_prediction(path: str | Path) -> Prediction:
-    """Validate a prediction raster and describe it; raise :class:`InputError` if unusable."""
-    p = Path(path)
-    if not p.is_file():
+def open_prediction(path: str | os.PathLike[str]) -> Prediction:
+    """Validate a prediction raster (a file, or a URL or object, see :mod:`geoseg.remote`) and
+    describe it; raise :class:`InputError` if unusable."""
+    remote = is_remote(path)
+    name = os.fspath(path)
+    p: Path | str = redact(name) if remote else Path(path)
+    if not remote and not Path(path).is_file():
         raise InputError(f"{p}: no such file")
+    file_name = remote_name(name) if remote else Path(path).name
     try:
-        with gdal_env(), rasterio.open(p) as src:
+        with gdal_env(), rasterio.open(gdal_path(name)) as src:
             if src.crs is None:
                 raise InputError(
                     f"{p}: has no CRS, so its vectors could not be georeferenced; "
@@ -87,7 +94,7 @@ def open_prediction(path: str | Path) -> Prediction:
             if t.b != 0 or t.d != 0 or t.e > 0:
                 raise InputError(f"{p}: needs a north-up geotransform, got {tuple(t)[:6]}")
             classes = _classes(src, p)
-            is_probs = p.name.endswith(".probs.tif") or (
+            is_probs = file_name.endswith(".probs.tif") or (
                 src.count == len(classes) and src.count > 1
             )
             if not is_probs and src.count != 1:
@@ -99,20 +106,20 @@ def open_prediction(path: str | Path) -> Prediction:
             tags = src.tags()
             crs = src.crs
             width, height = src.width, src.height
-    except RasterioError as exc:
-        raise InputError(f"{p}: not a readable raster ({exc})") from exc
-    stem = prediction_stem(p)
-    probs: str | None = str(p) if is_probs else None
-    mask: str | None = None if is_probs else str(p)
+    except (RasterioError, CPLE_BaseError) as exc:
+        raise InputError(f"{p}: not a readable raster ({first_line(exc)})") from exc
+    stem = prediction_stem(file_name)
+    probs: str | None = name if is_probs else None
+    mask: str | None = None if is_probs else name
     if not is_probs:
-        sibling = p.with_name(f"{stem}.probs.tif")
-        if sibling.is_file():
-            with rasterio.open(sibling) as s:
+        sibling = name[: len(name) - len(file_name)] + f"{stem}.probs.tif"
+        if exists(sibling) if remote else Path(sibling).is_file():
+            with gdal_env(), rasterio.open(gdal_path(sibling)) as s:
                 if (s.width, s.height, s.count) == (width, height, len(classes)):
-                    probs = str(sibling)
+                    probs = sibling
     linear = crs.linear_units_factor[1] if crs.is_projected else math.nan
     return Prediction(
-        path=str(p),
+        path=name,
         stem=stem,
         kind="probs" if is_probs else "mask",
         classes=classes,
@@ -122,7 +129,7 @@ def open_prediction(path: str | Path) -> Prediction:
         transform=t,
         geographic=bool(crs.is_geographic),
         metric=_metric(crs, t, width, height, linear),
-        scene=tags.get("GEOSEG_SCENE", p.name),
+        scene=tags.get("GEOSEG_SCENE", file_name),
         model=tags.get("GEOSEG_MODEL", ""),
         probs=probs,
         mask=mask,
@@ -147,10 +154,11 @@ def _read_band(path: str, band: int, window: Window, width: int, height: int) ->
     if rr1 <= rr0 or cc1 <= cc0:
         return out
     try:
-        with gdal_env(), rasterio.open(path) as src:
+        with gdal_env(), rasterio.open(gdal_path(path)) as src:
             data = src.read(band, window=Window(cc0, rr0, cc1 - cc0, rr1 - rr0))
-    except RasterioError as exc:
-        raise InputError(f"{path}: read failed at window {window} ({exc})") from exc
+    except (RasterioError, CPLE_BaseError) as exc:
+        shown = redact(path)
+        raise InputError(f"{shown}: read failed at window {window} ({first_line(exc)})") from exc
     out[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = data
     return out
 
@@ -214,9 +222,11 @@ def _metric(crs: Any, t: Affine, width: int, height: int, linear: float) -> bool
     return abs(gx / abs(t.a) - 1) <= SCALE_TOLERANCE and abs(gy / abs(t.e) - 1) <= SCALE_TOLERANCE
 
 
-def prediction_stem(path: Path) -> str:
-    """The scene stem of ``<stem>.probs.tif`` or ``<stem>.mask.tif`` (else the file's stem)."""
+def prediction_stem(path: Path | str) -> str:
+    """The scene stem of ``<stem>.probs.tif`` or ``<stem>.mask.tif`` (else the file's stem);
+    ``path`` may be a file name."""
+    name = path.name if isinstance(path, Path) else path
     for suffix in (".probs.tif", ".mask.tif"):
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.stem
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
