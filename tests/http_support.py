@@ -22,6 +22,7 @@ class RangeServer(ThreadingHTTPServer):
         self.root = root
         self.fault: str | None = None  # None, "stall" or "drop"
         self.fault_after = 0  # bytes offset from which range requests meet the fault
+        self.fault_only: set[str] | None = None  # file names that meet it (None: all)
         self.requests = 0
         self.posted: list[bytes] = []
         self.stop = threading.Event()
@@ -79,6 +80,8 @@ class _Handler(BaseHTTPRequestHandler):
             f.seek(start)
             body = f.read(end + 1 - start)
         faulty = m is not None and start >= self.server.fault_after
+        if self.server.fault_only is not None and path.name not in self.server.fault_only:
+            faulty = False
         if faulty and self.server.fault == "stall":
             self.server.stop.wait(120)  # until the test ends: the client must time out
             return

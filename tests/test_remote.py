@@ -99,3 +99,29 @@ def test_a_server_that_stalls_or_drops_fails_in_bounded_time(
         elapsed = time.monotonic() - t
     _one_line_failure(res, tmp_path / "o", f"{server.url}/{name}")
     assert elapsed < 60, elapsed  # a bound, not a timing: the stall would last 120 s
+
+
+def test_in_a_pipeline_a_stalling_scene_fails_alone(
+    tmp_path: Path, served: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from geoseg.pipeline import load_pipeline, run_pipeline
+    from tests.pipeline_support import make_model, make_scene, write_pipeline
+
+    monkeypatch.setenv("GDAL_HTTP_TIMEOUT", "2")
+    monkeypatch.setenv("GDAL_HTTP_MAX_RETRY", "1")
+    monkeypatch.setenv("GDAL_HTTP_RETRY_DELAY", "0.1")
+    for name in ("ok", "slow"):
+        make_scene(served / f"{name}.tif", 0, 0, 128)
+    make_model(tmp_path / "model")
+    with serve(served) as server:
+        server.fault, server.fault_after, server.fault_only = "stall", 16384, {"slow.tif"}
+        urls = [f"{server.url}/ok.tif", f"{server.url}/slow.tif"]
+        job = write_pipeline(tmp_path / "p.yml", inputs={"paths": urls})
+        t = time.monotonic()
+        summary = run_pipeline(load_pipeline(job))
+        elapsed = time.monotonic() - t
+    by_stem = {r.stem: r for r in summary.results}
+    assert by_stem["ok"].status == "done"
+    assert by_stem["slow"].status == "failed" and urls[1] in (by_stem["slow"].error or "")
+    assert elapsed < 60, elapsed  # bounded by the timeout, not by the stall (120 s)
+    assert leftovers(tmp_path / "out") == []

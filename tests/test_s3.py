@@ -198,6 +198,15 @@ def test_pipeline_from_s3_to_s3_records_urls_and_reruns_lost_objects(
     assert len(keys) == 10 and all(k.startswith(("out/t0/t0.", "out/t1/t1.")) for k in keys)
     assert not (tmp_path / "out").exists()  # nothing local
 
+    # the same pipeline on the local files writes the same rasters
+    local = write_pipeline(tmp_path / "l.yml", name="local", outputs={"dir": "local"})
+    assert run_pipeline(load_pipeline(local)).ok
+    for name in ("t0.probs.tif", "t0.mask.tif"):
+        (tmp_path / "got").mkdir(exist_ok=True)
+        (tmp_path / "got" / name).write_bytes(_get(f"s3://{bucket}/out/t0/{name}"))
+    assert_same_rasters(tmp_path / "got", tmp_path / "local" / "t0", ["t0.probs.tif"])
+    assert_same_rasters(tmp_path / "got", tmp_path / "local" / "t0", ["t0.mask.tif"])
+
     assert [r.status for r in run_pipeline(load_pipeline(job)).results] == ["skipped"] * 2
     obstore.delete(store, "out/t1/t1.mask.tif")
     third = run_pipeline(load_pipeline(job))
