@@ -64,6 +64,11 @@ def is_remote(name: str | os.PathLike[str]) -> bool:
     return text.lower().startswith(_SCHEMES) or text.startswith("/vsi")
 
 
+def remote_key(name: str) -> str:
+    """The path part of a URL (no query string), or ``name`` itself for a /vsi path."""
+    return urlsplit(name).path if "://" in name else name
+
+
 def remote_name(name: str) -> str:
     """The file name of a remote scene (its URL's last path element)."""
     path = urlsplit(name).path if "://" in name else name
@@ -157,16 +162,35 @@ def identity(name: str) -> tuple[int, int]:
     """(size in bytes, version) of a remote object: the version is a number made from its
     ETag, else its Last-Modified time, so that the ledger can tell when it changed. Raises
     :class:`InputError` (one line, the URL redacted) when it cannot be reached."""
-    import obstore
-
     try:
-        store, key = _store(name)
-        meta = obstore.head(store, key)
+        meta = _head(name)
     except Exception as exc:  # obstore's errors: not found, permission, network, timeout
         raise InputError(f"{redact(name)}: cannot be reached ({_first_line(exc)})") from exc
     tag = str(meta.get("e_tag") or meta.get("last_modified") or "")
     version = int(hashlib.sha256(tag.encode()).hexdigest()[:15], 16)
     return int(meta["size"]), version
+
+
+def _head(name: str) -> dict[str, Any]:
+    """size, e_tag and last_modified of an object: an HTTP HEAD request for http(s) URLs
+    (obstore's HTTP store asks with WebDAV's PROPFIND, which plain servers refuse), obstore's
+    head for object stores."""
+    if name.lower().startswith(("http://", "https://")):
+        import urllib.request
+
+        timeout = float(os.environ.get("GDAL_HTTP_TIMEOUT", NETWORK_DEFAULTS["GDAL_HTTP_TIMEOUT"]))
+        request = urllib.request.Request(name, method="HEAD")
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            headers = answer.headers
+            return {
+                "size": int(headers.get("Content-Length") or 0),
+                "e_tag": headers.get("ETag"),
+                "last_modified": headers.get("Last-Modified"),
+            }
+    import obstore
+
+    store, key = _store(name)
+    return dict(obstore.head(store, key))
 
 
 def list_matching(pattern: str) -> list[str]:
@@ -222,11 +246,8 @@ def upload(local: os.PathLike[str], url: str) -> None:
 
 def exists(url: str) -> bool:
     """Whether the object ``url`` exists (False too when it cannot be reached)."""
-    import obstore
-
     try:
-        store, key = _store(url)
-        obstore.head(store, key)
+        _head(url)
     except Exception:
         return False
     return True

@@ -125,3 +125,21 @@ def test_in_a_pipeline_a_stalling_scene_fails_alone(
     assert by_stem["slow"].status == "failed" and urls[1] in (by_stem["slow"].error or "")
     assert elapsed < 60, elapsed  # bounded by the timeout, not by the stall (120 s)
     assert leftovers(tmp_path / "out") == []
+
+
+def test_the_ledger_keeps_no_signature_of_a_presigned_url(tmp_path: Path, served: Path) -> None:
+    from geoseg.pipeline import Ledger, load_pipeline, run_pipeline
+    from tests.pipeline_support import make_model, make_scene, write_pipeline
+
+    make_scene(served / "signed.tif", 0, 0, 64)
+    make_model(tmp_path / "model")
+    with serve(served) as server:
+        url = f"{server.url}/signed.tif?X-Amz-Signature=secret123"
+        job = write_pipeline(tmp_path / "p.yml", inputs={"paths": [url]})
+        first = run_pipeline(load_pipeline(job))
+        assert [r.status for r in first.results] == ["done"]
+        assert [r.status for r in run_pipeline(load_pipeline(job)).results] == ["skipped"]
+    with Ledger(tmp_path / "state" / "ledger.sqlite") as ledger:
+        rows = ledger.scenes(first.run_id)
+    assert [r.path for r in rows] == [f"{server.url}/signed.tif"]
+    assert "secret123" not in (tmp_path / "state" / "ledger.sqlite").read_bytes().decode("latin1")

@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from geoseg.errors import ConfigError, GeosegError
-from geoseg.remote import is_remote, list_matching, redact, remote_name
+from geoseg.remote import is_remote, list_matching, redact, remote_key, remote_name
 from geoseg.vectorize.options import Format, LayerKind, VectorizeOptions
 from geoseg.yamlio import safe_load_unique
 
@@ -324,7 +324,7 @@ class PipelineConfig(_Strict):
         for entry, origin in entries:
             if is_remote(entry):
                 urls = [entry]
-                if globlib.has_magic(entry):
+                if globlib.has_magic(remote_key(entry)):  # not a URL's query string
                     try:
                         urls = list_matching(entry)
                     except GeosegError as exc:

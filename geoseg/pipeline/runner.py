@@ -35,6 +35,7 @@ from geoseg.remote import (
     identity,
     is_remote,
     join,
+    redact,
     remote_stem,
     upload,
 )
@@ -151,6 +152,12 @@ def file_identity(path: Path | str) -> tuple[int | None, int | None]:
     return st.st_size, st.st_mtime_ns
 
 
+def ledger_key(path: Path | str) -> str:
+    """How the ledger names a scene: its path, or its URL without query string or user info
+    (a pre-signed URL's signature is neither kept in the ledger nor part of the identity)."""
+    return redact(path) if isinstance(path, str) else str(path)
+
+
 def scene_stem(path: Path | str) -> str:
     """The name a scene's outputs get: its file name without the last extension."""
     return remote_stem(path) if isinstance(path, str) else path.stem
@@ -200,7 +207,7 @@ def plan_run(
     planned = []
     for path in paths:
         size, mtime = file_identity(path)
-        prev = ledger.last_done(config.name, str(path)) if ledger is not None else None
+        prev = ledger.last_done(config.name, ledger_key(path)) if ledger is not None else None
         action, reason = _decide(path, size, mtime, prev, config_hash, bundle.sha256, force)
         planned.append(PlannedScene(path, scene_stem(path), size, mtime, action, reason))
     return planned
@@ -317,7 +324,7 @@ class _SceneJob:
         row = self.ledger.start_scene(
             self.run_id,
             self.config.name,
-            str(planned.path),
+            ledger_key(planned.path),
             planned.size,
             planned.mtime_ns,
             self.config_hash,
@@ -510,7 +517,7 @@ def run_pipeline(
                     ledger.record_skip(
                         run_id,
                         config.name,
-                        str(p.path),
+                        ledger_key(p.path),
                         p.size,
                         p.mtime_ns,
                         config.config_hash(),
