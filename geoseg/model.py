@@ -390,7 +390,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"{path}: not a valid safetensors file ({exc})") from exc
+        raise ModelError(f"{path}: not a valid safetensors file ({first_line(exc)})") from exc
 
 
 def shape_problems(

@@ -527,7 +527,7 @@ class PredictOptions:
     max_in_flight: int | None = None
     resample: bool = True
     #: which rasters to write, among :data:`RASTERS`
-    rasters: tuple[str, ...] = ("probs", "mask")
+    rasters: tuple[str, ...] = RASTERS
     #: the COGs' codec, among :data:`geoseg.writer.COMPRESSIONS`
     compress: str = DEFAULT_COMPRESS
 
@@ -562,6 +562,10 @@ class PredictOutputs:
     warnings: list[str] = field(default_factory=list)
     #: model pixels per scene pixel (x, y) when the scene was read at the model's GSD
     resampled: tuple[float, float] | None = None
+
+    def rasters(self) -> dict[str, Path]:
+        """The rasters written, by name among :data:`RASTERS`."""
+        return {n: p for n, p in (("probs", self.probs), ("mask", self.mask)) if p is not None}
 
 
 def local_threads(options: PredictOptions) -> int:

@@ -319,7 +319,7 @@ def _probe_last_block(src: Any, p: str | Path) -> None:
     try:
         src.read(window=win)
     except RasterioIOError as exc:
-        if isinstance(p, str) and is_remote(src.name):
+        if is_remote(src.name):
             raise InputError(
                 f"{p}: cannot be read (the server stalled, dropped the connection or sent a "
                 f"truncated file; {first_line(exc)})"

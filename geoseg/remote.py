@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from geoseg.errors import InputError, OutputError
+from geoseg.errors import InputError, OutputError, first_line
 
 __all__ = [
     "NETWORK_DEFAULTS",
@@ -71,8 +71,7 @@ def remote_key(name: str) -> str:
 
 def remote_name(name: str) -> str:
     """The file name of a remote scene (its URL's last path element)."""
-    path = urlsplit(name).path if "://" in name else name
-    return posixpath.basename(path.rstrip("/"))
+    return posixpath.basename(remote_key(name).rstrip("/"))
 
 
 def remote_stem(name: str) -> str:
@@ -98,7 +97,7 @@ def network_options() -> dict[str, Any]:
     S3-compatible store named by ``AWS_ENDPOINT_URL`` (the AWS tools' variable), GDAL's own
     ``AWS_S3_ENDPOINT``, ``AWS_HTTPS`` and path-style addressing, unless those are set."""
     options: dict[str, Any] = {k: v for k, v in NETWORK_DEFAULTS.items() if k not in os.environ}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _aws_endpoint_url()
     if endpoint and "AWS_S3_ENDPOINT" not in os.environ:
         parts = urlsplit(endpoint)
         options["AWS_S3_ENDPOINT"] = parts.netloc + parts.path.rstrip("/")
@@ -129,6 +128,12 @@ def gdal_path(name: str) -> str:
     return prefix + (name if prefix == "/vsicurl/" else rest)
 
 
+def _aws_endpoint_url() -> str | None:
+    """The S3 endpoint the AWS tools' variables name (``AWS_ENDPOINT_URL_S3``, else
+    ``AWS_ENDPOINT_URL``), or None."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
 def _store(name: str) -> tuple[Any, str]:
     """(obstore store, key) for an object URL; the store reads credentials and endpoints from
     the environment as the AWS, Google and Azure tools do."""
@@ -139,19 +144,16 @@ def _store(name: str) -> tuple[Any, str]:
     options: dict[str, Any] = {"timeout": f"{NETWORK_DEFAULTS['GDAL_HTTP_TIMEOUT']}s"}
     config: dict[str, Any] = {}
     if scheme == "s3":
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if not endpoint and os.environ.get("AWS_S3_ENDPOINT"):
+        endpoint = _aws_endpoint_url()
+        if not endpoint and os.environ.get("AWS_S3_ENDPOINT"):  # GDAL's own variables
             https = os.environ.get("AWS_HTTPS", "YES").upper() != "NO"
             endpoint = ("https://" if https else "http://") + os.environ["AWS_S3_ENDPOINT"]
         if endpoint:
             config["endpoint"] = endpoint
             options["allow_http"] = endpoint.startswith("http://")
-        base, key = f"s3://{parts.netloc}/", parts.path.lstrip("/")
     elif scheme in ("http", "https"):
         options["allow_http"] = scheme == "http"
-        base, key = f"{scheme}://{parts.netloc}/", parts.path.lstrip("/")
-    else:
-        base, key = f"{scheme}://{parts.netloc}/", parts.path.lstrip("/")
+    base, key = f"{scheme}://{parts.netloc}/", parts.path.lstrip("/")
     kwargs: dict[str, Any] = {"client_options": options}
     if config:
         kwargs["config"] = config
@@ -254,8 +256,8 @@ def exists(url: str) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return redact_text(text[0] if text else type(exc).__name__)
+    """:func:`geoseg.errors.first_line` of ``exc`` with URLs' query strings removed."""
+    return redact_text(first_line(exc))
 
 
 def redact_text(text: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from geoseg.errors import ConfigError
+from geoseg.errors import ConfigError, first_line
 from geoseg.remote import redact
 
 __all__ = ["StacScene", "stac_scenes"]
@@ -39,8 +39,7 @@ def stac_scenes(
         raise
     except Exception as exc:  # pystac's, pystac-client's, network and JSON errors
         what = "search" if search is not None else "read"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"STAC {redact(source)}: cannot {what} it ({first})") from exc
+        raise ConfigError(f"STAC {redact(source)}: cannot {what} it ({first_line(exc)})") from exc
     out = []
     for item in items:
         found = item.assets.get(asset)

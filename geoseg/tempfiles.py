@@ -14,6 +14,7 @@ next command that writes to the same directory:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -30,6 +31,7 @@ STALE_AFTER_S = 24 * 3600.0
 _OWNED = re.compile(r"\.(\d+)-([0-9a-f]{6})-[0-9a-f]{6}\.partial")
 
 
+@functools.cache
 def host_tag() -> str:
     """6 hex digits naming this host in temporary file names."""
     return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:6]

@@ -63,6 +63,16 @@ def put(bucket: str, key: str, path: Path) -> str:
     return f"s3://{bucket}/{key}"
 
 
+def _scenes_in(bucket: str, prefix: str, name: str, tmp_path: Path, step: int) -> None:
+    """Two 64 px scenes <name>0.tif, <name>1.tif in tmp_path/scenes and under the bucket's
+    prefix, and the tiny model in tmp_path/model: a pipeline's inputs, local and remote."""
+    (tmp_path / "scenes").mkdir()
+    for i in range(2):
+        local = make_scene(tmp_path / "scenes" / f"{name}{i}.tif", step * i, 0, 64)
+        put(bucket, f"{prefix}/{name}{i}.tif", local)
+    make_model(tmp_path / "model")
+
+
 def test_predict_from_s3_gives_the_local_outputs(
     tmp_path: Path, bucket: str, make_bundle: Any
 ) -> None:
@@ -82,11 +92,8 @@ def test_predict_from_s3_gives_the_local_outputs(
 def test_pipeline_over_a_bucket_glob_runs_skips_and_reruns_what_changed(
     tmp_path: Path, bucket: str
 ) -> None:
-    (tmp_path / "scenes").mkdir()
-    for i in range(2):
-        put(bucket, f"drop/s{i}.tif", make_scene(tmp_path / "scenes" / f"s{i}.tif", 80 * i, 0, 64))
+    _scenes_in(bucket, "drop", "s", tmp_path, step=80)
     put(bucket, "drop/notes.txt", tmp_path / "scenes" / "s0.tif")  # not matched by *.tif
-    make_model(tmp_path / "model")
     job = write_pipeline(tmp_path / "p.yml", inputs={"paths": [f"s3://{bucket}/drop/*.tif"]})
 
     first = run_pipeline(load_pipeline(job))
@@ -178,10 +185,7 @@ def test_pipeline_from_s3_to_s3_records_urls_and_reruns_lost_objects(
 
     from geoseg.remote import _store
 
-    (tmp_path / "scenes").mkdir()
-    for i in range(2):
-        put(bucket, f"in/t{i}.tif", make_scene(tmp_path / "scenes" / f"t{i}.tif", 90 * i, 0, 64))
-    make_model(tmp_path / "model")
+    _scenes_in(bucket, "in", "t", tmp_path, step=90)
     job = write_pipeline(
         tmp_path / "p.yml",
         inputs={"paths": [f"s3://{bucket}/in/*.tif"]},

@@ -150,9 +150,9 @@ def _run(
             read_at = ""
             if result.resampled is not None:
                 read_at = f", read at the model's {bundle.spec.gsd_m:g} m"
-            written = [p for p in (result.probs, result.mask) if p is not None]
-            source = written[0]  # the probabilities when written, else the class mask
-            kept = [p for p in written if p.name.split(".")[-2] in keep]
+            written = result.rasters()
+            source = next(iter(written.values()))  # the probabilities when written, else the mask
+            kept = [p for name, p in written.items() if name in keep]
             click.echo(
                 f"{scene.stem}: {' '.join(map(str, kept))} "
                 f"({result.chunks} chunks, {result.skipped} all-nodata{read_at})"
@@ -169,8 +169,8 @@ def _run(
                 png = out_dir / f"{scene.stem}.quicklook.png"
                 png = write_quicklook(scene.path, result.mask, bundle.spec.classes, png, 1024)
                 click.echo(f"{scene.stem}: {png}")
-            for p in written:
-                if p not in kept:  # written only to make the vectors or the quicklook
+            for name, p in written.items():
+                if name not in keep:  # written only to make the vectors or the quicklook
                     p.unlink(missing_ok=True)
             if remote_out is not None:
                 files = sorted(out_dir.glob(f"{scene.stem}.*"))

@@ -231,7 +231,6 @@ def predict_options(config: PipelineConfig, scheduler: str | None = None) -> Pre
 
     p, c = config.predict, config.compute
     workers = c.workers if isinstance(c, LocalCompute) else 1
-    address = scheduler or (None if isinstance(c, LocalCompute) else c.scheduler)
     return PredictOptions(
         rasters=needed_rasters(config),
         compress=config.outputs.compress,
@@ -243,7 +242,7 @@ def predict_options(config: PipelineConfig, scheduler: str | None = None) -> Pre
         resample=p.resample,
         threads=c.threads,
         workers=workers,
-        scheduler=address,
+        scheduler=scheduler_address(config, scheduler),
     )
 
 
@@ -256,10 +255,10 @@ def needed_rasters(config: PipelineConfig) -> tuple[str, ...]:
     return ("probs", "mask") if keep_probs else ("mask",)
 
 
-def scheduler_name(config: PipelineConfig, scheduler: str | None = None) -> str:
-    """Where the run computes, for the ledger: a scheduler address, or ``local``."""
+def scheduler_address(config: PipelineConfig, scheduler: str | None = None) -> str | None:
+    """The Dask scheduler the run uses: ``scheduler``, else the pipeline's; None: local."""
     c = config.compute
-    return scheduler or (c.scheduler if not isinstance(c, LocalCompute) else None) or "local"
+    return scheduler or (None if isinstance(c, LocalCompute) else c.scheduler)
 
 
 def lock_path(ledger_path: Path, name: str) -> Path:
@@ -412,7 +411,7 @@ class _SceneJob:
             progress=chunks,
             extra_tags={"GEOSEG_STAC_ITEM": item} if item else None,
         )
-        files = {name: str(p) for name, p in (("probs", pred.probs), ("mask", pred.mask)) if p}
+        files = {name: str(p) for name, p in pred.rasters().items()}
         info: dict[str, Any] = {"chunks": pred.chunks, "skipped_chunks": pred.skipped}
         if item:
             info["stac_item"] = item
@@ -497,7 +496,7 @@ def run_pipeline(
             config.config_hash(),
             bundle.sha256,
             bundle.ident,
-            scheduler_name(config, scheduler),
+            scheduler_address(config, scheduler) or "local",
             force,
             started=started,
         )
