@@ -116,12 +116,6 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=None)
     parser.add_argument("--halo", type=int, default=None)
     parser.add_argument(
-        "--scratch",
-        choices=("auto", "none", "zstd"),
-        default="auto",
-        help="compression of the writer's scratch files (geoseg.writer.SCRATCH_COMPRESSION)",
-    )
-    parser.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -145,7 +139,6 @@ def main() -> None:
     from geoseg.predict import PredictOptions, open_client, predict_scene, warm_up
     from geoseg.raster import open_scene
 
-    raster.SCRATCH_COMPRESSION = args.scratch
     marks: dict[str, float] = {"imports torch": t_torch}
     marks["imports all"] = time.perf_counter() - T0
 
@@ -159,16 +152,15 @@ def main() -> None:
     engine.TorchPredictor.__call__ = timed("model", engine.TorchPredictor.__call__)
     engine._quantize = timed("quantize (cpu)", engine._quantize)
     engine.get_predictor = timed("get predictor", engine.get_predictor)
-    raster.RasterWriter._write = timed("write", raster.RasterWriter._write)
-    raster.RasterWriter._write_levels = timed(
-        "write overview levels", raster.RasterWriter._write_levels
+    raster.RasterWriter.write = timed("write (cut and queue tiles)", raster.RasterWriter.write)
+    raster.RasterWriter._encode_image = timed(
+        "compress image tiles (all threads)", raster.RasterWriter._encode_image
     )
-    raster.RasterWriter._finish_levels = timed(
-        "overview levels at the end", raster.RasterWriter._finish_levels
+    raster.RasterWriter._encode_mask = timed(
+        "compress mask tiles (all threads)", raster.RasterWriter._encode_mask
     )
-    copy = raster.rasterio.shutil.copy
-    raster.rasterio.shutil.copy = timed("COG copy", copy)
-    raster.RasterWriter._publish = timed("publish one output", raster.RasterWriter._publish)
+    raster.downsample2 = timed("overview cells (all threads)", raster.downsample2)
+    raster.cog.write_cog = timed("COG layout (copy of the tiles)", raster.cog.write_cog)
     raster.RasterWriter.commit = timed("commit", raster.RasterWriter.commit)
 
     bundle = load_bundle(args.model)
@@ -206,14 +198,13 @@ def main() -> None:
     first_model = min(
         (FIRST[k] for k in ("model", "model (gpu, quantized)") if k in FIRST), default=0.0
     )
-    marks["streaming (first model call start → last write end)"] = LAST["write"] - first_model
+    marks["streaming (first model call → commit)"] = FIRST["commit"] - first_model
     print(
         json.dumps(
             {
                 "scene": args.scene,
                 "chunks": result.chunks,
                 "device": "null model" if args.null_model else args.device,
-                "scratch": args.scratch,
                 "marks_s": {k: round(v, 3) for k, v in marks.items()},
                 "sums_s": {k: round(v, 3) for k, v in SUMS.items()},
                 "counts": dict(COUNTS),

@@ -2,8 +2,9 @@
 
 Reads ``PREFIX.probs.tif`` and ``PREFIX.mask.tif`` (the outputs of an earlier run, e.g. of
 ``bench_phases.py``) chunk by chunk, writes them as ``geoseg predict`` would, and prints the
-streaming time, the time spent reading the sources, and each output's COG conversion with the
-process's CPU time during it (CPU ≈ cores × wall means the conversion is compression-bound):
+streaming time (tiles cut, compressed on every core and stored), the time spent reading the
+sources, and the commit (the last tiles and the COG layout), each with the process's CPU time
+during it (CPU ≈ cores × wall means the phase is compression-bound):
 
     python benchmarks/bench_phases.py bench_out/scene_16384.tif bench_out/model_resnet18_512_64 \\
         --null-model --chunk 2048 --halo 64 --out bench_out/phases
@@ -19,12 +20,10 @@ import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import rasterio
 from rasterio.windows import Window
 
-from geoseg import writer as raster
 from geoseg.raster import open_scene
 from geoseg.writer import RasterWriter
 
@@ -43,22 +42,9 @@ def main() -> None:
         action="store_true",
         help="write on the calling thread (the CPU path); default: background threads (GPU)",
     )
-    parser.add_argument("--scratch", choices=("auto", "none", "zstd"), default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="compression threads")
+    parser.add_argument("--compress", default="deflate", choices=("deflate", "zstd", "lzw"))
     args = parser.parse_args()
-    raster.SCRATCH_COMPRESSION = args.scratch
-
-    publish: dict[str, dict[str, float]] = {}
-    original = RasterWriter._publish
-
-    def timed_publish(self: RasterWriter, out: Any, tmp: Path) -> None:
-        t, c = time.perf_counter(), cpu_seconds()
-        original(self, out, tmp)
-        publish[out.final.name] = {
-            "wall_s": round(time.perf_counter() - t, 3),
-            "process_cpu_s_meanwhile": round(cpu_seconds() - c, 3),
-        }
-
-    RasterWriter._publish = timed_publish  # type: ignore[method-assign]
     probs_path, mask_path = f"{args.prefix}.probs.tif", f"{args.prefix}.mask.tif"
     scene = open_scene(probs_path)  # its grid
     with (
@@ -66,11 +52,13 @@ def main() -> None:
         rasterio.open(mask_path) as mask,
         tempfile.TemporaryDirectory(dir=Path(args.prefix).parent) as tmp,
     ):
-        writer = RasterWriter(scene, background=not args.foreground)
+        writer = RasterWriter(
+            scene, background=not args.foreground, compress=args.compress, threads=args.threads
+        )
         writer.add("probs", Path(tmp) / "probs.tif", probs.count, resampling="average")
         writer.add("mask", Path(tmp) / "mask.tif", 1, nodata=255)
         reading = 0.0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         with writer:
             for col in range(0, scene.width, args.chunk):
                 for row in range(0, scene.height, args.chunk):
@@ -86,20 +74,23 @@ def main() -> None:
                     writer.write("probs", win, p)
                     writer.write("mask", win, m)
             writer._drain()
-            streaming = time.perf_counter() - t0
-            t1 = time.perf_counter()
-        commit = time.perf_counter() - t1
+            streaming, c_streaming = time.perf_counter() - t0, cpu_seconds() - c0
+            t1, c1 = time.perf_counter(), cpu_seconds()
+        commit, c_commit = time.perf_counter() - t1, cpu_seconds() - c1
     print(
         json.dumps(
             {
                 "prefix": args.prefix,
                 "size": [scene.width, scene.height],
                 "background": not args.foreground,
-                "scratch": args.scratch,
+                "threads": writer.threads,
+                "compress": args.compress,
                 "streaming_s": round(streaming, 3),
+                "streaming_cpu_s": round(c_streaming, 3),
                 "reading_sources_s": round(reading, 3),
                 "commit_s": round(commit, 3),
-                "publish": publish,
+                "commit_cpu_s": round(c_commit, 3),
+                "mpx_per_s": round(scene.width * scene.height / (streaming + commit) / 1e6, 1),
             },
             indent=1,
         )

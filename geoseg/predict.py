@@ -926,11 +926,10 @@ def check_working_set(spec: ModelSpec, window: Any, batch: int, device: str) -> 
 
 
 def write_in_background(options: PredictOptions, device: str) -> bool:
-    """Write outputs on threads of their own (see :class:`RasterWriter`) when the model runs
-    elsewhere (a GPU, a remote cluster) and this machine's cores are free for it; not when the
-    forward pass already fills this CPU. (GDAL's own compression threads are not used for these
-    writes: with them, libtiff intermittently printed ExtraSamples errors for multi-band
-    outputs.)"""
+    """Queue each chunk's tiles for the writer's threads without waiting (see
+    :class:`RasterWriter`) when the model runs elsewhere (a GPU, a remote cluster) and this
+    machine's cores are free for it; when the forward pass fills this CPU, wait for each
+    chunk's tiles, so that the writer does not run ahead of the model."""
     return (device != "cpu" or bool(options.scheduler)) and cpu_cores() > 1
 
 

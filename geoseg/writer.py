@@ -1,14 +1,17 @@
 """Write chunked outputs (probabilities, class mask) as Cloud Optimized GeoTIFFs.
 
-Design: chunks arrive in any order. Each output is written window by window into tiled
-scratch GeoTIFFs beside the final name (one per band group, written by a thread of its own
-when background writes are on), together with its overview levels, which are computed from
-each chunk's 2x2 cells as the chunk arrives (:func:`downsample2`), so no pass over the whole
-scene is ever needed. At :meth:`RasterWriter.commit` a VRT gathers the scratch bands, their
-validity and the levels, GDAL's COG driver copies it to a temporary name, and the COG is
-renamed onto its final name. Until then nothing exists under the final names;
-:meth:`RasterWriter.abort` removes every scratch file. GDAL writes take turns under
-:data:`GDAL_WRITES`.
+Design: chunks arrive in any order and are cut into the COG's 512 x 512 tiles. A tile that a
+chunk covers whole is compressed at once; one that chunks share (chunk sides that are not
+multiples of 512) waits in memory until its last pixel arrives. Every finished tile is
+compressed on a pool of threads, one per core (the codecs of ``imagecodecs`` release the GIL,
+so tiles compress side by side; no lock is held around any of it), appended to one scratch
+file per output, and reduced by its 2x2 cells (:func:`downsample2`) into its quarter of a tile
+of the next overview level, which is compressed in turn once its four quarters are in. So
+every tile of every level is compressed exactly once, while the chunks stream, and nothing is
+read back. :meth:`RasterWriter.commit` lays the tiles out as a COG (:func:`geoseg.cog.write_cog`:
+IFDs first, then the tile data, a byte copy) under a temporary name and renames it onto its
+final name. Until then nothing exists under the final names; :meth:`RasterWriter.abort`
+removes the scratch files.
 """
 
 from __future__ import annotations
@@ -16,124 +19,64 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import imagecodecs
 import numpy as np
-import rasterio
-import rasterio.shutil
-from affine import Affine
 from rasterio._err import CPLE_BaseError
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from geoseg.errors import OutputError
-from geoseg.raster import Scene, _enter_thread_env, atomic_path, gdal_env, write_error
+from geoseg import cog
+from geoseg.raster import Scene, atomic_path, write_error
+from geoseg.runtime import cpu_cores
+from geoseg.tempfiles import temporary_path
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BLOCK",
     "COMPRESSIONS",
     "DEFAULT_COMPRESS",
-    "GDAL_WRITES",
     "RasterWriter",
-    "SCRATCH_CODECS",
-    "SCRATCH_COMPRESSION",
-    "SCRATCH_ROOM",
     "downsample2",
     "overview_levels",
 ]
 
-
-@dataclass
-class _Part:
-    """One scratch GeoTIFF of an output, with its overview levels: some of the output's bands
-    (``bands``), or its validity mask as an ordinary band of 0 and 255 (``bands`` None)."""
-
-    work: Path
-    bands: slice | None
-    profile: dict[str, Any]
-    dataset: Any = None
-    #: open datasets of overview levels 1, 2, ... (a GeoTIFF each, see :meth:`level_path`)
-    levels: list[Any] = field(default_factory=list)
-    #: levels 1 to ``streamed`` are written chunk by chunk; the rest from the level above
-    streamed: int = 0
-
-    def level_path(self, k: int) -> Path:
-        return Path(f"{self.work}.L{k}.tif")
-
-    def path(self, k: int) -> Path:
-        """The file of level ``k`` (0: full resolution)."""
-        return self.work if k == 0 else self.level_path(k)
-
-    def paths(self) -> list[Path]:
-        return [self.path(k) for k in range(len(self.levels) + 1)]
-
-
-@dataclass
-class _Output:
-    final: Path
-    resampling: str
-    band_names: list[str]
-    parts: list[_Part]
-    mask: _Part | None = None  # the validity mask, when the output has one
-
-    def all_parts(self) -> list[_Part]:
-        """Every part, the mask first: the others' levels are made by it."""
-        return [self.mask, *self.parts] if self.mask is not None else list(self.parts)
-
-    def vrt_path(self, k: int) -> Path:
-        return Path(f"{self.parts[0].work}.L{k}.vrt")
-
-
-#: Held around every GDAL write and close of a :class:`RasterWriter`, in every thread: two
-#: threads writing parts of blocks into two different GeoTIFFs at once corrupted pixels of
-#: either (rasterio 1.4 / GDAL 3.10; reads beside one writer are safe). The numpy work around
-#: the writes (bands, masks, overview cells) runs outside it.
-GDAL_WRITES = threading.Lock()
-
-#: Writes queued per output in the background (see :class:`RasterWriter`), at most.
-WRITES_QUEUED = 4
-
-#: Output block size, in pixels; overview levels are made until the smallest fits one block.
+#: Output tile size, in pixels; overview levels are made until the smallest fits one tile.
 BLOCK = 512
 
-#: Overview levels are made chunk by chunk while a chunk's window there is at least this many
-#: pixels a side; smaller levels are made from the last of those, block by block, at the end.
-MIN_STREAMED_PX = 256
-
-#: Window side, in pixels, for making an overview level from the level above it.
-LEVEL_WINDOW = 2048
-
-#: Scratch files are written uncompressed when the output directory's file system has this
-#: many times their uncompressed size free, else ZSTD-compressed (level 1): compressing took
-#: 3.4x the time of the write itself (1.3 vs 0.4 s for 8192² px of 3-band probabilities, half
-#: the bytes), and GDAL writes take turns (:data:`GDAL_WRITES`), so on a fast GPU it was the
-#: pipeline's bottleneck; the COG conversion also reads uncompressed scratch faster.
-SCRATCH_ROOM = 3.0
-
-#: The COG codecs and their creation options: level 1 of DEFLATE is 6x faster than GDAL's
-#: default 6 for about 10 % larger files; ZSTD level 1 the same trade (see
+#: The COG codecs and their levels: level 1 of DEFLATE (libdeflate) is several times faster
+#: than level 6 for files about 10 % larger; ZSTD level 1 the same trade (see
 #: ``benchmarks/bench_outputs.py``). Every codec is read by GDAL >= 2.3, QGIS and rasterio.
 COMPRESSIONS: dict[str, dict[str, int]] = {"deflate": {"level": 1}, "zstd": {"level": 1}, "lzw": {}}
 
 #: The codec used unless another is asked for: DEFLATE, which every TIFF reader decodes.
 DEFAULT_COMPRESS = "deflate"
 
-#: The scratch compression: "auto" (see :data:`SCRATCH_ROOM`), "none" or "zstd".
-SCRATCH_COMPRESSION = "auto"
+#: TIFF compression codes of the codecs.
+_TIFF_CODES = {"deflate": 8, "zstd": 50000, "lzw": 5}
 
-#: Creation options of scratch files per compression.
-SCRATCH_CODECS: dict[str, dict[str, Any]] = {
-    "none": {"compress": "none"},
-    "zstd": {"compress": "zstd", "zstd_level": 1},
-}
+#: Tile jobs queued per compression thread, at most, when the writer runs in the background
+#: (each holds a view of its chunk's arrays).
+JOBS_PER_THREAD = 8
+
+
+def _encoder(compress: str) -> Callable[[np.ndarray], bytes]:
+    """The tile encoder of a codec (``imagecodecs`` takes any buffer, without a copy)."""
+    codecs: Any = imagecodecs
+    level = COMPRESSIONS[compress].get("level")
+    if compress == "deflate":
+        return lambda a: bytes(codecs.deflate_encode(a, level=level))
+    if compress == "zstd":
+        return lambda a: bytes(codecs.zstd_encode(a, level=level))
+    return lambda a: bytes(codecs.lzw_encode(a))
 
 
 def overview_levels(width: int, height: int, block: int = BLOCK) -> int:
@@ -200,20 +143,56 @@ def _cell_sums(x: np.ndarray) -> np.ndarray:
     return sums
 
 
+@dataclass
+class _Tile:
+    """A tile that chunks fill piece by piece: its pixels so far and how many there are."""
+
+    data: np.ndarray  # (bands, h, w)
+    valid: np.ndarray | None  # (h, w), for outputs with a mask
+    filled: int = 0
+
+
+@dataclass
+class _Output:
+    final: Path
+    count: int
+    nodata: int | None
+    resampling: str
+    band_names: list[str]
+    with_mask: bool
+    #: (width, height) of each level, full resolution first
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    #: tiles being filled, by (level, tile row, tile column)
+    pending: dict[tuple[int, int, int], _Tile] = field(default_factory=dict)
+    #: compressed tiles in the scratch file: (offset, size) by (level, row, column, is mask)
+    index: dict[tuple[int, int, int, bool], tuple[int, int]] = field(default_factory=dict)
+    scratch: Path | None = None
+    fd: int = -1
+    end: int = 0  # the scratch file's size so far
+    geotags: list[cog.RawTag] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def tiles(self, k: int) -> tuple[int, int]:
+        """Tile rows and columns of level ``k``."""
+        w, h = self.sizes[k]
+        return -(-h // BLOCK), -(-w // BLOCK)
+
+    def extent(self, k: int, ty: int, tx: int) -> tuple[int, int]:
+        """Height and width of tile (ty, tx) of level ``k`` inside the raster."""
+        w, h = self.sizes[k]
+        return min(BLOCK, h - ty * BLOCK), min(BLOCK, w - tx * BLOCK)
+
+
 class RasterWriter:
     """Writes chunk results into outputs that share one grid, then publishes them as COGs.
 
-    Chunks are written windowed into tiled scratch GeoTIFFs (uncompressed when the disk has
-    room, see :data:`SCRATCH_ROOM`), and each chunk's 2x2 cells into scratch files of the
-    overview levels, level after level, while its window there is at least
-    :data:`MIN_STREAMED_PX` a side and on that level's grid; the smaller levels are made from
-    the last of those at the end, window by window (a quarter of the pixels or fewer). An
-    output's validity mask is a scratch band of its own (0 and 255), not a GDAL mask: GDAL
-    crashed when a thread wrote out another thread's dirty mask blocks to make room in the
-    block cache. :meth:`commit` converts each output to a Cloud-Optimized GeoTIFF under a
-    temporary name, from a VRT that gathers the scratch bands, their mask and, per level, a
-    VRT of the level files as overviews (copied, not recomputed), and renames it into place.
-    Until then nothing exists under the final names; :meth:`abort` removes every scratch file.
+    Tiles are compressed once, on a pool of :func:`~geoseg.runtime.cpu_cores` threads, as the
+    chunks that complete them arrive, and each tile's 2x2 cells make its quarter of a tile of
+    the next overview level (see the module's note). An output's validity mask, when it has one,
+    is written as the COG's internal mask (1 bit per pixel); the averages of its overview levels
+    are weighed by it, and a level's mask is valid where any pixel of its 2x2 cell is.
+    :meth:`commit` lays out each COG under a temporary name and renames it into place; until
+    then nothing exists under the final names, and :meth:`abort` removes every scratch file.
     Only one process may hold a writer for a given output.
     """
 
@@ -223,20 +202,23 @@ class RasterWriter:
         tags: dict[str, str] | None = None,
         background: bool = False,
         compress: str = DEFAULT_COMPRESS,
+        threads: int | None = None,
     ) -> None:
-        """``background``: write each output on a thread of its own, so that the caller only
-        queues chunks. Default: write on the calling thread. ``compress``: the COGs' codec,
-        one of :data:`COMPRESSIONS`."""
+        """``background``: :meth:`write` only queues a chunk's tiles (a bounded queue), so
+        that the caller goes on; default: it returns once they are compressed (their
+        compression still runs on every core). ``compress``: the COGs' codec, one of
+        :data:`COMPRESSIONS`. ``threads``: compression threads (default: the cores)."""
         if compress not in COMPRESSIONS:
             raise ValueError(f"compress must be one of {', '.join(COMPRESSIONS)}, got {compress!r}")
         self.scene = scene
         self.tags = tags or {}
         self.background = background
         self.compress = compress
-        self._pools: dict[str, ThreadPoolExecutor] = {}
-        self._pending: dict[str, deque[Future[None]]] = {}
+        self.threads = max(1, threads or cpu_cores())
+        self._encode = _encoder(compress)
+        self._pool: ThreadPoolExecutor | None = None
+        self._queued: deque[Future[None]] = deque()
         self._outputs: dict[str, _Output] = {}
-        self._env = gdal_env()
 
     def add(
         self,
@@ -249,347 +231,263 @@ class RasterWriter:
         resampling: str = "nearest",
         with_mask: bool = False,
     ) -> None:
-        """Declare an output ``name`` of ``count`` uint8 bands to be written at ``final``.
-
-        With background threads each band gets a scratch file and a thread of its own, so
-        that the bands compress side by side; the COG gathers them again."""
-        split = self.background and count > 1
-        groups = [slice(b, b + 1) for b in range(count)] if split else [slice(0, count)]
-        stem = atomic_path(final.with_suffix(".scratch.tif"))
-
-        def profile(n: int, nodata: int | None) -> dict[str, Any]:
-            return {
-                "driver": "GTiff",
-                "width": self.scene.width,
-                "height": self.scene.height,
-                "count": n,
-                "dtype": "uint8",
-                "crs": self.scene.crs,
-                "transform": self.scene.transform,
-                "nodata": nodata,
-                "tiled": True,
-                "blockxsize": BLOCK,
-                "blockysize": BLOCK,
-                "bigtiff": "if_safer",
-                "interleave": "pixel" if n > 1 else "band",
-                "photometric": "minisblack",
-            }
-
-        parts = [
-            _Part(
-                stem if len(groups) == 1 else Path(f"{stem}.b{i + 1}"),
-                group,
-                profile(group.stop - group.start, nodata),
-            )
-            for i, group in enumerate(groups)
-        ]
-        mask = _Part(Path(f"{stem}.mask"), None, profile(1, None)) if with_mask else None
-        self._outputs[name] = _Output(final, resampling, list(band_names or []), parts, mask)
-
-    def scratch_bytes(self) -> int:
-        """Size of every scratch file uncompressed: full resolution and overview levels."""
+        """Declare an output ``name`` of ``count`` uint8 bands to be written at ``final``;
+        ``resampling`` (``average`` or ``nearest``) makes its overview levels."""
+        if resampling not in ("average", "nearest"):
+            raise ValueError(f"unsupported overview resampling {resampling!r}")
         w, h = self.scene.width, self.scene.height
-        pixels = w * h
-        for k in range(1, overview_levels(w, h) + 1):
-            pixels += -(-w // 2**k) * -(-h // 2**k)
-        bands = sum(part.profile["count"] for o in self._outputs.values() for part in o.all_parts())
-        return pixels * bands
-
-    def _scratch_compression(self) -> str:
-        """Scratch compression: "none" where the outputs go has room (SCRATCH_ROOM), else "zstd"."""
-        if SCRATCH_COMPRESSION != "auto":
-            return SCRATCH_COMPRESSION
-        need = self.scratch_bytes()
-        for out in self._outputs.values():
-            try:
-                free = shutil.disk_usage(out.final.parent).free
-            except OSError:
-                return "zstd"
-            if free < SCRATCH_ROOM * need:
-                return "zstd"
-        return "none"
+        sizes = [(w, h)]
+        for _ in range(overview_levels(w, h)):
+            w, h = -(-w // 2), -(-h // 2)
+            sizes.append((w, h))
+        names = list(band_names or [])
+        self._outputs[name] = _Output(final, count, nodata, resampling, names, with_mask, sizes)
 
     def __enter__(self) -> RasterWriter:
-        self._env.__enter__()
-        levels = overview_levels(self.scene.width, self.scene.height)
-        compression = self._scratch_compression()
         try:
             for out in self._outputs.values():
-                for part in out.all_parts():
-                    part.profile.update(SCRATCH_CODECS[compression])
-                    part.dataset = rasterio.open(part.work, "w", **part.profile)
-                    if part is out.parts[0]:
-                        part.dataset.update_tags(**self.tags)
-                    if part.bands is not None:
-                        for j, bname in enumerate(out.band_names[part.bands], start=1):
-                            part.dataset.set_band_description(j, bname)
-                    part.levels = [
-                        rasterio.open(part.level_path(k), "w", **self._level_profile(part, k))
-                        for k in range(1, levels + 1)
-                    ]
-                    part.streamed = len(part.levels)
+                profile = {
+                    "width": self.scene.width,
+                    "height": self.scene.height,
+                    "count": out.count,
+                    "crs": self.scene.crs,
+                    "transform": self.scene.transform,
+                    "nodata": out.nodata,
+                }
+                out.geotags = cog.geotiff_tags(profile, self.tags, out.band_names)
+                out.scratch = temporary_path(out.final, ".tiles")
+                out.fd = os.open(out.scratch, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         except (RasterioError, CPLE_BaseError, OSError) as exc:
             self.abort()
             where = next(iter(self._outputs.values())).final if self._outputs else Path(".")
             raise write_error(where, exc, f"cannot create outputs for {self.scene.path}") from exc
+        self._pool = ThreadPoolExecutor(self.threads, "geoseg-write")
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        try:
-            if exc_type is None:
-                self.commit()
-            else:
-                self.abort()
-        finally:
-            self._env.__exit__(None, None, None)
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
     def write(
         self, name: str, window: Window, data: np.ndarray, valid: np.ndarray | None = None
     ) -> None:
         """Write ``data`` (bands, h, w) at ``window``; ``valid`` sets the output's mask there.
+        Windows must not overlap.
 
-        With background threads the write is queued (the arrays must not change afterwards),
-        and an earlier write's failure is raised here or by :meth:`commit`.
-        """
+        In the background the arrays must not change afterwards, and an earlier write's
+        failure is raised here or by :meth:`commit`."""
         out = self._outputs[name]
-        if out.mask is None:
+        if not out.with_mask:
             valid = None
         elif valid is None:
             valid = np.ones(data.shape[1:], bool)
-        jobs: list[tuple[str, tuple[Any, ...]]] = [
-            (name if len(out.parts) == 1 else f"{name}-{i}", (out, part, window, data, valid))
-            for i, part in enumerate(out.parts, start=1)
-        ]
-        if out.mask is not None and valid is not None:  # the mask first, as in all_parts()
-            mask = np.where(valid, np.uint8(255), np.uint8(0))[None]
-            jobs.insert(0, (f"{name}-mask", (out, out.mask, window, mask, None)))
-        for key, job in jobs:
-            if not self.background:
-                self._write(*job)
-                continue
-            pending = self._pending.setdefault(key, deque())
-            while pending and (pending[0].done() or len(pending) >= WRITES_QUEUED):
-                pending.popleft().result()
-            pool = self._pools.get(key)
-            if pool is None:
-                pool = self._pools[key] = ThreadPoolExecutor(
-                    1, f"geoseg-write-{key}", initializer=_enter_thread_env
-                )
-            pending.append(pool.submit(self._write, *job))
+        c0, r0 = int(window.col_off), int(window.row_off)
+        h, w = data.shape[1:]
+        jobs = []
+        for ty in range(r0 // BLOCK, (r0 + h - 1) // BLOCK + 1):
+            for tx in range(c0 // BLOCK, (c0 + w - 1) // BLOCK + 1):
+                y0, x0 = ty * BLOCK, tx * BLOCK
+                th, tw = out.extent(0, ty, tx)
+                iy0, iy1 = max(y0, r0), min(y0 + th, r0 + h)
+                ix0, ix1 = max(x0, c0), min(x0 + tw, c0 + w)
+                sl = np.s_[iy0 - r0 : iy1 - r0, ix0 - c0 : ix1 - c0]
+                part, part_valid = data[(slice(None), *sl)], None if valid is None else valid[sl]
+                if (iy1 - iy0, ix1 - ix0) != (th, tw):
+                    done = self._place(out, 0, ty, tx, iy0 - y0, ix0 - x0, part, part_valid)
+                    if done is None:
+                        continue
+                    part, part_valid = done
+                jobs.append((out, 0, ty, tx, part, part_valid))
+        self._submit(jobs)
 
-    def _drain(self) -> None:
-        """Wait for every queued write; raise the first failure."""
-        for pending in self._pending.values():
-            while pending:
-                pending.popleft().result()
+    def _submit(self, jobs: list[tuple[Any, ...]]) -> None:
+        assert self._pool is not None, "RasterWriter.write outside its with block"
+        futures = [self._pool.submit(self._tile, *job) for job in jobs]
+        if not self.background:
+            for f in futures:
+                f.result()
+            return
+        self._queued.extend(futures)
+        limit = JOBS_PER_THREAD * self.threads
+        while self._queued and (self._queued[0].done() or len(self._queued) > limit):
+            self._queued.popleft().result()
 
-    def _stop_threads(self) -> None:
-        for pool in self._pools.values():
-            pool.shutdown(wait=True, cancel_futures=True)
-        self._pools.clear()
-        self._pending.clear()
-
-    def _write(
+    def _place(
         self,
         out: _Output,
-        part: _Part,
-        window: Window,
+        k: int,
+        ty: int,
+        tx: int,
+        y: int,
+        x: int,
+        data: np.ndarray,
+        valid: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Copy a piece of tile (ty, tx) of level ``k`` in at (y, x); the whole tile once it is
+        complete, else None."""
+        h, w = data.shape[1:]
+        with out.lock:
+            tile = out.pending.get((k, ty, tx))
+            if tile is None:
+                th, tw = out.extent(k, ty, tx)
+                tile = _Tile(
+                    np.zeros((out.count, th, tw), np.uint8),
+                    None if not out.with_mask else np.zeros((th, tw), bool),
+                )
+                out.pending[(k, ty, tx)] = tile
+            tile.data[:, y : y + h, x : x + w] = data
+            if tile.valid is not None and valid is not None:
+                tile.valid[y : y + h, x : x + w] = valid
+            tile.filled += h * w
+            if tile.filled < tile.data.shape[1] * tile.data.shape[2]:
+                return None
+            del out.pending[(k, ty, tx)]
+        return tile.data, tile.valid
+
+    def _tile(
+        self,
+        out: _Output,
+        k: int,
+        ty: int,
+        tx: int,
         data: np.ndarray,
         valid: np.ndarray | None,
     ) -> None:
-        """Write a part's bands of ``data`` (or, for the mask part, the mask itself) and their
-        overview levels; ``valid`` weighs the averages of the levels."""
-        if part.bands is not None:
-            data = data[part.bands]
+        """Compress a complete tile (and its mask), then hand its 2x2 cells to the next level,
+        and that level's tile on once complete."""
         try:
-            with GDAL_WRITES:
-                part.dataset.write(data, window=window)
-            self._write_levels(out, part, window, data, valid)
-        except (RasterioError, CPLE_BaseError, OSError) as exc:
+            while True:
+                self._store(out, (k, ty, tx, False), self._encode_image(data))
+                if valid is not None:
+                    self._store(out, (k, ty, tx, True), self._encode_mask(valid))
+                if k + 1 == len(out.sizes):
+                    return
+                small, small_valid = downsample2(data, valid, out.resampling)
+                if valid is not None and out.resampling != "average":
+                    small_valid = downsample2(valid[None].view(np.uint8), None, "max")[0][0] > 0
+                half = BLOCK // 2
+                done = self._place(
+                    out, k + 1, ty // 2, tx // 2, ty % 2 * half, tx % 2 * half, small, small_valid
+                )
+                if done is None:
+                    return
+                k, ty, tx = k + 1, ty // 2, tx // 2
+                data, valid = done
+        except OSError as exc:
             raise write_error(out.final, exc, f"{out.final}: write failed") from exc
 
+    def _encode_image(self, data: np.ndarray) -> bytes:
+        """A tile's bytes: horizontal differencing (TIFF predictor 2), padded to the tile size,
+        pixel-interleaved, compressed. The differences are taken band by band and then
+        interleaved one band at a time: 3.4 times as fast as interleaving first (0.7 against
+        2.4 ms for a 3-band tile)."""
+        b, h, w = data.shape
+        diff = np.zeros((b, BLOCK, BLOCK), np.uint8)
+        diff[:, :h, 0] = data[:, :, 0]
+        np.subtract(data[:, :, 1:], data[:, :, :-1], out=diff[:, :h, 1:w])
+        if b == 1:
+            return self._encode(diff[0])
+        tile = np.empty((BLOCK, BLOCK, b), np.uint8)
+        for i in range(b):
+            tile[:, :, i] = diff[i]
+        return self._encode(tile)
+
+    def _encode_mask(self, valid: np.ndarray) -> bytes:
+        """A mask tile's bytes: 1 bit per pixel, most significant first, compressed."""
+        h, w = valid.shape
+        tile = np.zeros((BLOCK, BLOCK), bool)
+        tile[:h, :w] = valid
+        return self._encode(np.packbits(tile, axis=1))
+
     @staticmethod
-    def _resampling(out: _Output, part: _Part) -> str:
-        return "max" if part is out.mask else out.resampling
+    def _store(out: _Output, key: tuple[int, int, int, bool], blob: bytes) -> None:
+        with out.lock:
+            start = out.end
+            out.end += len(blob)
+        view, at = memoryview(blob), start
+        while view:
+            n = os.pwrite(out.fd, view, at)
+            view, at = view[n:], at + n
+        with out.lock:
+            out.index[key] = (start, len(blob))
 
-    def _level_profile(self, part: _Part, k: int) -> dict[str, Any]:
-        """Profile of overview level ``k`` (2^k times coarser, sizes rounded up as GDAL does)."""
-        w, h = self.scene.width, self.scene.height
-        lw, lh = -(-w // 2**k), -(-h // 2**k)
-        transform = self.scene.transform @ Affine.scale(w / lw, h / lh)
-        return {**part.profile, "width": lw, "height": lh, "transform": transform}
+    def _drain(self) -> None:
+        """Wait for every queued tile; raise the first failure."""
+        while self._queued:
+            self._queued.popleft().result()
 
-    def _on_level_grid(self, window: Window, k: int) -> bool:
-        """Whether ``window`` covers whole cells of overview level ``k`` (partial cells only at
-        the scene's edges), so that its pixels alone make that level there, in a window of at
-        least :data:`MIN_STREAMED_PX` a side (or at the scene's edge)."""
-        f = 2**k
-        c, r, w, h = (int(v) for v in (window.col_off, window.row_off, window.width, window.height))
-        right, bottom = c + w == self.scene.width, r + h == self.scene.height
-        return (
-            c % f == 0
-            and r % f == 0
-            and (w % f == 0 or right)
-            and (h % f == 0 or bottom)
-            and (w // f >= MIN_STREAMED_PX or right)
-            and (h // f >= MIN_STREAMED_PX or bottom)
-        )
-
-    def _write_levels(
-        self,
-        out: _Output,
-        part: _Part,
-        window: Window,
-        data: np.ndarray,
-        valid: np.ndarray | None,
-    ) -> None:
-        """Write the window's cells into each overview level that it covers whole."""
-        resampling = self._resampling(out, part)
-        k = 0
-        while k < part.streamed and self._on_level_grid(window, k + 1):
-            data, valid = downsample2(data, valid, resampling)
-            k += 1
-            f = 2**k
-            win = Window(int(window.col_off) // f, int(window.row_off) // f, *data.shape[:0:-1])
-            with GDAL_WRITES:
-                part.levels[k - 1].write(data, window=win)
-        part.streamed = k  # the levels below are made from level k once every chunk is in
-
-    def _finish_levels(self, out: _Output, part: _Part) -> None:
-        """Make the levels not written chunk by chunk from the level above each, window by
-        window, and close every level. The mask, if any, must be finished first: the other
-        parts' averages are weighed by it."""
-        resampling = self._resampling(out, part)
-        weigh = out.mask is not None and part is not out.mask
-        for k in range(part.streamed + 1, len(part.levels) + 1):
-            if k > 1:
-                with GDAL_WRITES:
-                    part.levels[k - 2].close()
-            with (
-                rasterio.open(part.path(k - 1)) as src,
-                rasterio.open(out.mask.path(k - 1))  # type: ignore[union-attr]
-                if weigh
-                else contextlib.nullcontext() as msk,
-            ):
-                for row in range(0, src.height, LEVEL_WINDOW):
-                    for col in range(0, src.width, LEVEL_WINDOW):
-                        win = Window(
-                            col,
-                            row,
-                            min(LEVEL_WINDOW, src.width - col),
-                            min(LEVEL_WINDOW, src.height - row),
+    def _finish(self, out: _Output) -> None:
+        """Compress the tiles that no chunk completed (pixels never written are 0 and masked),
+        level by level, so that every tile of every level exists."""
+        for k in range(len(out.sizes)):
+            rows, cols = out.tiles(k)
+            for ty in range(rows):
+                for tx in range(cols):
+                    if (k, ty, tx, False) in out.index:
+                        continue
+                    tile = out.pending.pop((k, ty, tx), None)
+                    if tile is None:
+                        th, tw = out.extent(k, ty, tx)
+                        tile = _Tile(
+                            np.zeros((out.count, th, tw), np.uint8),
+                            np.zeros((th, tw), bool) if out.with_mask else None,
                         )
-                        data = src.read(window=win)
-                        valid = None if msk is None else msk.read(1, window=win) > 0
-                        small, _ = downsample2(data, valid, resampling)
-                        dst_win = Window(col // 2, row // 2, *small.shape[:0:-1])
-                        with GDAL_WRITES:
-                            part.levels[k - 1].write(small, window=dst_win)
-        with GDAL_WRITES:
-            for ds in part.levels:
-                if not ds.closed:
-                    ds.close()
+                    self._tile(out, k, ty, tx, tile.data, tile.valid)
 
-    def _vrt(self, out: _Output, k: int) -> Path:
-        """A VRT of level ``k`` (0: full resolution) that gathers the parts' bands, with the
-        mask part as its mask and, at full resolution, the level VRTs as overviews."""
-        import copy
-        import xml.etree.ElementTree as ET
-
-        path = out.vrt_path(k)
-        first = out.parts[0]
-        rasterio.shutil.copy(first.path(k), path, driver="VRT")
-        tree = ET.parse(path)
-        root = tree.getroot()
-        for md in root.findall("Metadata[@domain='IMAGE_STRUCTURE']"):
-            root.remove(md)  # the first part's layout, not the output's
-        template = root.findall("VRTRasterBand")[0]
-        for part in out.parts[1:]:  # one band each
-            assert part.bands is not None
-            band = copy.deepcopy(template)
-            band.set("band", str(part.bands.start + 1))
-            for interp in band.findall("ColorInterp"):  # further bands are extra samples
-                band.remove(interp)
-            source = band.find("SimpleSource/SourceFilename")
-            if source is None:
-                raise OutputError(f"{out.final}: unexpected VRT of {first.work}")
-            source.text, source.attrib = str(part.path(k).resolve()), {"relativeToVRT": "0"}
-            for desc in band.findall("Description"):
-                desc.text = out.band_names[part.bands.start] if out.band_names else ""
-            root.append(band)
-        if k == 0:
-            for band in root.findall("VRTRasterBand"):
-                for level in range(1, len(first.levels) + 1):
-                    ovr = ET.SubElement(band, "Overview")
-                    ET.SubElement(ovr, "SourceFilename", relativeToVRT="0").text = str(
-                        out.vrt_path(level).resolve()
-                    )
-                    ET.SubElement(ovr, "SourceBand").text = band.get("band", "1")
-        if out.mask is not None:
-            mask = ET.SubElement(ET.SubElement(root, "MaskBand"), "VRTRasterBand", dataType="Byte")
-            source = ET.SubElement(mask, "SimpleSource")
-            ET.SubElement(source, "SourceFilename", relativeToVRT="0").text = str(
-                out.mask.path(k).resolve()
+    def _levels(self, out: _Output) -> list[tuple[cog.Image, cog.Image | None]]:
+        code = _TIFF_CODES[self.compress]
+        overview_tags = [t for t in out.geotags if t.code in cog.OVERVIEW_TAGS]
+        levels = []
+        for k, (w, h) in enumerate(out.sizes):
+            rows, cols = out.tiles(k)
+            keys = [(k, ty, tx) for ty in range(rows) for tx in range(cols)]
+            image = cog.Image(
+                w,
+                h,
+                out.count,
+                8,
+                cog.FULL if k == 0 else cog.REDUCED,
+                cog.MINISBLACK,
+                code,
+                2,
+                BLOCK,
+                [out.index[(*key, False)] for key in keys],
+                out.geotags if k == 0 else overview_tags,
             )
-            ET.SubElement(source, "SourceBand").text = "1"
-        tree.write(path)
-        return path
-
-    def _source(self, out: _Output) -> Path:
-        """What the COG is copied from: the scratch file itself, or a VRT (see :meth:`_vrt`)."""
-        first = out.parts[0]
-        if len(out.parts) == 1 and out.mask is None and not first.levels:
-            return first.work
-        for k in range(1, len(first.levels) + 1):
-            self._vrt(out, k)
-        return self._vrt(out, 0)
-
-    def _publish(self, out: _Output, tmp: Path) -> None:
-        # every chunk is written by now: the COG's compression may use every core
-        with gdal_env(GDAL_NUM_THREADS="ALL_CPUS"):
-            rasterio.shutil.copy(
-                self._source(out),
-                tmp,
-                driver="COG",
-                compress=self.compress,
-                **COMPRESSIONS[self.compress],
-                predictor=2,
-                blocksize=BLOCK,
-                overview_resampling=out.resampling,
-                bigtiff="if_safer",
-                num_threads="all_cpus",
-            )
+            mask = None
+            if out.with_mask:
+                mask = cog.Image(
+                    w,
+                    h,
+                    1,
+                    1,
+                    cog.MASK_FULL if k == 0 else cog.MASK_REDUCED,
+                    cog.MASK,
+                    code,
+                    1,
+                    BLOCK,
+                    [out.index[(*key, True)] for key in keys],
+                )
+            levels.append((image, mask))
+        return levels
 
     def commit(self) -> None:
-        """Convert every scratch file to a COG and rename it onto its final name."""
+        """Finish every tile, lay out each COG and rename it onto its final name."""
         outs = list(self._outputs.values())
         tmps = [atomic_path(out.final) for out in outs]
         published = False
         try:
             self._drain()
-            self._stop_threads()
+            self._stop()
             for out in outs:
-                for part in out.all_parts():
-                    with GDAL_WRITES:
-                        part.dataset.close()
-            with gdal_env():  # before any COG is written: no part-block writes beside those
-                for out in outs:
-                    for part in out.all_parts():
-                        self._finish_levels(out, part)
-            if self.background:  # the outputs side by side: parts of a conversion are serial
-                with ThreadPoolExecutor(len(outs), "geoseg-publish") as pool:
-                    jobs = [
-                        pool.submit(self._publish, o, t) for o, t in zip(outs, tmps, strict=True)
-                    ]
-                    for job in jobs:
-                        job.result()
-            else:
-                for out, tmp in zip(outs, tmps, strict=True):
-                    self._publish(out, tmp)
+                self._finish(out)
+                cog.write_cog(tmps[outs.index(out)], self._levels(out), out.fd)
             for done, out in zip(tmps, outs, strict=True):
                 os.replace(done, out.final)
             published = True
-        except (RasterioError, CPLE_BaseError, OSError) as exc:
+        except OSError as exc:
             where = outs[0].final if outs else Path(".")
             raise write_error(where, exc, f"cannot write outputs for {self.scene.path}") from exc
         finally:
@@ -600,20 +498,23 @@ class RasterWriter:
             self._remove_scratch()
 
     def abort(self) -> None:
-        """Close and delete everything written so far; the final names stay untouched."""
+        """Delete everything written so far; the final names stay untouched."""
         self._remove_scratch()
 
+    def _stop(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._queued.clear()
+
     def _remove_scratch(self) -> None:
-        self._stop_threads()
+        self._stop()
         for out in self._outputs.values():
-            for part in out.all_parts():
-                for ds in (part.dataset, *part.levels):
-                    if ds is not None and not ds.closed:
-                        with GDAL_WRITES, contextlib.suppress(Exception):
-                            ds.close()
-                for path in part.paths():
-                    with contextlib.suppress(OSError):
-                        path.unlink()
-            for k in range(len(out.parts[0].levels) + 1):
+            if out.fd >= 0:
                 with contextlib.suppress(OSError):
-                    out.vrt_path(k).unlink()
+                    os.close(out.fd)
+                out.fd = -1
+            if out.scratch is not None:
+                with contextlib.suppress(OSError):
+                    out.scratch.unlink()
+            out.pending.clear()

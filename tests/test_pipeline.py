@@ -215,17 +215,17 @@ def test_unwritable_output_fails_that_scene(job: Path) -> None:
 
 
 def test_full_disk_leaves_no_partial_outputs(job: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import geoseg.writer
+    import geoseg.cog
 
-    real_copy = geoseg.writer.rasterio.shutil.copy
+    real_write = geoseg.cog.write_cog
 
-    def copy(src: object, dst: object, **kw: object) -> None:
-        if "s2" in str(dst):
-            Path(str(dst)).write_bytes(b"half a file")  # what a full disk leaves behind
+    def write_cog(path: Path, *args: object, **kw: object) -> None:
+        if "s2" in str(path):
+            Path(path).write_bytes(b"half a file")  # what a full disk leaves behind
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_copy(src, dst, **kw)
+        real_write(path, *args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(geoseg.writer.rasterio.shutil, "copy", copy)
+    monkeypatch.setattr(geoseg.cog, "write_cog", write_cog)
     summary = run_pipeline(load_pipeline(job))
     assert [r.status for r in summary.results] == ["done", "done", "failed"]
     assert "No space left" in (summary.results[2].error or "")

@@ -540,33 +540,33 @@ def test_failure_mid_scene_leaves_nothing(tmp_path: Path, rgb_scene: Any, make_b
 def test_background_writers_write_the_same_files(
     tmp_path: Path, rgb_scene: Any, make_bundle: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Writes queued to threads of their own (as with a GPU), one per band of the probabilities,
-    give the same outputs."""
-    data = np.random.default_rng(6).integers(1, 256, size=(3, 300, 260), dtype=np.uint8)
-    data[:, 100:140, 30:200] = 0
+    """Tiles queued to the writer's threads without waiting (as with a GPU) give the same
+    outputs as tiles waited for (as on a CPU)."""
+    data = np.random.default_rng(6).integers(1, 256, size=(3, 700, 1100), dtype=np.uint8)
+    data[:, 100:140, 30:900] = 0
     scene = write_tif(tmp_path / "bg.tif", data, nodata=0)
     bundle = make_bundle()
-    direct = run(scene, bundle, tmp_path / "direct", IdentityFactory("bg"), chunk=64, halo=16)
+    direct = run(scene, bundle, tmp_path / "direct", IdentityFactory("bg"), chunk=192, halo=16)
     queued = []
-    real_write = engine.RasterWriter._write
+    real_tile = engine.RasterWriter._tile
 
     def spy(self: Any, *a: Any) -> None:
         queued.append(threading.current_thread().name)
-        real_write(self, *a)
+        real_tile(self, *a)
 
     monkeypatch.setattr(engine, "write_in_background", lambda options, device: True)
-    monkeypatch.setattr(engine.RasterWriter, "_write", spy)
-    threaded = run(scene, bundle, tmp_path / "bg", IdentityFactory("bg"), chunk=64, halo=16)
-    probs_bands = {f"geoseg-write-probs-{b}" for b in (1, 2, 3)}
-    probs_mask = "geoseg-write-probs-mask"  # the scene has nodata: the probabilities a mask
-    assert {n.rsplit("_", 1)[0] for n in queued} == {*probs_bands, probs_mask, "geoseg-write-mask"}
+    monkeypatch.setattr(engine.RasterWriter, "_tile", spy)
+    threaded = run(scene, bundle, tmp_path / "bg", IdentityFactory("bg"), chunk=192, halo=16)
+    assert len(queued) == 2 * 6  # each output's 2 x 3 tiles, queued as they complete
+    assert {n.rsplit("_", 1)[0] for n in queued} == {"geoseg-write"}
     for name in ("probs", "mask"):
         with rasterio.open(getattr(direct, name)) as a, rasterio.open(getattr(threaded, name)) as b:
             np.testing.assert_array_equal(a.read(), b.read())
             np.testing.assert_array_equal(a.dataset_mask(), b.dataset_mask())
             assert a.overviews(1) == b.overviews(1)
+            assert a.overviews(1) == [2, 4]
             np.testing.assert_array_equal(
-                a.read(out_shape=(a.count, 75, 65)), b.read(out_shape=(b.count, 75, 65))
+                a.read(out_shape=(a.count, 350, 550)), b.read(out_shape=(b.count, 350, 550))
             )
             assert a.profile == b.profile and a.tags() == b.tags()
             assert a.descriptions == b.descriptions and a.colorinterp == b.colorinterp
@@ -577,16 +577,16 @@ def test_background_write_failure_leaves_nothing(
     tmp_path: Path, rgb_scene: Any, make_bundle: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    real_write = engine.RasterWriter._write
+    real_encode = engine.RasterWriter._encode_image
 
-    def failing(self: Any, *a: Any) -> None:
+    def failing(self: Any, *a: Any) -> bytes:
         calls.append(1)
-        if len(calls) == 5:
-            raise OutputError("simulated: disk full while writing a chunk")
-        real_write(self, *a)
+        if len(calls) == 2:
+            raise OutputError("simulated: disk full while writing a tile")
+        return real_encode(self, *a)
 
     monkeypatch.setattr(engine, "write_in_background", lambda options, device: True)
-    monkeypatch.setattr(engine.RasterWriter, "_write", failing)
+    monkeypatch.setattr(engine.RasterWriter, "_encode_image", failing)
     out_dir = tmp_path / "out"
     with pytest.raises(OutputError, match="disk full"):
         run(
@@ -626,22 +626,21 @@ def test_failed_cog_conversion_leaves_nothing(
     background: bool,
 ) -> None:
     """A full disk while publishing: the half-written COG and the scratch files are removed."""
-    import rasterio.shutil
+    import geoseg.cog
 
     monkeypatch.setattr(engine, "write_in_background", lambda options, device: background)
 
     calls = []
 
-    def failing_copy(src: Any, dst: Any, **kw: Any) -> None:
-        if kw.get("driver") == "COG":  # not the VRT that gathers the probabilities' bands
-            calls.append(dst)
-            Path(dst).write_bytes(b"half a file")
-            if len(calls) == 2:
-                raise OSError(28, "No space left on device")
-        real_copy(src, dst, **kw)
+    def failing_write(path: Path, *args: Any, **kw: Any) -> None:
+        calls.append(path)
+        Path(path).write_bytes(b"half a file")
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_write(path, *args, **kw)
 
-    real_copy = rasterio.shutil.copy
-    monkeypatch.setattr(rasterio.shutil, "copy", failing_copy)
+    real_write = geoseg.cog.write_cog
+    monkeypatch.setattr(geoseg.cog, "write_cog", failing_write)
     out_dir = tmp_path / "out"
     with pytest.raises(OutputError, match="No space left on device"):
         run(rgb_scene(64, 64), make_bundle(), out_dir, IdentityFactory("disk"))
