@@ -31,7 +31,7 @@ from geoseg.reader import read_padded
 from geoseg.remote import redact
 from geoseg.resample import ResampledGrid, ResamplePlan, resample_plan
 from geoseg.runtime import cpu_cores
-from geoseg.writer import COMPRESSIONS, DEFAULT_COMPRESS, RasterWriter
+from geoseg.writer import BLOCK, COMPRESSIONS, DEFAULT_COMPRESS, RasterWriter
 
 if TYPE_CHECKING:
     import torch
@@ -624,14 +624,81 @@ QUIET_LOCAL_CLUSTER = {
 }
 
 
+#: The share of model pixels beyond the scene's that the default chunk on a GPU aims for:
+#: ((chunk + 2 halo) / chunk)² at most this.
+MAX_REDUNDANCY = 1.15
+
+#: A forward pass's peak memory, as a multiple of :func:`forward_bytes_lower_bound` (the
+#: encoder's features and the decoder's stages come on top of that bound).
+FORWARD_PEAK_FACTOR = 8
+
+#: The share of a GPU's memory that the default chunk's forward pass may take.
+GPU_MEMORY_SHARE = 0.5
+
+
+def default_chunk(
+    spec: ModelSpec, halo: int, batch: int, memory_bytes: int, longest_side: int
+) -> int:
+    """The chunk for a forward pass with ``memory_bytes`` of device memory: the smallest
+    multiple of the output tile (512 px, and of the encoder's stride) from the bundle's chunk
+    up whose redundant compute is at most :data:`MAX_REDUNDANCY`, unless its forward pass
+    would take more than :data:`GPU_MEMORY_SHARE` of the memory: then the largest that fits
+    (the redundancy stays above the target), and never below the bundle's chunk. No larger
+    than the scene needs (``longest_side``). With a 32 px halo this is 1024 px (1.13x), with
+    64 px 2048 px (1.13x), with 288 px 8192 px (1.15x) where memory allows."""
+    base = spec.chunk
+    if redundancy(base, halo) <= MAX_REDUNDANCY or base >= longest_side:
+        return base
+    step = math.lcm(BLOCK, spec.stride)
+    budget = GPU_MEMORY_SHARE * memory_bytes
+    best, chunk = base, -(-base // step) * step
+    while True:
+        side = chunk + 2 * halo
+        if FORWARD_PEAK_FACTOR * forward_bytes_lower_bound(spec, batch, side, side) > budget:
+            return best
+        best = chunk
+        if redundancy(chunk, halo) <= MAX_REDUNDANCY or chunk >= longest_side:
+            return best
+        chunk += step
+
+
+def gpu_memory_bytes(device: str) -> int | None:
+    """Total memory of the CUDA ``device`` (not the free memory, which changes as the model
+    loads: every call for a scene must choose the same chunk); None when unknown."""
+    import torch
+
+    try:
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    except (RuntimeError, AssertionError, ValueError):
+        return None
+
+
+def chunk_for(spec: ModelSpec, halo: int, options: PredictOptions, scene: Scene) -> int:
+    """The chunk core size: the options', else :func:`default_chunk` on a local GPU, else the
+    bundle's. On a CPU the bundle's chunk stays: a larger one multiplies the forward pass's
+    memory (the CPU budget is 1.5 GiB for a whole run) and changes the float arithmetic of
+    every pass, while the same outputs as before are promised there."""
+    if options.chunk:
+        return options.chunk
+    if options.scheduler:  # the workers' devices are not this machine's
+        return spec.chunk
+    device = resolve_device(options.device)
+    memory = gpu_memory_bytes(device) if device.startswith("cuda") else None
+    if memory is None:
+        return spec.chunk
+    return default_chunk(spec, halo, options.batch_size, memory, max(scene.width, scene.height))
+
+
 def scene_grid(scene: Scene, spec: ModelSpec, options: PredictOptions) -> ChunkGrid | ResampledGrid:
-    """The chunk grid of ``scene``: the options' chunk and halo, else the bundle's (model
-    pixels). A :class:`ResampledGrid` when the scene is read at the model's GSD."""
+    """The chunk grid of ``scene``: the options' chunk and halo, else the bundle's halo and
+    :func:`chunk_for` (model pixels). A :class:`ResampledGrid` when the scene is read at the
+    model's GSD."""
+    halo = spec.halo if options.halo is None else options.halo
     grid = ChunkGrid(
         scene.width,
         scene.height,
-        options.chunk or spec.chunk,
-        spec.halo if options.halo is None else options.halo,
+        chunk_for(spec, halo, options, scene),
+        halo,
         multiple=spec.stride,
     )
     if not (options.resample and spec.gsd_m):
@@ -810,6 +877,16 @@ def predict_scene(
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)
     grid = scene_grid(scene, spec, options)
+    chunk = getattr(grid, "chunk", spec.chunk)
+    if not options.chunk and chunk != spec.chunk:
+        log.info(
+            "%s: %d px chunks for the %d px halo on %s (model pixels per scene pixel %.2f)",
+            scene.path,
+            chunk,
+            grid.halo,
+            options.device,
+            grid.redundancy,
+        )
     if not options.scheduler:
         check_working_set(spec, grid.at(0, 0).padded, options.batch_size, options.device)
     resample = grid.plan if isinstance(grid, ResampledGrid) else None
