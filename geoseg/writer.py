@@ -34,6 +34,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from geoseg import cog
+from geoseg.errors import OutputError
 from geoseg.raster import Scene, atomic_path, write_error
 from geoseg.runtime import cpu_cores
 from geoseg.tempfiles import temporary_path
@@ -66,6 +67,17 @@ _TIFF_CODES = {"deflate": 8, "zstd": 50000, "lzw": 5}
 #: Tile jobs queued per compression thread, at most, when the writer runs in the background
 #: (each holds a view of its chunk's arrays).
 JOBS_PER_THREAD = 8
+
+
+#: Niceness of the writer's threads when the model runs on this CPU (see :class:`RasterWriter`).
+CPU_WRITER_NICE = 10
+
+
+def _yield_to_the_model() -> None:
+    """Lower this thread's scheduling priority (Linux: per thread), so that the forward pass's
+    threads, which wait for each other at every layer, are not held up by tile compression."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CPU_WRITER_NICE)
 
 
 def _encoder(compress: str) -> Callable[[np.ndarray], bytes]:
@@ -205,9 +217,10 @@ class RasterWriter:
         threads: int | None = None,
     ) -> None:
         """``background``: :meth:`write` only queues a chunk's tiles (a bounded queue), so
-        that the caller goes on; default: it returns once they are compressed (their
-        compression still runs on every core). ``compress``: the COGs' codec, one of
-        :data:`COMPRESSIONS`. ``threads``: compression threads (default: the cores)."""
+        that the caller goes on (the model runs elsewhere); default: it returns once they are
+        compressed, by threads of lower priority (the model runs on this CPU). ``compress``:
+        the COGs' codec, one of :data:`COMPRESSIONS`. ``threads``: compression threads
+        (default: the cores)."""
         if compress not in COMPRESSIONS:
             raise ValueError(f"compress must be one of {', '.join(COMPRESSIONS)}, got {compress!r}")
         self.scene = scene
@@ -261,7 +274,11 @@ class RasterWriter:
             self.abort()
             where = next(iter(self._outputs.values())).final if self._outputs else Path(".")
             raise write_error(where, exc, f"cannot create outputs for {self.scene.path}") from exc
-        self._pool = ThreadPoolExecutor(self.threads, "geoseg-write")
+        self._pool = ThreadPoolExecutor(
+            self.threads,
+            "geoseg-write",
+            initializer=None if self.background else _yield_to_the_model,
+        )
         return self
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
@@ -487,6 +504,8 @@ class RasterWriter:
             for done, out in zip(tmps, outs, strict=True):
                 os.replace(done, out.final)
             published = True
+        except OutputError:  # a tile's failure, already named
+            raise
         except OSError as exc:
             where = outs[0].final if outs else Path(".")
             raise write_error(where, exc, f"cannot write outputs for {self.scene.path}") from exc
