@@ -175,3 +175,35 @@ def test_a_failed_write_names_the_output_and_leaves_nothing(
     with pytest.raises(OutputError, match=r"o-2-True-deflate\.tif.*(space|full)"):
         _write(tmp_path, 2, True)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_cpu_writer_threads_yield_to_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, background: bool
+) -> None:
+    """When the model runs on this CPU (tiles waited for), tiles compress on threads of lower
+    priority, so that the forward pass's threads are not held up; when it runs elsewhere
+    (tiles queued), at the process's own priority."""
+    import os
+    import threading
+
+    seen: list[tuple[str, int]] = []
+    real = RasterWriter._encode_image
+
+    def spy(self: RasterWriter, data: np.ndarray) -> bytes:
+        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        seen.append((threading.current_thread().name, nice))
+        return real(self, data)
+
+    monkeypatch.setattr(RasterWriter, "_encode_image", spy)
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 255, (1, 600, 700), dtype=np.uint8)
+    scene = open_scene(write_tif(tmp_path / "in.tif", data))
+    writer = RasterWriter(scene, background=background, threads=2)
+    writer.add("o", tmp_path / "o.tif", 1)
+    with writer:
+        writer.write("o", Window(0, 0, 700, 600), data)
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert seen and all(name.startswith("geoseg-write") for name, _ in seen)
+    expect = own if background else max(own, 10)
+    assert {nice for _, nice in seen} == {expect}
