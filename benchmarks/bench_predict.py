@@ -11,6 +11,9 @@ Every number comes from a fresh subprocess, measured side by side in one run:
   is the predictor's call (forward and softmax); on a GPU it is the module alone on an input
   already on the device, synchronized. The ratio e2e / bare shows the pipeline's overhead
   over the model itself.
+* ``batch``: ``geoseg run`` over a pipeline of ``--scenes`` copies of the scene (one process,
+  one model, one cluster); its summary's marginal seconds per scene against one scene's bare
+  forward time: the share of a batch's time that the model gets.
 * ``naive``: the common approach: read the whole scene, loop over tiles with the same halo,
   accumulate float32 probabilities for the whole scene, argmax, write one GeoTIFF.
 
@@ -20,6 +23,8 @@ Usage::
     python benchmarks/bench_predict.py throughput --size 16384 --base-size 8192 --device cuda
     python benchmarks/bench_predict.py memory --sizes 4096 8192 16384
     python benchmarks/bench_predict.py naive --size 4096
+    python benchmarks/bench_predict.py batch --size 16384 --scenes 4 --encoder resnet34 \
+        --chunk 2048 --halo 64 --device cuda
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -222,6 +229,84 @@ with rasterio.open(out, "w", **profile) as dst:
 """
 
 
+BATCH_JOB = """schema_version: 1
+name: bench-batch
+description: {n} copies of one synthetic scene, for the marginal cost per scene.
+inputs:
+  paths: {paths}
+model: {model}
+predict:
+  device: {device}
+  precision: {precision}
+  chunk: {chunk}
+  halo: {halo}
+outputs:
+  dir: out
+  rasters: [probs, mask]
+  vectors: {vectors}
+  quicklook: false
+"""
+
+
+def cmd_batch(args: argparse.Namespace) -> None:
+    from geoseg.runtime import cpu_cores
+
+    model = bundle(args.encoder, args.chunk, args.halo)
+    path = scene(args.size)
+    work = OUT / f"batch_{args.size}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    paths = []
+    for i in range(args.scenes):  # links: distinct scenes to the ledger, no copies on disk
+        link = work / f"scene_{i}.tif"
+        try:
+            os.link(path, link)
+        except OSError:
+            shutil.copyfile(path, link)
+        paths.append(str(link))
+    job = work / "job.yml"
+    job.write_text(
+        BATCH_JOB.format(
+            n=args.scenes,
+            paths=json.dumps(paths),
+            model=json.dumps(str(model)),
+            device=args.device,
+            precision=args.precision,
+            chunk=args.chunk,
+            halo=args.halo,
+            vectors="true" if args.vectors else "false",
+        )
+    )
+    b = bare(model, path, args)
+    t = time.perf_counter()
+    run = subprocess.run([PY, "-m", "geoseg", "run", str(job)], capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if run.returncode != 0:
+        raise SystemExit(f"geoseg run failed ({run.returncode}):\n{run.stdout}\n{run.stderr}")
+    b2 = bare(model, path, args)
+    bare_s = (b["seconds"] + b2["seconds"]) / 2
+    m = re.search(r"first scene done after ([\d.]+) s .*then ([\d.]+) s per scene", run.stdout)
+    if m is None:
+        raise SystemExit(f"no amortized summary in the output of geoseg run:\n{run.stdout}")
+    first, each = float(m.group(1)), float(m.group(2))
+    print(
+        f"geoseg run, {args.scenes} scenes of {args.size}² px, {args.encoder}, chunk "
+        f"{args.chunk} + halo {args.halo} px, device {args.device}, precision {args.precision}, "
+        f"vectors {'on' if args.vectors else 'off'}, {cpu_cores()} cores"
+    )
+    print(f"  whole run          : {wall:8.1f} s (process start to exit)")
+    print(f"  first scene        : {first:8.1f} s (start-up included)")
+    print(f"  marginal per scene : {each:8.1f} s ({args.size**2 / each / 1e6:.2f} MP/s)")
+    print(
+        f"  bare forward       : {bare_s:8.1f} s per scene (runs before and after: "
+        f"{b['seconds']:.1f}, {b2['seconds']:.1f})"
+    )
+    print(
+        f"  marginal throughput: {100 * bare_s / each:8.1f} % of the bare forward pass's "
+        "(target >= 85 %)"
+    )
+
+
 def passes_side_by_side(args: argparse.Namespace) -> int:
     """How many forward passes ``geoseg predict`` runs at once with these options: on a CPU its
     local worker threads (``--workers``, default 1), on a GPU one."""
@@ -347,7 +432,7 @@ def cmd_naive(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for name in ("throughput", "memory", "naive"):
+    for name in ("throughput", "memory", "naive", "batch"):
         p = sub.add_parser(name)
         p.add_argument("--encoder", default="resnet18")
         p.add_argument("--chunk", type=int, default=512, help="Chunk core, px.")
@@ -381,6 +466,9 @@ def main() -> None:
                 help="Also run this smaller size and report the marginal ratio, without the "
                 "fixed start-up costs.",
             )
+        if name == "batch":
+            p.add_argument("--scenes", type=int, default=4, help="Scenes in the batch.")
+            p.add_argument("--vectors", action="store_true", help="Vectorize each scene too.")
         if name == "memory":
             p.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
         else:
@@ -388,7 +476,13 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("GDAL_CACHEMAX", "64")
     t = time.perf_counter()
-    {"throughput": cmd_throughput, "memory": cmd_memory, "naive": cmd_naive}[args.cmd](args)
+    commands = {
+        "throughput": cmd_throughput,
+        "memory": cmd_memory,
+        "naive": cmd_naive,
+        "batch": cmd_batch,
+    }
+    commands[args.cmd](args)
     print(f"(benchmark wall time {time.perf_counter() - t:.0f} s)")
 
 
