@@ -71,10 +71,10 @@ class Image:
     extra: list[RawTag] = field(default_factory=list)
 
     def tags(self, offsets: Sequence[int], big: bool) -> list[RawTag]:
-        def short_or_long(v: int) -> RawTag:
+        def short_or_long(code: int, v: int) -> RawTag:
             if v < 2**16:
-                return RawTag(0, SHORT, 1, struct.pack("<H", v))
-            return RawTag(0, LONG, 1, struct.pack("<I", v))
+                return RawTag(code, SHORT, 1, struct.pack("<H", v))
+            return RawTag(code, LONG, 1, struct.pack("<I", v))
 
         def shorts(values: Sequence[int]) -> bytes:
             return struct.pack(f"<{len(values)}H", *values)
@@ -82,8 +82,8 @@ class Image:
         n = len(self.tiles)
         off_type, fmt = (LONG8, "Q") if big else (LONG, "I")
         tags = [
-            RawTag(256, *_fields(short_or_long(self.width))),
-            RawTag(257, *_fields(short_or_long(self.height))),
+            short_or_long(256, self.width),
+            short_or_long(257, self.height),
             RawTag(258, SHORT, self.samples, shorts([self.bits] * self.samples)),
             RawTag(259, SHORT, 1, shorts([self.compression])),
             RawTag(262, SHORT, 1, shorts([self.photometric])),
@@ -101,10 +101,6 @@ class Image:
         if self.samples > 1:  # the bands after the first are unspecified extra samples
             tags.append(RawTag(338, SHORT, self.samples - 1, shorts([0] * (self.samples - 1))))
         return sorted([*tags, *self.extra], key=lambda t: t.code)
-
-
-def _fields(tag: RawTag) -> tuple[int, int, bytes]:
-    return tag.type, tag.count, tag.value
 
 
 def read_tags(data: bytes, codes: Iterable[int]) -> list[RawTag]:
@@ -201,9 +197,7 @@ def _encode_ifd(tags: Sequence[RawTag], at: int, next_ifd: int, big: bool) -> by
     return count + b"".join(entries) + nxt + b"".join(values)
 
 
-def write_cog(
-    path: Path, levels: Sequence[tuple[Image, Image | None]], source: int, force_big: bool = False
-) -> None:
+def write_cog(path: Path, levels: Sequence[tuple[Image, Image | None]], source: int) -> None:
     """Write a COG at ``path`` from ``levels`` (full resolution first: its image and its mask,
     if any), whose tiles are read from the file descriptor ``source``."""
     images = [img for img, _ in levels]
@@ -223,10 +217,8 @@ def write_cog(
             at += _ifd_size(img.tags([0] * len(img.tiles), big), big)
         return start, ifds, at
 
-    big = force_big
-    if not big:
-        _, _, data_at = layout(False)
-        big = data_at + tile_bytes > CLASSIC_MAX
+    _, _, data_at = layout(False)
+    big = data_at + tile_bytes > CLASSIC_MAX
     start, ifd_at, data_at = layout(big)
 
     # where each tile goes: smallest level first, each mask tile after its image tile

@@ -194,6 +194,12 @@ class _Output:
         w, h = self.sizes[k]
         return min(BLOCK, h - ty * BLOCK), min(BLOCK, w - tx * BLOCK)
 
+    def blank(self, k: int, ty: int, tx: int) -> _Tile:
+        """Tile (ty, tx) of level ``k`` with no pixel yet: zeros, all masked."""
+        th, tw = self.extent(k, ty, tx)
+        valid = np.zeros((th, tw), bool) if self.with_mask else None
+        return _Tile(np.zeros((self.count, th, tw), np.uint8), valid)
+
 
 class RasterWriter:
     """Writes chunk results into outputs that share one grid, then publishes them as COGs.
@@ -348,12 +354,7 @@ class RasterWriter:
         with out.lock:
             tile = out.pending.get((k, ty, tx))
             if tile is None:
-                th, tw = out.extent(k, ty, tx)
-                tile = _Tile(
-                    np.zeros((out.count, th, tw), np.uint8),
-                    None if not out.with_mask else np.zeros((th, tw), bool),
-                )
-                out.pending[(k, ty, tx)] = tile
+                tile = out.pending[(k, ty, tx)] = out.blank(k, ty, tx)
             tile.data[:, y : y + h, x : x + w] = data
             if tile.valid is not None and valid is not None:
                 tile.valid[y : y + h, x : x + w] = valid
@@ -444,13 +445,7 @@ class RasterWriter:
                 for tx in range(cols):
                     if (k, ty, tx, False) in out.index:
                         continue
-                    tile = out.pending.pop((k, ty, tx), None)
-                    if tile is None:
-                        th, tw = out.extent(k, ty, tx)
-                        tile = _Tile(
-                            np.zeros((out.count, th, tw), np.uint8),
-                            np.zeros((th, tw), bool) if out.with_mask else None,
-                        )
+                    tile = out.pending.pop((k, ty, tx), None) or out.blank(k, ty, tx)
                     self._tile(out, k, ty, tx, tile.data, tile.valid)
 
     def _levels(self, out: _Output) -> list[tuple[cog.Image, cog.Image | None]]:
@@ -498,9 +493,9 @@ class RasterWriter:
         try:
             self._drain()
             self._stop()
-            for out in outs:
+            for out, tmp in zip(outs, tmps, strict=True):
                 self._finish(out)
-                cog.write_cog(tmps[outs.index(out)], self._levels(out), out.fd)
+                cog.write_cog(tmp, self._levels(out), out.fd)
             for done, out in zip(tmps, outs, strict=True):
                 os.replace(done, out.final)
             published = True
