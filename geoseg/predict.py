@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     import torch
     from distributed import Client
 
+    from geoseg.vectorize.options import VectorizeOptions, VectorizeOutputs
+    from geoseg.vectorize.source import Prediction
+
 __all__ = [
     "BundleFactory",
     "DEVICE_DTYPES",
@@ -562,6 +565,8 @@ class PredictOutputs:
     warnings: list[str] = field(default_factory=list)
     #: model pixels per scene pixel (x, y) when the scene was read at the model's GSD
     resampled: tuple[float, float] | None = None
+    #: the vector layers, when asked for (``vectorize``)
+    vectors: VectorizeOutputs | None = None
 
     def rasters(self) -> dict[str, Path]:
         """The rasters written, by name among :data:`RASTERS`."""
@@ -863,11 +868,18 @@ def predict_scene(
     factory: PredictorFactory | None = None,
     progress: Callable[[int, int], None] | None = None,
     extra_tags: dict[str, str] | None = None,
+    vectorize: VectorizeOptions | None = None,
+    vector_client: Client | None = None,
 ) -> PredictOutputs:
     """Predict one scene into ``<stem>.probs.tif`` and ``<stem>.mask.tif`` COGs in ``out_dir``.
 
     ``extra_tags`` are stored in the outputs beside :func:`output_tags` (e.g. the scene's STAC
     item id).
+
+    ``vectorize``: also write the vector layers, made from the probabilities when they are
+    written, else from the class mask, while the scene is predicted (see
+    :class:`geoseg.vectorize.run.StreamingVectorizer`); their tasks run on ``vector_client``
+    (default: ``client``; give one of worker processes when ``client`` runs threads).
 
     ``factory`` overrides how workers build the predictor (default: the bundle on the options'
     device and precision). ``progress(done, total)`` is called after each chunk is written.
@@ -927,20 +939,39 @@ def predict_scene(
         )
     if want_mask:
         writer.add("mask", mask_path, 1, nodata=MASK_NODATA, band_names=["class_id"])
+    vec = None
+    if vectorize is not None:
+        from geoseg.vectorize.run import StreamingVectorizer
+
+        source = "probs" if want_probs else "mask"
+        pred = _prediction(scene, bundle, probs_path if want_probs else mask_path, want_probs)
+        yield_cpu = not options.scheduler and device == "cpu"
+        vec = StreamingVectorizer(pred, source, out, vectorize, vector_client or client, yield_cpu)
     order = chunk_order(grid, scene, len(spec.bands))
     tasks = ((plan, batch, factory) for batch in _batches(order, options.batch_size))
     name = f"geoseg-predict-{scene.stem}"
-    with writer:
-        for results in stream_tasks(client, predict_chunks, tasks, max_in_flight, name):
-            for r in results:
-                if want_probs:
-                    writer.write("probs", r.chunk.core, r.probs, r.valid)
-                if want_mask:
-                    writer.write("mask", r.chunk.core, r.mask)
-                done += 1
-                skipped += r.skipped
-            if progress is not None:
-                progress(done, total)
+    try:
+        with writer:
+            for results in stream_tasks(client, predict_chunks, tasks, max_in_flight, name):
+                for r in results:
+                    if want_probs:
+                        writer.write("probs", r.chunk.core, r.probs, r.valid)
+                    if want_mask:
+                        writer.write("mask", r.chunk.core, r.mask)
+                    done += 1
+                    skipped += r.skipped
+                if vec is not None:
+                    vec.poll(writer)
+                if progress is not None:
+                    progress(done, total)
+            if vec is not None:
+                log.info("%s: finishing %d vectorize chunks", scene.path, vec.total - vec.finished)
+                vec.finish(writer)
+        vectors = None if vec is None else vec.publish()
+    except BaseException:
+        if vec is not None:
+            vec.abort()
+        raise
     log.info("%s: %d chunks (%d all-nodata) → %s", scene.path, total, skipped, out)
     return PredictOutputs(
         scene.path,
@@ -951,6 +982,24 @@ def predict_scene(
         grid.redundancy,
         notes,
         None if resample is None else (resample.ratio_x, resample.ratio_y),
+        vectors,
+    )
+
+
+def _prediction(scene: Scene, bundle: Bundle, path: Path, probs: bool) -> Prediction:
+    """The vectorizer's description of output ``path`` of :func:`predict_scene`, made before
+    any chunk runs (a scene without a CRS fails here, not after the model's work)."""
+    from geoseg.vectorize.source import describe_prediction
+
+    return describe_prediction(
+        os.fspath(path),
+        tuple(bundle.spec.classes),
+        scene.width,
+        scene.height,
+        scene.crs,
+        scene.transform,
+        {"GEOSEG_SCENE": os.path.basename(redact(scene.path)), "GEOSEG_MODEL": bundle.ident},
+        os.fspath(path) if probs else None,
     )
 
 

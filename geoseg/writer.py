@@ -46,7 +46,9 @@ __all__ = [
     "COMPRESSIONS",
     "DEFAULT_COMPRESS",
     "RasterWriter",
+    "StoredTiles",
     "downsample2",
+    "yield_to_the_model",
     "overview_levels",
 ]
 
@@ -73,7 +75,7 @@ JOBS_PER_THREAD = 8
 CPU_WRITER_NICE = 10
 
 
-def _yield_to_the_model() -> None:
+def yield_to_the_model() -> None:
     """Lower this thread's scheduling priority (Linux: per thread), so that the forward pass's
     threads, which wait for each other at every layer, are not held up by tile compression."""
     with contextlib.suppress(OSError, AttributeError):
@@ -89,6 +91,72 @@ def _encoder(compress: str) -> Callable[[np.ndarray], bytes]:
     if compress == "zstd":
         return lambda a: bytes(codecs.zstd_encode(a, level=level))
     return lambda a: bytes(codecs.lzw_encode(a))
+
+
+_DECODERS = {"deflate": "deflate_decode", "zstd": "zstd_decode", "lzw": "lzw_decode"}
+
+
+@dataclass
+class StoredTiles:
+    """Full-resolution tiles of one output, read back from the writer's scratch file while the
+    scene is still being predicted (:meth:`RasterWriter.stored`): what a vectorize task needs to
+    read a window of the output before the COG exists. Picklable: tasks in other processes on
+    this machine (or any that sees the output folder) read the file themselves.
+
+    Only the tiles in ``index`` can be read; they are never rewritten, so a process that reads
+    them while the writer appends others sees their final bytes.
+    """
+
+    path: str
+    count: int
+    width: int
+    height: int
+    compress: str
+    #: (offset, size) in the scratch file of tile (row, column)
+    index: dict[tuple[int, int], tuple[int, int]]
+    _decoded: dict[tuple[int, int], np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_decoded": {}}
+
+    def _tile(self, ty: int, tx: int) -> np.ndarray:
+        """Tile (ty, tx) as (bands, 512, 512), decoded once per task."""
+        tile = self._decoded.get((ty, tx))
+        if tile is not None:
+            return tile
+        offset, size = self.index[(ty, tx)]
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            blob = f.read(size)
+        if len(blob) != size:
+            raise OSError(f"{self.path}: tile ({ty}, {tx}) is cut short")
+        raw = getattr(imagecodecs, _DECODERS[self.compress])(blob)
+        diff = np.frombuffer(raw, np.uint8).reshape(BLOCK, BLOCK, self.count)
+        tile = np.cumsum(diff, axis=1, dtype=np.uint8).transpose(2, 0, 1)  # undo predictor 2
+        self._decoded[(ty, tx)] = tile
+        return tile
+
+    @staticmethod
+    def keys(r0: int, c0: int, r1: int, c1: int) -> list[tuple[int, int]]:
+        """The tiles that rows r0:r1 and columns c0:c1 (inside the raster) touch."""
+        return [
+            (ty, tx)
+            for ty in range(r0 // BLOCK, (r1 - 1) // BLOCK + 1)
+            for tx in range(c0 // BLOCK, (c1 - 1) // BLOCK + 1)
+        ]
+
+    def read(self, band: int, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+        """Band ``band`` (1-based) over rows r0:r1 and columns c0:c1 (inside the raster)."""
+        out = np.empty((r1 - r0, c1 - c0), np.uint8)
+        for ty, tx in self.keys(r0, c0, r1, c1):
+            y0, x0 = ty * BLOCK, tx * BLOCK
+            ya, yb = max(r0, y0), min(r1, y0 + BLOCK)
+            xa, xb = max(c0, x0), min(c1, x0 + BLOCK)
+            tile = self._tile(ty, tx)
+            out[ya - r0 : yb - r0, xa - c0 : xb - c0] = tile[
+                band - 1, ya - y0 : yb - y0, xa - x0 : xb - x0
+            ]
+        return out
 
 
 def overview_levels(width: int, height: int, block: int = BLOCK) -> int:
@@ -283,7 +351,7 @@ class RasterWriter:
         self._pool = ThreadPoolExecutor(
             self.threads,
             "geoseg-write",
-            initializer=None if self.background else _yield_to_the_model,
+            initializer=None if self.background else yield_to_the_model,
         )
         return self
 
@@ -430,6 +498,39 @@ class RasterWriter:
             view, at = view[n:], at + n
         with out.lock:
             out.index[key] = (start, len(blob))
+
+    def stored(self, name: str, keys: Sequence[tuple[int, int]]) -> StoredTiles | None:
+        """Full-resolution tiles ``keys`` (row, column) of output ``name`` as written so far, for
+        reading back; None while any of them is still to come."""
+        out = self._outputs[name]
+        index = {}
+        with out.lock:
+            for ty, tx in keys:
+                where = out.index.get((0, ty, tx, False))
+                if where is None:
+                    return None
+                index[(ty, tx)] = where
+        assert out.scratch is not None
+        return StoredTiles(
+            os.fspath(out.scratch),
+            out.count,
+            self.scene.width,
+            self.scene.height,
+            self.compress,
+            index,
+        )
+
+    def flush(self) -> None:
+        """Wait until every chunk written so far is compressed and stored, and store the tiles
+        that no chunk completed (see :meth:`_finish`): every tile can then be read back with
+        :meth:`stored`. Chunks written afterwards cannot change tiles already stored."""
+        try:
+            self._drain()
+            for out in self._outputs.values():
+                self._finish(out)
+        except OSError as exc:
+            where = next(iter(self._outputs.values())).final if self._outputs else Path(".")
+            raise write_error(where, exc, f"cannot write outputs for {self.scene.path}") from exc
 
     def _drain(self) -> None:
         """Wait for every queued tile; raise the first failure."""

@@ -16,9 +16,12 @@ from geoseg.errors import ConfigError
 from geoseg.remote import check_writable_prefix, is_remote, join, redact, upload
 
 if TYPE_CHECKING:
+    from distributed import Client
+
     from geoseg.model import Bundle
     from geoseg.predict import PredictOptions
     from geoseg.raster import Scene
+    from geoseg.vectorize.options import VectorizeOptions
 
 log = logging.getLogger("geoseg.cli")
 
@@ -94,6 +97,8 @@ def predict(
     from geoseg.model import check_weights, load_bundle
     from geoseg.predict import PredictOptions, check_compatible, warm_up
     from geoseg.raster import check_writable, open_scene
+    from geoseg.vectorize.options import VectorizeOptions
+    from geoseg.vectorize.run import vector_cluster
 
     bundle = load_bundle(model_path)
     options = PredictOptions(
@@ -121,9 +126,11 @@ def predict(
     else:
         out_dir = Path(out)
         check_writable(out_dir)
-    warm_up(bundle, options, opened[0])  # the model loads while the cluster starts
     try:
-        _run(opened, bundle, options, keep, out_dir, remote_out)
+        vectorize = VectorizeOptions() if "vectors" in keep else None
+        with vector_cluster(options, vectorize) as vector_client:
+            warm_up(bundle, options, opened[0])  # the model loads while the cluster starts
+            _run(opened, bundle, options, keep, out_dir, remote_out, vectorize, vector_client)
     finally:
         if remote_out is not None:
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -136,32 +143,42 @@ def _run(
     keep: set[str],
     out_dir: Path,
     remote_out: str | None,
+    vectorize: VectorizeOptions | None,
+    vector_client: Client | None,
 ) -> None:
-    """Predict every scene on one client; upload each scene's files when ``remote_out``."""
+    """Predict every scene on one client; upload each scene's files when ``remote_out``.
+    Vectors are made while each scene is predicted, on ``vector_client`` when given."""
     from geoseg.predict import open_client, predict_scene
 
     with open_client(options) as client:
         for i, scene in enumerate(opened, start=1):
             progress = Progress(f"[{i}/{len(opened)}] {scene.stem}", log.info)
             try:
-                result = predict_scene(scene, bundle, out_dir, options, client, progress=progress)
+                result = predict_scene(
+                    scene,
+                    bundle,
+                    out_dir,
+                    options,
+                    client,
+                    progress=progress,
+                    vectorize=vectorize,
+                    vector_client=vector_client,
+                )
             finally:
                 progress.close()
             read_at = ""
             if result.resampled is not None:
                 read_at = f", read at the model's {bundle.spec.gsd_m:g} m"
             written = result.rasters()
-            source = next(iter(written.values()))  # the probabilities when written, else the mask
             kept = [p for name, p in written.items() if name in keep]
             click.echo(
                 f"{scene.stem}: {' '.join(map(str, kept))} "
                 f"({result.chunks} chunks, {result.skipped} all-nodata{read_at})"
             )
-            if "vectors" in keep:
+            if result.vectors is not None:
                 from geoseg.cli.vectorize import report
-                from geoseg.vectorize import vectorize_prediction
 
-                report(vectorize_prediction(source, out_dir, client=client))
+                report(result.vectors)
             if "quicklook" in keep:
                 from geoseg.pipeline.quicklook import write_quicklook
 

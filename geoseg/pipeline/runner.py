@@ -300,11 +300,13 @@ class _SceneJob:
         run_id: int,
         progress: RunProgress | None,
         stop: threading.Event,
+        vector_client: Client | None = None,
     ) -> None:
         self.config = config
         self.bundle = bundle
         self.options = options
         self.client = client
+        self.vector_client = vector_client
         self.ledger = ledger
         self.run_id = run_id
         self.progress = progress
@@ -410,6 +412,8 @@ class _SceneJob:
             self.client,
             progress=chunks,
             extra_tags={"GEOSEG_STAC_ITEM": item} if item else None,
+            vectorize=self.config.vectorize_options() if self.config.outputs.vectors else None,
+            vector_client=self.vector_client,
         )
         files = {name: str(p) for name, p in pred.rasters().items()}
         info: dict[str, Any] = {"chunks": pred.chunks, "skipped_chunks": pred.skipped}
@@ -417,11 +421,13 @@ class _SceneJob:
             info["stac_item"] = item
         if pred.warnings:
             info["warnings"] = pred.warnings
-        if self.config.outputs.vectors:
-            assert pred.probs is not None  # written for the vectors (see needed_rasters)
-            vfiles, vinfo = self._vectorize(pred.probs, out)
-            files.update(vfiles)
-            info.update(vinfo)
+        if pred.vectors is not None:
+            files.update(
+                (f"{layer}.{fmt}", str(path))
+                for layer, by_format in pred.vectors.paths.items()
+                for fmt, path in by_format.items()
+            )
+            info["counts"] = pred.vectors.counts
         if self.config.outputs.quicklook:
             assert pred.mask is not None  # always written
             png = write_quicklook(
@@ -435,18 +441,6 @@ class _SceneJob:
         if "probs" in files and "probs" not in self.config.outputs.rasters:
             Path(files.pop("probs")).unlink(missing_ok=True)
         return files, info
-
-    def _vectorize(self, probs: Path, out: Path) -> tuple[dict[str, str], dict[str, Any]]:
-        from geoseg.vectorize import vectorize_prediction
-
-        options = self.config.vectorize_options()
-        result = vectorize_prediction(probs, out, options=options, client=self.client)
-        files = {
-            f"{layer}.{fmt}": str(path)
-            for layer, by_format in result.paths.items()
-            for fmt, path in by_format.items()
-        }
-        return files, {"counts": result.counts}
 
 
 def _remove_leftovers(out: Path) -> None:
@@ -562,9 +556,17 @@ def _run_scenes(
         from geoseg.predict import open_client
 
         client_factory = open_client
+    from geoseg.vectorize.run import vector_cluster
+
     in_flight = config.compute.scenes_in_flight
-    with client_factory(options) as client:
-        job = _SceneJob(config, bundle, options, client, ledger, run_id, progress, stop)
+    vectorize = config.vectorize_options() if config.outputs.vectors else None
+    with (
+        vector_cluster(options, vectorize) as vector_client,
+        client_factory(options) as client,
+    ):
+        job = _SceneJob(
+            config, bundle, options, client, ledger, run_id, progress, stop, vector_client
+        )
         pool = ThreadPoolExecutor(max_workers=in_flight, thread_name_prefix="geoseg-scene")
         futures: list[Future[SceneResult]] = []
         try:

@@ -6,13 +6,15 @@ import contextlib
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rasterio.windows import Window
 
-from geoseg.errors import InputError
+from geoseg.errors import InputError, OutputError, call_portably
 from geoseg.grid import ChunkGrid
 from geoseg.raster import check_writable
 from geoseg.remote import is_remote
@@ -27,12 +29,15 @@ from geoseg.vectorize.geometry import frames_for
 from geoseg.vectorize.options import CONTACT_CLASS, LayerOutput, VectorizeOptions, VectorizeOutputs
 from geoseg.vectorize.polygons import ChunkPolygons, PolygonJob, finish_polygons, polygonize_chunk
 from geoseg.vectorize.seams import SeamMerger
-from geoseg.vectorize.source import Prediction, open_prediction
+from geoseg.vectorize.source import Prediction, inside, open_prediction
+from geoseg.writer import RasterWriter, StoredTiles, yield_to_the_model
 
 if TYPE_CHECKING:
     from distributed import Client
 
-__all__ = ["vectorize_prediction"]
+    from geoseg.predict import PredictOptions
+
+__all__ = ["StreamingVectorizer", "vector_cluster", "vectorize_prediction"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,12 @@ Task = tuple[str, Callable[..., Any], tuple[Any, ...]]
 
 
 def _call(tag: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[str, Any]:
+    return tag, fn(*args)
+
+
+def _call_yielding(tag: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[str, Any]:
+    """:func:`_call` at a lower priority (the worker thread's), beside a model on this CPU."""
+    yield_to_the_model()
     return tag, fn(*args)
 
 
@@ -75,6 +86,21 @@ def local_client(workers: int) -> Iterator[Client]:
         ) as cluster,
         Client(cluster) as client,
     ):
+        yield client
+
+
+@contextlib.contextmanager
+def vector_cluster(
+    predict: PredictOptions, options: VectorizeOptions | None
+) -> Iterator[Client | None]:
+    """The ``options.workers`` worker processes that make vectors while scenes are predicted on
+    a local cluster of threads (polygonizing holds the GIL); start it before that cluster, so
+    that its workers fork. None when no vectors are asked for (``options`` None) or when
+    ``predict`` runs on a Dask scheduler, whose workers take the vector tasks too."""
+    if options is None or predict.scheduler:
+        yield None
+        return
+    with local_client(options.workers) as client:
         yield client
 
 
@@ -128,6 +154,134 @@ def _layer_plan(pred: Prediction, options: VectorizeOptions) -> list[tuple[str, 
     return plan
 
 
+class _Vectorization:
+    """One prediction's vectorization: its chunk tasks, layer writers and seam mergers.
+
+    Results come in through :meth:`add` in any order; polygon chunks are taken in chunk order
+    (row by row): their whole features are written at once and their seam pieces joined, and
+    each component that crosses seams is written as soon as the chunks on all its seams are in.
+    """
+
+    def __init__(self, pred: Prediction, out: Path, options: VectorizeOptions) -> None:
+        self.pred = pred
+        frames = frames_for(pred)
+        plan = _layer_plan(pred, options)
+        self.plan = plan
+        grid = ChunkGrid(pred.width, pred.height, options.chunk, 0, multiple=1)
+        rows, cols = grid.shape
+        #: (layer, function, arguments) of every task, and the window each task reads
+        self.tasks: list[Task] = []
+        self.reads: list[Window] = []
+        self.jobs: dict[str, PolygonJob | CenterlineJob] = {}
+        for cls, layer, kind in plan:
+            if kind == "polygons":
+                pj = PolygonJob(
+                    pred,
+                    frames,
+                    cls,
+                    layer,
+                    options.threshold,
+                    options.min_area_m2,
+                    options.simplify_m,
+                    options.regularize and cls != "road",
+                    options.precision,
+                    len(options.formats) > 1,
+                    *_contact(pred, cls, options),
+                )
+                self.jobs[layer] = pj
+                for ch in grid:
+                    seams = (ch.row > 0, ch.row < rows - 1, ch.col > 0, ch.col < cols - 1)
+                    self.tasks.append((layer, polygonize_chunk, (pj, ch.index, ch.core, seams)))
+                    self.reads.append(ch.core)
+            else:
+                cj = CenterlineJob(
+                    pred,
+                    frames,
+                    cls,
+                    layer,
+                    options.threshold,
+                    options.spur_m,
+                    options.simplify_m,
+                    options.halo,
+                )
+                self.jobs[layer] = cj
+                h = options.halo
+                for ch in grid:
+                    core = Window(*ch.core.flatten())
+                    self.tasks.append((layer, skeleton_chunk, (cj, core)))
+                    self.reads.append(
+                        Window(
+                            core.col_off - h,
+                            core.row_off - h,
+                            core.width + 2 * h,
+                            core.height + 2 * h,
+                        )
+                    )
+        self.writers = {
+            layer: LayerWriter(
+                out,
+                pred.stem,
+                layer,
+                frames,
+                options.formats,
+                options.precision,
+                "Polygon" if kind == "polygons" else "LineString",
+            )
+            for _, layer, kind in plan
+        }
+        self.skeletons: dict[str, list[SkeletonPixels]] = {}
+        self.mergers = {
+            layer: SeamMerger(rows, cols)
+            for layer, job in self.jobs.items()
+            if isinstance(job, PolygonJob)
+        }
+        self.order = {
+            (t[0], t[2][1]): i for i, t in enumerate(self.tasks) if t[1] is polygonize_chunk
+        }
+        self.ordered = sorted(self.order.values())
+        self.ready: dict[int, tuple[str, ChunkPolygons]] = {}
+        self.next = 0
+
+    def add(self, layer: str, value: Any) -> None:
+        """Take one task's result."""
+        if not isinstance(value, ChunkPolygons):
+            self.skeletons.setdefault(layer, []).append(value)
+            return
+        self.ready[self.order[(layer, value.index)]] = (layer, value)
+        while self.next < len(self.ordered) and self.ordered[self.next] in self.ready:
+            lyr, ch = self.ready.pop(self.ordered[self.next])
+            self.writers[lyr].write_rendered(ch.text, ch.count, ch.done)
+            merged = self.mergers[lyr].add(ch)
+            job = self.jobs[lyr]
+            assert isinstance(job, PolygonJob)
+            self.writers[lyr].write(finish_polygons(job, merged))
+            self.next += 1
+
+    def publish(self, path: str | os.PathLike[str]) -> VectorizeOutputs:
+        """Once every task's result is in: the last polygons and the centerlines written, each
+        layer published under its final names."""
+        for lyr, merger in self.mergers.items():
+            job = self.jobs[lyr]
+            assert isinstance(job, PolygonJob)
+            self.writers[lyr].write(finish_polygons(job, merger.finish()))
+        counts: dict[str, LayerOutput] = {}
+        for _, layer, kind in self.plan:
+            job = self.jobs[layer]
+            if isinstance(job, CenterlineJob):
+                pix = SkeletonPixels.concat(self.skeletons.get(layer, []))
+                self.writers[layer].write(build_centerlines(job, pix))
+            counts[layer] = LayerOutput(layer, kind, self.writers[layer].count)  # type: ignore[arg-type]
+        for layer, w in self.writers.items():
+            counts[layer].paths = w.close()
+        log.info("%s: %s", self.pred.path, ", ".join(f"{n} {c.count}" for n, c in counts.items()))
+        return VectorizeOutputs(os.fspath(path) if is_remote(path) else Path(path), counts)
+
+    def abort(self) -> None:
+        """Delete every layer's partial files."""
+        for w in self.writers.values():
+            w.abort()
+
+
 def vectorize_prediction(
     path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -142,118 +296,136 @@ def vectorize_prediction(
     """
     options = options or VectorizeOptions()
     pred = open_prediction(path)
-    frames = frames_for(pred)
     out = Path(out_dir)
     check_writable(out)
-    plan = _layer_plan(pred, options)
-    grid = ChunkGrid(pred.width, pred.height, options.chunk, 0, multiple=1)
-    rows, cols = grid.shape
-    tasks: list[Task] = []
-    jobs: dict[str, PolygonJob | CenterlineJob] = {}
-    for cls, layer, kind in plan:
-        if kind == "polygons":
-            pj = PolygonJob(
-                pred,
-                frames,
-                cls,
-                layer,
-                options.threshold,
-                options.min_area_m2,
-                options.simplify_m,
-                options.regularize and cls != "road",
-                options.precision,
-                len(options.formats) > 1,
-                *_contact(pred, cls, options),
-            )
-            jobs[layer] = pj
-            for ch in grid:
-                seams = (ch.row > 0, ch.row < rows - 1, ch.col > 0, ch.col < cols - 1)
-                tasks.append((layer, polygonize_chunk, (pj, ch.index, ch.core, seams)))
-        else:
-            cj = CenterlineJob(
-                pred,
-                frames,
-                cls,
-                layer,
-                options.threshold,
-                options.spur_m,
-                options.simplify_m,
-                options.halo,
-            )
-            jobs[layer] = cj
-            for ch in grid:
-                tasks.append((layer, skeleton_chunk, (cj, Window(*ch.core.flatten()))))
-    writers = {
-        layer: LayerWriter(
-            out,
-            pred.stem,
-            layer,
-            frames,
-            options.formats,
-            options.precision,
-            "Polygon" if kind == "polygons" else "LineString",
-        )
-        for _, layer, kind in plan
-    }
+    v = _Vectorization(pred, out, options)
     try:
-        skeletons = _collect(tasks, client, options.workers, writers, jobs, grid.shape, progress)
-        counts: dict[str, LayerOutput] = {}
-        for _, layer, kind in plan:
-            job = jobs[layer]
-            if isinstance(job, CenterlineJob):
-                pix = SkeletonPixels.concat(skeletons.get(layer, []))
-                writers[layer].write(build_centerlines(job, pix))
-            counts[layer] = LayerOutput(layer, kind, writers[layer].count)  # type: ignore[arg-type]
-        for layer, w in writers.items():
-            counts[layer].paths = w.close()
+        results = _run(v.tasks, client, options.workers)
+        for done, (layer, value) in enumerate(results, start=1):
+            v.add(layer, value)
+            if progress is not None:
+                progress(done, len(v.tasks))
+        return v.publish(path)
     except BaseException:
-        for w in writers.values():
-            w.abort()
+        v.abort()
         raise
-    log.info("%s: %s", pred.path, ", ".join(f"{n} {c.count}" for n, c in counts.items()))
-    return VectorizeOutputs(os.fspath(path) if is_remote(path) else Path(path), counts)
 
 
-def _collect(
-    tasks: list[Task],
-    client: Client | None,
-    workers: int,
-    writers: dict[str, LayerWriter],
-    jobs: dict[str, PolygonJob | CenterlineJob],
-    shape: tuple[int, int],
-    progress: Callable[[int, int], None] | None,
-) -> dict[str, list[SkeletonPixels]]:
-    """Run the chunk tasks; returns the skeleton pixels of each centerline layer.
+class StreamingVectorizer:
+    """Vectorizes a prediction while :func:`geoseg.predict.predict_scene` writes it.
 
-    Polygon chunks are taken in chunk order (row by row), whatever order they finish in: their
-    whole features are written at once and their seam pieces joined; each component that
-    crosses seams is written as soon as the chunks on all its seams are in.
+    Each chunk task is submitted to ``client`` as soon as every full-resolution tile it reads
+    is stored in the writer's scratch file (:meth:`poll`), and reads those tiles instead of the
+    COG, which does not exist yet (:class:`geoseg.writer.StoredTiles`). So the vectors are made
+    while the model runs, on the client's workers (processes: polygonizing holds the GIL), and
+    the outputs are the same as :func:`vectorize_prediction`'s on the finished raster. At most
+    two tasks per worker are in flight. :meth:`finish` stores the last tiles and waits for the
+    remaining tasks (the scratch files must still exist: before the writer commits);
+    :meth:`publish` then writes the layers under their final names.
     """
-    skeletons: dict[str, list[SkeletonPixels]] = {}
-    mergers = {
-        layer: SeamMerger(*shape) for layer, job in jobs.items() if isinstance(job, PolygonJob)
-    }
-    order = {(t[0], t[2][1]): i for i, t in enumerate(tasks) if t[1] is polygonize_chunk}
-    ordered = sorted(order.values())
-    ready: dict[int, tuple[str, ChunkPolygons]] = {}
-    nxt = 0
-    for done, (layer, value) in enumerate(_run(tasks, client, workers), start=1):
-        if isinstance(value, ChunkPolygons):
-            ready[order[(layer, value.index)]] = (layer, value)
-            while nxt < len(ordered) and ordered[nxt] in ready:
-                lyr, ch = ready.pop(ordered[nxt])
-                writers[lyr].write_rendered(ch.text, ch.count, ch.done)
-                merged = mergers[lyr].add(ch)
-                job = jobs[lyr]
-                assert isinstance(job, PolygonJob)
-                writers[lyr].write(finish_polygons(job, merged))
-                nxt += 1
-        else:
-            skeletons.setdefault(layer, []).append(value)
-        if progress is not None:
-            progress(done, len(tasks))
-    for lyr, merger in mergers.items():
-        job = jobs[lyr]
-        assert isinstance(job, PolygonJob)
-        writers[lyr].write(finish_polygons(job, merger.finish()))
-    return skeletons
+
+    def __init__(
+        self,
+        pred: Prediction,
+        name: str,
+        out: Path,
+        options: VectorizeOptions,
+        client: Client,
+        yield_cpu: bool = False,
+    ) -> None:
+        """``pred`` describes the raster being written as output ``name`` of the writer.
+        ``yield_cpu``: the model runs on this machine's CPU; the tasks run at a lower priority
+        so that they take the cores it leaves idle, and the rest after it."""
+        from distributed import as_completed
+
+        self.client = client
+        self.call = _call_yielding if yield_cpu else _call
+        self.name = name
+        self.source = pred.probs if pred.kind == "probs" else pred.mask
+        self.v = _Vectorization(pred, out, options)
+        self.limit = 2 * max(1, sum(client.nthreads().values()))
+        self.waiting: list[int] = list(range(len(self.v.tasks)))
+        self.keys = [StoredTiles.keys(*inside(w, pred.width, pred.height)) for w in self.v.reads]
+        self.in_flight: set[Any] = set()
+        self.done = as_completed()
+        self.finished = 0
+
+    @property
+    def total(self) -> int:
+        """Number of chunk tasks."""
+        return len(self.v.tasks)
+
+    def _submit_ready(self, writer: RasterWriter) -> None:
+        still: list[int] = []
+        for i in self.waiting:
+            stored = None
+            if len(self.in_flight) < self.limit:
+                stored = writer.stored(self.name, self.keys[i]) if self.keys[i] else None
+                if stored is None and self.keys[i]:
+                    still.append(i)
+                    continue
+            else:
+                still.append(i)
+                continue
+            layer, fn, args = self.v.tasks[i]
+            job = args[0]
+            if stored is not None:
+                assert self.source is not None
+                staged = replace(job.pred, staged={self.source: stored})
+                args = (replace(job, pred=staged), *args[1:])
+            fut = self.client.submit(
+                call_portably,
+                self.call,
+                layer,
+                fn,
+                args,
+                key=f"geoseg-vectorize-{uuid.uuid4().hex}",
+                pure=False,
+                retries=1,
+            )
+            self.in_flight.add(fut)
+            self.done.add(fut)
+        self.waiting = still
+
+    def _take(self, fut: Any) -> None:
+        self.in_flight.discard(fut)
+        layer, value = fut.result()
+        fut.release()
+        self.v.add(layer, value)
+        self.finished += 1
+
+    def poll(self, writer: RasterWriter) -> None:
+        """Take the results that are in, and submit the tasks whose tiles are all stored."""
+        for fut in [f for f in self.in_flight if f.done()]:
+            self._take(fut)
+        self._submit_ready(writer)
+
+    def finish(
+        self, writer: RasterWriter, progress: Callable[[int, int], None] | None = None
+    ) -> None:
+        """Store the last tiles (:meth:`RasterWriter.flush`), run every remaining task and take
+        every result; ``progress(done, total)`` after each."""
+        writer.flush()
+        self._submit_ready(writer)
+        while self.in_flight:
+            fut = next(iter(self.done))
+            if fut not in self.in_flight:  # taken by poll already
+                continue
+            self._take(fut)
+            self._submit_ready(writer)
+            if progress is not None:
+                progress(self.finished, self.total)
+        if self.waiting:  # every tile is stored: only an output never written is missing
+            raise OutputError(f"{self.source}: {len(self.waiting)} vectorize chunks never read")
+
+    def publish(self) -> VectorizeOutputs:
+        """Write the last features and publish every layer (after the rasters are committed)."""
+        assert self.source is not None
+        return self.v.publish(self.source)
+
+    def abort(self) -> None:
+        """Cancel the tasks in flight and delete every layer's partial files."""
+        if self.in_flight:
+            self.client.cancel(list(self.in_flight))
+            self.in_flight.clear()
+        self.v.abort()

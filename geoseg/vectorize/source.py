@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
@@ -20,7 +20,10 @@ from geoseg.errors import InputError, first_line
 from geoseg.raster import gdal_env, ground_resolution
 from geoseg.remote import exists, gdal_path, is_remote, redact, remote_name
 
-__all__ = ["ClassWindow", "Prediction", "open_prediction", "read_class"]
+if TYPE_CHECKING:
+    from geoseg.writer import StoredTiles
+
+__all__ = ["ClassWindow", "Prediction", "describe_prediction", "open_prediction", "read_class"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class Prediction:
 
     ``probs`` is the probability raster used for thresholds and confidences (None when only a
     class mask is available); ``mask`` is the class-id raster when that was the input.
+    ``staged``: where a raster still being written is read from instead (its tiles in the
+    writer's scratch file, by path; see :class:`geoseg.writer.StoredTiles`).
     """
 
     path: str
@@ -45,6 +50,7 @@ class Prediction:
     model: str
     probs: str | None
     mask: str | None
+    staged: dict[str, StoredTiles] = field(default_factory=dict, compare=False, repr=False)
 
     def class_index(self, name: str) -> int:
         """Index of class ``name`` (its id in the mask, its band - 1 in the probabilities)."""
@@ -85,14 +91,7 @@ def open_prediction(path: str | os.PathLike[str]) -> Prediction:
     file_name = remote_name(name) if remote else Path(path).name
     try:
         with gdal_env(), rasterio.open(gdal_path(name)) as src:
-            if src.crs is None:
-                raise InputError(
-                    f"{p}: has no CRS, so its vectors could not be georeferenced; "
-                    "assign one first (for example: gdal_edit.py -a_srs EPSG:32614 FILE)"
-                )
             t = src.transform
-            if t.b != 0 or t.d != 0 or t.e > 0:
-                raise InputError(f"{p}: needs a north-up geotransform, got {tuple(t)[:6]}")
             classes = _classes(src, p)
             is_probs = file_name.endswith(".probs.tif") or (
                 src.count == len(classes) and src.count > 1
@@ -110,17 +109,47 @@ def open_prediction(path: str | os.PathLike[str]) -> Prediction:
         raise InputError(f"{p}: not a readable raster ({first_line(exc)})") from exc
     stem = prediction_stem(file_name)
     probs: str | None = name if is_probs else None
-    mask: str | None = None if is_probs else name
     if not is_probs:
         sibling = name[: len(name) - len(file_name)] + f"{stem}.probs.tif"
         if exists(sibling) if remote else Path(sibling).is_file():
             with gdal_env(), rasterio.open(gdal_path(sibling)) as s:
                 if (s.width, s.height, s.count) == (width, height, len(classes)):
                     probs = sibling
+    return describe_prediction(
+        name, classes, width, height, crs, t, tags, probs, file_name=file_name
+    )
+
+
+def describe_prediction(
+    path: str,
+    classes: tuple[str, ...],
+    width: int,
+    height: int,
+    crs: Any,
+    transform: Affine,
+    tags: dict[str, str],
+    probs: str | None,
+    *,
+    file_name: str | None = None,
+) -> Prediction:
+    """A :class:`Prediction` of the raster ``path`` (the probabilities when it is ``probs``,
+    else a class mask) from its metadata: for :func:`open_prediction`, and for a prediction
+    vectorized while it is written. Raises :class:`InputError` if it cannot be vectorized."""
+    shown = redact(path) if is_remote(path) else path
+    if crs is None:
+        raise InputError(
+            f"{shown}: has no CRS, so its vectors could not be georeferenced; "
+            "assign one first (for example: gdal_edit.py -a_srs EPSG:32614 FILE)"
+        )
+    t = transform
+    if t.b != 0 or t.d != 0 or t.e > 0:
+        raise InputError(f"{shown}: needs a north-up geotransform, got {tuple(t)[:6]}")
+    file_name = file_name or Path(path).name
+    is_probs = probs == path
     linear = crs.linear_units_factor[1] if crs.is_projected else math.nan
     return Prediction(
-        path=name,
-        stem=stem,
+        path=path,
+        stem=prediction_stem(file_name),
         kind="probs" if is_probs else "mask",
         classes=classes,
         width=width,
@@ -132,7 +161,7 @@ def open_prediction(path: str | os.PathLike[str]) -> Prediction:
         scene=tags.get("GEOSEG_SCENE", file_name),
         model=tags.get("GEOSEG_MODEL", ""),
         probs=probs,
-        mask=mask,
+        mask=None if is_probs else path,
     )
 
 
@@ -144,19 +173,30 @@ class ClassWindow:
     conf: np.ndarray | None
 
 
-def _read_band(path: str, band: int, window: Window, width: int, height: int) -> np.ndarray:
-    """Read ``band`` over ``window``, padding with zeros outside the raster (pixels)."""
+def inside(window: Window, width: int, height: int) -> tuple[int, int, int, int]:
+    """(row, column, end row, end column) of the part of ``window`` inside the raster; empty
+    (end <= start) when none is."""
     r0, c0 = int(window.row_off), int(window.col_off)
     h, w = int(window.height), int(window.width)
-    rr0, cc0 = max(r0, 0), max(c0, 0)
-    rr1, cc1 = min(r0 + h, height), min(c0 + w, width)
+    return max(r0, 0), max(c0, 0), min(r0 + h, height), min(c0 + w, width)
+
+
+def _read_band(pred: Prediction, path: str, band: int, window: Window) -> np.ndarray:
+    """Read ``band`` of ``path`` over ``window``, padding with zeros outside the raster."""
+    r0, c0 = int(window.row_off), int(window.col_off)
+    h, w = int(window.height), int(window.width)
+    rr0, cc0, rr1, cc1 = inside(window, pred.width, pred.height)
     out = np.zeros((h, w), dtype=np.uint8)
     if rr1 <= rr0 or cc1 <= cc0:
         return out
     try:
-        with gdal_env(), rasterio.open(gdal_path(path)) as src:
-            data = src.read(band, window=Window(cc0, rr0, cc1 - cc0, rr1 - rr0))
-    except (RasterioError, CPLE_BaseError) as exc:
+        staged = pred.staged.get(path)
+        if staged is not None:
+            data = staged.read(band, rr0, cc0, rr1, cc1)
+        else:
+            with gdal_env(), rasterio.open(gdal_path(path)) as src:
+                data = src.read(band, window=Window(cc0, rr0, cc1 - cc0, rr1 - rr0))
+    except (RasterioError, CPLE_BaseError, OSError, ValueError) as exc:
         shown = redact(path)
         raise InputError(f"{shown}: read failed at window {window} ({first_line(exc)})") from exc
     out[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = data
@@ -180,9 +220,9 @@ def read_class(
     extra = [pred.class_index(a) for a in also]
     conf = None
     if pred.probs is not None:
-        conf = _read_band(pred.probs, k + 1, window, pred.width, pred.height)
+        conf = _read_band(pred, pred.probs, k + 1, window)
     if pred.mask is not None:
-        ids = _read_band(pred.mask, 1, window, pred.width, pred.height)
+        ids = _read_band(pred, pred.mask, 1, window)
         fg = ids == k
         for e in extra:
             fg |= ids == e
@@ -192,11 +232,11 @@ def read_class(
         assert conf is not None and pred.probs is not None
         total = conf.astype(np.float32)
         for e in extra:
-            total += _read_band(pred.probs, e + 1, window, pred.width, pred.height)
+            total += _read_band(pred, pred.probs, e + 1, window)
         fg = total >= np.float32(threshold * 255.0)
     if cut is not None and pred.probs is not None:
         c = pred.class_index(cut[0])
-        p = _read_band(pred.probs, c + 1, window, pred.width, pred.height)
+        p = _read_band(pred, pred.probs, c + 1, window)
         fg &= p < np.float32(cut[1] * 255.0)
     return ClassWindow(fg, conf)
 

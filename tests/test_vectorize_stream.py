@@ -1,0 +1,140 @@
+"""Vectors made while a scene is predicted: read back from the writer's scratch tiles, the
+same as vectors made from the finished rasters, and nothing left behind when it fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.windows import Window
+
+from geoseg.predict import PredictOptions, open_client, predict_scene
+from geoseg.raster import open_scene
+from geoseg.vectorize import VectorizeOptions, vectorize_prediction
+from geoseg.vectorize import run as vrun
+from geoseg.vectorize.run import StreamingVectorizer, local_client
+from geoseg.writer import BLOCK, RasterWriter
+from tests.conftest import write_tif
+from tests.test_predict import IdentityFactory
+
+
+def probability_scene(path: Path, width: int, height: int, seed: int = 0, **kw: Any) -> Path:
+    """A 3-band scene that the identity model turns into probabilities of background,
+    building and road with real shapes: rectangles of buildings, two crossing roads."""
+    rng = np.random.default_rng(seed)
+    cls = np.zeros((height, width), np.uint8)
+    for _ in range(width * height // 2500):
+        r, c = rng.integers(0, height - 5), rng.integers(0, width - 5)
+        h, w = rng.integers(4, 40, 2)
+        cls[r : r + h, c : c + w] = 1
+    yy, xx = np.mgrid[0:height, 0:width]
+    cls[(np.abs(yy - height // 3) < 5) | (np.abs(xx - yy - 40) < 4)] = 2
+    noise = rng.integers(0, 40, (3, height, width))
+    probs = np.where(np.arange(3)[:, None, None] == cls, 215, 0) + noise
+    return write_tif(path, probs.astype(np.uint8), **kw)
+
+
+def _predict(scene: Path, bundle: Any, out: Path, vector_client: Any = None, **opts: Any) -> Any:
+    options = PredictOptions(device="cpu", precision="fp32", chunk=128, halo=16, **opts)
+    vectorize = VectorizeOptions(chunk=256, halo=32, workers=1)
+    with open_client(options) as client:
+        return predict_scene(
+            open_scene(scene),
+            bundle,
+            out,
+            options,
+            client,
+            factory=IdentityFactory("stream"),
+            vectorize=vectorize,
+            vector_client=vector_client,
+        )
+
+
+@pytest.mark.parametrize("compress", ["deflate", "zstd", "lzw"])
+def test_stored_tiles_read_back_what_the_cog_holds(tmp_path: Path, compress: str) -> None:
+    width, height = 1100, 700
+    src = write_tif(tmp_path / "s.tif", np.zeros((1, height, width), np.uint8))
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (3, height, width), dtype=np.uint8)
+    data[:, 300:] //= 7  # smooth parts too, for the predictor
+    writer = RasterWriter(open_scene(src), compress=compress)
+    writer.add("probs", tmp_path / "p.tif", 3, resampling="average", with_mask=True)
+    keys = [(0, 0), (0, 1)]
+    with writer:
+        assert writer.stored("probs", keys) is None  # nothing written yet
+        writer.write("probs", Window(0, 0, 1024, 512), data[:, :512, :1024])  # waits (CPU)
+        stored = writer.stored("probs", keys)
+        assert stored is not None and writer.stored("probs", [(1, 0)]) is None
+        np.testing.assert_array_equal(stored.read(2, 10, 100, 500, 1000), data[1, 10:500, 100:1000])
+        writer.write("probs", Window(1024, 0, 76, 512), data[:, :512, 1024:])
+        writer.write("probs", Window(0, 512, width, height - 512), data[:, 512:])
+        writer.flush()
+        every = writer.stored("probs", [(ty, tx) for ty in range(2) for tx in range(3)])
+        assert every is not None
+        import pickle
+
+        every = pickle.loads(pickle.dumps(every))  # as a task in another process gets it
+        for band in (1, 2, 3):
+            got = every.read(band, 0, 0, height, width)
+            np.testing.assert_array_equal(got, data[band - 1])
+        edge = every.read(3, BLOCK - 3, 2 * BLOCK - 5, height, width)
+        np.testing.assert_array_equal(edge, data[2, BLOCK - 3 :, 2 * BLOCK - 5 :])
+    with rasterio.open(tmp_path / "p.tif") as cog:
+        np.testing.assert_array_equal(cog.read(), data)
+
+
+@pytest.mark.parametrize("rasters", [("probs", "mask"), ("mask",)])
+def test_streamed_vectors_equal_those_of_the_finished_raster(
+    tmp_path: Path, make_bundle: Any, monkeypatch: pytest.MonkeyPatch, rasters: tuple[str, ...]
+) -> None:
+    """Made on worker processes while the chunks stream, read from the scratch tiles: the same
+    files, byte for byte, as vectorizing the committed raster afterwards; and most tasks ran
+    before the last chunk was written."""
+    scene = probability_scene(tmp_path / "scene.tif", 1300, 1100)
+    bundle = make_bundle(classes=["background", "building", "road"])
+    submitted_early: list[int] = []
+    finish = StreamingVectorizer.finish
+
+    def spy(self: StreamingVectorizer, *args: Any, **kw: Any) -> None:
+        submitted_early.append(self.total - len(self.waiting))
+        finish(self, *args, **kw)
+
+    monkeypatch.setattr(StreamingVectorizer, "finish", spy)
+    with local_client(2) as processes:
+        out = _predict(scene, bundle, tmp_path / "out", processes, rasters=rasters)
+    assert out.vectors is not None
+    counts = out.vectors.counts
+    assert counts["buildings"] > 100 and counts["roads"] >= 2
+    total = 2 * 30  # two layers, 5 x 6 chunks of 256 px
+    assert 0 < submitted_early[0] < total  # tasks ran while the model did; some waited
+
+    source = out.probs if "probs" in rasters else out.mask
+    again = vectorize_prediction(
+        source, tmp_path / "again", VectorizeOptions(chunk=256, halo=32, workers=1)
+    )
+    assert again.counts == counts
+    for layer, by_format in out.vectors.paths.items():
+        for fmt, path in by_format.items():
+            other = again.paths[layer][fmt]
+            assert Path(path).read_bytes() == Path(other).read_bytes(), (layer, fmt)
+    leftovers = [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_a_failed_vectorize_task_leaves_nothing(
+    tmp_path: Path, make_bundle: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scene = probability_scene(tmp_path / "scene.tif", 600, 500)
+    bundle = make_bundle(classes=["background", "building", "road"])
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("simulated vectorize failure")
+
+    monkeypatch.setattr(vrun, "skeleton_chunk", broken)  # tasks run in this process here
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated vectorize failure"):
+        _predict(scene, bundle, out)
+    assert sorted(p.name for p in out.iterdir()) == []
