@@ -921,10 +921,11 @@ def predict_scene(
     n_workers = max(1, sum(client.nthreads().values()))
     max_in_flight = options.max_in_flight or 2 * n_workers
     total, done, skipped = len(grid), 0, 0
+    background = write_in_background(options, device)
     writer = RasterWriter(
         scene,
         {**output_tags(bundle, scene), **(extra_tags or {})},
-        write_in_background(options, device),
+        background,
         compress=options.compress,
     )
     want_probs, want_mask = "probs" in options.rasters, "mask" in options.rasters
@@ -939,15 +940,24 @@ def predict_scene(
         )
     if want_mask:
         writer.add("mask", mask_path, 1, nodata=MASK_NODATA, band_names=["class_id"])
+    order = chunk_order(grid, scene, len(spec.bands))
     vec = None
     if vectorize is not None:
         from geoseg.vectorize.run import StreamingVectorizer
 
+        chunks = list(order)
+        order = iter(chunks)
         source = "probs" if want_probs else "mask"
         pred = _prediction(scene, bundle, probs_path if want_probs else mask_path, want_probs)
-        yield_cpu = not options.scheduler and device == "cpu"
-        vec = StreamingVectorizer(pred, source, out, vectorize, vector_client or client, yield_cpu)
-    order = chunk_order(grid, scene, len(spec.bands))
+        vec = StreamingVectorizer(
+            pred,
+            source,
+            out,
+            vectorize,
+            vector_client or client,
+            [c.core for c in chunks],
+            not background,
+        )
     tasks = ((plan, batch, factory) for batch in _batches(order, options.batch_size))
     name = f"geoseg-predict-{scene.stem}"
     try:

@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -157,12 +157,21 @@ def _layer_plan(pred: Prediction, options: VectorizeOptions) -> list[tuple[str, 
 class _Vectorization:
     """One prediction's vectorization: its chunk tasks, layer writers and seam mergers.
 
-    Results come in through :meth:`add` in any order; polygon chunks are taken in chunk order
-    (row by row): their whole features are written at once and their seam pieces joined, and
-    each component that crosses seams is written as soon as the chunks on all its seams are in.
+    Results come in through :meth:`add` in any order; polygon chunks are taken in a fixed order
+    (by ``rank``, then row by row): their whole features are written at once and their seam
+    pieces joined, and each component that crosses seams is written as soon as the chunks on
+    all its seams are in. So the files are the same whatever order the tasks finish in.
     """
 
-    def __init__(self, pred: Prediction, out: Path, options: VectorizeOptions) -> None:
+    def __init__(
+        self,
+        pred: Prediction,
+        out: Path,
+        options: VectorizeOptions,
+        rank: Callable[[Window], int] | None = None,
+    ) -> None:
+        """``rank(window)``: when the pixels of a task's window can be read (tasks are taken in
+        that order); default: all at once."""
         self.pred = pred
         frames = frames_for(pred)
         plan = _layer_plan(pred, options)
@@ -238,7 +247,8 @@ class _Vectorization:
         self.order = {
             (t[0], t[2][1]): i for i, t in enumerate(self.tasks) if t[1] is polygonize_chunk
         }
-        self.ordered = sorted(self.order.values())
+        self.ranks = [0 if rank is None else rank(w) for w in self.reads]
+        self.ordered = sorted(self.order.values(), key=lambda i: (self.ranks[i], i))
         self.ready: dict[int, tuple[str, ChunkPolygons]] = {}
         self.next = 0
 
@@ -331,21 +341,35 @@ class StreamingVectorizer:
         out: Path,
         options: VectorizeOptions,
         client: Client,
+        written: Sequence[Window],
         yield_cpu: bool = False,
     ) -> None:
-        """``pred`` describes the raster being written as output ``name`` of the writer.
-        ``yield_cpu``: the model runs on this machine's CPU; the tasks run at a lower priority
-        so that they take the cores it leaves idle, and the rest after it."""
+        """``pred`` describes the raster being written as output ``name`` of the writer, chunk
+        by chunk in the order ``written`` (their cores). ``yield_cpu``: the model runs on this
+        machine's CPU; the tasks run at a lower priority so that they take the cores it leaves
+        idle, and the rest after it."""
         from distributed import as_completed
 
         self.client = client
         self.call = _call_yielding if yield_cpu else _call
         self.name = name
         self.source = pred.probs if pred.kind == "probs" else pred.mask
-        self.v = _Vectorization(pred, out, options)
+
+        def tiles(w: Window) -> list[tuple[int, int]]:
+            return StoredTiles.keys(*inside(w, pred.width, pred.height))
+
+        last: dict[tuple[int, int], int] = {}  # the last chunk written into each tile
+        for i, core in enumerate(written):
+            for key in tiles(core):
+                last[key] = i
+
+        def rank(w: Window) -> int:
+            return max((last.get(key, len(written)) for key in tiles(w)), default=0)
+
+        self.v = _Vectorization(pred, out, options, rank)
         self.limit = 2 * max(1, sum(client.nthreads().values()))
-        self.waiting: list[int] = list(range(len(self.v.tasks)))
-        self.keys = [StoredTiles.keys(*inside(w, pred.width, pred.height)) for w in self.v.reads]
+        self.keys = [tiles(w) for w in self.v.reads]
+        self.waiting = sorted(range(self.total), key=lambda i: (self.v.ranks[i], i))
         self.in_flight: set[Any] = set()
         self.done = as_completed()
         self.finished = 0
