@@ -5,7 +5,8 @@ On a noisy machine single runs drift by 10 % and more; alternating the versions 
 A B, ...) and comparing medians shows what a change does:
 
     git worktree add /tmp/geoseg-before <commit>
-    python benchmarks/bench_ab.py /tmp/geoseg-before --size 4096 --rounds 6
+    python benchmarks/bench_ab.py /tmp/geoseg-before --size 4096 --rounds 6 \
+        [--predict-args '--vectorize']
 
 The scene and model are made as ``bench_predict.py`` makes them (same cache in bench_out/).
 """
@@ -31,6 +32,11 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--halo", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--predict-args",
+        default="",
+        help="more arguments for geoseg predict, e.g. '--vectorize' (one string)",
+    )
     args = parser.parse_args()
     other = args.other.resolve()
     if not (other / "geoseg" / "__init__.py").is_file():
@@ -45,7 +51,7 @@ def main() -> None:
             env.setdefault("GDAL_CACHEMAX", "64")
             out = OUT / f"ab_{name}"
             cmd = [PY, "-m", "geoseg", "-q", "predict", str(scene_path), "-m", str(model)]
-            cmd += ["-o", str(out), "--device", args.device]
+            cmd += ["-o", str(out), "--device", args.device, *args.predict_args.split()]
             wall, rss = run_measured(cmd, env)
             walls[name].append(wall)
             print(f"round {i + 1} {name:5s}: {wall:7.1f} s, peak RSS {rss:6.0f} MiB", flush=True)

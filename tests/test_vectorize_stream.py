@@ -168,3 +168,28 @@ def test_streamed_vectors_are_the_same_bytes_whatever_order_tasks_finish(
     for layer, by_format in a.vectors.paths.items():
         for fmt, path in by_format.items():
             assert Path(path).read_bytes() == Path(b.vectors.paths[layer][fmt]).read_bytes()
+
+
+def test_vector_workers_beside_a_prediction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half the cores unless the user set a number; none of its own on a Dask scheduler."""
+    from geoseg.pipeline.config import PipelineConfig
+
+    monkeypatch.setattr(vrun, "cpu_cores", lambda: 6)
+    local = PredictOptions(device="cpu")
+    with vrun.vector_cluster(local, VectorizeOptions()) as client:
+        assert client is not None and len(client.nthreads()) == 3
+    with vrun.vector_cluster(local, VectorizeOptions(workers=1)) as client:
+        assert client is not None and len(client.nthreads()) == 1
+    with vrun.vector_cluster(local, None) as client:
+        assert client is None
+    remote = PredictOptions(device="cpu", scheduler="tcp://127.0.0.1:1")
+    with vrun.vector_cluster(remote, VectorizeOptions()) as client:
+        assert client is None
+    # a pipeline's options keep "not set" through its layers and formats
+    base = {"schema_version": 1, "name": "p", "inputs": {"paths": ["s.tif"]}, "model": "m"}
+    outputs = {"dir": "o", "formats": ["gpkg"]}
+    unset = PipelineConfig.model_validate({**base, "outputs": outputs})
+    assert "workers" not in unset.vectorize_options().model_fields_set
+    given = PipelineConfig.model_validate({**base, "outputs": outputs, "vectorize": {"workers": 1}})
+    assert given.vectorize_options().workers == 1
+    assert "workers" in given.vectorize_options().model_fields_set

@@ -298,7 +298,8 @@ class PipelineConfig(_Strict):
             update["formats"] = list(self.outputs.formats)
         if not update:
             return self.vectorize
-        return VectorizeOptions.model_validate({**self.vectorize.model_dump(), **update})
+        given = self.vectorize.model_dump(exclude_unset=True)  # defaults stay defaults
+        return VectorizeOptions.model_validate({**given, **update})
 
     @model_validator(mode="after")
     def _one_place_for_layers(self) -> PipelineConfig:

@@ -89,7 +89,10 @@ class VectorizeOptions(BaseModel):
         default=64, ge=0, description="Context around each chunk for skeletonizing roads (pixels)."
     )
     workers: int = Field(
-        default=2, ge=1, description="Local worker processes when no client is given."
+        default=2,
+        ge=1,
+        description="Local worker processes when no client is given. Beside a prediction, "
+        "unless set: half the cores when that is more (the rest feed the model).",
     )
 
     @field_validator("formats", mode="before")

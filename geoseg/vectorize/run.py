@@ -1,4 +1,11 @@
-"""Vectorize one prediction raster: chunk tasks in parallel, seams merged, layers written."""
+"""Vectorize one prediction raster: chunk tasks in parallel, seams merged, layers written.
+
+Two ways in: :func:`vectorize_prediction` on a finished raster, and
+:class:`StreamingVectorizer` while :func:`geoseg.predict.predict_scene` writes one, each task
+submitted as soon as the tiles it reads are stored. Both share :class:`_Vectorization`: the
+tasks, and the fixed order their results are taken in, so the files do not depend on which
+task finishes first.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import logging
 import os
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +26,7 @@ from geoseg.errors import InputError, OutputError, call_portably
 from geoseg.grid import ChunkGrid
 from geoseg.raster import check_writable
 from geoseg.remote import is_remote
+from geoseg.runtime import cpu_cores
 from geoseg.vectorize.centerlines import (
     CenterlineJob,
     SkeletonPixels,
@@ -93,14 +102,19 @@ def local_client(workers: int) -> Iterator[Client]:
 def vector_cluster(
     predict: PredictOptions, options: VectorizeOptions | None
 ) -> Iterator[Client | None]:
-    """The ``options.workers`` worker processes that make vectors while scenes are predicted on
-    a local cluster of threads (polygonizing holds the GIL); start it before that cluster, so
-    that its workers fork. None when no vectors are asked for (``options`` None) or when
+    """The worker processes that make vectors while scenes are predicted on a local cluster of
+    threads (polygonizing holds the GIL): ``options.workers`` of them when set, else that
+    default or half the cores, whichever is more (on a 16-core GPU machine 8 processes, the
+    other cores reading chunks and writing tiles for the GPU). Start it before that cluster,
+    so that its workers fork. None when no vectors are asked for (``options`` None) or when
     ``predict`` runs on a Dask scheduler, whose workers take the vector tasks too."""
     if options is None or predict.scheduler:
         yield None
         return
-    with local_client(options.workers) as client:
+    workers = options.workers
+    if "workers" not in options.model_fields_set:
+        workers = max(workers, cpu_cores() // 2)
+    with local_client(workers) as client:
         yield client
 
 
@@ -369,7 +383,7 @@ class StreamingVectorizer:
         self.v = _Vectorization(pred, out, options, rank)
         self.limit = 2 * max(1, sum(client.nthreads().values()))
         self.keys = [tiles(w) for w in self.v.reads]
-        self.waiting = sorted(range(self.total), key=lambda i: (self.v.ranks[i], i))
+        self.waiting = deque(sorted(range(self.total), key=lambda i: (self.v.ranks[i], i)))
         self.in_flight: set[Any] = set()
         self.done = as_completed()
         self.finished = 0
@@ -380,23 +394,20 @@ class StreamingVectorizer:
         return len(self.v.tasks)
 
     def _submit_ready(self, writer: RasterWriter) -> None:
-        still: list[int] = []
-        for i in self.waiting:
-            stored = None
-            if len(self.in_flight) < self.limit:
-                stored = writer.stored(self.name, self.keys[i]) if self.keys[i] else None
-                if stored is None and self.keys[i]:
-                    still.append(i)
-                    continue
-            else:
-                still.append(i)
-                continue
+        """Submit waiting tasks in rank order while their tiles are stored and slots are free;
+        the first task still missing a tile stops the scan (those after it need later tiles,
+        or at least as late: a scan costs what it submits, not the scene's task count)."""
+        while self.waiting and len(self.in_flight) < self.limit:
+            i = self.waiting[0]
+            stored = writer.stored(self.name, self.keys[i])
+            if stored is None:
+                return
+            self.waiting.popleft()
             layer, fn, args = self.v.tasks[i]
             job = args[0]
-            if stored is not None:
-                assert self.source is not None
-                staged = replace(job.pred, staged={self.source: stored})
-                args = (replace(job, pred=staged), *args[1:])
+            assert self.source is not None
+            staged = replace(job.pred, staged={self.source: stored})
+            args = (replace(job, pred=staged), *args[1:])
             fut = self.client.submit(
                 call_portably,
                 self.call,
@@ -409,7 +420,6 @@ class StreamingVectorizer:
             )
             self.in_flight.add(fut)
             self.done.add(fut)
-        self.waiting = still
 
     def _take(self, fut: Any) -> None:
         self.in_flight.discard(fut)
