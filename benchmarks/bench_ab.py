@@ -6,7 +6,7 @@ A B, ...) and comparing medians shows what a change does:
 
     git worktree add /tmp/geoseg-before <commit>
     python benchmarks/bench_ab.py /tmp/geoseg-before --size 4096 --rounds 6 \
-        [--predict-args '--vectorize']
+        [--predict-args=--vectorize] [--scene S.tif --model BUNDLE]
 
 The scene and model are made as ``bench_predict.py`` makes them (same cache in bench_out/).
 """
@@ -32,17 +32,19 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--halo", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--scene", type=Path, help="a scene of your own (default: synthetic)")
+    parser.add_argument("--model", type=Path, help="a model bundle of your own")
     parser.add_argument(
         "--predict-args",
         default="",
-        help="more arguments for geoseg predict, e.g. '--vectorize' (one string)",
+        help="more arguments for geoseg predict, one string: --predict-args=--vectorize",
     )
     args = parser.parse_args()
     other = args.other.resolve()
     if not (other / "geoseg" / "__init__.py").is_file():
         raise SystemExit(f"{other}: not a geoseg checkout (no geoseg/__init__.py)")
-    scene_path = scene(args.size)
-    model = bundle(args.encoder, args.chunk, args.halo)
+    scene_path = args.scene or scene(args.size)
+    model = args.model or bundle(args.encoder, args.chunk, args.halo)
     trees = {"this": ROOT, "other": other}
     walls: dict[str, list[float]] = {"this": [], "other": []}
     for i in range(args.rounds):

@@ -956,7 +956,7 @@ def predict_scene(
             vectorize,
             vector_client or client,
             [c.core for c in chunks],
-            not background,
+            not options.scheduler,  # on this machine: the model and its feed come first
         )
     tasks = ((plan, batch, factory) for batch in _batches(order, options.batch_size))
     name = f"geoseg-predict-{scene.stem}"
