@@ -335,6 +335,11 @@ def vectorize_prediction(
         raise
 
 
+#: Streamed vectorize tasks in flight per worker, at most: results are taken only between two
+#: chunks of the prediction (a CPU's forward pass takes seconds), so each worker has work queued.
+TASKS_PER_WORKER = 4
+
+
 class StreamingVectorizer:
     """Vectorizes a prediction while :func:`geoseg.predict.predict_scene` writes it.
 
@@ -342,10 +347,10 @@ class StreamingVectorizer:
     is stored in the writer's scratch file (:meth:`poll`), and reads those tiles instead of the
     COG, which does not exist yet (:class:`geoseg.writer.StoredTiles`). So the vectors are made
     while the model runs, on the client's workers (processes: polygonizing holds the GIL), and
-    the outputs are the same as :func:`vectorize_prediction`'s on the finished raster. At most
-    two tasks per worker are in flight. :meth:`finish` stores the last tiles and waits for the
-    remaining tasks (the scratch files must still exist: before the writer commits);
-    :meth:`publish` then writes the layers under their final names.
+    the features are those :func:`vectorize_prediction` makes from the finished raster. At
+    most :data:`TASKS_PER_WORKER` tasks per worker are in flight. :meth:`finish` stores the last
+    tiles and waits for the remaining tasks (the scratch files must still exist: before the
+    writer commits); :meth:`publish` then writes the layers under their final names.
     """
 
     def __init__(
@@ -381,7 +386,7 @@ class StreamingVectorizer:
             return max((last.get(key, len(written)) for key in tiles(w)), default=0)
 
         self.v = _Vectorization(pred, out, options, rank)
-        self.limit = 2 * max(1, sum(client.nthreads().values()))
+        self.limit = TASKS_PER_WORKER * max(1, sum(client.nthreads().values()))
         self.keys = [tiles(w) for w in self.v.reads]
         self.waiting = deque(sorted(range(self.total), key=lambda i: (self.v.ranks[i], i)))
         self.in_flight: set[Any] = set()
