@@ -23,6 +23,7 @@ device would (a GPU: the cores stay free meanwhile), to show what streaming does
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import time
 from typing import Any
@@ -54,7 +55,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=16384)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=2048)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=max(2, (os.cpu_count() or 2) // 2),
+        help="vectorize processes (default: as geoseg beside a prediction, half the cores, 2+)",
+    )
     ap.add_argument(
         "--forward-mps",
         type=float,
