@@ -185,12 +185,15 @@ def main() -> None:
     t = time.perf_counter()
     with open_client(options) as client:
         marks["cluster start"] = time.perf_counter() - t
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         result = predict_scene(scene, bundle, Path(args.out), options, client)
         marks["predict_scene"] = time.perf_counter() - t
+        scenes = [(marks["predict_scene"], time.process_time() - cpu)]
         rss_after = [rss_anon_mib()]
         for _ in range(args.repeat - 1):  # the same scene again, in the same process
+            t, cpu = time.perf_counter(), time.process_time()
             predict_scene(scene, bundle, Path(args.out), options, client)
+            scenes.append((time.perf_counter() - t, time.process_time() - cpu))
             rss_after.append(rss_anon_mib())
         t = time.perf_counter()
     marks["cluster close"] = time.perf_counter() - t
@@ -209,6 +212,10 @@ def main() -> None:
                 "sums_s": {k: round(v, 3) for k, v in SUMS.items()},
                 "counts": dict(COUNTS),
                 "anonymous_rss_mib_after_each_scene": rss_after,
+                # wall and CPU seconds (all threads) of each scene; after the first, a batch's
+                # marginal cost (the first pays one-off imports and first-touch costs)
+                "scenes_wall_s": [round(w, 2) for w, _ in scenes],
+                "scenes_cpu_s": [round(c, 2) for _, c in scenes],
                 "first_s": {k: round(v, 3) for k, v in FIRST.items()},
                 "last_s": {k: round(v, 3) for k, v in LAST.items()},
             },
