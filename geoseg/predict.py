@@ -998,7 +998,7 @@ def predict_scene(
 
 def _prediction(scene: Scene, bundle: Bundle, path: Path, probs: bool) -> Prediction:
     """The vectorizer's description of output ``path`` of :func:`predict_scene`, made before
-    any chunk runs (a scene without a CRS fails here, not after the model's work)."""
+    any chunk runs: a scene the vectorizer cannot georeference fails before the model's work."""
     from geoseg.vectorize.source import describe_prediction
 
     return describe_prediction(
