@@ -14,10 +14,12 @@ import logging
 import math
 import os
 import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -976,7 +978,7 @@ def predict_scene(
                     progress(done, total)
             if vec is not None:
                 log.info("%s: finishing %d vectorize chunks", scene.path, vec.total - vec.finished)
-                vec.finish(writer)
+                vec.finish(writer, _every(VECTOR_PROGRESS_S, partial(_vector_progress, scene)))
         vectors = None if vec is None else vec.publish()
     except BaseException:
         if vec is not None:
@@ -994,6 +996,28 @@ def predict_scene(
         None if resample is None else (resample.ratio_x, resample.ratio_y),
         vectors,
     )
+
+
+#: Seconds between two log lines on the vectorize chunks still running after a prediction.
+VECTOR_PROGRESS_S = 10.0
+
+
+def _vector_progress(scene: Scene, done: int, total: int) -> None:
+    log.info("%s: %d/%d vectorize chunks", scene.path, done, total)
+
+
+def _every(seconds: float, report: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    """``report(done, total)`` at most once every ``seconds``, and always for the last one."""
+    last = time.monotonic()
+
+    def call(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if done >= total or now - last >= seconds:
+            last = now
+            report(done, total)
+
+    return call
 
 
 def _prediction(scene: Scene, bundle: Bundle, path: Path, probs: bool) -> Prediction:

@@ -4,6 +4,7 @@ same as vectors made from the finished rasters, and nothing left behind when it 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,10 @@ def test_a_failed_vectorize_task_leaves_nothing(
 
 
 def test_streamed_vectors_are_the_same_bytes_whatever_order_tasks_finish(
-    tmp_path: Path, make_bundle: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    make_bundle: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A tiled scene is predicted in stripes of chunk columns; its vector files come out the
     same, byte for byte, from worker processes and from threads."""
@@ -162,7 +166,10 @@ def test_streamed_vectors_are_the_same_bytes_whatever_order_tasks_finish(
     bundle = make_bundle(classes=["background", "building", "road"])
     with local_client(2) as processes:
         a = _predict(scene, bundle, tmp_path / "a", processes)
-    b = _predict(scene, bundle, tmp_path / "b")
+    with caplog.at_level(logging.INFO, logger="geoseg.predict"):
+        b = _predict(scene, bundle, tmp_path / "b")
+    total = 2 * 4 * 4  # two layers, 4 x 4 chunks of 256 px
+    assert f"{total}/{total} vectorize chunks" in caplog.text  # the tail reports its progress
     assert a.vectors is not None and b.vectors is not None
     assert a.vectors.counts == b.vectors.counts and a.vectors.counts["buildings"] > 50
     for layer, by_format in a.vectors.paths.items():
