@@ -923,11 +923,10 @@ def predict_scene(
     n_workers = max(1, sum(client.nthreads().values()))
     max_in_flight = options.max_in_flight or 2 * n_workers
     total, done, skipped = len(grid), 0, 0
-    background = write_in_background(options, device)
     writer = RasterWriter(
         scene,
         {**output_tags(bundle, scene), **(extra_tags or {})},
-        background,
+        write_in_background(options, device),
         compress=options.compress,
     )
     want_probs, want_mask = "probs" in options.rasters, "mask" in options.rasters

@@ -48,8 +48,9 @@ __all__ = [
     "RasterWriter",
     "StoredTiles",
     "downsample2",
-    "yield_to_the_model",
     "overview_levels",
+    "tile_keys",
+    "yield_to_the_model",
 ]
 
 #: Output tile size, in pixels; overview levels are made until the smallest fits one tile.
@@ -96,6 +97,15 @@ def _encoder(compress: str) -> Callable[[np.ndarray], bytes]:
 _DECODERS = {"deflate": "deflate_decode", "zstd": "zstd_decode", "lzw": "lzw_decode"}
 
 
+def tile_keys(r0: int, c0: int, r1: int, c1: int) -> list[tuple[int, int]]:
+    """The full-resolution tiles (row, column) that rows r0:r1 and columns c0:c1 touch."""
+    return [
+        (ty, tx)
+        for ty in range(r0 // BLOCK, (r1 - 1) // BLOCK + 1)
+        for tx in range(c0 // BLOCK, (c1 - 1) // BLOCK + 1)
+    ]
+
+
 @dataclass
 class StoredTiles:
     """Full-resolution tiles of one output, read back from the writer's scratch file while the
@@ -109,8 +119,6 @@ class StoredTiles:
 
     path: str
     count: int
-    width: int
-    height: int
     compress: str
     #: (offset, size) in the scratch file of tile (row, column)
     index: dict[tuple[int, int], tuple[int, int]]
@@ -128,28 +136,23 @@ class StoredTiles:
         with open(self.path, "rb") as f:
             f.seek(offset)
             blob = f.read(size)
-        if len(blob) != size:
-            raise OSError(f"{self.path}: tile ({ty}, {tx}) is cut short")
-        size = BLOCK * BLOCK * self.count
-        raw = getattr(imagecodecs, _DECODERS[self.compress])(blob, out=size)
-        diff = np.frombuffer(raw, np.uint8).reshape(BLOCK, BLOCK, self.count)
-        tile = imagecodecs.delta_decode(diff, axis=1)  # undo predictor 2 (5x numpy's cumsum)
+        try:
+            if len(blob) != size:
+                raise ValueError("cut short")
+            raw = getattr(imagecodecs, _DECODERS[self.compress])(
+                blob, out=BLOCK * BLOCK * self.count
+            )
+            diff = np.frombuffer(raw, np.uint8).reshape(BLOCK, BLOCK, self.count)
+            tile = imagecodecs.delta_decode(diff, axis=1)  # undo predictor 2 (5x numpy's cumsum)
+        except (RuntimeError, ValueError) as exc:  # imagecodecs' errors are RuntimeErrors
+            raise OSError(f"{self.path}: tile ({ty}, {tx}) is unreadable ({exc})") from exc
         self._decoded[(ty, tx)] = tile
         return tile
-
-    @staticmethod
-    def keys(r0: int, c0: int, r1: int, c1: int) -> list[tuple[int, int]]:
-        """The tiles that rows r0:r1 and columns c0:c1 (inside the raster) touch."""
-        return [
-            (ty, tx)
-            for ty in range(r0 // BLOCK, (r1 - 1) // BLOCK + 1)
-            for tx in range(c0 // BLOCK, (c1 - 1) // BLOCK + 1)
-        ]
 
     def read(self, band: int, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
         """Band ``band`` (1-based) over rows r0:r1 and columns c0:c1 (inside the raster)."""
         out = np.empty((r1 - r0, c1 - c0), np.uint8)
-        for ty, tx in self.keys(r0, c0, r1, c1):
+        for ty, tx in tile_keys(r0, c0, r1, c1):
             y0, x0 = ty * BLOCK, tx * BLOCK
             ya, yb = max(r0, y0), min(r1, y0 + BLOCK)
             xa, xb = max(c0, x0), min(c1, x0 + BLOCK)
@@ -378,20 +381,19 @@ class RasterWriter:
         c0, r0 = int(window.col_off), int(window.row_off)
         h, w = data.shape[1:]
         jobs = []
-        for ty in range(r0 // BLOCK, (r0 + h - 1) // BLOCK + 1):
-            for tx in range(c0 // BLOCK, (c0 + w - 1) // BLOCK + 1):
-                y0, x0 = ty * BLOCK, tx * BLOCK
-                th, tw = out.extent(0, ty, tx)
-                iy0, iy1 = max(y0, r0), min(y0 + th, r0 + h)
-                ix0, ix1 = max(x0, c0), min(x0 + tw, c0 + w)
-                sl = np.s_[iy0 - r0 : iy1 - r0, ix0 - c0 : ix1 - c0]
-                part, part_valid = data[(slice(None), *sl)], None if valid is None else valid[sl]
-                if (iy1 - iy0, ix1 - ix0) != (th, tw):
-                    done = self._place(out, 0, ty, tx, iy0 - y0, ix0 - x0, part, part_valid)
-                    if done is None:
-                        continue
-                    part, part_valid = done
-                jobs.append((out, 0, ty, tx, part, part_valid))
+        for ty, tx in tile_keys(r0, c0, r0 + h, c0 + w):
+            y0, x0 = ty * BLOCK, tx * BLOCK
+            th, tw = out.extent(0, ty, tx)
+            iy0, iy1 = max(y0, r0), min(y0 + th, r0 + h)
+            ix0, ix1 = max(x0, c0), min(x0 + tw, c0 + w)
+            sl = np.s_[iy0 - r0 : iy1 - r0, ix0 - c0 : ix1 - c0]
+            part, part_valid = data[(slice(None), *sl)], None if valid is None else valid[sl]
+            if (iy1 - iy0, ix1 - ix0) != (th, tw):
+                done = self._place(out, 0, ty, tx, iy0 - y0, ix0 - x0, part, part_valid)
+                if done is None:
+                    continue
+                part, part_valid = done
+            jobs.append((out, 0, ty, tx, part, part_valid))
         self._submit(jobs)
 
     def _submit(self, jobs: list[tuple[Any, ...]]) -> None:
@@ -512,14 +514,7 @@ class RasterWriter:
                     return None
                 index[(ty, tx)] = where
         assert out.scratch is not None
-        return StoredTiles(
-            os.fspath(out.scratch),
-            out.count,
-            self.scene.width,
-            self.scene.height,
-            self.compress,
-            index,
-        )
+        return StoredTiles(os.fspath(out.scratch), out.count, self.compress, index)
 
     def flush(self) -> None:
         """Wait until every chunk written so far is compressed and stored, and store the tiles

@@ -32,6 +32,7 @@ __all__ = [
     "build_centerlines",
     "skeleton_chunk",
     "trace_edges",
+    "with_context",
 ]
 
 
@@ -91,14 +92,20 @@ def _edge_background(fg: np.ndarray) -> np.ndarray:
     return nb & ~fg
 
 
+def with_context(core: Window, halo: int) -> Window:
+    """``core`` grown by ``halo`` pixels on every side: the window a skeleton task reads."""
+    return Window(
+        core.col_off - halo, core.row_off - halo, core.width + 2 * halo, core.height + 2 * halo
+    )
+
+
 def skeleton_chunk(job: CenterlineJob, core: Window) -> SkeletonPixels:
     """Skeleton pixels of one chunk core, computed with ``halo`` pixels of context."""
     from scipy.spatial import cKDTree
     from skimage.morphology import skeletonize
 
     h = job.halo
-    padded = Window(core.col_off - h, core.row_off - h, core.width + 2 * h, core.height + 2 * h)
-    cw = read_class(job.pred, job.cls, padded, job.threshold)
+    cw = read_class(job.pred, job.cls, with_context(core, h), job.threshold)
     if not cw.fg.any():
         return _empty_pixels()
     sk = skeletonize(cw.fg)

@@ -32,6 +32,7 @@ from geoseg.vectorize.centerlines import (
     SkeletonPixels,
     build_centerlines,
     skeleton_chunk,
+    with_context,
 )
 from geoseg.vectorize.export import LayerWriter
 from geoseg.vectorize.geometry import frames_for
@@ -39,7 +40,7 @@ from geoseg.vectorize.options import CONTACT_CLASS, LayerOutput, VectorizeOption
 from geoseg.vectorize.polygons import ChunkPolygons, PolygonJob, finish_polygons, polygonize_chunk
 from geoseg.vectorize.seams import SeamMerger
 from geoseg.vectorize.source import Prediction, inside, open_prediction
-from geoseg.writer import RasterWriter, StoredTiles, yield_to_the_model
+from geoseg.writer import RasterWriter, tile_keys, yield_to_the_model
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -60,7 +61,7 @@ def _call(tag: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[str,
 def _call_yielding(tag: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[str, Any]:
     """:func:`_call` at a lower priority (the worker thread's), beside a model on this CPU."""
     yield_to_the_model()
-    return tag, fn(*args)
+    return _call(tag, fn, args)
 
 
 @contextlib.contextmanager
@@ -228,18 +229,10 @@ class _Vectorization:
                     options.halo,
                 )
                 self.jobs[layer] = cj
-                h = options.halo
                 for ch in grid:
                     core = Window(*ch.core.flatten())
                     self.tasks.append((layer, skeleton_chunk, (cj, core)))
-                    self.reads.append(
-                        Window(
-                            core.col_off - h,
-                            core.row_off - h,
-                            core.width + 2 * h,
-                            core.height + 2 * h,
-                        )
-                    )
+                    self.reads.append(with_context(core, options.halo))
         self.writers = {
             layer: LayerWriter(
                 out,
@@ -375,7 +368,7 @@ class StreamingVectorizer:
         self.source = pred.probs if pred.kind == "probs" else pred.mask
 
         def tiles(w: Window) -> list[tuple[int, int]]:
-            return StoredTiles.keys(*inside(w, pred.width, pred.height))
+            return tile_keys(*inside(w, pred.width, pred.height))
 
         last: dict[tuple[int, int], int] = {}  # the last chunk written into each tile
         for i, core in enumerate(written):

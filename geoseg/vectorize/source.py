@@ -196,7 +196,7 @@ def _read_band(pred: Prediction, path: str, band: int, window: Window) -> np.nda
         else:
             with gdal_env(), rasterio.open(gdal_path(path)) as src:
                 data = src.read(band, window=Window(cc0, rr0, cc1 - cc0, rr1 - rr0))
-    except (RasterioError, CPLE_BaseError, OSError, ValueError) as exc:
+    except (RasterioError, CPLE_BaseError, OSError) as exc:  # OSError: a staged tile
         shown = redact(path)
         raise InputError(f"{shown}: read failed at window {window} ({first_line(exc)})") from exc
     out[rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0] = data
