@@ -104,21 +104,22 @@ def test_streamed_vectors_equal_those_of_the_finished_raster(
     chunk was written."""
     scene = probability_scene(tmp_path / "scene.tif", 1300, 1100)
     bundle = make_bundle(classes=["background", "building", "road"])
-    submitted_early: list[int] = []
-    finish = StreamingVectorizer.finish
+    submitted: list[int] = []  # tasks submitted so far, after each chunk written
+    poll = StreamingVectorizer.poll
 
-    def spy(self: StreamingVectorizer, *args: Any, **kw: Any) -> None:
-        submitted_early.append(self.total - len(self.waiting))
-        finish(self, *args, **kw)
+    def spy(self: StreamingVectorizer, writer: Any) -> None:
+        poll(self, writer)
+        submitted.append(self.total - len(self.waiting))
 
-    monkeypatch.setattr(StreamingVectorizer, "finish", spy)
+    monkeypatch.setattr(StreamingVectorizer, "poll", spy)
     with local_client(2) as processes:
         out = _predict(scene, bundle, tmp_path / "out", processes, rasters=rasters)
     assert out.vectors is not None
     counts = out.vectors.counts
     assert counts["buildings"] > 100 and counts["roads"] >= 2
     total = 2 * 30  # two layers, 5 x 6 chunks of 256 px
-    assert 0 < submitted_early[0] < total  # tasks ran while the model did; some waited
+    # tasks went out before the last chunk was written; after the first, most had to wait
+    assert submitted[-2] > 0 and submitted[0] < total
 
     source = out.probs if "probs" in rasters else out.mask
     again = vectorize_prediction(
@@ -200,3 +201,20 @@ def test_vector_workers_beside_a_prediction(monkeypatch: pytest.MonkeyPatch) -> 
     given = PipelineConfig.model_validate({**base, "outputs": outputs, "vectorize": {"workers": 1}})
     assert given.vectorize_options().workers == 1
     assert "workers" in given.vectorize_options().model_fields_set
+
+
+def test_a_damaged_scratch_tile_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    src = write_tif(tmp_path / "s.tif", np.zeros((1, 600, 600), np.uint8))
+    data = np.random.default_rng(2).integers(0, 256, (1, 600, 600), dtype=np.uint8)
+    writer = RasterWriter(open_scene(src))
+    writer.add("mask", tmp_path / "m.tif", 1)
+    with writer:
+        writer.write("mask", Window(0, 0, 600, 600), data)
+        stored = writer.stored("mask", [(0, 0)])
+        assert stored is not None
+        offset, size = stored.index[(0, 0)]
+        with open(stored.path, "r+b") as f:  # another process wrote over it
+            f.seek(offset)
+            f.write(b"\xff" * min(size, 64))
+        with pytest.raises(OSError, match=r"\.tiles: tile \(0, 0\) is unreadable"):
+            stored.read(1, 0, 0, 10, 10)
