@@ -231,3 +231,18 @@ def test_cli_schedule_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert proc.returncode == 0, text
     assert "far: scheduled '0 0 1 1 *' (UTC)" in text
     assert "shutting down" in text and "scheduler stopped" in text
+
+
+def test_a_cron_that_never_fires_is_reported_and_the_others_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    never = pipeline("feb30", cron="0 0 30 2 *", tz="UTC")  # valid cron, no such date
+    hourly = pipeline("hourly", cron="0 * * * *", tz="UTC")
+    with caplog.at_level("WARNING", logger="geoseg.pipeline.schedule"):
+        sched, clock, launcher = make([never, hourly], datetime(2026, 2, 1, 8, 50, tzinfo=UTC))
+    assert "feb30" in sched.skipped and "never fires" in caplog.text
+    assert "/pipes/feb30.yml" in caplog.text
+    clock.set(datetime(2026, 2, 1, 9, 0, 1, tzinfo=UTC))
+    assert [(t.pipeline, t.action) for t in sched.tick()] == [("hourly", "started")]
+    with pytest.raises(ConfigError, match="never fires"):
+        make([never], datetime(2026, 2, 1, tzinfo=UTC))

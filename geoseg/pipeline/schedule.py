@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from geoseg.errors import ConfigError
 from geoseg.pipeline.config import PipelineConfig
@@ -162,19 +162,30 @@ class Scheduler:
             raise ConfigError("none of the pipeline files has a schedule section")
         now = self.clock.now()
         self.entries: list[_Entry] = []
+        #: pipelines left out, with why (a cron expression that never fires)
+        self.skipped: dict[str, str] = {}
         for c in scheduled:
             assert c.schedule is not None
             tz = ZoneInfo(c.schedule.timezone)
             last = last_started(c.name) if last_started else None
             start = datetime.fromtimestamp(last, UTC) if last is not None else now
-            self.entries.append(_Entry(c, tz, self._next(c, tz, start)))
+            try:
+                first, upcoming = self._next(c, tz, start), self._next(c, tz, now)
+            except CroniterBadDateError:
+                why = f"{c.source}: schedule.cron '{c.schedule.cron}' never fires (no such date)"
+                self.skipped[c.name] = why
+                log.warning("%s; pipeline %s is not scheduled", why, c.name)
+                continue
+            self.entries.append(_Entry(c, tz, first))
             log.info(
                 "%s: scheduled '%s' (%s); next run %s",
                 c.name,
                 c.schedule.cron,
                 c.schedule.timezone,
-                self._next(c, tz, now).isoformat(),
+                upcoming.isoformat(),
             )
+        if not self.entries:
+            raise ConfigError("no pipeline can be scheduled: " + "; ".join(self.skipped.values()))
 
     @staticmethod
     def _next(config: PipelineConfig, tz: ZoneInfo, after: datetime) -> datetime:
