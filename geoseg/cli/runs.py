@@ -97,7 +97,8 @@ def show(ledger_path: Path | None, run_id: int, as_json: bool) -> None:
         click.echo(f"{k:>12}: {v}")
     for s in scenes:
         secs = f"{s.seconds:.1f} s" if s.seconds is not None else "-"
-        click.echo(f"\n  {s.status:<11} {s.path}  ({secs}, {s.size} bytes)")
+        size = f"{s.size} bytes" if s.size is not None else "size unknown"
+        click.echo(f"\n  {s.status:<11} {s.path}  ({secs}, {size})")
         click.echo(f"    why: {s.reason}")
         for name, path in s.outputs.get("files", {}).items():
             click.echo(f"    {name}: {path}")
