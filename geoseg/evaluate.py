@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -403,9 +403,15 @@ class MaskScores:
     f1: dict[str, float]
     pixels: int
     confusion: list[list[int]]
+    #: the share of the truth's valid pixels that the prediction covers with valid pixels
+    coverage: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: Below this share of the truth's valid pixels covered, :func:`evaluate_masks` refuses.
+MIN_COVERAGE = 0.95
 
 
 def mask_scores(cm: np.ndarray, classes: Sequence[str]) -> MaskScores:
@@ -444,6 +450,7 @@ def evaluate_masks(
     truth_values: dict[int, str] | None = None,
     classes: Sequence[str] | None = None,
     block: int = 1024,
+    min_coverage: float = MIN_COVERAGE,
 ) -> MaskScores:
     """Per-class IoU/F1 of a predicted class-id mask (geoseg's ``*.mask.tif``) against truth.
 
@@ -451,6 +458,9 @@ def evaluate_masks(
     ``truth_values`` maps truth pixel values to class names (default: values are class ids);
     pixels that are nodata in either raster are left out, and a valid truth value that maps to
     no class is an error naming it (it would otherwise be silently left out of the scores).
+    A prediction that is not a class mask (not one integer band, or values that are not class
+    ids) is refused, and so is one whose valid pixels cover less than ``min_coverage`` (0..1)
+    of the truth's valid pixels: scores of the covered part alone would look complete.
     """
     import rasterio
     from rasterio.errors import RasterioError
@@ -464,6 +474,7 @@ def evaluate_masks(
             raise InputError(f"{p}: no such file")
     try:
         with gdal_env(), rasterio.open(pred_path) as pred_ds:
+            _check_class_mask(pred_ds, str(pred_path))
             names = list(classes) if classes else _mask_classes(pred_ds.tags(), str(pred_path))
             k = len(names)
             lut = np.full(65536, -1, dtype=np.int64)
@@ -476,6 +487,7 @@ def evaluate_masks(
                 lut[:k] = np.arange(k)
             cm = np.zeros((k, k), dtype=np.int64)
             unmapped: set[int] = set()
+            not_ids: set[int] = set()
             with (
                 rasterio.open(truth_path) as truth_ds,
                 on_grid(truth_ds, pred_ds) as vrt,
@@ -491,9 +503,18 @@ def evaluate_masks(
                     t_ok = vrt.read_masks(1, window=w) > 0
                     t_cls = lut[np.clip(t, 0, 65535)]
                     unmapped.update(np.unique(t[t_ok & (t_cls < 0)]).tolist())
+                    not_ids.update(np.unique(p[p_ok & ((p < 0) | (p >= k))]).tolist())
                     keep = p_ok & t_ok & (t_cls >= 0) & (p >= 0) & (p < k)
                     idx = t_cls[keep] * k + p[keep]
                     cm += np.bincount(idx, minlength=k * k).reshape(k, k)
+                if not_ids:
+                    values = ", ".join(str(v) for v in sorted(not_ids)[:10])
+                    raise InputError(
+                        f"{pred_path}: not a class mask of {names}: pixel value(s) {values} are "
+                        f"not class ids 0..{k - 1} (pass a *.mask.tif, or its classes with "
+                        "--classes)"
+                    )
+                coverage = truth_coverage(truth_ds, pred_ds, block)
     except RasterioError as exc:
         raise InputError(f"cannot read {pred_path} or {truth_path}: {exc}") from exc
     if unmapped:
@@ -508,7 +529,50 @@ def evaluate_masks(
             f"{truth_path}: truth pixel value(s) {values} are not mapped to any class "
             f"(set them as the truth's nodata to leave them out); {how}"
         )
-    return mask_scores(cm, names)
+    if coverage < min_coverage:
+        raise InputError(
+            f"{pred_path}: covers {coverage:.1%} of the valid pixels of {truth_path} (less than "
+            f"{min_coverage:.0%}): its scores would leave the rest out; predict the truth's "
+            "whole extent, or score the covered part alone with --min-coverage 0"
+        )
+    return replace(mask_scores(cm, names), coverage=coverage)
+
+
+def _check_class_mask(ds: Any, source: str) -> None:
+    """Refuse a raster that cannot be a class mask: more than one band, or not integers."""
+    if ds.count != 1:
+        raise InputError(
+            f"{source}: not a class mask ({ds.count} bands; a class mask has one band of "
+            "class ids, such as geoseg's *.mask.tif)"
+        )
+    if not np.issubdtype(np.dtype(ds.dtypes[0]), np.integer):
+        raise InputError(
+            f"{source}: not a class mask ({ds.dtypes[0]} pixels; class ids are integers)"
+        )
+
+
+def truth_coverage(truth_ds: Any, pred_ds: Any, block: int = 1024) -> float:
+    """The share (0..1) of ``truth_ds``'s valid pixels where ``pred_ds`` (warped onto the
+    truth's grid, nearest) has valid pixels too; 1.0 for a truth without valid pixels."""
+    from rasterio.vrt import WarpedVRT
+
+    from geoseg.train.chips import blocks
+
+    covered = total = 0
+    with WarpedVRT(
+        pred_ds,
+        crs=truth_ds.crs,
+        transform=truth_ds.transform,
+        width=truth_ds.width,
+        height=truth_ds.height,
+        add_alpha=True,  # outside the prediction's extent is invalid, not 0
+    ) as vrt:
+        for w in blocks(truth_ds.width, truth_ds.height, block):
+            t_ok = truth_ds.read_masks(1, window=w) > 0
+            p_ok = vrt.read_masks(1, window=w) > 0
+            total += int(t_ok.sum())
+            covered += int((t_ok & p_ok).sum())
+    return covered / total if total else 1.0
 
 
 def format_table(rows: Sequence[tuple[str, str]]) -> str:

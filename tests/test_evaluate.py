@@ -308,3 +308,39 @@ def test_apls_with_control_points_along_oblique_edges() -> None:
         LineString([(50.5, -40.25), (60.75, 130.125)]),
     ]
     assert apls(road_graph(lines), road_graph(lines), spacing_m=20)[0] == pytest.approx(1.0)
+
+
+def test_a_prediction_covering_part_of_the_truth_is_reported_and_refused(tmp_path: Path) -> None:
+    """A quarter of the truth's extent predicted perfectly must not score as a perfect whole."""
+    truth = np.zeros((20, 20), np.uint8)
+    truth[:, 10:] = 1
+    tags = {"GEOSEG_CLASSES": json.dumps(["background", "building"])}
+    t = _mask(tmp_path / "t.tif", truth)
+    p = _mask(tmp_path / "p.tif", truth[:10, :10].copy(), tags)  # the top-left quarter
+    with pytest.raises(InputError, match=r"covers 25.0% of the valid pixels"):
+        evaluate_masks(p, t)
+    s = evaluate_masks(p, t, min_coverage=0.0)
+    assert s.coverage == pytest.approx(0.25) and s.pixels == 100
+    res = CliRunner().invoke(cli, ["evaluate", "mask", str(p), str(t)])
+    assert res.exit_code == 2 and "--min-coverage 0" in res.output, res.output
+    res = CliRunner().invoke(cli, ["evaluate", "mask", str(p), str(t), "--min-coverage", "0"])
+    assert res.exit_code == 0 and "25.0% of the truth's valid pixels" in res.output, res.output
+    whole = _mask(tmp_path / "w.tif", truth, tags)
+    assert evaluate_masks(whole, t).coverage == 1.0
+
+
+def test_a_prediction_that_is_not_a_class_mask_is_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    truth = np.zeros((10, 10), np.uint8)
+    t = _mask(tmp_path / "t.tif", truth)
+    rgb = tmp_path / "rgb.tif"
+    with rasterio.open(
+        rgb, "w", driver="GTiff", width=10, height=10, count=3, dtype="uint8",
+        crs="EPSG:32616", transform=from_origin(0, 100, 1, 1),
+    ) as dst:  # fmt: skip
+        dst.write(rng.integers(0, 255, (3, 10, 10), dtype=np.uint8))
+    with pytest.raises(InputError, match="rgb.tif: not a class mask .3 bands"):
+        evaluate_masks(rgb, t, classes=["background", "building", "road"])
+    grey = _mask(tmp_path / "grey.tif", rng.integers(0, 255, (10, 10), dtype=np.uint8))
+    with pytest.raises(InputError, match=r"grey.tif: not a class mask .* not class ids 0..2"):
+        evaluate_masks(grey, t, classes=["background", "building", "road"])

@@ -190,20 +190,32 @@ def _value_map(values: tuple[str, ...]) -> dict[int, str] | None:
     default=None,
     help="Class names in id order (default: the prediction's GEOSEG_CLASSES tag).",
 )
+@click.option(
+    "--min-coverage",
+    type=click.FloatRange(0, 1),
+    default=0.95,
+    show_default=True,
+    help="Refuse a PRED whose valid pixels cover less than this share of TRUTH's valid "
+    "pixels (0: score the covered part alone).",
+)
 @JSON_OPTION
 def mask(
     pred: Path,
     truth: Path,
     truth_values: tuple[str, ...],
     classes: str | None,
+    min_coverage: float,
     json_path: Path | None,
 ) -> None:
-    """Per-class IoU and F1 of a PRED class mask (e.g. *.mask.tif) against a TRUTH raster."""
+    """Per-class IoU and F1 of a PRED class mask (e.g. *.mask.tif) against a TRUTH raster.
+
+    The coverage (the share of TRUTH's valid pixels that PRED covers) is reported too."""
     from geoseg.evaluate import evaluate_masks
 
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    s = evaluate_masks(pred, truth, _value_map(truth_values), names)
+    s = evaluate_masks(pred, truth, _value_map(truth_values), names, min_coverage=min_coverage)
     rows = [("class", "IoU     F1")]
     rows += [(c, f"{fmt(s.iou[c]):<7} {fmt(s.f1[c])}") for c in s.classes]
     rows.append(("pixels", str(s.pixels)))
+    rows.append(("coverage", f"{s.coverage:.1%} of the truth's valid pixels"))
     _emit("mask", pred, truth, s.to_dict(), rows, json_path)
