@@ -198,9 +198,8 @@ def _head(name: str) -> dict[str, Any]:
 def list_matching(pattern: str) -> list[str]:
     """Object URLs matching ``pattern``, a URL with glob characters (``*``, ``?``, ``[``) in
     its key: the store is listed from the key's part before the first of them, and keys are
-    matched with :func:`fnmatch.fnmatchcase` (``*`` also crosses ``/``)."""
-    import fnmatch
-
+    matched as a local glob matches paths (:func:`glob_regex`: ``*`` stays within one "folder",
+    ``**`` crosses them)."""
     import obstore
 
     store, key = _store(pattern)
@@ -211,7 +210,43 @@ def list_matching(pattern: str) -> list[str]:
         listed = [o["path"] for batch in obstore.list(store, prefix=prefix) for o in batch]
     except Exception as exc:
         raise InputError(f"{redact(pattern)}: cannot list ({_first_line(exc)})") from exc
-    return sorted(base + k for k in listed if fnmatch.fnmatchcase(k, key))
+    regex = glob_regex(key)
+    return sorted(base + k for k in listed if regex.fullmatch(k))
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A regular expression for the glob ``pattern`` over ``/``-separated keys, with the
+    meaning :func:`glob.glob` gives it with ``recursive=True``: ``*``, ``?`` and ``[…]`` never
+    match ``/``; ``**/`` matches any number of folders (none too), a final ``**`` anything."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if pattern.startswith("**", i) and (i == 0 or pattern[i - 1] == "/"):
+            if pattern.startswith("**/", i):
+                out.append("(?:[^/]*/)*")
+                i += 3
+                continue
+            if i + 2 == n:
+                out.append(".*")
+                i += 2
+                continue
+        if ch == "*":
+            out.append("[^/]*")
+        elif ch == "?":
+            out.append("[^/]")
+        elif ch == "[" and (end := pattern.find("]", i + 2)) != -1:
+            body = pattern[i + 1 : end]
+            negate = body.startswith("!")
+            body = body[1:] if negate else body
+            body = body.replace("\\", "\\\\").replace("^", "\\^")
+            out.append(f"[^/{body}]" if negate else f"(?!/)[{body}]")
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("".join(out), re.DOTALL)
 
 
 def join(prefix: str, *names: str) -> str:

@@ -238,3 +238,20 @@ def test_wrong_credentials_are_one_line(
         lines = res.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"geoseg: error: {needle}"), res.output
         assert "testing" not in res.output  # the secret is never shown
+
+
+def test_a_star_glob_stays_in_its_folder_as_a_local_glob_does(tmp_path: Path, bucket: str) -> None:
+    from geoseg.remote import list_matching
+
+    scene = make_scene(tmp_path / "s.tif", 0, 0, 64)
+    for key in ("g3/a.tif", "g3/b.txt", "g3/deep/nested.tif", "g3/deep/er/most.tif"):
+        put(bucket, key, scene)
+    base = f"s3://{bucket}/g3"
+    assert list_matching(f"{base}/*.tif") == [f"{base}/a.tif"]
+    assert list_matching(f"{base}/*/*.tif") == [f"{base}/deep/nested.tif"]
+    assert list_matching(f"{base}/**/*.tif") == [
+        f"{base}/a.tif",
+        f"{base}/deep/er/most.tif",
+        f"{base}/deep/nested.tif",
+    ]
+    assert list_matching(f"{base}/[ab].t[xy]t") == [f"{base}/b.txt"]
