@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BundleFactory",
     "DEVICE_DTYPES",
+    "TTA",
     "ChunkPlan",
     "ChunkResult",
     "PredictOptions",
@@ -64,6 +65,7 @@ __all__ = [
     "resolve_device",
     "resolve_precision",
     "scene_grid",
+    "tta_transforms",
     "warm_up",
 ]
 
@@ -75,6 +77,27 @@ MASK_NODATA = 255
 RASTERS = ("probs", "mask")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+#: Test-time augmentation modes: which dihedral transforms of each window are averaged (see
+#: :func:`tta_transforms`).
+TTA = ("none", "flips", "d4")
+
+#: A dihedral transform of a window: a horizontal flip (first, when True), then ``k``
+#: counter-clockwise quarter turns.
+Transform = tuple[int, bool]
+
+
+def tta_transforms(tta: str) -> tuple[Transform, ...]:
+    """The transforms that mode ``tta`` averages, identity first: none (1), flips (identity,
+    horizontal and vertical flips, and both, i.e. the half turn: 4), d4 (the 4 quarter turns,
+    each with and without a flip: 8)."""
+    if tta == "none":
+        return ((0, False),)
+    if tta == "flips":
+        # the half turn after a horizontal flip is the vertical flip
+        return ((0, False), (0, True), (2, False), (2, True))
+    if tta == "d4":
+        return tuple((k, flip) for flip in (False, True) for k in range(4))
+    raise ConfigError(f"tta must be one of {', '.join(TTA)}, got {tta!r}")
 
 
 class Predictor(Protocol):
@@ -128,7 +151,11 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 class TorchPredictor:
-    """Runs a torch module on a device with optional autocast, returning softmax probabilities."""
+    """Runs a torch module on a device with optional autocast, returning softmax probabilities.
+
+    ``tta`` (among :data:`TTA`): average the probabilities of the module's passes on the
+    flipped and rotated windows, each brought back onto the window (see :meth:`_forward`).
+    """
 
     def __init__(
         self,
@@ -136,12 +163,14 @@ class TorchPredictor:
         device: str = "cpu",
         precision: str = "fp32",
         activation: str | None = "softmax",
+        tta: str = "none",
     ) -> None:
         import torch
 
         self.device = torch.device(device)
         self.precision = precision
         self.activation = activation
+        self.transforms = tta_transforms(tta)
         self.memory_format = torch.channels_last
         self.module = module.eval().to(self.device).to(memory_format=self.memory_format)
         #: quantize on the device (see :meth:`quantized`): a quarter of the bytes come back
@@ -155,16 +184,37 @@ class TorchPredictor:
 
     def _forward(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """float32 probabilities (N, K, H, W), left on the device. ``batch``: normalized float32
-        pixels, as an array or as a tensor already on the device."""
+        pixels, as an array or as a tensor already on the device.
+
+        With test-time augmentation, one pass per transform, one after another (the memory of
+        one pass plus a float32 sum), each pass's probabilities transformed back, summed in the
+        order of :func:`tta_transforms` and divided by their number. A window's sides are
+        multiples of the encoder's stride, so a flipped or turned window keeps the pooling grid
+        of the whole scene flipped or turned alike: tiles stay as seamless as without it."""
         import torch
 
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         if isinstance(batch, torch.Tensor):
             x = batch
         else:
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
             if self.device.type == "cuda":
                 x = x.pin_memory().to(self.device, non_blocking=True)
+        if len(self.transforms) == 1:
+            return self._pass(x)
+        with torch.inference_mode():
+            (k, flip), *rest = self.transforms
+            # a copy: without an activation, a module's output may be its input's memory
+            total = _untransform(self._pass(_transform(x, k, flip)), k, flip).clone()
+            for k, flip in rest:
+                total.add_(_untransform(self._pass(_transform(x, k, flip)), k, flip))
+            return total.div_(len(self.transforms))
+
+    def _pass(self, x: torch.Tensor) -> torch.Tensor:
+        """One pass of the module on float32 pixels ``x`` (N, bands, H, W): float32
+        probabilities (N, K, H, W), on the device."""
+        import torch
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         x = x.contiguous(memory_format=self.memory_format)
         with (
             self._lock,
@@ -257,6 +307,25 @@ class TorchPredictor:
         return x
 
 
+def _transform(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """``x`` (..., H, W) flipped left to right when ``flip``, then turned ``k`` quarter turns
+    counter-clockwise: (..., W, H) for odd ``k``."""
+    import torch
+
+    if flip:
+        x = x.flip(-1)
+    return torch.rot90(x, k, (-2, -1)) if k else x
+
+
+def _untransform(y: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """The inverse of :func:`_transform`: ``y`` back onto the untransformed window."""
+    import torch
+
+    if k:
+        y = torch.rot90(y, -k, (-2, -1))
+    return y.flip(-1) if flip else y
+
+
 #: Pixel types that :meth:`TorchPredictor.normalized` takes as they are (torch has each).
 DEVICE_DTYPES = frozenset({"uint8", "int8", "uint16", "int16", "int32", "float32", "float64"})
 
@@ -270,6 +339,8 @@ class BundleFactory:
     device: str = "cpu"
     precision: str = "fp32"
     threads: int | None = None
+    #: test-time augmentation, among :data:`TTA`
+    tta: str = "none"
 
     def build(self) -> Predictor:
         import torch
@@ -284,7 +355,7 @@ class BundleFactory:
                 f"{self.path}: weights changed while running (hash {bundle.sha256[:12]})"
             )
         return TorchPredictor(
-            load_module(bundle), self.device, self.precision, bundle.spec.activation
+            load_module(bundle), self.device, self.precision, bundle.spec.activation, self.tta
         )
 
 
@@ -297,6 +368,7 @@ def bundle_factory(bundle: Bundle, options: PredictOptions) -> BundleFactory:
         device,
         resolve_precision(options.precision, device),
         torch_threads(options, device),
+        options.tta,
     )
 
 
@@ -535,8 +607,12 @@ class PredictOptions:
     rasters: tuple[str, ...] = RASTERS
     #: the COGs' codec, among :data:`geoseg.writer.COMPRESSIONS`
     compress: str = DEFAULT_COMPRESS
+    #: test-time augmentation, among :data:`TTA`: the average of each window's model
+    #: probabilities over its flips (4 passes) or its flips and quarter turns (8 passes)
+    tta: str = "none"
 
     def __post_init__(self) -> None:
+        tta_transforms(self.tta)  # raises ConfigError on an unknown mode
         unknown = sorted(set(self.rasters) - set(RASTERS))
         if unknown or not self.rasters:
             raise ConfigError(
@@ -849,15 +925,19 @@ def output_paths(scene: Scene, out_dir: Path) -> tuple[Path, Path]:
     return out_dir / f"{scene.stem}.probs.tif", out_dir / f"{scene.stem}.mask.tif"
 
 
-def output_tags(bundle: Bundle, scene: Scene) -> dict[str, str]:
-    """Metadata stored in every output raster, read back by ``geoseg vectorize``."""
-    return {
+def output_tags(bundle: Bundle, scene: Scene, tta: str = "none") -> dict[str, str]:
+    """Metadata stored in every output raster, read back by ``geoseg vectorize``; the
+    test-time augmentation mode (``GEOSEG_TTA``) when there was one."""
+    tags = {
         "GEOSEG_CLASSES": json.dumps(bundle.spec.classes),
         "GEOSEG_MODEL": bundle.ident,
         "GEOSEG_MODEL_NAME": bundle.spec.name,
         "GEOSEG_MODEL_SHA256": bundle.sha256,
         "GEOSEG_SCENE": os.path.basename(redact(scene.path)),
     }
+    if tta != "none":
+        tags["GEOSEG_TTA"] = tta
+    return tags
 
 
 def predict_scene(
@@ -884,7 +964,9 @@ def predict_scene(
     (default: ``client``; give one of worker processes when ``client`` runs threads).
 
     ``factory`` overrides how workers build the predictor (default: the bundle on the options'
-    device and precision). ``progress(done, total)`` is called after each chunk is written.
+    device and precision, with their test-time augmentation; the outputs' ``GEOSEG_TTA`` tag
+    names the options' mode whatever the factory). ``progress(done, total)`` is called after
+    each chunk is written.
     """
     spec = bundle.spec
     notes = check_compatible(scene, spec, resample=options.resample)
@@ -902,7 +984,9 @@ def predict_scene(
             grid.redundancy,
         )
     if not options.scheduler:
-        check_working_set(spec, grid.at(0, 0).padded, options.batch_size, options.device)
+        check_working_set(
+            spec, grid.at(0, 0).padded, options.batch_size, options.device, options.tta
+        )
     resample = grid.plan if isinstance(grid, ResampledGrid) else None
     if resample is not None:
         gx, gy = scene.ground_res
@@ -925,7 +1009,7 @@ def predict_scene(
     total, done, skipped = len(grid), 0, 0
     writer = RasterWriter(
         scene,
-        {**output_tags(bundle, scene), **(extra_tags or {})},
+        {**output_tags(bundle, scene, options.tta), **(extra_tags or {})},
         write_in_background(options, device),
         compress=options.compress,
     )
@@ -1036,13 +1120,22 @@ def _prediction(scene: Scene, bundle: Bundle, path: Path, probs: bool) -> Predic
     )
 
 
-def forward_bytes_lower_bound(spec: ModelSpec, batch: int, height: int, width: int) -> int:
+def forward_bytes_lower_bound(
+    spec: ModelSpec, batch: int, height: int, width: int, *, augmented: bool = False
+) -> int:
     """A lower bound of one forward pass's memory (bytes, fp32) on ``batch`` windows of
     ``height`` x ``width`` px: at the end of the pass the input, the last decoder stage's output
     and the class scores exist at full resolution at once (the encoder's features and every
-    earlier stage come on top, so the real peak is several times this)."""
+    earlier stage come on top, so the real peak is several times this).
+
+    ``augmented``: with test-time augmentation, whose passes run one after another, the
+    transformed input (and its channels-last copy), the probabilities transformed back and
+    their running sum come on top."""
     last = spec.decoder_channels[-1] if spec._takes_decoder_channels() else len(spec.classes)
-    per_px = len(spec.bands) + last + 2 * len(spec.classes)
+    bands, classes = len(spec.bands), len(spec.classes)
+    per_px = bands + last + 2 * classes
+    if augmented:
+        per_px += 2 * bands + 2 * classes
     return 4 * batch * height * width * per_px
 
 
@@ -1069,11 +1162,14 @@ def available_bytes(device: str) -> int | None:
         return None
 
 
-def check_working_set(spec: ModelSpec, window: Any, batch: int, device: str) -> None:
+def check_working_set(
+    spec: ModelSpec, window: Any, batch: int, device: str, tta: str = "none"
+) -> None:
     """Refuse chunk, halo and batch sizes whose forward pass cannot fit in memory, before
-    anything is allocated (a 100000 px halo once asked for 112 GiB)."""
+    anything is allocated (a 100000 px halo once asked for 112 GiB). ``tta``: the test-time
+    augmentation mode, among :data:`TTA`."""
     h, w = int(window.height), int(window.width)
-    need = forward_bytes_lower_bound(spec, batch, h, w)
+    need = forward_bytes_lower_bound(spec, batch, h, w, augmented=tta != "none")
     device = resolve_device(device)
     have = available_bytes(device)
     if have is not None and need > have:

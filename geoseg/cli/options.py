@@ -32,6 +32,19 @@ resample_option = click.option(
 )
 
 
+#: ``--tta``, for the commands that run a model on scenes (modes: :data:`geoseg.predict.TTA`,
+#: not imported here: the CLI starts without torch).
+tta_option = click.option(
+    "--tta",
+    type=click.Choice(["none", "flips", "d4"]),
+    default="none",
+    show_default=True,
+    help="Test-time augmentation: average each chunk's class probabilities over its flips "
+    "(flips: 4 forward passes) or its flips and quarter turns (d4: 8 passes). Costs that many "
+    "times the model's time; tiles stay seamless.",
+)
+
+
 def compute_options(f: F) -> F:
     """Chunk, halo, batch, device, precision, threads, workers and scheduler options."""
     opts = [

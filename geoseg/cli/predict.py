@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from geoseg.cli.options import Progress, compute_options, resample_option
+from geoseg.cli.options import Progress, compute_options, resample_option, tta_option
 from geoseg.errors import ConfigError
 from geoseg.remote import check_writable_prefix, is_remote, join, redact, upload
 
@@ -46,6 +46,7 @@ log = logging.getLogger("geoseg.cli")
 )
 @compute_options
 @resample_option
+@tta_option
 @click.option(
     "--vectorize",
     "also_vectorize",
@@ -85,6 +86,7 @@ def predict(
     workers: int | None,
     scheduler: str | None,
     resample: bool = True,
+    tta: str = "none",
     also_vectorize: bool = False,
     outputs: str = "probs,mask",
     compress: str = "deflate",
@@ -113,6 +115,7 @@ def predict(
         resample=resample,
         rasters=rasters,
         compress=compress,
+        tta=tta,
     )
     opened = [open_scene(s) for s in scenes]
     _check_distinct_outputs(opened)
