@@ -114,6 +114,11 @@ class PredictSettings(_Strict):
         description="Read each chunk at the model's ground sample distance when the scene's "
         "differs from it by more than 5 % on an axis (false: read scenes as they are).",
     )
+    tta: Literal["none", "flips", "d4"] = Field(
+        "none",
+        description="Test-time augmentation: average each chunk's class probabilities over its "
+        "flips (flips: 4 forward passes) or its flips and quarter turns (d4: 8 passes).",
+    )
 
     @field_validator("device")
     @classmethod
@@ -278,7 +283,10 @@ class PipelineConfig(_Strict):
         """SHA-256 of every setting that changes the outputs (not inputs, compute or schedule)."""
         relevant = {
             "schema_version": self.schema_version,
-            "predict": self.predict.model_dump(mode="json"),
+            # tta only when set: pipelines hashed before it existed keep their hash
+            "predict": self.predict.model_dump(
+                mode="json", exclude={"tta"} if self.predict.tta == "none" else set()
+            ),
             "vectorize": self.vectorize_options().model_dump(mode="json"),
             # compress only when set: pipelines hashed before it existed keep their hash
             "outputs": self.outputs.model_dump(

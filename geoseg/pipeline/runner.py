@@ -240,6 +240,7 @@ def predict_options(config: PipelineConfig, scheduler: str | None = None) -> Pre
         device=p.device,
         precision=p.precision,
         resample=p.resample,
+        tta=p.tta,
         threads=c.threads,
         workers=workers,
         scheduler=scheduler_address(config, scheduler),
