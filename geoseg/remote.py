@@ -37,6 +37,7 @@ __all__ = [
     "list_matching",
     "network_options",
     "redact",
+    "redact_text",
     "remote_name",
     "remote_stem",
     "upload",
@@ -82,13 +83,19 @@ def remote_stem(name: str) -> str:
 
 
 def redact(name: str) -> str:
-    """``name`` without a URL's query string and user info (pre-signed URLs carry keys)."""
+    """``name`` without a URL's query string, fragment and user info (pre-signed URLs and
+    API tokens carry keys there); what geoseg shows or records of any URL."""
     if "://" not in name:
         return name
-    parts = urlsplit(name)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
+    try:
+        parts = urlsplit(name)
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+    except ValueError:  # not a well-formed URL (a bad port): cut what could hold a secret
+        scheme, rest = name.split("://", 1)
+        host, slash, path = re.split(r"[?#]", rest, maxsplit=1)[0].partition("/")
+        return f"{scheme}://{host.rsplit('@', 1)[-1]}{slash}{path}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
@@ -295,6 +302,21 @@ def _first_line(exc: BaseException) -> str:
     return redact_text(first_line(exc))
 
 
+#: a URL inside a message (the characters that end it: blanks, quotes, brackets)
+_URL_IN_TEXT = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>()\[\]]+")
+#: a request path with a query string, as HTTP libraries write it ("url: /search?token=…")
+_PATH_QUERY = re.compile(r"(?<![\w:/])(/[^\s?'\"<>()]*)\?(?=[^\s'\"<>()]*=)[^\s'\"<>()]*")
+
+
+def _redact_match(m: re.Match[str]) -> str:
+    """A URL found in a text, redacted; punctuation that ends the sentence kept."""
+    url = m.group(0)
+    core = url.rstrip(":,;.")
+    return redact(core) + url[len(core) :]
+
+
 def redact_text(text: str) -> str:
-    """``text`` with every URL's query string removed."""
-    return re.sub(r"(https?://[^\s?]+)\?\S*", r"\1", text)
+    """``text`` (a message, a log line) with every URL in it :func:`redact`-ed, and the query
+    string of every request path (``/search?token=…``) removed."""
+    text = _URL_IN_TEXT.sub(_redact_match, text)
+    return _PATH_QUERY.sub(r"\1", text)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from geoseg.errors import ConfigError, first_line
-from geoseg.remote import redact
+from geoseg.remote import redact, redact_text
 
 __all__ = ["StacScene", "stac_scenes"]
 
@@ -39,7 +39,9 @@ def stac_scenes(
         raise
     except Exception as exc:  # pystac's, pystac-client's, network and JSON errors
         what = "search" if search is not None else "read"
-        raise ConfigError(f"STAC {redact(source)}: cannot {what} it ({first_line(exc)})") from exc
+        raise ConfigError(
+            f"STAC {redact(source)}: cannot {what} it ({redact_text(first_line(exc))})"
+        ) from exc
     out = []
     for item in items:
         found = item.assets.get(asset)

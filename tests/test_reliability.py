@@ -3,12 +3,19 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import pytest
 from click.testing import CliRunner
 
 from geoseg.cli import cli
 from geoseg.pipeline import Ledger
+from geoseg.remote import redact, redact_text
+from tests.http_support import serve
+from tests.pipeline_support import make_model, make_scene, write_pipeline
 
 
 def test_runs_show_of_a_scene_of_unknown_size_says_so(tmp_path: Path) -> None:
@@ -23,3 +30,105 @@ def test_runs_show_of_a_scene_of_unknown_size_says_so(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, ["runs", "--ledger", str(path), "show", str(run)])
     assert res.exit_code == 0, res.output
     assert "None" not in res.output and "size unknown" in res.output
+
+
+# -- no secret printed ----------------------------------------------------------------------
+
+SECRET = "X-Amz-Signature=s3cr3t&X-Amz-Credential=k3y"
+
+
+def _clean(res: Any) -> str:
+    """All a command printed (stdout, stderr), checked to hold no part of a secret."""
+    text = res.output + (res.stderr if res.stderr_bytes is not None else "")
+    for secret in ("s3cr3t", "k3y", "t0k3n"):
+        assert secret not in text, text
+    return text
+
+
+def test_redact_text_cuts_every_query_string_and_user_info() -> None:
+    assert redact_text("a https://u:p@h:8/a.tif?sig=1&b=2, b") == "a https://h:8/a.tif, b"
+    assert redact_text("/vsicurl/https://h/a.tif?sig=1: gone") == "/vsicurl/https://h/a.tif: gone"
+    assert redact_text("(s3://b/k.tif?versionId=3)") == "(s3://b/k.tif)"
+    # urllib3's retry warning and final error name the request path with its query
+    assert redact_text("broken by 'X()': /search?token=t0k3n") == "broken by 'X()': /search"
+    assert redact_text("exceeded with url: /?token=t0k3n (Caused") == "exceeded with url: / (Caused"
+    assert redact_text("what? /tmp/a.tif") == "what? /tmp/a.tif"
+    assert redact("http://u:p@h:bad/x?t=1") == "http://h:bad/x"
+
+
+@pytest.fixture
+def www(tmp_path: Path) -> Path:
+    """Scenes a.tif and b/a.tif (the same stem) under www/, and the tiny model."""
+    root = tmp_path / "www"
+    (root / "b").mkdir(parents=True)
+    make_scene(root / "a.tif", 0, 0, 64)
+    make_scene(root / "b" / "a.tif", 70, 0, 64)
+    make_model(tmp_path / "model")
+    return root
+
+
+def test_predict_summary_and_vectorize_lines_show_no_signature(tmp_path: Path, www: Path) -> None:
+    with serve(www) as server:
+        url = f"{server.url}/a.tif?{SECRET}"
+        args = ["predict", url, "-m", str(tmp_path / "model"), "-o", str(tmp_path / "o")]
+        for verbose in ([], ["-v"]):
+            res = CliRunner().invoke(cli, [*verbose, *args, "--device", "cpu", "--vectorize"])
+            assert res.exit_code == 0, res.output
+            text = _clean(res)
+            assert "vectorize chunks" in text and f"{server.url}/a.tif" in text, text
+
+
+def test_same_stem_refusals_show_no_signature(tmp_path: Path, www: Path) -> None:
+    with serve(www) as server:
+        urls = [f"{server.url}/a.tif?{SECRET}", f"{server.url}/b/a.tif?{SECRET}"]
+        model = str(tmp_path / "model")
+        res = CliRunner().invoke(cli, ["predict", *urls, "-m", model, "-o", str(tmp_path / "o")])
+        assert res.exit_code == 2 and "would both write" in _clean(res), res.output
+        job = write_pipeline(tmp_path / "p.yml", inputs={"paths": urls})
+        for dry in ([], ["--dry-run"]):
+            res = CliRunner().invoke(cli, ["run", str(job), *dry])
+            assert res.exit_code == 2 and "would write the same" in _clean(res), res.output
+
+
+def test_run_dry_run_and_summary_show_no_signature(tmp_path: Path, www: Path) -> None:
+    with serve(www) as server:
+        urls = [f"{server.url}/a.tif?{SECRET}", f"{server.url}/gone.tif?{SECRET}"]
+        job = write_pipeline(tmp_path / "p.yml", inputs={"paths": urls})
+        res = CliRunner().invoke(cli, ["run", str(job), "--dry-run"])
+        assert res.exit_code == 0 and f"run   {server.url}/a.tif  (" in _clean(res), res.output
+        res = CliRunner().invoke(cli, ["run", str(job)])
+        assert res.exit_code == 1, res.output
+        assert f"FAILED {server.url}/gone.tif: " in _clean(res), res.output
+
+
+def test_stac_asset_hrefs_with_a_signed_query_show_no_signature(tmp_path: Path, www: Path) -> None:
+    import pystac
+
+    with serve(www) as server:
+        item = pystac.Item("signed", None, None, datetime(2026, 1, 1, tzinfo=UTC), {})
+        href = f"{server.url}/gone.tif?{SECRET}"
+        item.add_asset("image", pystac.Asset(href, media_type=pystac.MediaType.COG))
+        (www / "items.json").write_text(json.dumps(pystac.ItemCollection([item]).to_dict()))
+        stac = {"source": f"{server.url}/items.json", "asset": "image"}
+        job = write_pipeline(tmp_path / "p.yml", inputs={"stac": stac})
+        for dry in (["--dry-run"], []):
+            res = CliRunner().invoke(cli, ["run", str(job), *dry])
+            assert f"{server.url}/gone.tif" in _clean(res), res.output
+
+
+def test_stac_api_search_with_a_token_shows_it_nowhere(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port where nothing listens: every request is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    make_model(tmp_path / "model")
+    search = {"collections": ["aerial"], "max_items": 5}
+    source = f"http://127.0.0.1:{port}/?token=t0k3n"
+    job = write_pipeline(
+        tmp_path / "p.yml", inputs={"stac": {"source": source, "asset": "image", "search": search}}
+    )
+    res = CliRunner().invoke(cli, ["run", str(job), "--dry-run"])
+    assert res.exit_code == 2, res.output
+    text = _clean(res)
+    assert "Retrying" in text and f"STAC http://127.0.0.1:{port}/: cannot search it" in text, text

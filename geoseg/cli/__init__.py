@@ -17,6 +17,7 @@ import click
 
 from geoseg import __version__
 from geoseg.errors import GeosegError
+from geoseg.remote import redact_text
 from geoseg.runtime import tune_allocator
 
 __all__ = ["cli", "main"]
@@ -33,7 +34,7 @@ class UserFacingError(click.ClickException):
     exit_code = 2
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"geoseg: error: {self.format_message()}", err=True)
+        click.echo(f"geoseg: error: {redact_text(self.format_message())}", err=True)
 
 
 class GeosegGroup(click.Group):
@@ -71,6 +72,19 @@ class PlainFormatter(logging.Formatter):
 HTTP_NOISE = ("Retrying again in", "HTTP response code on", "HTTP error code")
 
 
+class RedactFilter(logging.Filter):
+    """Every log line with the URLs in it redacted (:func:`geoseg.remote.redact_text`): a
+    pre-signed URL or an API token in a scene's name, or in a library's message about a
+    request (urllib3's retries), never reaches the terminal or a log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        shown = redact_text(message)
+        if shown != message:
+            record.msg, record.args = shown, None
+        return True
+
+
 def _drop_http_retries(record: logging.LogRecord) -> bool:
     message = record.getMessage()
     return record.levelno < logging.WARNING or not any(n in message for n in HTTP_NOISE)
@@ -84,7 +98,7 @@ def _show_warning(
     file: Any = None,
     line: str | None = None,
 ) -> None:
-    click.echo(f"geoseg: warning: {message}", err=True)
+    click.echo(f"geoseg: warning: {redact_text(str(message))}", err=True)
 
 
 @click.group(cls=GeosegGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,6 +113,7 @@ def cli(verbose: int, quiet: bool) -> None:
     if not quiet and verbose == 0:
         level = logging.INFO
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactFilter())
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         if verbose

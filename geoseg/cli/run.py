@@ -13,6 +13,7 @@ import click
 from geoseg.pipeline.config import load_pipeline
 from geoseg.pipeline.runner import PlannedScene, RunSummary, SceneResult, run_pipeline
 from geoseg.pipeline.runner import dry_run as plan_pipeline
+from geoseg.remote import redact, redact_text
 
 log = logging.getLogger("geoseg.cli")
 
@@ -108,7 +109,7 @@ def print_summary(summary: RunSummary) -> None:
         f"{counts} ({summary.seconds:.1f} s)"
     )
     if summary.out_dir is not None:
-        click.echo(f"outputs: {summary.out_dir}/<scene>/")
+        click.echo(f"outputs: {redact(str(summary.out_dir))}/<scene>/")
     amortized = summary.amortized()
     if amortized is not None:
         first, each = amortized
@@ -117,7 +118,7 @@ def print_summary(summary: RunSummary) -> None:
         )
     for r in summary.results:
         if r.status in ("failed", "interrupted"):
-            click.echo(f"  {r.status.upper()} {r.path}: {r.error}")
+            click.echo(f"  {r.status.upper()} {redact(str(r.path))}: {redact_text(r.error or '')}")
 
 
 @click.command()
@@ -149,7 +150,7 @@ def run(
     if dry_run:
         planned = plan_pipeline(config, force=force, ledger_path=ledger_path)
         for p in planned:
-            click.echo(f"{p.action:<4}  {p.path}  ({p.reason})")
+            click.echo(f"{p.action:<4}  {redact(str(p.path))}  ({p.reason})")
         n = sum(p.action == "run" for p in planned)
         click.echo(f"{config.name}: {n} of {len(planned)} scene(s) would run")
         return

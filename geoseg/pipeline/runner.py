@@ -36,6 +36,7 @@ from geoseg.remote import (
     is_remote,
     join,
     redact,
+    redact_text,
     remote_stem,
     upload,
 )
@@ -219,8 +220,8 @@ def _check_unique_stems(paths: list[Path | str]) -> None:
         stem = scene_stem(p)
         if stem in seen:
             raise ConfigError(
-                f"scenes {seen[stem]} and {p} would write the same outputs ({stem}/); rename "
-                "one or split them into two pipelines"
+                f"scenes {ledger_key(seen[stem])} and {ledger_key(p)} would write the same "
+                f"outputs ({stem}/); rename one or split them into two pipelines"
             )
         seen[stem] = p
 
@@ -342,10 +343,10 @@ class _SceneJob:
             files, info = self._process(planned)
             result.status, result.outputs = "done", files
         except GeosegError as exc:
-            result.error = str(exc)
+            result.error = redact_text(str(exc))
         except Exception as exc:  # isolate any failure to its scene
-            log.debug("%s: unexpected error", planned.path, exc_info=True)
-            result.error = f"{type(exc).__name__}: {exc}"
+            log.debug("%s: unexpected error", ledger_key(planned.path), exc_info=True)
+            result.error = redact_text(f"{type(exc).__name__}: {exc}")
         else:
             result.seconds = time.perf_counter() - t0
             result.ended = time.time()
