@@ -23,6 +23,7 @@ from geoseg.raster import Scene
 from geoseg.reader import read_padded
 from geoseg.resample import RESAMPLE_TOLERANCE
 from geoseg.train.labels import IGNORE, SceneLabels
+from geoseg.train.scenes import no_georef_warning
 
 __all__ = [
     "Chip",
@@ -185,10 +186,28 @@ def read_chip(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Raw pixels and validity of ``window`` of the labels' grid: a padded read of the image
     itself, or, on a virtual grid at the model's GSD, a resampled read of the window's extent
-    (average when shrinking, bilinear when enlarging)."""
-    if labels.image is None:
-        return read_padded(labels.scene, window, bands)
-    return read_resampled(labels.image, labels.scene, window, bands)
+    (average when shrinking, bilinear when enlarging). Pixels whose every band equals the
+    scene's ``fill`` values are invalid (on a resampled grid: the fill test is made on the
+    nearest source pixel, so a mixed pixel at the edge of a fill area is not mistaken)."""
+    with no_georef_warning():
+        if labels.image is None:
+            data, valid = read_padded(labels.scene, window, bands)
+            if labels.fill is not None:
+                valid &= ~is_fill(data, labels.fill)
+            return data, valid
+        data, valid = read_resampled(labels.image, labels.scene, window, bands)
+        if labels.fill is not None:
+            nearest, _ = read_resampled(
+                labels.image, labels.scene, window, bands, resampling="nearest"
+            )
+            valid &= ~is_fill(nearest, labels.fill)
+        return data, valid
+
+
+def is_fill(data: np.ndarray, fill: Sequence[float]) -> np.ndarray:
+    """(h, w) bool: pixels of ``data`` (bands, h, w) whose every band equals its fill value."""
+    values = np.asarray(fill, dtype=np.float64).reshape(-1, 1, 1)
+    return np.all(data == values, axis=0)
 
 
 def virtual_grid(scene: Scene, gsd_m: float, tolerance: float = RESAMPLE_TOLERANCE) -> Scene | None:
@@ -209,12 +228,17 @@ def virtual_grid(scene: Scene, gsd_m: float, tolerance: float = RESAMPLE_TOLERAN
 
 
 def read_resampled(
-    image: Scene, grid: Scene, window: Window, bands: Sequence[int]
+    image: Scene,
+    grid: Scene,
+    window: Window,
+    bands: Sequence[int],
+    resampling: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read ``window`` of ``grid`` (same extent and CRS as ``image``) from ``image``, resampled.
 
-    The window must lie inside the grid. Pixels count as valid when GDAL's mask, resampled by
-    nearest neighbour, says so (and, for floats, when finite).
+    The window must lie inside the grid. ``resampling`` (a rasterio name such as "nearest")
+    overrides the choice of average or bilinear. Pixels count as valid when GDAL's mask,
+    resampled by nearest neighbour, says so (and, for floats, when finite).
     """
     import rasterio
     from rasterio.enums import Resampling
@@ -228,6 +252,8 @@ def read_resampled(
     src = Window(c0, r0, min(w, image.width - c0), min(h, image.height - r0))
     shape = (int(window.height), int(window.width))
     kind = Resampling.average if sx * sy > 1 else Resampling.bilinear
+    if resampling is not None:
+        kind = Resampling[resampling]
     try:
         with gdal_env(), rasterio.open(image.path) as ds:
             data = ds.read(list(bands), window=src, out_shape=(len(bands), *shape), resampling=kind)
@@ -275,15 +301,24 @@ def random_windows(
 
 
 def band_statistics(
-    scenes: Sequence[Scene], bands: Sequence[int], scale: float, block: int = 1024
+    scenes: Sequence[Scene],
+    bands: Sequence[int],
+    scale: float,
+    block: int = 1024,
+    fills: Sequence[Sequence[float] | None] | None = None,
 ) -> Normalization:
-    """Per-band mean and std of valid pixels over whole scenes, after dividing by ``scale``."""
+    """Per-band mean and std of valid pixels over whole scenes, after dividing by ``scale``;
+    ``fills`` (one per scene, or None) marks pixels outside the image, left out like nodata."""
     n = 0
     total = np.zeros(len(bands))
     squares = np.zeros(len(bands))
-    for scene in scenes:
+    for i, scene in enumerate(scenes):
+        fill = fills[i] if fills else None
         for window in blocks(scene.width, scene.height, block):
-            data, valid = read_padded(scene, window, bands)
+            with no_georef_warning():
+                data, valid = read_padded(scene, window, bands)
+            if fill is not None:
+                valid &= ~is_fill(data, fill)
             values = data[:, valid].astype(np.float64) / scale
             n += values.shape[1]
             total += values.sum(axis=1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -61,33 +62,91 @@ class VectorLabels(_Strict):
 
 
 class RasterLabels(_Strict):
-    """A label raster; ``values`` maps its pixel values to class names (others: background)."""
+    """A label raster or image: pixel values (``values``) or colours (``colors``) → classes.
+
+    ``path`` may be a glob when the scene's ``image`` is one: each image is paired with the
+    mask whose wildcard parts match its own (``tile_*/images/*.jpg`` with
+    ``tile_*/masks/*.png``). A mask on the image's own pixel grid (same size) is read pixel for
+    pixel, georeferenced or not; a georeferenced mask on another grid is warped onto the
+    scene's.
+    """
 
     kind: Literal["raster"] = "raster"
-    path: Path
-    values: dict[int, str] = Field(
-        description="Pixel value → class name, e.g. {255: road}; unlisted values are background."
+    path: Path = Field(description="Label raster or image (PNG, TIFF, ...), or a glob of them.")
+    values: dict[int, str] | None = Field(
+        None,
+        description="Pixel value → class name, e.g. {255: road}; unlisted values are background.",
     )
+    colors: dict[str, str] | None = Field(
+        None,
+        description="Colour '#RRGGBB' → class name (a 'background' class included) for "
+        "colour-coded masks; every colour in a mask must be listed here or in unlabelled.",
+    )
+    unlabelled: list[str | int] = Field(
+        default_factory=list,
+        description="Colours ('#RRGGBB') or values that mean 'not labelled': ignored by the "
+        "loss, never taught as background.",
+    )
+
+    @field_validator("colors")
+    @classmethod
+    def _hex_keys(cls, colors: dict[str, str] | None) -> dict[str, str] | None:
+        if colors is not None:
+            for key in colors:
+                parse_color(key)
+        return colors
+
+    @model_validator(mode="after")
+    def _one_table(self) -> RasterLabels:
+        if (self.values is None) == (self.colors is None):
+            raise ValueError(
+                f"{self.path}: give either values (pixel value → class) or colors "
+                "('#RRGGBB' → class), not both and not neither"
+            )
+        for item in self.unlabelled:
+            if self.colors is not None and not isinstance(item, str):
+                raise ValueError(f"{self.path}: unlabelled {item!r} must be a '#RRGGBB' colour")
+            if self.values is not None and not isinstance(item, int):
+                raise ValueError(f"{self.path}: unlabelled {item!r} must be a pixel value")
+            if isinstance(item, str):
+                parse_color(item)
+        return self
 
     def classes(self) -> list[str]:
         """Class names this source burns."""
-        return list(dict.fromkeys(self.values.values()))
+        table = self.values if self.values is not None else self.colors or {}
+        return list(dict.fromkeys(table.values()))
+
+
+def parse_color(text: str) -> int:
+    """'#RRGGBB' → the colour packed as 0xRRGGBB; ValueError naming the text otherwise."""
+    if not re.fullmatch(r"#[0-9A-Fa-f]{6}", text):
+        raise ValueError(f"colour {text!r} is not of the form '#RRGGBB'")
+    return int(text[1:], 16)
 
 
 LabelSource = Annotated[VectorLabels | RasterLabels, Field(discriminator="kind")]
 
 
 class HoldOut(_Strict):
-    """A rectangle of a scene kept for validation, as fractions of its width and height."""
+    """What of a scene is kept for validation: a rectangle (fractions of its width and height)
+    of every image, or, for a scene of many images, the whole images matching ``images``."""
 
     x: tuple[float, float] = Field((0.0, 1.0), description="Column range, fractions 0..1.")
     y: tuple[float, float] = Field((0.0, 1.0), description="Row range, fractions 0..1.")
+    images: str | None = Field(
+        None,
+        description="Glob matched against the end of each image's path (e.g. 'tile_8/*/*' or "
+        "'img6[0-4].tif'): matching images are validation as a whole, the others training.",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> HoldOut:
         for name, (a, b) in (("x", self.x), ("y", self.y)):
             if not 0.0 <= a < b <= 1.0:
                 raise ValueError(f"holdout.{name} must satisfy 0 <= start < end <= 1, got {a, b}")
+        if self.images is not None and (self.x != (0.0, 1.0) or self.y != (0.0, 1.0)):
+            raise ValueError("holdout: give images, or a rectangle (x, y), not both")
         return self
 
 
@@ -95,8 +154,22 @@ class SceneConfig(_Strict):
     """One training scene and the label sources burned onto it, later sources on top."""
 
     image: str = Field(
-        description="The scene: a GeoTIFF path (relative to the config file), or an http(s)://, "
-        "s3://, gs:// or az:// URL (see geoseg.remote)."
+        description="The scene: a GeoTIFF path (relative to the config file), an http(s)://, "
+        "s3://, gs:// or az:// URL (see geoseg.remote), or a glob of images (chip folders: "
+        "PNG, JPEG, TIFF; each image is one scene with its own labels)."
+    )
+    gsd_m: float | None = Field(
+        None,
+        gt=0,
+        description="Ground sample distance (metres) of images without a georeference, which "
+        "are then read on a local metric grid; georeferenced images use their own.",
+    )
+    fill: list[float] | None = Field(
+        None,
+        min_length=1,
+        description="Pixel values (one for every band, or one per model band) that mark pixels "
+        "outside the image, such as black corners that no nodata value declares: ignored by "
+        "the loss, like declared nodata.",
     )
     labels: list[LabelSource] = Field(min_length=1)
     classes: list[str] | None = Field(
@@ -110,7 +183,10 @@ class SceneConfig(_Strict):
         "(default: a seeded share of regions, see chips.block).",
     )
     weight: float = Field(
-        1.0, gt=0, description="Relative share of random training chips drawn from this scene."
+        1.0,
+        gt=0,
+        description="Relative share of random training chips drawn from this scene (a glob "
+        "scene's share is split among its images by area).",
     )
 
     def labelled(self) -> list[str]:

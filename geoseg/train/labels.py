@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
@@ -20,12 +21,28 @@ from rasterio.windows import Window
 from geoseg.errors import InputError
 from geoseg.raster import Scene, gdal_env
 from geoseg.reader import on_grid, reflect_index
-from geoseg.train.config import RasterLabels, SceneConfig, VectorLabels
+from geoseg.train.config import (
+    LabelSource,
+    RasterLabels,
+    SceneConfig,
+    VectorLabels,
+    parse_color,
+)
+from geoseg.train.scenes import no_georef_warning
 
 if TYPE_CHECKING:
     import geopandas as gpd
 
-__all__ = ["IGNORE", "BurnLayer", "SceneLabels", "check_label_crs", "load_scene_labels"]
+__all__ = [
+    "IGNORE",
+    "BurnLayer",
+    "MaskLayer",
+    "RasterLayer",
+    "SceneLabels",
+    "check_label_crs",
+    "load_scene_labels",
+    "pack_colours",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +73,19 @@ class RasterLayer:
 
 
 @dataclass(frozen=True)
+class MaskLayer:
+    """A mask on the image's own pixel grid (same size; georeferenced or not), read pixel for
+    pixel, and its table: a pixel value, or a colour packed as 0xRRGGBB, → class id (IGNORE for
+    "not labelled"). Values missing from the table are background."""
+
+    path: str
+    lookup: dict[int, int]
+    colour: bool
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
 class SceneLabels:
     """All label layers of one scene, burned in order (later layers on top).
 
@@ -66,9 +96,11 @@ class SceneLabels:
     """
 
     scene: Scene
-    layers: tuple[BurnLayer | RasterLayer, ...]
+    layers: tuple[BurnLayer | RasterLayer | MaskLayer, ...]
     labelled: frozenset[int] = frozenset()
     image: Scene | None = None
+    #: pixel values (one per model band) marking pixels outside the image: invalid like nodata
+    fill: tuple[float, ...] | None = None
 
     def burn(self, window: Window) -> np.ndarray:
         """uint8 class ids (h, w) over ``window``, reflected outside the scene like the image."""
@@ -80,6 +112,8 @@ class SceneLabels:
         for layer in self.layers:
             if isinstance(layer, BurnLayer):
                 self._burn_vector(layer, inner, out)
+            elif isinstance(layer, MaskLayer):
+                self._burn_mask(layer, inner, out)
             else:
                 self._burn_raster(layer, inner, out)
         return out[np.ix_(rows - r0, cols - c0)]
@@ -128,6 +162,37 @@ class SceneLabels:
             raise InputError(f"{layer.path}: cannot read label raster ({exc})") from exc
         for value, class_id in layer.lookup.items():
             out[values == value] = class_id
+
+    def _burn_mask(self, layer: MaskLayer, inner: Window, out: np.ndarray) -> None:
+        from rasterio.enums import Resampling
+
+        sx, sy = layer.width / self.scene.width, layer.height / self.scene.height
+        src = Window(
+            float(inner.col_off) * sx,
+            float(inner.row_off) * sy,
+            float(inner.width) * sx,
+            float(inner.height) * sy,
+        )
+        bands = [1, 2, 3] if layer.colour else [1]
+        try:
+            with no_georef_warning(), gdal_env(), rasterio.open(layer.path) as ds:
+                raw = ds.read(
+                    bands,
+                    window=src,
+                    out_shape=(len(bands), *out.shape),
+                    resampling=Resampling.nearest,
+                )
+        except RasterioError as exc:
+            raise InputError(f"{layer.path}: cannot read label mask ({exc})") from exc
+        values = pack_colours(raw) if layer.colour else raw[0].astype(np.int64)
+        for value, class_id in layer.lookup.items():
+            out[values == value] = class_id
+
+
+def pack_colours(rgb: np.ndarray) -> np.ndarray:
+    """(3, h, w) uint8 colours → (h, w) int64 packed as 0xRRGGBB."""
+    r, g, b = (rgb[i].astype(np.int64) for i in range(3))
+    return (r << 16) | (g << 8) | b
 
 
 def contact_zone(ids: np.ndarray, reach: int) -> np.ndarray:
@@ -235,39 +300,141 @@ def vector_layer(
     return BurnLayer(class_id, geoms.reset_index(drop=True), contact_id, reach)
 
 
-def raster_layer(src: RasterLabels, scene: Scene, classes: list[str]) -> RasterLayer:
-    """Check that a label raster opens and overlaps ``scene``."""
+def raster_layer(
+    src: RasterLabels, scene: Scene, classes: list[str], image: Scene | None = None
+) -> RasterLayer | MaskLayer:
+    """Check a label raster against the image it labels (``image``, default ``scene``) and the
+    grid chips are burned on (``scene``).
+
+    A mask of the image's own size that has no georeference, or the image's very grid, is
+    read pixel for pixel (:class:`MaskLayer`); another georeferenced raster is warped onto the
+    grid. A colour table is checked against every colour the mask holds, so that an unmapped
+    colour fails before training starts.
+    """
     from rasterio.coords import disjoint_bounds
     from rasterio.warp import transform_bounds
 
+    image = image or scene
+    path = str(src.path)
     try:
-        with gdal_env(), rasterio.open(src.path) as ds:
-            if ds.crs is None:
-                raise InputError(f"{src.path}: label raster has no CRS")
-            b = transform_bounds(ds.crs, scene.crs, *ds.bounds)
+        with no_georef_warning(), gdal_env(), rasterio.open(path) as ds:
+            same_size = (ds.width, ds.height) == (image.width, image.height)
+            same_grid = same_size and (
+                ds.crs is None
+                or (ds.crs == image.crs and ds.transform.almost_equals(image.transform))
+            )
+            if ds.crs is None and not same_grid:
+                raise InputError(
+                    f"{path}: label mask is {ds.width}x{ds.height} px but its image "
+                    f"{image.path} is {image.width}x{image.height} px; a mask without a "
+                    "georeference must have its image's size"
+                )
+            lookup, colour = _table(src, ds, classes)
+            if not same_grid:
+                b = transform_bounds(ds.crs, scene.crs, *ds.bounds)
     except RasterioError as exc:
-        raise InputError(f"{src.path}: cannot open label raster ({exc})") from exc
+        raise InputError(f"{path}: cannot open label raster ({exc})") from exc
+    if same_grid:
+        return MaskLayer(path, lookup, colour, image.width, image.height)
+    if colour:
+        raise InputError(
+            f"{path}: a colour-coded mask must be on its image's pixel grid (same size); this "
+            "one is georeferenced on another grid: warp it onto the image first"
+        )
     scene_b = rasterio.transform.array_bounds(scene.height, scene.width, scene.transform)
     sb = (scene_b[0], scene_b[1], scene_b[2], scene_b[3])
     if disjoint_bounds(b, sb):
-        raise InputError(f"{src.path}: label raster does not overlap scene {scene.path}")
-    return RasterLayer(str(src.path), {v: classes.index(n) for v, n in src.values.items()})
+        raise InputError(f"{path}: label raster does not overlap scene {scene.path}")
+    return RasterLayer(path, lookup)
+
+
+def _table(src: RasterLabels, ds: Any, classes: list[str]) -> tuple[dict[int, int], bool]:
+    """(pixel value or packed colour → class id or IGNORE, whether pixels are colours) for an
+    open mask; a palette image's indices are translated through its colour map."""
+    if src.values is not None:
+        lookup = {v: classes.index(n) for v, n in src.values.items()}
+        lookup.update({int(v): IGNORE for v in src.unlabelled})
+        return lookup, False
+    assert src.colors is not None
+    table = {parse_color(c): classes.index(n) for c, n in src.colors.items()}
+    table.update({parse_color(str(c)): IGNORE for c in src.unlabelled})
+    palette = _palette(ds)
+    if palette is not None:
+        used = _distinct(ds, colour=False)
+        lookup = {}
+        for index in used:
+            packed = palette.get(index, -1)
+            if packed not in table:
+                _unmapped(src, ds, packed if packed >= 0 else index, used[index])
+            lookup[index] = table[packed]
+        return lookup, False
+    if ds.count < 3:
+        raise InputError(
+            f"{src.path}: colors need an RGB mask or a palette image, but it has {ds.count} "
+            "band(s) and no colour map; use values for a mask of class values"
+        )
+    used = _distinct(ds, colour=True)
+    for packed, count in used.items():
+        if packed not in table:
+            _unmapped(src, ds, packed, count)
+    return table, True
+
+
+def _palette(ds: Any) -> dict[int, int] | None:
+    """A one-band palette image's index → packed colour, or None."""
+    if ds.count != 1:
+        return None
+    try:
+        cmap = ds.colormap(1)
+    except ValueError:  # no colour map
+        return None
+    return {int(i): (int(c[0]) << 16) | (int(c[1]) << 8) | int(c[2]) for i, c in cmap.items()}
+
+
+def _distinct(ds: Any, colour: bool, block: int = 2048) -> dict[int, int]:
+    """Every pixel value (or packed colour) of an open mask, with its pixel count."""
+    counts: dict[int, int] = {}
+    for r in range(0, ds.height, block):
+        win = Window(0, r, ds.width, min(block, ds.height - r))
+        raw = ds.read([1, 2, 3] if colour else [1], window=win)
+        values = pack_colours(raw) if colour else raw[0].astype(np.int64)
+        uniq, n = np.unique(values, return_counts=True)
+        for v, c in zip(uniq.tolist(), n.tolist(), strict=True):
+            counts[v] = counts.get(v, 0) + c
+    return counts
+
+
+def _unmapped(src: RasterLabels, ds: Any, value: int, count: int) -> None:
+    share = 100.0 * count / max(1, ds.width * ds.height)
+    raise InputError(
+        f"{src.path}: colour #{value:06X} ({count} px, {share:.2g} % of the mask) is in neither "
+        "colors nor unlabelled; map it to a class (background included) or list it as "
+        "unlabelled"
+    )
 
 
 def load_scene_labels(
-    cfg: SceneConfig, scene: Scene, classes: list[str], grid: Scene | None = None
+    cfg: SceneConfig,
+    scene: Scene,
+    classes: list[str],
+    grid: Scene | None = None,
+    *,
+    sources: Sequence[LabelSource] | None = None,
+    fill: tuple[float, ...] | None = None,
 ) -> SceneLabels:
     """All label layers of one configured scene, ready to burn on ``grid`` (default: the
-    scene's own pixel grid)."""
-    layers: list[BurnLayer | RasterLayer] = []
+    scene's own pixel grid). ``sources`` overrides the config's label sources (the label files
+    of one image of a glob scene); ``fill`` marks pixels outside the image (one value per
+    model band)."""
+    layers: list[BurnLayer | RasterLayer | MaskLayer] = []
     target = grid or scene
-    for src in cfg.labels:
+    for src in cfg.labels if sources is None else sources:
         if isinstance(src, VectorLabels):
             contact = classes.index(src.contact_class) if src.contact_class else None
             layers.append(vector_layer(src, target, classes.index(src.class_name), contact))
         else:
-            layers.append(raster_layer(src, target, classes))
+            layers.append(raster_layer(src, target, classes, scene))
     labelled = frozenset(classes.index(n) for n in cfg.labelled())
-    if len(labelled) == len(classes) - 1:
+    if len(labelled - {0}) == len(classes) - 1:
         labelled |= {0}  # every foreground class labelled: unburned pixels are background
-    return SceneLabels(target, tuple(layers), labelled, scene if grid is not None else None)
+    return SceneLabels(target, tuple(layers), labelled, scene if grid is not None else None, fill)

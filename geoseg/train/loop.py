@@ -32,7 +32,7 @@ from geoseg.model import (
     save_bundle,
 )
 from geoseg.predict import check_compatible, resolve_device
-from geoseg.raster import open_scene
+from geoseg.raster import Scene
 from geoseg.reader import read_padded
 from geoseg.train.chips import (
     Chip,
@@ -46,7 +46,8 @@ from geoseg.train.chips import (
     virtual_grid,
 )
 from geoseg.train.config import TrainConfig
-from geoseg.train.labels import IGNORE, load_scene_labels
+from geoseg.train.labels import IGNORE, SceneLabels, load_scene_labels
+from geoseg.train.scenes import SceneItem, expand_scene, no_georef_warning, open_image
 
 if TYPE_CHECKING:
     import torch
@@ -94,11 +95,17 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class Prepared:
-    """Chips and the spec with statistics filled in, ready to train on."""
+    """Chips and the spec with statistics filled in, ready to train on.
+
+    ``chips.labels``, ``holdouts`` and ``weights`` have one entry per image: a configured scene
+    that is a glob of images gives one each. ``weights`` are the shares of random training
+    chips (0 for an image that is wholly validation).
+    """
 
     spec: ModelSpec
     chips: ChipSet
     holdouts: tuple[Window | None, ...] = ()
+    weights: tuple[float, ...] = ()
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
@@ -106,9 +113,11 @@ def prepare(cfg: TrainConfig) -> Prepared:
 
     With ``model.gsd_m`` set and ``resample`` on, scenes at another ground resolution are cut
     into chips on a virtual grid at the model's GSD (resampled reads, no copy of the scene).
+    Every label file is checked (sizes, colours) before any chip is read.
     """
     spec = cfg.model
-    scenes = [open_scene(s.image) for s in cfg.scenes]
+    items = [item for s in cfg.scenes for item in expand_scene(s)]
+    scenes = [open_image(item.image, item.config.gsd_m) for item in items]
     for scene in scenes:
         check_compatible(scene, spec)
     gsd = spec.gsd_m if spec.gsd_m else round(mean_gsd(scenes), 4)
@@ -116,20 +125,26 @@ def prepare(cfg: TrainConfig) -> Prepared:
         virtual_grid(scene, gsd) if (cfg.resample and spec.gsd_m) else None for scene in scenes
     ]
     labels = [
-        load_scene_labels(s, scene, spec.classes, grid)
-        for s, scene, grid in zip(cfg.scenes, scenes, grids, strict=True)
+        load_scene_labels(
+            item.config,
+            scene,
+            spec.classes,
+            grid,
+            sources=item.labels,
+            fill=_fill(item.config.fill, len(spec.bands), item.image),
+        )
+        for item, scene, grid in zip(items, scenes, grids, strict=True)
     ]
     if spec.normalization.mean:
         norm = spec.normalization
     else:
-        norm = band_statistics(scenes, spec.bands, spec.normalization.scale)
+        norm = band_statistics(
+            scenes, spec.bands, spec.normalization.scale, fills=[lab.fill for lab in labels]
+        )
     spec = spec.model_copy(update={"normalization": norm, "gsd_m": gsd})
     spec = ModelSpec.model_validate(spec.model_dump())
     c = cfg.chips
-    holdouts = [
-        holdout_window(lab.scene, s.holdout.x, s.holdout.y) if s.holdout else None
-        for s, lab in zip(cfg.scenes, labels, strict=True)
-    ]
+    holdouts = [_holdout(item, lab.scene) for item, lab in zip(items, labels, strict=True)]
     chips = plan_chips(
         labels,
         spec.bands,
@@ -147,18 +162,73 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if n_train == 0:
         raise InputError("no training chips: every chip is nodata or in a validation region")
     if n_val == 0:
-        raise ConfigError(
-            "no validation chips: make chips.block smaller than the scenes so that each scene "
-            "has several regions, or set chips.val_fraction above 0"
+        hint = (
+            "the hold-outs hold no chip with valid pixels: make them larger than chips.size "
+            f"({c.size} px on the model's grid)"
+            if any(s.holdout for s in cfg.scenes)
+            else "make chips.block smaller than the scenes so that each scene has several "
+            "regions, or set chips.val_fraction above 0"
         )
+        raise ConfigError(f"no validation chips: {hint}")
+    weights = _weights(items, labels, holdouts)
     log.info(
-        "%d training and %d validation chips (%d all-nodata skipped); normalization %s",
+        "%d image(s) in %d scene(s): %d training and %d validation chips (%d all-nodata "
+        "skipped); normalization %s",
+        len(items),
+        len(cfg.scenes),
         n_train,
         n_val,
         chips.skipped,
         norm.model_dump(),
     )
-    return Prepared(spec, chips, tuple(holdouts))
+    return Prepared(spec, chips, tuple(holdouts), weights)
+
+
+def _fill(fill: list[float] | None, n_bands: int, image: str) -> tuple[float, ...] | None:
+    """The scene's fill values, one per model band."""
+    if fill is None:
+        return None
+    if len(fill) == 1:
+        return tuple(fill) * n_bands
+    if len(fill) != n_bands:
+        raise ConfigError(
+            f"{image}: fill has {len(fill)} values; give one for all bands or one per model "
+            f"band ({n_bands})"
+        )
+    return tuple(fill)
+
+
+def _holdout(item: SceneItem, grid: Scene) -> Window | None:
+    """The hold-out window of one image on its chip grid: a rectangle, the whole image
+    ("all"), an empty window (no hold-out: all training) or None (seeded regions)."""
+    if item.holdout is None:
+        return None
+    if item.holdout == "all":
+        return Window(0, 0, grid.width, grid.height)
+    if isinstance(item.holdout, str):  # "none"
+        return Window(0, 0, 0, 0)
+    x, y = item.holdout
+    return holdout_window(grid, x, y)
+
+
+def _weights(
+    items: Sequence[SceneItem], labels: Sequence[SceneLabels], holdouts: Sequence[Window | None]
+) -> tuple[float, ...]:
+    """Each image's share of random training chips: its scene's weight split among the
+    scene's training images by area (pixels of the chip grid)."""
+    area = [
+        0.0
+        if held is not None and (held.width, held.height) == (lab.scene.width, lab.scene.height)
+        else float(lab.scene.width * lab.scene.height)
+        for lab, held in zip(labels, holdouts, strict=True)
+    ]
+    totals: dict[int, float] = {}
+    for item, a in zip(items, area, strict=True):
+        totals[id(item.config)] = totals.get(id(item.config), 0.0) + a
+    return tuple(
+        item.config.weight * a / totals[id(item.config)] if a else 0.0
+        for item, a in zip(items, area, strict=True)
+    )
 
 
 def augment(
@@ -306,8 +376,8 @@ def _random_chips(cfg: TrainConfig, prep: Prepared, epoch: int) -> list[Chip]:
     rng = random.Random(cfg.optim.seed * 1_000_003 + epoch)
     c = cfg.chips
     scenes = [
-        (lab.scene, held, s.weight)
-        for lab, held, s in zip(prep.chips.labels, prep.holdouts, cfg.scenes, strict=True)
+        (lab.scene, held, w)
+        for lab, held, w in zip(prep.chips.labels, prep.holdouts, prep.weights, strict=True)
     ]
     j = c.scale_jitter
     biggest = round(c.size * (1 + j))
@@ -363,7 +433,7 @@ def train(
         module, prep.spec.encoder, prep.spec.encoder_depth, cfg.model.encoder_weights
     )
     spec = prep.spec.model_copy(update={"encoder_weights": source})
-    prep = Prepared(spec, prep.chips, prep.holdouts)
+    prep = Prepared(spec, prep.chips, prep.holdouts, prep.weights)
     module = module.to(device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     loss_fn = _Loss(o.dice_weight)
@@ -464,11 +534,15 @@ def _store_seamless_halo(bundle: Bundle, cfg: TrainConfig) -> Bundle:
 
     size = 128 + 2 * 512  # the measurement's core plus twice its largest halo, px
     samples = []
-    for s in cfg.scenes:
-        scene = open_scene(s.image)
+    for s in cfg.scenes:  # the first image of each scene (of a glob: the largest)
+        images = expand_scene(s)
+        scenes = [open_image(i.image, s.gsd_m) for i in images[:16]]
+        scene = max(scenes, key=lambda sc: sc.width * sc.height)
         win = Window(scene.width // 2 - size // 2, scene.height // 2 - size // 2, size, size)
-        data, valid = read_padded(scene, win, bundle.spec.bands)
+        with no_georef_warning():
+            data, valid = read_padded(scene, win, bundle.spec.bands)
         samples.append(bundle.spec.normalization.apply(data, valid))
+
     halo = bundle_halo(load_module(bundle), bundle.spec, samples=samples)
     if halo == bundle.spec.halo:
         return bundle

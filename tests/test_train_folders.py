@@ -1,0 +1,252 @@
+"""Training sets as users have them: folders of PNG/JPEG chips, colour-coded masks, no
+georeference, unlabelled colours, fill pixels, whole-image hold-outs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from rasterio.windows import Window
+
+from geoseg.errors import ConfigError, InputError
+from geoseg.train.chips import load_chip, read_chip
+from geoseg.train.config import parse_config
+from geoseg.train.labels import IGNORE
+from geoseg.train.loop import prepare, train
+from geoseg.train.scenes import LOCAL_CRS, expand_scene, open_image, pair_paths
+
+BUILDING, ROAD, LAND, WATER, UNLABELLED = "#3C1098", "#6EC1E4", "#8429F6", "#E2A929", "#9B9B9B"
+CLASSES = ["background", "building", "road"]
+
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    v = int(colour[1:], 16)
+    return (v >> 16) & 255, (v >> 8) & 255, v & 255
+
+
+def _tile(root: Path, tile: str, name: str, size: tuple[int, int], seed: int) -> None:
+    """One chip: a JPEG-free RGB PNG image (lossless, so pixel tests are exact) and its colour
+    mask: land, a building block, a road strip, a patch of unlabelled pixels, and black fill
+    in the top-left corner of the image."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    img = rng.integers(40, 90, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w, 3), dtype=np.uint8)
+    mask[:] = _rgb(LAND)
+    img[10:30, 20:44] = rng.integers(190, 230, (20, 24, 3))
+    mask[10:30, 20:44] = _rgb(BUILDING)
+    img[40:46, :] = 130
+    mask[40:46, :] = _rgb(ROAD)
+    mask[50:56, 50:60] = _rgb(UNLABELLED)
+    img[:6, :6] = 0  # off-image corner
+    for folder, arr, ext in (("images", img, "png"), ("masks", mask, "png")):
+        (root / tile / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(root / tile / folder / f"{name}.{ext}")
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    root = tmp_path / "chips"
+    for t, tile in enumerate(("tile_1", "tile_2")):
+        for i, name in enumerate(("part_001", "part_002")):
+            _tile(root, tile, name, (80 + 8 * i, 72), seed=10 * t + i)
+    return root
+
+
+def _cfg(root: Path, tmp: Path, **scene: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "image": str(root / "tile_*/images/*.png"),
+        "gsd_m": 0.5,
+        "labels": [
+            {
+                "kind": "raster",
+                "path": str(root / "tile_*/masks/*.png"),
+                "colors": {BUILDING: "building", ROAD: "road", LAND: "background"},
+                "unlabelled": [UNLABELLED],
+            }
+        ],
+        "holdout": {"images": "tile_2/images/*"},
+    }
+    base.update(scene)
+    return {
+        "model": {
+            "name": "tiny",
+            "encoder": "tu-resnet18",
+            "encoder_depth": 3,
+            "decoder_channels": [16, 8, 8],
+            "bands": [1, 2, 3],
+            "dtype": "uint8",
+            "normalization": {"scale": 255},
+            "classes": CLASSES,
+            "chunk": 64,
+            "halo": 16,
+        },
+        "scenes": [base],
+        "chips": {"size": 32, "stride": 16, "block": 64},
+        "optim": {"epochs": 1, "batch_size": 4, "lr": 0.01, "device": "cpu", "threads": 1},
+        "out": str(tmp / "model"),
+    }
+
+
+def test_glob_pairs_images_and_masks_by_their_wildcards(folder: Path) -> None:
+    pairs = pair_paths(str(folder / "tile_*/images/*.png"), str(folder / "tile_*/masks/*.png"))
+    assert len(pairs) == 4
+    for image, mask in pairs.items():  # same stems in two tiles: paired within the tile
+        assert Path(image).parts[-3] == Path(mask).parts[-3]
+        assert Path(image).stem == Path(mask).stem
+
+
+def test_image_without_mask_and_mask_without_image_are_named(folder: Path) -> None:
+    images, masks = str(folder / "tile_*/images/*.png"), str(folder / "tile_*/masks/*.png")
+    lone = folder / "tile_1/masks/part_001.png"
+    lone.rename(folder / "tile_1/masks/other.png")
+    with pytest.raises(InputError, match=r"tile_1/images/part_001\.png: no label file"):
+        pair_paths(images, masks)
+    (folder / "tile_1/masks/other.png").rename(lone)
+    (folder / "tile_2/images/part_002.png").unlink()
+    with pytest.raises(InputError, match=r"tile_2/masks/part_002\.png: label file without"):
+        pair_paths(images, masks)
+
+
+def test_a_glob_that_matches_nothing_is_an_error_before_training(
+    folder: Path, tmp_path: Path
+) -> None:
+    raw = _cfg(folder, tmp_path, image=str(folder / "tile_*/imgs/*.png"))
+    with pytest.raises(InputError, match=r"imgs/\*\.png: the image glob matches no file"):
+        prepare(parse_config(raw, "t.yml"))
+
+
+def test_an_image_without_georeference_needs_gsd_m(folder: Path, tmp_path: Path) -> None:
+    image = folder / "tile_1/images/part_001.png"
+    with pytest.raises(InputError, match=r"part_001\.png: has no georeference; declare .*gsd_m"):
+        open_image(str(image), None)
+    scene = open_image(str(image), 0.5)
+    assert scene.crs == LOCAL_CRS
+    assert scene.gsd_m == pytest.approx(0.5)
+    assert (scene.width, scene.height) == (80, 72)
+
+
+def test_chip_folder_scenes_are_read_at_the_model_gsd_with_colour_classes(
+    folder: Path, tmp_path: Path
+) -> None:
+    raw = _cfg(folder, tmp_path)
+    raw["model"]["gsd_m"] = 0.25  # the images are 0.5 m: read at twice their size
+    prep = prepare(parse_config(raw, "t.yml"))
+    assert len(prep.chips.labels) == 4
+    lab = prep.chips.labels[0]
+    assert (lab.scene.width, lab.scene.height) == (160, 144)
+    _, y = load_chip(lab, Window(0, 0, 160, 144), prep.spec)
+    assert (y[20:60, 40:88] == 1).all()  # the building block, twice the size
+    assert (y[80:92, 20:140] == 2).all()  # the road strip
+    assert (y[100:112, 100:120] == IGNORE).all()  # unlabelled: ignored, not background
+    assert (y[120:140, 100:150] == 0).all()  # land is background
+
+
+def test_unlabelled_colours_are_ignored_never_background(folder: Path, tmp_path: Path) -> None:
+    prep = prepare(parse_config(_cfg(folder, tmp_path), "t.yml"))
+    _, y = load_chip(prep.chips.labels[0], Window(0, 0, 80, 72), prep.spec)
+    assert (y[50:56, 50:60] == IGNORE).all()
+    assert (y[60:70, 60:70] == 0).all()
+
+
+def test_fill_pixels_are_ignored_by_the_loss(folder: Path, tmp_path: Path) -> None:
+    prep = prepare(parse_config(_cfg(folder, tmp_path, fill=[0]), "t.yml"))
+    lab = prep.chips.labels[0]
+    _, valid = read_chip(lab, Window(0, 0, 80, 72), [1, 2, 3])
+    assert not valid[:6, :6].any() and valid[6:, 6:].all()
+    _, y = load_chip(lab, Window(0, 0, 80, 72), prep.spec)
+    assert (y[:6, :6] == IGNORE).all()
+    without = prepare(parse_config(_cfg(folder, tmp_path), "t.yml"))
+    _, y = load_chip(without.chips.labels[0], Window(0, 0, 80, 72), without.spec)
+    assert (y[:6, :6] == 0).all()  # without fill the black corner is taught as background
+    # the band statistics leave the fill out too
+    assert all(
+        a > b
+        for a, b in zip(prep.spec.normalization.mean, without.spec.normalization.mean, strict=True)
+    )
+
+
+def test_fill_on_a_resampled_grid_is_exact_at_the_edge(folder: Path, tmp_path: Path) -> None:
+    raw = _cfg(folder, tmp_path, fill=[0, 0, 0])
+    raw["model"]["gsd_m"] = 0.25
+    prep = prepare(parse_config(raw, "t.yml"))
+    _, valid = read_chip(prep.chips.labels[0], Window(0, 0, 40, 40), [1, 2, 3])
+    assert not valid[:12, :12].any() and valid[12:, 12:].all()
+
+
+def test_an_unmapped_colour_is_an_error_naming_the_file(folder: Path, tmp_path: Path) -> None:
+    raw = _cfg(folder, tmp_path)
+    raw["scenes"][0]["labels"][0]["unlabelled"] = []
+    with pytest.raises(InputError, match=r"part_00\d\.png: colour #9B9B9B \(60 px"):
+        prepare(parse_config(raw, "t.yml"))
+
+
+def test_a_mask_of_another_size_is_an_error_naming_both(folder: Path, tmp_path: Path) -> None:
+    mask = folder / "tile_2/masks/part_001.png"
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(mask)
+    with pytest.raises(InputError, match=r"tile_2/masks/part_001\.png: label mask is 10x10 px"):
+        prepare(parse_config(_cfg(folder, tmp_path), "t.yml"))
+
+
+def test_colour_keys_and_tables_are_checked_in_the_config(folder: Path, tmp_path: Path) -> None:
+    raw = _cfg(folder, tmp_path)
+    raw["scenes"][0]["labels"][0]["colors"] = {"red": "building"}
+    with pytest.raises(ConfigError, match="'red' is not of the form '#RRGGBB'"):
+        parse_config(raw, "t.yml")
+    raw["scenes"][0]["labels"][0]["colors"] = {BUILDING: "building"}
+    raw["scenes"][0]["labels"][0]["values"] = {255: "building"}
+    with pytest.raises(ConfigError, match="either values .* or colors"):
+        parse_config(raw, "t.yml")
+
+
+def test_a_palette_mask_maps_its_indices_through_the_colour_map(
+    folder: Path, tmp_path: Path
+) -> None:
+    for mask in folder.glob("tile_*/masks/*.png"):
+        rgb = Image.open(mask).convert("RGB")
+        rgb.quantize(colors=8, method=Image.Quantize.MEDIANCUT).save(mask)
+    prep = prepare(parse_config(_cfg(folder, tmp_path), "t.yml"))
+    _, y = load_chip(prep.chips.labels[0], Window(0, 0, 80, 72), prep.spec)
+    assert (y[10:30, 20:44] == 1).all() and (y[40:46, :] == 2).all()
+    assert (y[50:56, 50:60] == IGNORE).all()
+
+
+def test_whole_images_are_held_out_by_glob(folder: Path, tmp_path: Path) -> None:
+    cfg = parse_config(_cfg(folder, tmp_path), "t.yml")
+    items = expand_scene(cfg.scenes[0])
+    assert [i.holdout for i in items] == ["none", "none", "all", "all"]
+    prep = prepare(cfg)
+    splits = {i: {c.split for c in prep.chips.chips if c.scene == i} for i in range(4)}
+    assert splits[2] == splits[3] == {"val"}
+    assert prep.weights[2] == prep.weights[3] == 0.0
+    assert prep.weights[0] + prep.weights[1] == pytest.approx(1.0)
+    raw = _cfg(folder, tmp_path, holdout={"images": "tile_9/*"})
+    with pytest.raises(InputError, match="matches none of its 4 image"):
+        prepare(parse_config(raw, "t.yml"))
+
+
+def test_a_scene_labelling_only_buildings_leaves_roads_unknown(
+    folder: Path, tmp_path: Path
+) -> None:
+    raw = _cfg(folder, tmp_path, classes=["building"])
+    raw["scenes"][0]["labels"][0]["colors"] = {
+        BUILDING: "building",
+        ROAD: "background",
+        LAND: "background",
+    }
+    prep = prepare(parse_config(raw, "t.yml"))
+    lab = prep.chips.labels[0]
+    assert lab.labelled == frozenset({1})
+    _, y = load_chip(lab, Window(0, 0, 80, 72), prep.spec)
+    assert (y[40:46, :] == 0).all()  # unburned: "background or road" in the loss
+
+
+def test_training_runs_on_a_chip_folder(folder: Path, tmp_path: Path) -> None:
+    raw = _cfg(folder, tmp_path, fill=[0])
+    raw["chips"].update(sampling="random", chips_per_epoch=8)
+    result = train(parse_config(raw, "t.yml"))
+    assert (tmp_path / "model" / "model.json").exists()
+    assert result.val_chips > 0 and result.history[0].val_iou["building"] >= 0.0
