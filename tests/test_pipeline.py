@@ -324,3 +324,27 @@ def test_refused_real_scenes_fail_with_reasons(job: Path) -> None:
     assert by_stem["s0"].status == "done"
     assert by_stem["rotated"].status == "failed" and "rotated" in (by_stem["rotated"].error or "")
     assert by_stem["sar_hh"].status == "failed" and "complex" in (by_stem["sar_hh"].error or "")
+
+
+def test_a_skip_checks_that_the_outputs_on_disk_are_this_pipelines(job: Path) -> None:
+    """Pipelines A and C, with different models, share outputs.dir: after A, C, A the files
+    hold A's model again, not C's under A's "up to date"."""
+    import rasterio
+
+    make_model(job.parent / "model_c", seed=1)
+    a = load_pipeline(job)
+    c = load_pipeline(write_pipeline(job.parent / "c.yml", name="c", model="model_c"))
+    mask = job.parent / "out" / "s0" / "s0.mask.tif"
+
+    def model_tag() -> str:
+        with rasterio.open(mask) as src:
+            return str(src.tags()["GEOSEG_MODEL"])
+
+    assert run_pipeline(a).ok
+    tag_a = model_tag()
+    assert run_pipeline(c).ok and model_tag() != tag_a
+    again = run_pipeline(a)
+    assert [r.status for r in again.results] == ["done"] * 3
+    assert "outputs replaced since run" in again.results[0].reason
+    assert model_tag() == tag_a
+    assert [r.status for r in run_pipeline(a).results] == ["skipped"] * 3

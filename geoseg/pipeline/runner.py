@@ -164,11 +164,40 @@ def scene_stem(path: Path | str) -> str:
     return remote_stem(path) if isinstance(path, str) else path.stem
 
 
-def _missing_outputs(row: SceneRow) -> list[str]:
+def output_identity(path: str) -> tuple[int, int] | None:
+    """(size in bytes, mtime in ns, or for an object its version) of an output file or
+    object, or None when it is not there."""
+    if is_remote(path):
+        try:
+            return identity(path)
+        except GeosegError:
+            return None
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _outputs_on_disk(row: SceneRow) -> tuple[list[str], list[str]]:
+    """(missing, changed): the outputs of ``row`` that are gone, and those whose identity
+    differs from the one recorded when the row's run wrote them (another pipeline sharing
+    ``outputs.dir``, or any other process, replaced them). Rows of runs that recorded no
+    identities are only checked for missing files."""
     files = row.outputs.get("files", {})
-    return sorted(
-        name for name, p in files.items() if not (exists(p) if is_remote(p) else Path(p).exists())
-    )
+    recorded = row.outputs.get("identity", {})
+    missing, changed = [], []
+    for name, p in sorted(files.items()):
+        if recorded.get(name) is None:
+            if not (exists(p) if is_remote(p) else Path(p).exists()):
+                missing.append(name)
+            continue
+        now = output_identity(p)
+        if now is None:
+            missing.append(name)
+        elif list(now) != list(recorded[name]):
+            changed.append(name)
+    return missing, changed
 
 
 def _decide(
@@ -192,9 +221,14 @@ def _decide(
         return "run", f"model changed (was {prev.model_hash[:12]})"
     if prev.config_hash != config_hash:
         return "run", f"pipeline settings changed (was {prev.config_hash[:12]})"
-    missing = _missing_outputs(prev)
+    missing, changed = _outputs_on_disk(prev)
     if missing:
         return "run", f"outputs missing: {', '.join(missing)}"
+    if changed:
+        return "run", (
+            f"outputs replaced since run {prev.run_id} wrote them (another pipeline sharing "
+            f"the output folder?): {', '.join(changed)}"
+        )
     return "skip", f"up to date (done in run {prev.run_id})"
 
 
@@ -342,6 +376,7 @@ class _SceneJob:
         try:
             files, info = self._process(planned)
             result.status, result.outputs = "done", files
+            info["identity"] = {name: output_identity(p) for name, p in files.items()}
         except GeosegError as exc:
             result.error = redact_text(str(exc))
         except Exception as exc:  # isolate any failure to its scene
