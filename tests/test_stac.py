@@ -115,3 +115,70 @@ def test_item_collection_and_api_search_over_http(tmp_path: Path, stac_dir: Path
         assert [(r.stem, r.status) for r in summary.results] == [("scene1", "done")]
         sent = json.loads(server.posted[-1])
         assert sent["collections"] == ["aerial"] and sent["bbox"] == [15.0, 45.0, 15.1, 45.1]
+
+
+def _link(path: Path, rel: str, href: str) -> None:
+    """Add a link to the STAC JSON file at ``path``."""
+    data = json.loads(path.read_text())
+    data["links"].append({"rel": rel, "href": href, "type": "application/json"})
+    path.write_text(json.dumps(data))
+
+
+def test_a_catalogue_with_a_cycle_is_one_clear_line(tmp_path: Path) -> None:
+    root = tmp_path / "stac"
+    make_scene(tmp_path / "scene0.tif", 0, 0, 64)
+    catalog = pystac.Catalog("top", "a catalogue whose child links back to it")
+    child = pystac.Catalog("sub", "child")
+    catalog.add_child(child)
+    child.add_item(_item("item-0", "../../scene0.tif"))
+    catalog.normalize_hrefs(str(root))
+    catalog.save(pystac.CatalogType.SELF_CONTAINED)
+    _link(root / "sub" / "catalog.json", "child", "../catalog.json")
+    make_model(tmp_path / "model")
+    job = write_pipeline(
+        tmp_path / "p.yml", inputs={"stac": {"source": "stac/catalog.json", "asset": "image"}}
+    )
+    res = CliRunner().invoke(cli, ["run", str(job), "--dry-run"])
+    assert res.exit_code == 2, res.output
+    assert "the catalogue has a cycle" in res.output and "recursion" not in res.output
+    assert len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_a_broken_item_link_fails_that_item_alone(tmp_path: Path, stac_dir: Path) -> None:
+    _link(stac_dir / "catalog.json", "item", "./gone/gone.json")
+    (stac_dir / "bad").mkdir()
+    (stac_dir / "bad" / "bad.json").write_text("{not json")
+    _link(stac_dir / "catalog.json", "item", "./bad/bad.json")
+    job = write_pipeline(
+        tmp_path / "p.yml", inputs={"stac": {"source": "stac/catalog.json", "asset": "image"}}
+    )
+    summary = run_pipeline(load_pipeline(job))
+    by_stem = {r.stem: r for r in summary.results}
+    assert {s: r.status for s, r in by_stem.items()} == {
+        "scene0": "done",
+        "scene1": "done",
+        "gone": "failed",
+        "bad": "failed",
+    }
+    assert "gone.json (linked from" in (by_stem["gone"].error or "")
+    assert "bad.json (linked from" in (by_stem["bad"].error or "")
+
+
+def test_items_whose_assets_share_a_file_name_are_named_after_the_item(tmp_path: Path) -> None:
+    root = tmp_path / "stac"
+    catalog = pystac.Catalog("demo", "the usual layout: one folder per item")
+    for i in range(2):
+        (root / f"item{i}").mkdir(parents=True)
+        make_scene(root / f"item{i}" / "visual.tif", 70 * i, 0, 64)
+        catalog.add_item(_item(f"item{i}", f"../item{i}/visual.tif"))
+    catalog.normalize_hrefs(str(root))
+    catalog.save(pystac.CatalogType.SELF_CONTAINED)
+    make_model(tmp_path / "model")
+    job = write_pipeline(
+        tmp_path / "p.yml", inputs={"stac": {"source": "stac/catalog.json", "asset": "image"}}
+    )
+    summary = run_pipeline(load_pipeline(job))
+    assert [(r.stem, r.status) for r in summary.results] == [("item0", "done"), ("item1", "done")]
+    for i in range(2):
+        with rasterio.open(tmp_path / "out" / f"item{i}" / "visual.mask.tif") as src:
+            assert src.tags()["GEOSEG_STAC_ITEM"] == f"item{i}"

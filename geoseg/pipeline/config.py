@@ -228,6 +228,7 @@ class PipelineConfig(_Strict):
     """One pipeline file: what to process, with which model and settings, where, and when."""
 
     _stac: dict[str, str] | None = PrivateAttr(None)
+    _stac_errors: dict[str, str] = PrivateAttr(default_factory=dict)
 
     schema_version: Literal[1] = Field(description="Pipeline file format version; must be 1.")
     name: str = Field(description="Pipeline name: letters, digits, '.', '_' and '-'.")
@@ -380,7 +381,14 @@ class PipelineConfig(_Strict):
             except GeosegError as exc:
                 raise ConfigError(f"{self.source}: inputs.stac: {exc}") from exc
             self._stac = {s.href: s.item_id for s in found}
+            self._stac_errors = {s.href: s.error for s in found if s.error}
         return self._stac
+
+    def stac_errors(self) -> dict[str, str]:
+        """Href → why that STAC item cannot be read, for the item links of ``inputs.stac``
+        that are broken: each is a scene that fails alone."""
+        self.stac_items()
+        return self._stac_errors
 
     def _listed(self) -> list[str]:
         assert self.inputs.list_file is not None

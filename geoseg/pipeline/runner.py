@@ -14,17 +14,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from geoseg.errors import ConfigError, GeosegError
+from geoseg.errors import ConfigError, GeosegError, InputError
 from geoseg.model import Bundle, load_bundle
 from geoseg.pipeline.config import LocalCompute, PipelineConfig
 from geoseg.pipeline.ledger import Ledger, SceneRow, default_ledger_path
@@ -164,6 +166,21 @@ def scene_stem(path: Path | str) -> str:
     return remote_stem(path) if isinstance(path, str) else path.stem
 
 
+def scene_stems(paths: list[Path | str], stac_items: dict[str, str]) -> list[str]:
+    """The name of each scene's output folder: :func:`scene_stem`, or for a STAC item's asset
+    whose file name another scene shares (``item1/visual.tif``, ``item2/visual.tif``, the usual
+    layout of a catalogue) the item's id, with characters other than letters, digits, '.',
+    '_' and '-' replaced by '_'."""
+    plain = [scene_stem(p) for p in paths]
+    counts = Counter(plain)
+    return [
+        re.sub(r"[^A-Za-z0-9._-]", "_", stac_items[str(p)])
+        if counts[stem] > 1 and str(p) in stac_items
+        else stem
+        for p, stem in zip(paths, plain, strict=True)
+    ]
+
+
 def output_identity(path: str) -> tuple[int, int] | None:
     """(size in bytes, mtime in ns, or for an object its version) of an output file or
     object, or None when it is not there."""
@@ -237,21 +254,25 @@ def plan_run(
 ) -> list[PlannedScene]:
     """Every scene the inputs match, each with what to do and why."""
     paths = config.scene_paths()
-    _check_unique_stems(paths)
+    stems = scene_stems(paths, config.stac_items())
+    _check_unique_stems(paths, stems)
+    broken = config.stac_errors()
     config_hash = config.config_hash()
     planned = []
-    for path in paths:
+    for path, stem in zip(paths, stems, strict=True):
+        if str(path) in broken:
+            planned.append(PlannedScene(path, stem, None, None, "run", "STAC item cannot be read"))
+            continue
         size, mtime = file_identity(path)
         prev = ledger.last_done(config.name, ledger_key(path)) if ledger is not None else None
         action, reason = _decide(path, size, mtime, prev, config_hash, bundle.sha256, force)
-        planned.append(PlannedScene(path, scene_stem(path), size, mtime, action, reason))
+        planned.append(PlannedScene(path, stem, size, mtime, action, reason))
     return planned
 
 
-def _check_unique_stems(paths: list[Path | str]) -> None:
+def _check_unique_stems(paths: list[Path | str], stems: list[str]) -> None:
     seen: dict[str, Path | str] = {}
-    for p in paths:
-        stem = scene_stem(p)
+    for p, stem in zip(paths, stems, strict=True):
         if stem in seen:
             raise ConfigError(
                 f"scenes {ledger_key(seen[stem])} and {ledger_key(p)} would write the same "
@@ -411,6 +432,9 @@ class _SceneJob:
     def _process(self, planned: PlannedScene) -> tuple[dict[str, str], dict[str, Any]]:
         from geoseg.raster import check_writable, open_scene
 
+        broken = self.config.stac_errors().get(str(planned.path))
+        if broken is not None:
+            raise InputError(broken)
         scene = open_scene(planned.path)
         remote = self.config.remote_out
         if remote is None:
