@@ -357,13 +357,13 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path: Path) -> No
 
     with pytest.raises(Stop):
         train(parse_config(b, "b"), on_epoch=stop)
-    state = json.loads((b_dir / "model.checkpoint" / "state.json").read_text())
+    state = json.loads((b_dir / "model.checkpoint" / "state" / "state.json").read_text())
     assert state["epoch"] == 0
     resumed = train(parse_config(b, "b"))
     assert resumed.resumed_from == 1
     assert [h.epoch for h in resumed.history] == [0, 1]
-    wa = load_file(str(tmp_path / "a" / "model.checkpoint" / "weights.safetensors"))
-    wb = load_file(str(b_dir / "model.checkpoint" / "weights.safetensors"))
+    wa = load_file(str(tmp_path / "a" / "model.checkpoint" / "state" / "weights.safetensors"))
+    wb = load_file(str(b_dir / "model.checkpoint" / "state" / "weights.safetensors"))
     assert wa.keys() == wb.keys()
     assert all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
 

@@ -29,6 +29,12 @@ def _fmt(value: float) -> str:
     help="Override optim.threads (torch CPU threads).",
 )
 @click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default=None,
+    help="Override optim.precision (auto: bf16 autocast where the device has native bf16).",
+)
+@click.option(
     "--out",
     "out",
     type=click.Path(path_type=Path),
@@ -45,12 +51,17 @@ def train(
     epochs: int | None,
     device: str | None,
     threads: int | None,
+    precision: str | None,
     out: Path | None,
     restart: bool,
 ) -> None:
-    """Train a model from CONFIG (YAML); keeps the best epoch as a bundle, resumes if stopped."""
+    """Train a model from CONFIG (YAML); keeps the best epoch as a bundle, resumes if stopped.
+
+    SIGTERM or Ctrl-C finishes the batch in progress, saves a checkpoint and exits (status 128
+    + the signal number); the same command resumes.
+    """
     from geoseg.train.config import load_config, parse_config
-    from geoseg.train.loop import EpochReport
+    from geoseg.train.loop import EpochReport, TrainingStopped
     from geoseg.train.loop import train as run
 
     cfg = load_config(config)
@@ -61,6 +72,8 @@ def train(
         optim["device"] = device
     if threads is not None:
         optim["threads"] = threads
+    if precision is not None:
+        optim["precision"] = precision
     if optim or out is not None:
         raw = cfg.model_dump(mode="json", by_alias=True)
         raw["optim"].update(optim)
@@ -91,7 +104,13 @@ def train(
             f"{'  *best' if r.best else ''}  ({r.chips_per_s:.2f} chips/s)"
         )
 
-    result = run(cfg, restart=restart, progress=progress, on_epoch=on_epoch)
+    try:
+        result = run(cfg, restart=restart, progress=progress, on_epoch=on_epoch)
+    except TrainingStopped as exc:
+        for bar in bars.values():
+            bar.close()
+        log.warning("%s", exc)
+        raise SystemExit(exc.exit_code) from None
     click.echo(
         f"best epoch {result.best_epoch + 1} (mean foreground IoU {result.best_score:.3f}); "
         f"{result.train_chips} train chips per epoch / {result.val_chips} val chips; "

@@ -246,6 +246,12 @@ class OptimConfig(_Strict):
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     threads: int | None = Field(None, ge=1, description="Torch CPU threads.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Forward pass precision: auto is bf16 autocast on CUDA devices and CPUs "
+        "with native bf16 (AVX512-BF16, AMX), fp32 elsewhere; fp32 forces full precision. "
+        "The loss is always computed in fp32.",
+    )
 
 
 class TrainConfig(_Strict):
@@ -262,7 +268,21 @@ class TrainConfig(_Strict):
     optim: OptimConfig = Field(default_factory=lambda: OptimConfig.model_validate({}))
     out: Path = Field(description="Bundle directory written with the best weights.")
     checkpoint: Path | None = Field(
-        None, description="Resumable state directory (default: <out>.checkpoint)."
+        None,
+        description="Resumable state directory (default: <out>.checkpoint); also holds the "
+        "chip cache (cache/).",
+    )
+    checkpoint_minutes: float = Field(
+        10.0,
+        ge=0,
+        description="Minutes between checkpoints inside an epoch (0: at the end of each epoch "
+        "only). SIGTERM and SIGINT also save one after the batch in progress.",
+    )
+    snapshot: Path | None = Field(
+        None,
+        description="Compact resumable state, one safetensors file small enough to commit "
+        "(float16 weights, bfloat16 optimizer moments), rewritten at every checkpoint; training "
+        "resumes from it when the checkpoint directory is missing (not bit for bit).",
     )
     resample: bool = Field(
         True,
@@ -315,10 +335,13 @@ class TrainConfig(_Strict):
 
     def fingerprint(self) -> str:
         """Hash of everything that shapes training except the epoch count and output paths."""
-        data = self.model_dump(mode="json", exclude={"out", "checkpoint"})
+        data = self.model_dump(
+            mode="json", exclude={"out", "checkpoint", "checkpoint_minutes", "snapshot"}
+        )
         data["optim"].pop("epochs")
         data["optim"].pop("device")
         data["optim"].pop("threads")
+        data["optim"].pop("precision")
         return hashlib.sha256(repr(sorted(_flatten(data))).encode()).hexdigest()
 
 
@@ -334,7 +357,7 @@ def _resolve(raw: Any, base: Path) -> Any:
     """Make the config's relative paths relative to ``base`` (the config file's directory)."""
     if not isinstance(raw, dict):
         return raw
-    for key in ("out", "checkpoint"):
+    for key in ("out", "checkpoint", "snapshot"):
         if isinstance(raw.get(key), str):
             raw[key] = os.path.normpath(base / raw[key])
     for scene in raw.get("scenes") or []:

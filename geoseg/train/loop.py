@@ -1,21 +1,21 @@
 """The training loop: chips → U-Net → Dice + cross-entropy, AdamW, best bundle, resumable state.
 
-Randomness is drawn from generators seeded by (seed, epoch), so an interrupted run resumed
-from its checkpoint gives the same weights as an uninterrupted one on the same device.
+Randomness is drawn from generators seeded by (seed, epoch), and a checkpoint (at the end of
+every epoch, every ``checkpoint_minutes`` inside one, and on SIGTERM/SIGINT) holds the
+generator's state after the last batch, so a run stopped and resumed any number of times
+gives the same weights as an uninterrupted one on the same device. Chips come from scenes
+decoded once (:mod:`geoseg.train.cache`), batches are prepared by a background thread while
+the model trains, and the forward pass runs in bf16 autocast where the device has native bf16.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,13 +27,14 @@ from geoseg.model import (
     Bundle,
     ModelSpec,
     build_module,
-    follow_umask,
     load_bundle,
     save_bundle,
 )
 from geoseg.predict import check_compatible, resolve_device
 from geoseg.raster import Scene
 from geoseg.reader import read_padded
+from geoseg.train.cache import ChipCache
+from geoseg.train.checkpoint import Checkpoint, Snapshot, position
 from geoseg.train.chips import (
     Chip,
     ChipSet,
@@ -46,19 +47,32 @@ from geoseg.train.chips import (
     virtual_grid,
 )
 from geoseg.train.config import TrainConfig
+from geoseg.train.control import (
+    StopRequest,
+    TrainingStopped,
+    autocast_dtype,
+    decode_generator,
+    encode_generator,
+)
+from geoseg.train.feed import Prefetch
 from geoseg.train.labels import IGNORE, SceneLabels, load_scene_labels
 from geoseg.train.scenes import SceneItem, expand_scene, no_georef_warning, open_image
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["EpochReport", "TrainResult", "augment", "known_classes", "prepare", "train"]
+__all__ = [
+    "EpochReport",
+    "Speedups",
+    "TrainResult",
+    "TrainingStopped",
+    "augment",
+    "known_classes",
+    "prepare",
+    "train",
+]
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "state.json"
-WEIGHTS_FILE = "weights.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
 
 #: progress(epoch, batches done, batches total), called after each training batch.
 ProgressFn = Callable[[int, int, int], None]
@@ -342,15 +356,20 @@ def _tensors(
     batch: Sequence[Chip],
     device: torch.device,
     size: int | None = None,
+    cache: ChipCache | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(images, labels, unknown (N, K) classes per chip); chips of another side than ``size``
-    (scale jitter) are resized to it, images bilinearly and labels by nearest neighbour."""
+    """(images, labels, unknown (N, K) classes per chip), from ``cache`` when given; chips of
+    another side than ``size`` (scale jitter) are resized to it, images bilinearly and labels
+    by nearest neighbour."""
     import torch
 
     k = len(prep.spec.classes)
     xs, ys = [], []
     for c in batch:
-        x, y = load_chip(prep.chips.labels[c.scene], c.window, prep.spec)
+        if cache is not None:
+            x, y = cache.load(c.scene, c.window)
+        else:
+            x, y = load_chip(prep.chips.labels[c.scene], c.window, prep.spec)
         tx, ty = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
         if size is not None and x.shape[-1] != size:
             tx = torch.nn.functional.interpolate(
@@ -404,123 +423,301 @@ def _deterministic() -> Iterator[None]:
         torch.use_deterministic_algorithms(before)
 
 
+@dataclass(frozen=True)
+class Speedups:
+    """How chips reach the model. The defaults are the fast path; all off is the older path
+    (every chip read from its file, nothing prepared ahead, contiguous tensors), which the
+    benchmarks compare against."""
+
+    cache: bool = True  # scenes decoded once into <checkpoint>/cache (see geoseg.train.cache)
+    prefetch: int = 2  # batches prepared ahead by a background thread (0: none)
+    channels_last: bool = True  # NHWC module and batches
+
+
+#: (batch index, images, labels, unknown classes, generator state after augmenting it)
+_Batch = tuple[int, "torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor"]
+
+
+class _Trainer:
+    """One run's model, optimizer and saved state; runs epochs, saves and resumes them."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        prep: Prepared,
+        module: torch.nn.Module,
+        device: torch.device,
+        speed: Speedups,
+    ) -> None:
+        import torch
+
+        o = cfg.optim
+        self.cfg, self.prep, self.module, self.device, self.speed = cfg, prep, module, device, speed
+        self.optimizer = torch.optim.AdamW(
+            module.parameters(), lr=o.lr, weight_decay=o.weight_decay
+        )
+        self.loss_fn = _Loss(o.dice_weight)
+        self.train_chips = prep.chips.split("train")
+        self.val_chips = prep.chips.split("val")
+        self.random_sampling = cfg.chips.sampling == "random"
+        self.n_train = cfg.chips.chips_per_epoch if self.random_sampling else len(self.train_chips)
+        self.steps = math.ceil(self.n_train / o.batch_size)
+        self.total_steps = self.steps * o.epochs
+        self.warmup = round(o.warmup_epochs * self.steps)
+        self.autocast = autocast_dtype(o.precision, device)
+        self.memory_format = torch.channels_last if speed.channels_last else torch.contiguous_format
+        norm = prep.spec.normalization.arrays(len(prep.spec.bands))
+        self.std = torch.tensor(norm[1][:, 0, 0])
+        fingerprint = cfg.fingerprint()
+        self.ckpt = Checkpoint(cfg.checkpoint_dir, fingerprint)
+        self.snapshot = Snapshot(cfg.snapshot, fingerprint) if cfg.snapshot else None
+        self.cache: ChipCache | None = None
+        self.history: list[EpochReport] = []
+        self.best_score, self.best_epoch, self.done_epoch = -1.0, -1, -1
+        self.last_save = time.monotonic()
+        self.resumed_at: int | None = None  # the epoch a resumed run went on with
+
+    def resume(self, restart: bool) -> dict[str, Any]:
+        """Load the furthest saved state: the checkpoint, or the snapshot when the checkpoint
+        is missing or behind it; return its ``partial`` epoch (or {})."""
+        if restart:
+            self.ckpt.clear()
+        full = self.ckpt.peek()
+        snap = self.snapshot.peek() if self.snapshot and not restart else None
+        if snap is not None and full is not None and snap["fingerprint"] != self.ckpt.fingerprint:
+            snap = None  # an older config's snapshot; the next save replaces it
+        args = (self.module, self.optimizer, self.device)
+        if full is not None and (snap is None or position(full) >= position(snap)):
+            state = self.ckpt.load(*args)
+            how = f"checkpoint {self.ckpt.path}"
+        elif snap is not None and self.snapshot is not None:
+            state = self.snapshot.load(*args)
+            how = f"compact snapshot {self.snapshot.path} (float16 weights: not bit-identical)"
+        else:
+            return {}
+        self.history = [EpochReport(**h) for h in state.get("history", [])]
+        self.best_score = float(state.get("best_score", -1.0))
+        self.best_epoch = int(state.get("best_epoch", -1))
+        self.done_epoch = int(state.get("epoch", -1))
+        epoch, batch = position(state)
+        self.resumed_at = epoch
+        log.info("resuming from the %s at epoch %d, batch %d", how, epoch + 1, batch)
+        if self.best_epoch >= 0 and not (self.cfg.out / "model.json").exists():
+            log.warning("%s: the best bundle so far (epoch %d) is missing", self.cfg.out, epoch)
+        partial = state.get("partial") or {}
+        return dict(partial) if partial.get("epoch") == self.done_epoch + 1 else {}
+
+    def save(self, partial: dict[str, Any] | None) -> None:
+        """Write the checkpoint (and the snapshot, when configured)."""
+        state = {
+            "epoch": self.done_epoch,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "history": [asdict(h) for h in self.history],
+            "partial": partial,
+        }
+        self.ckpt.save(self.module, self.optimizer, state)
+        if self.snapshot is not None:
+            self.snapshot.save(self.module, self.optimizer, state)
+        self.last_save = time.monotonic()
+
+    def _feed(
+        self, chips: Sequence[Chip], order: Sequence[int], first: int, gen: torch.Generator
+    ) -> Iterator[_Batch]:
+        """Augmented batches from batch ``first`` on, each with ``gen``'s state after it."""
+        import torch
+
+        c = self.cfg.chips
+        cpu = torch.device("cpu")
+        for b, batch in enumerate(_batches(chips, self.cfg.optim.batch_size, order)):
+            if b < first:
+                continue
+            x, y, unknown = _tensors(self.prep, batch, cpu, c.size, self.cache)
+            x, y = augment(x, y, gen, c.color_jitter, self.std)
+            yield b, x.contiguous(memory_format=self.memory_format), y, unknown, gen.get_state()
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, unknown: torch.Tensor, lr: float) -> float:
+        import torch
+
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x, y, unknown = x.to(self.device), y.to(self.device), unknown.to(self.device)
+        dtype = self.autocast or torch.float32
+        with torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast is not None):
+            logits = self.module(x)
+        loss = self.loss_fn(logits.float(), y, unknown)  # the loss in fp32
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    def epoch(
+        self,
+        epoch: int,
+        resume: dict[str, Any],
+        stop: StopRequest,
+        progress: ProgressFn | None,
+    ) -> EpochReport:
+        """Train one epoch (from where ``resume`` left it), validate, save; return its report."""
+        import torch
+
+        o = self.cfg.optim
+        gen = torch.Generator().manual_seed(o.seed * 100_003 + epoch)
+        chips = self.train_chips
+        if self.random_sampling:
+            chips = _random_chips(self.cfg, self.prep, epoch)
+        order = torch.randperm(len(chips), generator=gen).tolist()
+        losses: list[float] = list(resume.get("losses", []))
+        first, seconds = int(resume.get("batch", 0)), float(resume.get("seconds", 0.0))
+        lr = float(resume.get("lr", o.lr))
+        if resume:
+            gen.set_state(decode_generator(resume["generator"]))
+        self.module.train()
+        t0 = time.perf_counter()
+        with Prefetch(self._feed(chips, order, first, gen), self.speed.prefetch) as feed:
+            for b, x, y, unknown, gen_state in feed:
+                lr = o.lr * _lr_factor(epoch * self.steps + b, self.total_steps, self.warmup)
+                losses.append(self._step(x, y, unknown, lr))
+                if progress is not None:
+                    progress(epoch, b + 1, self.steps)
+                partial = {
+                    "epoch": epoch,
+                    "batch": b + 1,
+                    "generator": encode_generator(gen_state),
+                    "losses": losses,
+                    "seconds": seconds + time.perf_counter() - t0,
+                    "lr": lr,
+                }
+                if stop(epoch, b + 1):
+                    self._stop(partial, stop)
+                minutes = self.cfg.checkpoint_minutes
+                if minutes and time.monotonic() - self.last_save >= 60 * minutes:
+                    log.info("checkpoint at epoch %d, batch %d/%d", epoch + 1, b + 1, self.steps)
+                    self.save(partial)
+        seconds += time.perf_counter() - t0
+        return self._finish(epoch, losses, lr, len(chips), seconds)
+
+    def _stop(self, partial: dict[str, Any], stop: StopRequest) -> None:
+        self.save(partial)
+        epoch, batch = partial["epoch"], partial["batch"]
+        raise TrainingStopped(
+            f"training stopped ({stop.reason()}) at epoch {epoch + 1}, batch {batch}/{self.steps}; "
+            f"state saved in {self.ckpt.path}; run the same command to resume",
+            epoch,
+            batch,
+            stop.signum,
+        )
+
+    def _finish(
+        self, epoch: int, losses: list[float], lr: float, n_chips: int, seconds: float
+    ) -> EpochReport:
+        """Validate, keep the best bundle, save the state; the epoch's report."""
+        o = self.cfg.optim
+        val_loss, iou = evaluate_chips(
+            self.module,
+            self.prep,
+            self.val_chips,
+            o.batch_size,
+            self.device,
+            self.loss_fn,
+            cache=self.cache,
+            autocast=self.autocast,
+        )
+        named = {c: float(v) for c, v in zip(self.prep.spec.classes, iou, strict=True)}
+        fg = [v for v in iou[1:] if not np.isnan(v)]
+        score = float(np.mean(fg)) if fg else 0.0
+        is_best = score > self.best_score
+        if is_best:
+            self.best_score, self.best_epoch = score, epoch
+            dtype = _torch_dtype(self.cfg.weights_dtype)
+            save_bundle(self.prep.spec, self.module.state_dict(), self.cfg.out, dtype=dtype)
+        report = EpochReport(
+            epoch=epoch,
+            epochs=o.epochs,
+            train_loss=float(np.mean(losses)) if losses else math.nan,
+            val_loss=val_loss,
+            val_iou=named,
+            score=score,
+            best=is_best,
+            lr=lr,
+            chips_per_s=n_chips / seconds if seconds > 0 else math.nan,
+            seconds=seconds,
+        )
+        self.history.append(report)
+        self.done_epoch = epoch
+        self.save(None)
+        return report
+
+
+def _torch_dtype(name: str) -> torch.dtype | None:
+    import torch
+
+    return torch.float16 if name == "float16" else None
+
+
 def train(
     cfg: TrainConfig,
     *,
     restart: bool = False,
     progress: ProgressFn | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
+    stop: Callable[[int, int], bool] | None = None,
+    speed: Speedups = Speedups(),  # noqa: B008 (frozen)
 ) -> TrainResult:
-    """Train per ``cfg``; resume from ``cfg.checkpoint_dir`` unless ``restart``; return the best."""
+    """Train per ``cfg``; resume from ``cfg.checkpoint_dir`` (or ``cfg.snapshot``) unless
+    ``restart``; return the best.
+
+    ``stop(epoch, batches done)`` is polled after every batch, and SIGTERM/SIGINT are caught
+    while the epochs run: either way the batch in progress finishes, the state is saved and
+    :class:`TrainingStopped` is raised; the same call later resumes bit for bit.
+    """
     import torch
 
     device = torch.device(resolve_device(cfg.optim.device))
     if cfg.optim.threads:
         torch.set_num_threads(cfg.optim.threads)
     prep = prepare(cfg)
-    train_chips, val_chips = prep.chips.split("train"), prep.chips.split("val")
     o = cfg.optim
-    c = cfg.chips
-    random_sampling = c.sampling == "random"
-    n_train = c.chips_per_epoch if random_sampling else len(train_chips)
-    steps_per_epoch = math.ceil(n_train / o.batch_size)
-    total_steps = steps_per_epoch * o.epochs
-    warmup = round(o.warmup_epochs * steps_per_epoch)
 
     torch.manual_seed(o.seed)
     module = build_module(prep.spec)
     source = init_encoder(
         module, prep.spec.encoder, prep.spec.encoder_depth, cfg.model.encoder_weights
     )
-    spec = prep.spec.model_copy(update={"encoder_weights": source})
-    prep = Prepared(spec, prep.chips, prep.holdouts, prep.weights)
+    prep = replace(prep, spec=prep.spec.model_copy(update={"encoder_weights": source}))
     module = module.to(device)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    loss_fn = _Loss(o.dice_weight)
-    ckpt = Checkpoint(cfg.checkpoint_dir, cfg.fingerprint())
-    if restart:
-        ckpt.clear()
-    state = ckpt.load(module, optimizer, device)
-    history = [EpochReport(**h) for h in state.get("history", [])]
-    best_score = float(state.get("best_score", -1.0))
-    best_epoch = int(state.get("best_epoch", -1))
-    start = int(state.get("epoch", -1)) + 1
-    resumed_from = start if state else None
-    if resumed_from:
-        log.info("resuming from %s at epoch %d", ckpt.path, start + 1)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    std = torch.tensor(prep.spec.normalization.arrays(len(prep.spec.bands))[1][:, 0, 0])
-    dtype = torch.float16 if cfg.weights_dtype == "float16" else None
-
-    with _deterministic():
-        for epoch in range(start, o.epochs):
-            t0 = time.perf_counter()
-            gen = torch.Generator().manual_seed(o.seed * 100_003 + epoch)
-            epoch_chips = _random_chips(cfg, prep, epoch) if random_sampling else train_chips
-            order = torch.randperm(len(epoch_chips), generator=gen).tolist()
-            module.train()
-            losses: list[float] = []
-            lr = o.lr
-            for b, batch in enumerate(_batches(epoch_chips, o.batch_size, order)):
-                step = epoch * steps_per_epoch + b
-                lr = o.lr * _lr_factor(step, total_steps, warmup)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x, y, unknown = _tensors(prep, batch, torch.device("cpu"), c.size)
-                x, y = augment(x, y, gen, c.color_jitter, std)
-                x, y, unknown = x.to(device), y.to(device), unknown.to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = module(x)
-                loss = loss_fn(logits.float(), y, unknown)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                if progress is not None:
-                    progress(epoch, b + 1, steps_per_epoch)
-            seconds = time.perf_counter() - t0
-            val_loss, iou = evaluate_chips(module, prep, val_chips, o.batch_size, device, loss_fn)
-            named = {c: float(v) for c, v in zip(prep.spec.classes, iou, strict=True)}
-            fg = [v for v in iou[1:] if not np.isnan(v)]
-            score = float(np.mean(fg)) if fg else 0.0
-            is_best = score > best_score
-            if is_best:
-                best_score, best_epoch = score, epoch
-                save_bundle(prep.spec, module.state_dict(), cfg.out, dtype=dtype)
-            report = EpochReport(
-                epoch=epoch,
-                epochs=o.epochs,
-                train_loss=float(np.mean(losses)),
-                val_loss=val_loss,
-                val_iou=named,
-                score=score,
-                best=is_best,
-                lr=lr,
-                chips_per_s=len(epoch_chips) / seconds,
-                seconds=seconds,
-            )
-            history.append(report)
-            ckpt.save(
-                module,
-                optimizer,
-                {
-                    "epoch": epoch,
-                    "best_score": best_score,
-                    "best_epoch": best_epoch,
-                    "history": [asdict(h) for h in history],
-                },
-            )
+    if speed.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    run = _Trainer(cfg, prep, module, device, speed)
+    resume = run.resume(restart)
+    resumed_from = run.resumed_at
+    if speed.cache:
+        run.cache = ChipCache(prep.chips.labels, prep.spec, run.ckpt.cache_dir)
+    log.info("training on %s, forward pass in %s", device, run.autocast or "fp32")
+    request = StopRequest(stop)
+    with _deterministic(), request.on_signals():
+        for epoch in range(run.done_epoch + 1, o.epochs):
+            report = run.epoch(epoch, resume, request, progress)
+            resume = {}
             if on_epoch is not None:
                 on_epoch(report)
-    if best_epoch < 0 or not (cfg.out / "model.json").exists():
+            if request.signum is not None and epoch + 1 < o.epochs:  # during validation
+                raise TrainingStopped(
+                    f"training stopped ({request.reason()}) after epoch {epoch + 1}; state "
+                    f"saved in {run.ckpt.path}; run the same command to resume",
+                    epoch + 1,
+                    0,
+                    request.signum,
+                )
+    if run.best_epoch < 0 or not (cfg.out / "model.json").exists():
         raise ModelError(f"{cfg.out}: training finished without writing a bundle")
     return TrainResult(
         _store_seamless_halo(load_bundle(cfg.out), cfg),
-        best_epoch,
-        best_score,
-        history,
-        n_train,
-        len(val_chips),
+        run.best_epoch,
+        run.best_score,
+        run.history,
+        run.n_train,
+        len(run.val_chips),
         resumed_from,
     )
 
@@ -542,7 +739,6 @@ def _store_seamless_halo(bundle: Bundle, cfg: TrainConfig) -> Bundle:
         with no_georef_warning():
             data, valid = read_padded(scene, win, bundle.spec.bands)
         samples.append(bundle.spec.normalization.apply(data, valid))
-
     halo = bundle_halo(load_module(bundle), bundle.spec, samples=samples)
     if halo == bundle.spec.halo:
         return bundle
@@ -558,8 +754,12 @@ def evaluate_chips(
     batch_size: int,
     device: torch.device,
     loss_fn: _Loss,
+    *,
+    cache: ChipCache | None = None,
+    autocast: torch.dtype | None = None,
 ) -> tuple[float, np.ndarray]:
-    """(mean loss, per-class IoU) of ``module`` on ``chips``, without augmentation.
+    """(mean loss, per-class IoU) of ``module`` on ``chips``, without augmentation; the
+    forward pass in ``autocast`` precision (None: fp32), the module's memory format.
 
     The IoU of a class counts only chips whose scene labels it (valid pixels only); NaN for a
     class no validation chip labels or shows.
@@ -570,10 +770,16 @@ def evaluate_chips(
     tp, fp, fn = np.zeros(k), np.zeros(k), np.zeros(k)
     losses = []
     module.eval()
+    dtype = autocast or torch.float32
+    weight = next(module.parameters())
+    channels_last = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     with torch.no_grad():
         for batch in _batches(chips, batch_size, range(len(chips))):
-            x, y, unknown = _tensors(prep, batch, device)
-            logits = module(x).float()
+            x, y, unknown = _tensors(prep, batch, device, cache=cache)
+            x = x.contiguous(memory_format=fmt)
+            with torch.autocast(device.type, dtype=dtype, enabled=autocast is not None):
+                logits = module(x).float()
             losses.append(float(loss_fn(logits, y, unknown)) * len(batch))
             pred = logits.argmax(1).cpu().numpy()
             truth = y.cpu().numpy()
@@ -589,75 +795,3 @@ def evaluate_chips(
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = np.where(denom > 0, tp / denom, np.nan)
     return float(np.sum(losses) / max(1, len(chips))), iou
-
-
-class Checkpoint:
-    """Resumable state: weights (safetensors), optimizer (tensors only) and ``state.json``."""
-
-    def __init__(self, path: Path, fingerprint: str) -> None:
-        self.path = Path(path)
-        self.fingerprint = fingerprint
-
-    def clear(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-    def load(
-        self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
-    ) -> dict[str, Any]:
-        """Restore ``module`` and ``optimizer`` in place; return the saved state ({} if none)."""
-        import torch
-        from safetensors.torch import load_file
-
-        state_file = self.path / STATE_FILE
-        if not state_file.exists():
-            return {}
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{state_file}: unreadable checkpoint state ({exc})") from exc
-        if state.get("fingerprint") != self.fingerprint:
-            raise ConfigError(
-                f"{self.path}: checkpoint was made with a different training config; "
-                "restart training (--restart) or point checkpoint elsewhere"
-            )
-        try:
-            module.load_state_dict(load_file(str(self.path / WEIGHTS_FILE)), strict=True)
-            opt_state = torch.load(
-                self.path / OPTIMIZER_FILE, map_location="cpu", weights_only=True
-            )
-            optimizer.load_state_dict(opt_state)
-        except Exception as exc:  # safetensors/torch raise many types for damaged files
-            raise ModelError(f"{self.path}: damaged checkpoint ({exc})") from exc
-        module.to(device)
-        for s in optimizer.state.values():
-            for key, value in s.items():
-                if isinstance(value, torch.Tensor) and key != "step":
-                    s[key] = value.to(device)
-        return dict(state)
-
-    def save(
-        self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
-    ) -> None:
-        """Write all three files to a temporary directory, then swap it into place."""
-        import torch
-        from safetensors.torch import save_file
-
-        tmp = self.path.with_name(f".{self.path.name}.partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-            save_file(weights, str(tmp / WEIGHTS_FILE))
-            follow_umask(tmp / WEIGHTS_FILE)
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-            body = {"fingerprint": self.fingerprint, **state}
-            (tmp / STATE_FILE).write_text(json.dumps(body, indent=1, allow_nan=True) + "\n")
-            old = self.path.with_name(f".{self.path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            if self.path.exists():
-                os.replace(self.path, old)
-            os.replace(tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
