@@ -255,3 +255,20 @@ def test_a_star_glob_stays_in_its_folder_as_a_local_glob_does(tmp_path: Path, bu
         f"{base}/deep/nested.tif",
     ]
     assert list_matching(f"{base}/[ab].t[xy]t") == [f"{base}/b.txt"]
+
+
+def test_predict_to_s3_names_the_objects_not_a_deleted_local_folder(
+    tmp_path: Path, bucket: str, make_bundle: Any
+) -> None:
+    rng = np.random.default_rng(4)
+    local = write_tif(tmp_path / "b.tif", rng.integers(0, 255, (3, 64, 64), dtype=np.uint8))
+    model = str(make_bundle().path)
+    outputs = "mask,vectors,quicklook"
+    args = [str(local), "-m", model, "--device", "cpu", "--outputs", outputs]
+    res = CliRunner().invoke(cli, ["predict", *args, "-o", f"s3://{bucket}/results/"])
+    assert res.exit_code == 0, res.output
+    assert "geoseg-out-" not in res.stdout, res.stdout
+    prefix = f"s3://{bucket}/results"
+    assert f"b: {prefix}/b.mask.tif (" in res.stdout, res.stdout
+    assert f" features → {prefix}/b.buildings.geojson" in res.stdout, res.stdout
+    assert f"b: {prefix}/b.quicklook.png" in res.stdout, res.stdout

@@ -153,6 +153,11 @@ def _run(
     Vectors are made while each scene is predicted, on ``vector_client`` when given."""
     from geoseg.predict import open_client, predict_scene
 
+    def shown(p: Path) -> str:
+        """Where a file ends up: its URL under ``remote_out`` (uploaded, and the local copy
+        deleted), else its path."""
+        return join(redact(remote_out), p.name) if remote_out is not None else str(p)
+
     with open_client(options) as client:
         for i, scene in enumerate(opened, start=1):
             progress = Progress(f"[{i}/{len(opened)}] {scene.stem}", log.info)
@@ -175,20 +180,20 @@ def _run(
             written = result.rasters()
             kept = [p for name, p in written.items() if name in keep]
             click.echo(
-                f"{scene.stem}: {' '.join(map(str, kept))} "
+                f"{scene.stem}: {' '.join(map(shown, kept))} "
                 f"({result.chunks} chunks, {result.skipped} all-nodata{read_at})"
             )
             if result.vectors is not None:
                 from geoseg.cli.vectorize import report
 
-                report(result.vectors)
+                report(result.vectors, shown)
             if "quicklook" in keep:
                 from geoseg.pipeline.quicklook import write_quicklook
 
                 assert result.mask is not None  # written for the quicklook
                 png = out_dir / f"{scene.stem}.quicklook.png"
                 png = write_quicklook(scene.path, result.mask, bundle.spec.classes, png, 1024)
-                click.echo(f"{scene.stem}: {png}")
+                click.echo(f"{scene.stem}: {shown(png)}")
             for name, p in written.items():
                 if name not in keep:  # written only to make the vectors or the quicklook
                     p.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,9 +145,10 @@ def options_from_cli(
     )
 
 
-def report(outs: VectorizeOutputs) -> None:
+def report(outs: VectorizeOutputs, where: Callable[[Path], str] = str) -> None:
+    """One line per layer: its feature count and files (``where`` names a file)."""
     for name, layer in outs.layers.items():
-        paths = " ".join(str(p) for p in layer.paths.values())
+        paths = " ".join(where(Path(p)) for p in layer.paths.values())
         click.echo(f"{name}: {layer.count} features → {paths}")
 
 
