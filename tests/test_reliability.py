@@ -4,18 +4,23 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from geoseg.cli import cli
 from geoseg.pipeline import Ledger
 from geoseg.remote import redact, redact_text
+from tests.conftest import write_tif
 from tests.http_support import serve
-from tests.pipeline_support import make_model, make_scene, write_pipeline
+from tests.pipeline_support import REPO, make_model, make_scene, write_pipeline
 
 
 def test_runs_show_of_a_scene_of_unknown_size_says_so(tmp_path: Path) -> None:
@@ -132,3 +137,58 @@ def test_stac_api_search_with_a_token_shows_it_nowhere(tmp_path: Path) -> None:
     assert res.exit_code == 2, res.output
     text = _clean(res)
     assert "Retrying" in text and f"STAC http://127.0.0.1:{port}/: cannot search it" in text, text
+
+
+# -- a second Ctrl-C -------------------------------------------------------------------------
+
+SLOW_STOP = """
+import os, signal, sys, time
+from geoseg.cli import cli, main
+
+@cli.command("slowstop")
+def slowstop() -> None:
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+        time.sleep(60)
+    except KeyboardInterrupt:
+        try:  # Ctrl-C again, in a clean-up that swallows it as closing a Dask cluster does
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(60)
+        except KeyboardInterrupt:
+            pass
+        print("clean-up finished")
+        raise
+
+sys.argv = ["geoseg", "slowstop"]
+main()
+"""
+
+
+def test_a_second_ctrl_c_during_the_clean_up_stops_at_once() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", SLOW_STOP], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert "clean-up finished" not in proc.stdout
+    assert proc.stderr.strip() == "geoseg: interrupted again: stopped at once", proc.stderr
+
+
+def test_two_ctrl_c_during_a_prediction_exit_quietly(tmp_path: Path, make_bundle: Any) -> None:
+    rng = np.random.default_rng(0)
+    scene = write_tif(tmp_path / "big.tif", rng.integers(0, 255, (3, 768, 768), dtype=np.uint8))
+    cmd = [sys.executable, "-m", "geoseg", "predict", str(scene), "-m", str(make_bundle().path)]
+    cmd += ["-o", str(tmp_path / "o"), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    seen = b""
+    while b"chunks" not in seen:  # the prediction is under way
+        line = proc.stderr.readline()
+        assert line, seen
+        seen += line
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)  # a bound against a hang, not a timing
+    text = (seen + err).decode()
+    assert proc.returncode == 130, text
+    assert "ClosedClientError" not in text and "Traceback" not in text, text
+    assert not list((tmp_path / "o").glob("*.tif")), text

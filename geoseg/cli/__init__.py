@@ -50,7 +50,17 @@ class GeosegGroup(click.Group):
             ctx.exit(130)
 
 
+_INTERRUPTED = threading.Event()
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    """The first Ctrl-C or SIGTERM stops the command cleanly (temporary outputs removed, the
+    cluster closed); a second one while that clean-up runs ends the process at once, quietly:
+    what a killed run leaves is swept by the next run into the same folder."""
+    if _INTERRUPTED.is_set():
+        os.write(2, b"geoseg: interrupted again: stopped at once\n")
+        os._exit(130)
+    _INTERRUPTED.set()
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -156,8 +166,10 @@ _register()
 
 def main() -> None:
     """Console-script entry point. SIGTERM (``kill``, a batch system's time limit) stops a
-    command as Ctrl-C does, so every temporary output is removed on the way out."""
+    command as Ctrl-C does, so every temporary output is removed on the way out; a second
+    signal during that stops the process at once."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         cli.main(prog_name="geoseg")
     except SystemExit as exc:
