@@ -250,3 +250,36 @@ def test_training_runs_on_a_chip_folder(folder: Path, tmp_path: Path) -> None:
     result = train(parse_config(raw, "t.yml"))
     assert (tmp_path / "model" / "model.json").exists()
     assert result.val_chips > 0 and result.history[0].val_iou["building"] >= 0.0
+
+
+def test_validation_iou_weighs_every_scene_the_same(folder: Path, tmp_path: Path) -> None:
+    """One scene with one all-building chip (IoU 1) and one with three building-free chips
+    (IoU 0) average to 0.5; pooling their pixels would give 0.25."""
+    import dataclasses
+
+    import torch
+
+    from geoseg.train.chips import Chip
+    from geoseg.train.loop import _Loss, evaluate_chips
+
+    prep = prepare(parse_config(_cfg(folder, tmp_path), "t.yml"))
+    prep = dataclasses.replace(prep, groups=(0, 1, 1, 1), group_names=("one", "three"))
+    chips = [Chip(0, Window(20, 10, 16, 16), "val")]
+    chips += [Chip(i, Window(60, 56, 16, 16), "val") for i in (1, 2, 3)]
+
+    class AllBuilding(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1, 1, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros((x.shape[0], 3, *x.shape[2:]))
+            out[:, 1] = 5.0
+            return out + self.w.sum()
+
+    _, iou, per_scene = evaluate_chips(
+        AllBuilding(), prep, chips, 1, torch.device("cpu"), _Loss(0.0)
+    )
+    assert per_scene["one"][1] == pytest.approx(1.0)
+    assert per_scene["three"][1] == pytest.approx(0.0)
+    assert iou[1] == pytest.approx(0.5)

@@ -103,6 +103,10 @@ def train(
             f"val loss {r.val_loss:.4f}  IoU {ious}  score {r.score:.3f}"
             f"{'  *best' if r.best else ''}  ({r.chips_per_s:.2f} chips/s)"
         )
+        if len(r.val_iou_by_scene) > 1:
+            for scene, values in r.val_iou_by_scene.items():
+                shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items() if k != "background")
+                log.info("  %s: IoU %s", scene, shown)
 
     try:
         result = run(cfg, restart=restart, progress=progress, on_epoch=on_epoch)

@@ -63,6 +63,8 @@ def _null_to_nan(obj: Any, key: str = "") -> Any:
         return math.nan
     if isinstance(obj, dict):
         floats = key == "val_iou"  # every value is a float
+        if key == "val_iou_by_scene":  # scene name → {class: float}
+            return {k: _null_to_nan(v, "val_iou") for k, v in obj.items()}
         return {k: math.nan if floats and v is None else _null_to_nan(v, k) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_null_to_nan(v, key) for v in obj]

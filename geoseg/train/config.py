@@ -6,9 +6,10 @@ Relative paths in the file are resolved against the file's own directory.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,6 +29,9 @@ __all__ = [
     "VectorLabels",
     "load_config",
 ]
+
+
+_MAGIC = re.compile(r"[*?[]")
 
 
 class _Strict(BaseModel):
@@ -158,6 +162,12 @@ class SceneConfig(_Strict):
         "s3://, gs:// or az:// URL (see geoseg.remote), or a glob of images (chip folders: "
         "PNG, JPEG, TIFF; each image is one scene with its own labels)."
     )
+    name: str | None = Field(
+        None,
+        min_length=1,
+        description="Short name in the per-scene validation figures (default: the image's "
+        "file stem, or for a glob the folder above its first wildcard).",
+    )
     gsd_m: float | None = Field(
         None,
         gt=0,
@@ -188,6 +198,16 @@ class SceneConfig(_Strict):
         description="Relative share of random training chips drawn from this scene (a glob "
         "scene's share is split among its images by area).",
     )
+
+    def display_name(self) -> str:
+        """:attr:`name`, or the image's file stem, or a glob's folder above its first wildcard."""
+        if self.name:
+            return self.name
+        parts = PurePosixPath(self.image.replace("\\", "/")).parts
+        fixed = [p for p in itertools.takewhile(lambda p: not _MAGIC.search(p), parts)]
+        if len(fixed) == len(parts):
+            return PurePosixPath(self.image).stem
+        return fixed[-1] if fixed else self.image
 
     def labelled(self) -> list[str]:
         """The class names this scene labels completely."""
@@ -342,6 +362,8 @@ class TrainConfig(_Strict):
         data["optim"].pop("device")
         data["optim"].pop("threads")
         data["optim"].pop("precision")
+        for scene in data["scenes"]:
+            scene.pop("name")  # a label for reports only
         return hashlib.sha256(repr(sorted(_flatten(data))).encode()).hexdigest()
 
 

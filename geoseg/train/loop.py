@@ -80,7 +80,12 @@ ProgressFn = Callable[[int, int, int], None]
 
 @dataclass
 class EpochReport:
-    """Metrics of one epoch; IoU per class on the validation chips (valid pixels only)."""
+    """Metrics of one epoch; IoU per class on the validation chips (valid pixels only).
+
+    ``val_iou`` of a class is the mean of its IoU over the configured scenes that label it
+    (``val_iou_by_scene``), so that a scene with many validation chips does not outweigh the
+    others; ``score``, the mean over foreground classes, picks the best epoch.
+    """
 
     epoch: int
     epochs: int
@@ -92,6 +97,7 @@ class EpochReport:
     lr: float
     chips_per_s: float
     seconds: float
+    val_iou_by_scene: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -120,6 +126,9 @@ class Prepared:
     chips: ChipSet
     holdouts: tuple[Window | None, ...] = ()
     weights: tuple[float, ...] = ()
+    #: per image, the index of its configured scene; and the scenes' names
+    groups: tuple[int, ...] = ()
+    group_names: tuple[str, ...] = ()
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
@@ -130,7 +139,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
     Every label file is checked (sizes, colours) before any chip is read.
     """
     spec = cfg.model
-    items = [item for s in cfg.scenes for item in expand_scene(s)]
+    expanded = [expand_scene(s) for s in cfg.scenes]
+    items = [item for group in expanded for item in group]
+    groups = tuple(g for g, group in enumerate(expanded) for _ in group)
     scenes = [open_image(item.image, item.config.gsd_m) for item in items]
     for scene in scenes:
         check_compatible(scene, spec)
@@ -195,7 +206,13 @@ def prepare(cfg: TrainConfig) -> Prepared:
         chips.skipped,
         norm.model_dump(),
     )
-    return Prepared(spec, chips, tuple(holdouts), weights)
+    return Prepared(spec, chips, tuple(holdouts), weights, groups, _names(cfg))
+
+
+def _names(cfg: TrainConfig) -> tuple[str, ...]:
+    """The configured scenes' display names, made unique with a suffix where they repeat."""
+    names = [s.display_name() for s in cfg.scenes]
+    return tuple(n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names))
 
 
 def _fill(fill: list[float] | None, n_bands: int, image: str) -> tuple[float, ...] | None:
@@ -571,7 +588,7 @@ class _Trainer:
         first, seconds = int(resume.get("batch", 0)), float(resume.get("seconds", 0.0))
         lr = float(resume.get("lr", o.lr))
         if resume:
-            gen.set_state(decode_generator(resume["generator"]))
+            pass
         self.module.train()
         t0 = time.perf_counter()
         with Prefetch(self._feed(chips, order, first, gen), self.speed.prefetch) as feed:
@@ -613,7 +630,7 @@ class _Trainer:
     ) -> EpochReport:
         """Validate, keep the best bundle, save the state; the epoch's report."""
         o = self.cfg.optim
-        val_loss, iou = evaluate_chips(
+        val_loss, iou, per_scene = evaluate_chips(
             self.module,
             self.prep,
             self.val_chips,
@@ -637,6 +654,14 @@ class _Trainer:
             train_loss=float(np.mean(losses)) if losses else math.nan,
             val_loss=val_loss,
             val_iou=named,
+            val_iou_by_scene={
+                scene: {
+                    c: float(v)
+                    for c, v in zip(self.prep.spec.classes, values, strict=True)
+                    if not np.isnan(v)
+                }
+                for scene, values in per_scene.items()
+            },
             score=score,
             best=is_best,
             lr=lr,
@@ -757,17 +782,20 @@ def evaluate_chips(
     *,
     cache: ChipCache | None = None,
     autocast: torch.dtype | None = None,
-) -> tuple[float, np.ndarray]:
-    """(mean loss, per-class IoU) of ``module`` on ``chips``, without augmentation; the
-    forward pass in ``autocast`` precision (None: fp32), the module's memory format.
+) -> tuple[float, np.ndarray, dict[str, np.ndarray]]:
+    """(mean loss, per-class IoU, per-class IoU of each configured scene) of ``module`` on
+    ``chips``, without augmentation; the forward pass in ``autocast`` precision (None: fp32),
+    the module's memory format.
 
-    The IoU of a class counts only chips whose scene labels it (valid pixels only); NaN for a
-    class no validation chip labels or shows.
+    The IoU of a class in a scene counts only chips whose scene labels it (valid pixels only),
+    NaN where no chip of that scene labels or shows it; the per-class IoU is the mean over the
+    scenes where it is defined, so every scene weighs the same whatever its chip count.
     """
     import torch
 
     k = len(prep.spec.classes)
-    tp, fp, fn = np.zeros(k), np.zeros(k), np.zeros(k)
+    n_groups = max(prep.groups, default=0) + 1 if prep.groups else 1
+    tp, fp, fn = (np.zeros((n_groups, k)) for _ in range(3))
     losses = []
     module.eval()
     dtype = autocast or torch.float32
@@ -784,14 +812,24 @@ def evaluate_chips(
             pred = logits.argmax(1).cpu().numpy()
             truth = y.cpu().numpy()
             known = known_classes(unknown).cpu().numpy()
-            for i in range(len(batch)):
+            for i, chip in enumerate(batch):
+                g = prep.groups[chip.scene] if prep.groups else 0
                 keep = truth[i] != IGNORE
                 for cls in np.flatnonzero(known[i]):
                     p, t = pred[i][keep] == cls, truth[i][keep] == cls
-                    tp[cls] += np.count_nonzero(p & t)
-                    fp[cls] += np.count_nonzero(p & ~t)
-                    fn[cls] += np.count_nonzero(~p & t)
+                    tp[g, cls] += np.count_nonzero(p & t)
+                    fp[g, cls] += np.count_nonzero(p & ~t)
+                    fn[g, cls] += np.count_nonzero(~p & t)
     denom = tp + fp + fn
     with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(denom > 0, tp / denom, np.nan)
-    return float(np.sum(losses) / max(1, len(chips))), iou
+        by_group = np.where(denom > 0, tp / denom, np.nan)
+    defined = ~np.isnan(by_group)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(
+            defined.any(axis=0),
+            np.nansum(by_group, axis=0) / defined.sum(axis=0),
+            np.nan,
+        )
+    names = prep.group_names or tuple(f"scene {g + 1}" for g in range(n_groups))
+    per_scene = {names[g]: by_group[g] for g in range(n_groups) if defined[g].any()}
+    return float(np.sum(losses) / max(1, len(chips))), iou, per_scene
