@@ -10,6 +10,7 @@ Cuts the held-out parts that ``data_samples/train.yml`` keeps out of training, r
   buildings, so F1 there is measured against merged footprints).
 
     python benchmarks/eval_real.py data_samples/model [--out bench_out/eval] [--shared ../shared]
+        [--scenes banepa_east,austin] [--predict-args='--tta flips']
 
 Prints one table and writes ``<out>/scores.json``.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -122,12 +124,189 @@ def tune_contact(args: argparse.Namespace) -> None:
         print(f"{t:<9}  {s.f1:.3f}  {s.precision:.3f}      {s.recall:.3f}", flush=True)
 
 
+#: The scenes that :func:`evaluate` can cut and score, by name.
+SCENES = ("banepa_east", "vegas_east", "paris_south", "austin")
+#: The scenes with building truth.
+BUILDING_SCENES = ("banepa_east", "austin")
+
+
+def cut_scenes(data: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    """The held-out parts named ``names`` (among :data:`SCENES`), cut into ``out``."""
+    banepa = data / "open" / "banepa_buildings_rgb"
+    scenes: dict[str, Path] = {}
+    if "banepa_east" in names:
+        with rasterio.open(banepa / "banepa_train_rgb.tif") as src:
+            c0 = round(0.75 * src.width)
+            scenes["banepa_east"] = crop(
+                src.name, Window(c0, 0, src.width - c0, src.height), out / "banepa_east.tif"
+            )
+    if "vegas_east" in names:
+        vegas_img = data / "real" / "vegas_roads_rgb" / "RGB-PanSharpen_AOI_2_Vegas_img0.tif"
+        with rasterio.open(vegas_img) as src:
+            c0 = round(0.75 * src.width)
+            scenes["vegas_east"] = crop(
+                vegas_img, Window(c0, 0, src.width - c0, src.height), out / "vegas_east.tif"
+            )
+    if "paris_south" in names:
+        paris_img = data / "real" / "paris_roads_rgb" / "RGB-PanSharpen_img1447.tif"
+        with rasterio.open(paris_img) as src:
+            r0 = round(0.6 * src.height)
+            scenes["paris_south"] = crop(
+                paris_img, Window(0, r0, src.width, src.height - r0), out / "paris_south.tif"
+            )
+    if "austin" in names:
+        scenes["austin"] = data / "real" / "austin_buildings_rgb" / "aerial_sample.tif"
+    return scenes
+
+
+def evaluate(
+    model: Path,
+    out: Path,
+    shared: Path,
+    names: tuple[str, ...] = SCENES,
+    predict_args: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Cut the scenes ``names``, run ``geoseg predict --vectorize`` on them with
+    ``predict_args`` (one process, start-up included in ``predict_s``), and score them."""
+    from geoseg.evaluate import evaluate_buildings, evaluate_roads
+    from geoseg.model import load_bundle
+
+    data = shared / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    classes = load_bundle(model).spec.classes
+    banepa = data / "open" / "banepa_buildings_rgb"
+    austin = data / "real" / "austin_buildings_rgb"
+    scenes = cut_scenes(data, out, names)
+    pred = out / "pred"
+
+    t0 = time.perf_counter()
+    geoseg(
+        "predict",
+        *map(str, scenes.values()),
+        "--model",
+        str(model),
+        "--out",
+        str(pred),
+        "--device",
+        "cpu",
+        "--vectorize",
+        *predict_args,
+    )
+    predict_s = time.perf_counter() - t0
+    merged = out / "merged"
+    stems = {"banepa_east": "banepa_east", "austin": "aerial_sample"}
+    buildings = [n for n in BUILDING_SCENES if n in scenes]
+    if buildings:
+        geoseg(
+            "vectorize",
+            *(str(pred / f"{stems[n]}.probs.tif") for n in buildings),
+            "--out",
+            str(merged),
+            "--merge-touching",
+            "--layer",
+            "building=polygons",
+        )
+
+    scores: dict[str, Any] = {
+        "model": str(model),
+        "predict_args": list(predict_args),
+        "predict_s": round(predict_s, 1),
+    }
+    if "banepa_east" in scenes:
+        truth = clip_truth(
+            banepa / "banepa_osm_buildings.geojson",
+            scenes["banepa_east"],
+            out / "banepa_truth.geojson",
+        )
+        t_mask = truth_mask(truth, scenes["banepa_east"])
+        m = pred / "banepa_east.mask.tif"
+        b = evaluate_buildings(pred / "banepa_east.buildings.geojson", out / "banepa_truth.geojson")
+        bm = evaluate_buildings(
+            merged / "banepa_east.buildings.geojson", out / "banepa_truth.geojson"
+        )
+        scores["banepa_east"] = {
+            "truth_buildings": len(truth),
+            "building_iou": pixel_iou(
+                predicted(m, classes, ("building", "building_contact")), t_mask
+            ),
+            "building_iou_without_contact": pixel_iou(predicted(m, classes, ("building",)), t_mask),
+            "f1_split": b.to_dict(),
+            "f1_merged": bm.to_dict(),
+        }
+    if "austin" in scenes:  # no training there
+        with rasterio.open(austin / "aerial_sample_gt_mask.tif") as src:
+            a_truth = src.read(1) > 0
+        am = pred / "aerial_sample.mask.tif"
+        a_poly = austin / "aerial_sample_buildings_from_mask.DERIVED.geojson"
+        scores["austin"] = {
+            "building_iou": pixel_iou(
+                predicted(am, classes, ("building", "building_contact")), a_truth
+            ),
+            "f1_split": evaluate_buildings(
+                pred / "aerial_sample.buildings.geojson", a_poly
+            ).to_dict(),
+            "f1_merged": evaluate_buildings(
+                merged / "aerial_sample.buildings.geojson", a_poly
+            ).to_dict(),
+        }
+    for name, vec in (
+        ("vegas_east", data / "real" / "vegas_roads_rgb" / "AOI_2_Vegas_img0_roads.geojson"),
+        ("paris_south", data / "real" / "paris_roads_rgb" / "OSMroads_img1447.geojson"),
+    ):
+        if name in scenes:
+            clip_truth(vec, scenes[name], out / f"{name}_truth.geojson")
+            r = evaluate_roads(pred / f"{name}.roads.geojson", out / f"{name}_truth.geojson", 6.0)
+            scores[name] = r.to_dict()
+    return scores
+
+
+def score_rows(scores: dict[str, Any]) -> list[tuple[str, float]]:
+    """(label, value) of the headline figures of :func:`evaluate`'s scores."""
+    rows: list[tuple[str, float]] = []
+    if "banepa_east" in scores:
+        be = scores["banepa_east"]
+        rows += [
+            ("Banepa east: building IoU (building + contact px)", be["building_iou"]),
+            ("Banepa east: building IoU (building px only)", be["building_iou_without_contact"]),
+            ("Banepa east: F1, touching split", be["f1_split"]["f1"]),
+            ("Banepa east: F1, touching merged", be["f1_merged"]["f1"]),
+        ]
+    if "austin" in scores:
+        au = scores["austin"]
+        rows += [
+            ("Austin: building IoU", au["building_iou"]),
+            ("Austin: F1 vs merged truth, split", au["f1_split"]["f1"]),
+            ("Austin: F1 vs merged truth, merged", au["f1_merged"]["f1"]),
+        ]
+    if "vegas_east" in scores:
+        rows += [
+            ("Vegas east: road buffer IoU (6 m)", scores["vegas_east"]["iou"]),
+            ("Vegas east: APLS", scores["vegas_east"]["apls"]),
+        ]
+    if "paris_south" in scores:
+        rows += [
+            ("Paris south: road buffer IoU (6 m)", scores["paris_south"]["iou"]),
+            ("Paris south: APLS", scores["paris_south"]["apls"]),
+        ]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("model", type=Path)
     ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "eval")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     ap.add_argument("--chunk", default=None, help="--chunk for geoseg predict (model px)")
+    ap.add_argument(
+        "--predict-args",
+        default="",
+        help="more arguments for geoseg predict, one string: --predict-args='--tta flips'",
+    )
+    ap.add_argument(
+        "--scenes",
+        default=",".join(SCENES),
+        help=f"the scenes to score, comma-separated among {', '.join(SCENES)} (default: all)",
+    )
     ap.add_argument(
         "--tune-contact",
         action="store_true",
@@ -138,124 +317,16 @@ def main() -> None:
     if args.tune_contact:
         tune_contact(args)
         return
-    data = args.shared / "data"
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-
-    from geoseg.evaluate import evaluate_buildings, evaluate_roads
-    from geoseg.model import load_bundle
-
-    classes = load_bundle(args.model).spec.classes
-    banepa = data / "open" / "banepa_buildings_rgb"
-    vegas = data / "real" / "vegas_roads_rgb"
-    paris = data / "real" / "paris_roads_rgb"
-    austin = data / "real" / "austin_buildings_rgb"
-
-    scenes: dict[str, Path] = {}
-    with rasterio.open(banepa / "banepa_train_rgb.tif") as src:
-        c0 = round(0.75 * src.width)
-        scenes["banepa_east"] = crop(
-            src.name, Window(c0, 0, src.width - c0, src.height), out / "banepa_east.tif"
-        )
-    vegas_img = vegas / "RGB-PanSharpen_AOI_2_Vegas_img0.tif"
-    with rasterio.open(vegas_img) as src:
-        c0 = round(0.75 * src.width)
-        scenes["vegas_east"] = crop(
-            vegas_img, Window(c0, 0, src.width - c0, src.height), out / "vegas_east.tif"
-        )
-    paris_img = paris / "RGB-PanSharpen_img1447.tif"
-    with rasterio.open(paris_img) as src:
-        r0 = round(0.6 * src.height)
-        scenes["paris_south"] = crop(
-            paris_img, Window(0, r0, src.width, src.height - r0), out / "paris_south.tif"
-        )
-    scenes["austin"] = austin / "aerial_sample.tif"
-
-    t0 = time.perf_counter()
-    extra = ["--chunk", args.chunk] if args.chunk else []
-    geoseg(
-        "predict",
-        *map(str, scenes.values()),
-        "--model",
-        str(args.model),
-        "--out",
-        str(out / "pred"),
-        "--device",
-        "cpu",
-        "--vectorize",
-        *extra,
-    )
-    predict_s = time.perf_counter() - t0
-    merged = out / "merged"
-    geoseg(
-        "vectorize",
-        str(out / "pred" / "banepa_east.probs.tif"),
-        str(out / "pred" / "aerial_sample.probs.tif"),
-        "--out",
-        str(merged),
-        "--merge-touching",
-        "--layer",
-        "building=polygons",
-    )
-    pred = out / "pred"
-
-    scores: dict[str, Any] = {"model": str(args.model), "predict_s": round(predict_s, 1)}
-    # Banepa: buildings
-    truth = clip_truth(
-        banepa / "banepa_osm_buildings.geojson", scenes["banepa_east"], out / "banepa_truth.geojson"
-    )
-    t_mask = truth_mask(truth, scenes["banepa_east"])
-    m = pred / "banepa_east.mask.tif"
-    b = evaluate_buildings(pred / "banepa_east.buildings.geojson", out / "banepa_truth.geojson")
-    bm = evaluate_buildings(merged / "banepa_east.buildings.geojson", out / "banepa_truth.geojson")
-    scores["banepa_east"] = {
-        "truth_buildings": len(truth),
-        "building_iou": pixel_iou(predicted(m, classes, ("building", "building_contact")), t_mask),
-        "building_iou_without_contact": pixel_iou(predicted(m, classes, ("building",)), t_mask),
-        "f1_split": b.to_dict(),
-        "f1_merged": bm.to_dict(),
-    }
-    # Austin: buildings, no training there
-    with rasterio.open(austin / "aerial_sample_gt_mask.tif") as src:
-        a_truth = src.read(1) > 0
-    am = pred / "aerial_sample.mask.tif"
-    a_poly = austin / "aerial_sample_buildings_from_mask.DERIVED.geojson"
-    scores["austin"] = {
-        "building_iou": pixel_iou(
-            predicted(am, classes, ("building", "building_contact")), a_truth
-        ),
-        "f1_split": evaluate_buildings(pred / "aerial_sample.buildings.geojson", a_poly).to_dict(),
-        "f1_merged": evaluate_buildings(
-            merged / "aerial_sample.buildings.geojson", a_poly
-        ).to_dict(),
-    }
-    # roads
-    for name, vec in (
-        ("vegas_east", vegas / "AOI_2_Vegas_img0_roads.geojson"),
-        ("paris_south", paris / "OSMroads_img1447.geojson"),
-    ):
-        clip_truth(vec, scenes[name], out / f"{name}_truth.geojson")
-        r = evaluate_roads(pred / f"{name}.roads.geojson", out / f"{name}_truth.geojson", 6.0)
-        scores[name] = r.to_dict()
-
-    (out / "scores.json").write_text(json.dumps(scores, indent=2, default=float) + "\n")
-    be, au = scores["banepa_east"], scores["austin"]
-    rows = [
-        ("Banepa east: building IoU (building + contact px)", be["building_iou"]),
-        ("Banepa east: building IoU (building px only)", be["building_iou_without_contact"]),
-        ("Banepa east: F1, touching split", be["f1_split"]["f1"]),
-        ("Banepa east: F1, touching merged", be["f1_merged"]["f1"]),
-        ("Austin: building IoU", au["building_iou"]),
-        ("Austin: F1 vs merged truth, split", au["f1_split"]["f1"]),
-        ("Austin: F1 vs merged truth, merged", au["f1_merged"]["f1"]),
-        ("Vegas east: road buffer IoU (6 m)", scores["vegas_east"]["iou"]),
-        ("Vegas east: APLS", scores["vegas_east"]["apls"]),
-        ("Paris south: road buffer IoU (6 m)", scores["paris_south"]["iou"]),
-        ("Paris south: APLS", scores["paris_south"]["apls"]),
-    ]
-    for label, value in rows:
+    names = tuple(n.strip() for n in args.scenes.split(",") if n.strip())
+    unknown = sorted(set(names) - set(SCENES))
+    if unknown or not names:
+        ap.error(f"--scenes takes names among {', '.join(SCENES)}, got {args.scenes!r}")
+    extra = (*(["--chunk", args.chunk] if args.chunk else []), *shlex.split(args.predict_args))
+    scores = evaluate(args.model, args.out, args.shared, names, extra)
+    (args.out / "scores.json").write_text(json.dumps(scores, indent=2, default=float) + "\n")
+    for label, value in score_rows(scores):
         print(f"{label:<52} {value:.3f}")
-    print(f"{'predict + vectorize, 4 scenes (s)':<52} {predict_s:.1f}")
+    print(f"{f'predict + vectorize, {len(names)} scenes (s)':<52} {scores['predict_s']:.1f}")
 
 
 if __name__ == "__main__":
