@@ -588,7 +588,7 @@ class _Trainer:
         first, seconds = int(resume.get("batch", 0)), float(resume.get("seconds", 0.0))
         lr = float(resume.get("lr", o.lr))
         if resume:
-            pass
+            gen.set_state(decode_generator(resume["generator"]))
         self.module.train()
         t0 = time.perf_counter()
         with Prefetch(self._feed(chips, order, first, gen), self.speed.prefetch) as feed:
