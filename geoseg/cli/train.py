@@ -57,8 +57,8 @@ def train(
 ) -> None:
     """Train a model from CONFIG (YAML); keeps the best epoch as a bundle, resumes if stopped.
 
-    SIGTERM or Ctrl-C finishes the batch in progress, saves a checkpoint and exits (status 128
-    + the signal number); the same command resumes.
+    SIGTERM or Ctrl-C finishes the batch in progress, saves a checkpoint and exits 130; the
+    same command resumes.
     """
     from geoseg.train.config import load_config, parse_config
     from geoseg.train.loop import EpochReport, TrainingStopped

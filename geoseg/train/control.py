@@ -48,8 +48,8 @@ class TrainingStopped(GeosegError):
 
     @property
     def exit_code(self) -> int:
-        """128 + the signal number, as a shell reports a process a signal ended; else 1."""
-        return 128 + self.signum if self.signum else 1
+        """130 after SIGTERM or SIGINT, as every geoseg command stopped by either; else 1."""
+        return 130 if self.signum else 1
 
 
 class StopRequest:
