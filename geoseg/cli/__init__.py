@@ -143,6 +143,7 @@ def cli(verbose: int, quiet: bool) -> None:
 
 
 def _register() -> None:
+    from geoseg.cli import changes as changes_cli
     from geoseg.cli import evaluate as evaluate_cli
     from geoseg.cli import model, predict
     from geoseg.cli import train as train_cli
@@ -159,6 +160,7 @@ def _register() -> None:
     cli.add_command(schedule.schedule)
     cli.add_command(train_cli.train)
     cli.add_command(evaluate_cli.evaluate)
+    cli.add_command(changes_cli.changes)
 
 
 _register()
