@@ -190,3 +190,46 @@ def test_missing_crs_inferred_or_refused(tmp_path: Path, layers: tuple[Path, Pat
     r = CliRunner().invoke(cli, ["changes", str(before), str(far), "-o", str(tmp_path / "c.gpkg")])
     assert r.exit_code == 2
     assert "far.shp" in r.output and "no CRS" in r.output
+
+
+# --- pipeline settings -------------------------------------------------------------------------
+
+PIPELINE = """\
+schema_version: 1
+name: roads-a
+inputs:
+  paths: ["scenes/*.tif"]
+model: model
+outputs:
+  dir: out
+"""
+
+
+def test_pipelines_without_changes_keep_their_config_hash() -> None:
+    from geoseg.pipeline.config import parse_pipeline
+
+    # the hash of this file before changes and report existed
+    before = "fd944b2ad4a497428eea2d513f6c4fa5bc84fa3b8f4f9f8456a311ddd9d1d8a1"
+    assert parse_pipeline(PIPELINE, "p.yml").config_hash() == before
+    no_report = PIPELINE + "  report: false\n"
+    assert parse_pipeline(no_report, "p.yml").config_hash() == before
+    changes = PIPELINE + "changes:\n  reference: previous\n"
+    assert parse_pipeline(changes, "p.yml").config_hash() != before
+    stricter = changes + "  unchanged_iou: 0.9\n"
+    assert (
+        parse_pipeline(stricter, "p.yml").config_hash()
+        != parse_pipeline(changes, "p.yml").config_hash()
+    )
+
+
+def test_change_settings_are_validated() -> None:
+    from geoseg.errors import ConfigError
+    from geoseg.pipeline.config import parse_pipeline
+
+    with pytest.raises(ConfigError, match="changes.refrence: unknown field"):
+        parse_pipeline(PIPELINE + "changes:\n  refrence: previous\n", "p.yml")
+    no_vectors = PIPELINE + "  vectors: false\nchanges:\n  reference: previous\n"
+    with pytest.raises(ConfigError, match="outputs.vectors"):
+        parse_pipeline(no_vectors, "p.yml")
+    with pytest.raises(ConfigError, match="unchanged_iou"):
+        parse_pipeline(PIPELINE + "changes:\n  reference: previous\n  match_iou: 0.9\n", "p.yml")

@@ -35,6 +35,7 @@ from geoseg.yamlio import safe_load_unique
 
 __all__ = [
     "SCHEMA_VERSION",
+    "ChangeSettings",
     "DaskCompute",
     "Inputs",
     "LocalCompute",
@@ -162,6 +163,11 @@ class Outputs(_Strict):
     )
     quicklook: bool = Field(True, description="Write <stem>.quicklook.png per scene.")
     quicklook_px: int = Field(1024, ge=64, le=8192, description="Quicklook's longer side, px.")
+    report: bool = Field(
+        True,
+        description="Write report.html in the output folder after each run (a page a "
+        "person opens: scenes, quicklooks, counts, changes and a map).",
+    )
 
 
 class LocalCompute(_Strict):
@@ -187,6 +193,46 @@ class DaskCompute(_Strict):
 
 
 Compute = Annotated[LocalCompute | DaskCompute, Field(discriminator="kind")]
+
+
+class ChangeSettings(_Strict):
+    """Building changes per scene against a reference layer (``<stem>.changes.geojson``)."""
+
+    reference: str = Field(
+        description="'previous': each scene's buildings from this pipeline's last run of it; "
+        "else a building layer (file relative to the YAML file, or URL) in any format and CRS."
+    )
+    layer: str = Field("building", description="The polygon layer compared (a class name).")
+    match_iou: float = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="A reference and a new building with at least this IoU "
+        "can be the same building (matched one to one, best first).",
+    )
+    unchanged_iou: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="A matched pair with at least this IoU is unchanged; below it, changed.",
+    )
+    min_area_m2: float = Field(
+        0.0, ge=0, description="Leave out buildings smaller than this, ground square metres."
+    )
+    living: str | None = Field(
+        None,
+        description="A GeoPackage (relative to the YAML file) kept up to date by every run: "
+        "each building once, with first_seen and last_seen (UTC, ISO 8601).",
+    )
+
+    @model_validator(mode="after")
+    def _ious(self) -> ChangeSettings:
+        if self.unchanged_iou < self.match_iou:
+            raise ValueError(
+                f"unchanged_iou ({self.unchanged_iou}) must be at least match_iou "
+                f"({self.match_iou})"
+            )
+        return self
 
 
 class ScheduleSettings(_Strict):
@@ -244,6 +290,9 @@ class PipelineConfig(_Strict):
     outputs: Outputs
     compute: Compute = Field(default_factory=lambda: LocalCompute.model_validate({}))
     schedule: ScheduleSettings | None = None
+    changes: ChangeSettings | None = Field(
+        None, description="Building changes per scene against a reference layer."
+    )
     ledger: str | None = Field(
         None, description="SQLite run ledger (default: $GEOSEG_HOME/ledger.sqlite)."
     )
@@ -292,9 +341,12 @@ class PipelineConfig(_Strict):
             # compress only when set: pipelines hashed before it existed keep their hash
             "outputs": self.outputs.model_dump(
                 mode="json",
-                exclude={"dir"} | ({"compress"} if self.outputs.compress == "deflate" else set()),
+                exclude={"dir", "report"}  # the report is the run's, not a scene's output
+                | ({"compress"} if self.outputs.compress == "deflate" else set()),
             ),
         }
+        if self.changes is not None:  # only when set: pipelines without it keep their hash
+            relevant["changes"] = self.changes.model_dump(mode="json", exclude={"living"})
         blob = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -315,7 +367,17 @@ class PipelineConfig(_Strict):
         for name in ("layers", "formats"):
             if getattr(self.outputs, name) is not None and name in self.vectorize.model_fields_set:
                 raise ValueError(f"set {name} in outputs or in vectorize, not in both")
+        if self.changes is not None and not self.outputs.vectors:
+            raise ValueError("changes need building layers: set outputs.vectors to true")
         return self
+
+    @property
+    def change_reference(self) -> str | None:
+        """``changes.reference`` as a path or URL to read ('previous' as it is); None: off."""
+        if self.changes is None:
+            return None
+        ref = self.changes.reference
+        return ref if ref == "previous" or is_remote(ref) else str(self.resolve(ref))
 
     def scene_paths(self) -> list[Path | str]:
         """Every scene the inputs match, sorted, without duplicates; raise if none match.
