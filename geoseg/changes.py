@@ -372,7 +372,7 @@ def write_changes(
     (counter-clockwise exterior rings), with ``precision`` coordinate decimals."""
     import pyogrio
 
-    from geoseg.raster import atomic_path
+    from geoseg.tempfiles import temporary_path
 
     out = Path(out)
     driver = _DRIVERS.get(out.suffix.lower())
@@ -383,7 +383,7 @@ def write_changes(
     options: dict[str, Any] = {}
     if driver == "GeoJSON":
         options = {"RFC7946": "YES", "COORDINATE_PRECISION": precision}
-    tmp = atomic_path(out)
+    tmp = temporary_path(out, out.suffix.lower())  # OGR checks a GeoPackage's extension
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         pyogrio.write_dataframe(

@@ -233,3 +233,121 @@ def test_change_settings_are_validated() -> None:
         parse_pipeline(no_vectors, "p.yml")
     with pytest.raises(ConfigError, match="unchanged_iou"):
         parse_pipeline(PIPELINE + "changes:\n  reference: previous\n  match_iou: 0.9\n", "p.yml")
+
+
+# --- changes in pipelines ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.pipeline_support import make_model
+
+    return make_model(tmp_path_factory.mktemp("model") / "model")
+
+
+def _change_pipeline(tmp: Path, model: Path, **changes: object) -> Path:
+    """One 96 px scene; the random model's building probabilities (about 0.33 everywhere)
+    cut at 0.34 give a few hundred small buildings that follow the scene's pixels."""
+    from tests.pipeline_support import make_scene, write_pipeline
+
+    (tmp / "scenes").mkdir()
+    make_scene(tmp / "scenes" / "s0.tif", 0, 0, 96)
+    (tmp / "model").symlink_to(model)
+    return write_pipeline(
+        tmp / "p.yml",
+        outputs={"dir": "out", "vectors": True, "quicklook_px": 64},
+        vectorize={"threshold": 0.34, "min_area_m2": 0.5, "simplify_m": 0.0},
+        changes={"reference": "previous", **changes},
+    )
+
+
+def _rebuild_left_half(scene: Path) -> None:
+    """New imagery of the same ground: the scene's left half mirrored, same georeference."""
+    from rasterio.windows import Window
+
+    with rasterio.open(scene, "r+") as ds:
+        w = Window(0, 0, ds.width // 2, ds.height)
+        ds.write(ds.read(window=w)[:, :, ::-1].copy(), window=w)
+
+
+def test_pipeline_compares_each_scene_with_its_previous_run(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    import shutil
+
+    from geoseg.pipeline import Ledger, load_pipeline, run_pipeline
+
+    job = _change_pipeline(tmp_path, tiny_model, living="living.gpkg")
+    config = load_pipeline(job)
+    scene_dir = tmp_path / "out" / "s0"
+    layer, changes = scene_dir / "s0.buildings.geojson", scene_dir / "s0.changes.geojson"
+    living = tmp_path / "living.gpkg"
+
+    first = run_pipeline(config)
+    assert first.ok and first.results[0].changes is None  # nothing to compare with yet
+    assert not changes.exists()
+    n_first = len(gpd.read_file(layer))
+    assert n_first > 10
+    kept = tmp_path / "run1.geojson"
+    shutil.copy(layer, kept)
+    first_living = gpd.read_file(living)
+    assert len(first_living) == n_first and first_living["building_id"].is_unique
+
+    _rebuild_left_half(tmp_path / "scenes" / "s0.tif")
+    second = run_pipeline(config)
+    assert second.ok and second.results[0].status == "done"
+    counts = second.results[0].changes
+    assert counts is not None and second.change_counts() == counts
+    # the counts are those of the two layers compared within the scene's valid data
+    want = compare_files(kept, layer, [tmp_path / "scenes" / "s0.tif"]).counts
+    assert counts == want
+    assert counts["added"] + counts["removed"] + counts["changed"] > 0
+    assert counts["unchanged"] > 0  # the right half did not change
+    got = gpd.read_file(changes)
+    assert sorted(set(got["change"])) <= ["added", "changed", "removed"]
+    assert len(got) == counts["added"] + counts["removed"] + counts["changed"]
+    with Ledger(tmp_path / "state" / "ledger.sqlite") as ledger:
+        row = ledger.scenes(second.run_id)[0]
+    assert row.outputs["changes"] == counts
+    assert row.outputs["change_reference"] == f"run {first.run_id}"
+    assert row.outputs["files"]["changes"] == str(changes)
+    n_second = len(gpd.read_file(layer))
+    second_living = gpd.read_file(living)
+    assert len(second_living) == n_first + row.outputs["living"]["new"]
+    assert row.outputs["living"]["new"] > 0
+    assert row.outputs["living"]["seen_again"] + row.outputs["living"]["new"] == n_second
+
+    # rerun with nothing new: every building unchanged, none counted twice
+    third = run_pipeline(config, force=True)
+    again = third.results[0].changes
+    assert again == {"added": 0, "removed": 0, "changed": 0, "unchanged": n_second}
+    assert len(gpd.read_file(changes)) == 0
+    third_living = gpd.read_file(living)
+    assert len(third_living) == len(second_living)
+    old = first_living.set_index("building_id")["first_seen"]
+    assert (third_living.set_index("building_id")["first_seen"].loc[old.index] == old).all()
+    assert (third_living["last_seen"] >= second_living["last_seen"]).all()
+
+    # a skipped scene keeps what its run found; the summary then compares nothing
+    fourth = run_pipeline(config)
+    assert fourth.results[0].status == "skipped" and fourth.change_counts() is None
+
+
+def test_pipeline_compares_with_a_reference_file(tmp_path: Path, tiny_model: Path) -> None:
+    """A reference layer in another CRS and format, wider than the scene: buildings outside
+    the scene's footprint are never called removed."""
+    from geoseg.pipeline import load_pipeline, run_pipeline
+
+    job = _change_pipeline(tmp_path, tiny_model)
+    config = load_pipeline(job)
+    assert run_pipeline(config).ok
+    built = gpd.read_file(tmp_path / "out" / "s0" / "s0.buildings.geojson")
+    utm = built.estimate_utm_crs()
+    far = built.to_crs(utm).translate(xoff=200.0)  # beyond the 96 px scene
+    reference = gpd.GeoDataFrame(geometry=[*built.to_crs(utm).geometry, *far], crs=utm)
+    reference.to_file(tmp_path / "city.gpkg", driver="GPKG")
+    text = job.read_text().replace("reference: previous", "reference: city.gpkg")
+    job.write_text(text)
+    second = run_pipeline(load_pipeline(job))  # settings changed: the scene runs again
+    counts = second.results[0].changes
+    assert counts == {"added": 0, "removed": 0, "changed": 0, "unchanged": len(built)}

@@ -110,6 +110,11 @@ def print_summary(summary: RunSummary) -> None:
     )
     if summary.out_dir is not None:
         click.echo(f"outputs: {redact(str(summary.out_dir))}/<scene>/")
+    if summary.report is not None:
+        click.echo(f"report: {redact(summary.report)}")
+    changes = summary.change_counts()
+    if changes is not None:
+        click.echo("building changes: " + ", ".join(f"{v} {k}" for k, v in changes.items()))
     amortized = summary.amortized()
     if amortized is not None:
         first, each = amortized

@@ -105,5 +105,38 @@ def show(ledger_path: Path | None, run_id: int, as_json: bool) -> None:
         counts = s.outputs.get("counts")
         if counts:
             click.echo("    features: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        changes = s.outputs.get("changes")
+        if changes:
+            click.echo("    changes: " + ", ".join(f"{v} {k}" for k, v in changes.items()))
+        if s.outputs.get("change_reference"):
+            click.echo(f"    compared with: {s.outputs['change_reference']}")
         if s.error:
             click.echo(f"    error: {s.error}")
+
+
+@runs.command("report")
+@click.argument("run_id", type=int, required=False)
+@click.option("-p", "--pipeline", default=None, help="Without RUN_ID: the latest run of this.")
+@click.option(
+    "--out",
+    "-o",
+    "out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The HTML file to write (self-contained; links to the outputs are relative to it).",
+)
+@click.pass_obj
+def report(ledger_path: Path | None, run_id: int | None, pipeline: str | None, out: Path) -> None:
+    """Write the report of run RUN_ID (default: the latest run) as one HTML page."""
+    from geoseg.pipeline.report import write_report
+
+    with _open(ledger_path) as ledger:
+        if run_id is None:
+            latest = ledger.runs(pipeline, 1)
+            if not latest:
+                raise ConfigError(f"{ledger.path}: no run recorded yet")
+            run_id = latest[0].id
+        elif ledger.run(run_id) is None:
+            raise ConfigError(f"{ledger.path}: no run with id {run_id}")
+        write_report(ledger, run_id, out)
+    click.echo(f"run {run_id}: report written to {out}")

@@ -1,4 +1,5 @@
-"""Quicklook PNGs: the scene, downsampled, with building outlines and roads drawn over it.
+"""Quicklook PNGs: the scene, downsampled, with building outlines and roads drawn over it,
+and, where a pipeline compares buildings, the added, removed and changed ones in their colours.
 
 Both the image and the class mask are read straight at the quicklook's size (GDAL uses
 overviews where the files have them), so no full-resolution array is ever made.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import rasterio
@@ -18,11 +20,19 @@ from geoseg.errors import OutputError
 from geoseg.raster import atomic_path, gdal_env
 from geoseg.remote import gdal_path
 
-__all__ = ["BUILDING_RGB", "ROAD_RGB", "quicklook_shape", "write_quicklook"]
+if TYPE_CHECKING:
+    import geopandas as gpd
+    from affine import Affine
+    from rasterio.crs import CRS
+
+__all__ = ["BUILDING_RGB", "CHANGE_RGB", "ROAD_RGB", "quicklook_shape", "write_quicklook"]
 
 BUILDING_RGB = (255, 40, 40)
 ROAD_RGB = (255, 220, 0)
 ROAD_ALPHA = 0.6
+#: Colours of changed buildings (filled, half transparent, with a solid outline).
+CHANGE_RGB = {"added": (0, 230, 90), "removed": (40, 120, 255), "changed": (255, 140, 0)}
+CHANGE_ALPHA = 0.45
 
 
 def quicklook_shape(width: int, height: int, longest: int) -> tuple[int, int]:
@@ -70,25 +80,51 @@ def class_ids(classes: Sequence[str], word: str) -> list[int]:
     return [i for i, c in enumerate(classes) if word in c.lower()]
 
 
+def _draw_changes(rgb: np.ndarray, changes: gpd.GeoDataFrame, transform: Affine, crs: CRS) -> None:
+    """Fill and outline each change class of ``changes`` on ``rgb`` (rows, cols, 3; float)."""
+    from rasterio.features import rasterize
+
+    if not len(changes):
+        return
+    frame = changes.to_crs(crs)
+    for kind, colour in CHANGE_RGB.items():
+        geoms = [g for g in frame.geometry[frame["change"] == kind] if g is not None]
+        if not geoms:
+            continue
+        region = rasterize(geoms, out_shape=rgb.shape[:2], transform=transform, dtype=np.uint8)
+        region = region.astype(bool)
+        rgb[region] = rgb[region] * (1 - CHANGE_ALPHA) + np.array(colour) * CHANGE_ALPHA
+        rgb[_outline(region)] = colour
+
+
 def write_quicklook(
     scene_path: str | os.PathLike[str],
     mask_path: str | os.PathLike[str],
     classes: Sequence[str],
     out: str | os.PathLike[str],
     longest: int = 1024,
+    changes: gpd.GeoDataFrame | None = None,
 ) -> Path:
-    """Write the quicklook PNG for a scene and its class mask to ``out``, atomically."""
+    """Write the quicklook PNG for a scene and its class mask to ``out``, atomically.
+
+    ``changes`` (a change layer with a ``change`` column and a CRS, see
+    :mod:`geoseg.changes`) draws added, removed and changed buildings in :data:`CHANGE_RGB`."""
+    from affine import Affine
     from PIL import Image
 
     out = Path(out)
     with gdal_env(), rasterio.open(mask_path) as msk:
         shape = quicklook_shape(msk.width, msk.height, longest)
         mask = msk.read(1, out_shape=shape, resampling=Resampling.nearest)
+        grid = msk.transform @ Affine.scale(msk.width / shape[1], msk.height / shape[0])
+        crs = msk.crs
     rgb = _image(str(scene_path), shape).astype(np.float32)
     roads = np.isin(mask, class_ids(classes, "road"))
     rgb[roads] = rgb[roads] * (1 - ROAD_ALPHA) + np.array(ROAD_RGB, np.float32) * ROAD_ALPHA
     buildings = _outline(np.isin(mask, class_ids(classes, "building")))
     rgb[buildings] = BUILDING_RGB
+    if changes is not None:
+        _draw_changes(rgb, changes, grid, crs)
     tmp = atomic_path(out)
     try:
         Image.fromarray(rgb.astype(np.uint8), "RGB").save(tmp, format="PNG", optimize=True)

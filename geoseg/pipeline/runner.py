@@ -49,6 +49,7 @@ from geoseg.remote import (
 if TYPE_CHECKING:
     from distributed import Client
 
+    from geoseg.pipeline.scene_changes import SceneChanges
     from geoseg.predict import PredictOptions
     from geoseg.raster import Scene
 
@@ -93,6 +94,8 @@ class SceneResult:
     error: str | None = None
     #: when it ended (``time.time()``), for the batch's marginal cost per scene
     ended: float | None = None
+    #: building changes against the pipeline's reference (added, removed, changed, unchanged)
+    changes: dict[str, int] | None = None
 
 
 @dataclass
@@ -105,6 +108,7 @@ class RunSummary:
     seconds: float
     out_dir: Path | str | None = None
     started: float | None = None  # time.time() when the command began
+    report: str | None = None  # the run's report.html, when written
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -125,6 +129,13 @@ class RunSummary:
     @property
     def ok(self) -> bool:
         return not self.failures
+
+    def change_counts(self) -> dict[str, int] | None:
+        """Building changes summed over the scenes compared in this run; None when none was."""
+        compared = [r.changes for r in self.results if r.changes is not None]
+        if not compared:
+            return None
+        return {k: sum(c.get(k, 0) for c in compared) for k in compared[0]}
 
 
 class RunProgress(Protocol):
@@ -369,6 +380,14 @@ class _SceneJob:
         self.progress = progress
         self.stop = stop
         self.config_hash = config.config_hash()
+        self.changes: SceneChanges | None = None
+        if config.changes is not None:
+            from datetime import UTC, datetime
+
+            from geoseg.pipeline.scene_changes import SceneChanges
+
+            seen = datetime.now(UTC).isoformat(timespec="seconds")
+            self.changes = SceneChanges(config, ledger, seen)
 
     def __call__(self, planned: PlannedScene) -> SceneResult:
         if self.stop.is_set():
@@ -397,6 +416,7 @@ class _SceneJob:
         try:
             files, info = self._process(planned)
             result.status, result.outputs = "done", files
+            result.changes = info.get("changes")
             info["identity"] = {name: output_identity(p) for name, p in files.items()}
         except GeosegError as exc:
             result.error = redact_text(str(exc))
@@ -458,12 +478,15 @@ class _SceneJob:
         self, planned: PlannedScene, scene: Scene, out: Path
     ) -> tuple[dict[str, str], dict[str, Any]]:
         from geoseg.pipeline.quicklook import write_quicklook
+        from geoseg.pipeline.report import scene_facts
         from geoseg.predict import predict_scene
 
         def chunks(done: int, total: int) -> None:
             if self.progress is not None:
                 self.progress.scene_chunks(planned, done, total)
 
+        # read before predicting: with reference 'previous' the new layer replaces it
+        reference = self.changes.reference(ledger_key(planned.path)) if self.changes else None
         item = self.config.stac_items().get(str(planned.path))
         pred = predict_scene(
             scene,
@@ -489,6 +512,25 @@ class _SceneJob:
                 for fmt, path in by_format.items()
             )
             info["counts"] = pred.vectors.counts
+        lines = {
+            name: str(lo.paths["geojson"])
+            for name, lo in (pred.vectors.layers.items() if pred.vectors is not None else ())
+            if lo.kind == "centerlines" and "geojson" in lo.paths
+        }
+        info.update(scene_facts(scene.path, lines))
+        changed = None
+        if self.changes is not None and reference is not None:
+            layer = files.get(self.changes.layer_file)
+            if layer is None:
+                raise InputError(
+                    f"changes.layer {self.changes.settings.layer!r}: this run wrote no such "
+                    f"layer (it wrote {', '.join(sorted(files))})"
+                )
+            more, extra, changed = self.changes.compare(
+                reference, scene.path, planned.stem, layer, out
+            )
+            files.update(more)
+            info.update(extra)
         if self.config.outputs.quicklook:
             assert pred.mask is not None  # always written
             png = write_quicklook(
@@ -497,6 +539,7 @@ class _SceneJob:
                 self.bundle.spec.classes,
                 out / f"{planned.stem}.quicklook.png",
                 self.config.outputs.quicklook_px,
+                changes=changed,
             )
             files["quicklook"] = str(png)
         if "probs" in files and "probs" not in self.config.outputs.rasters:
@@ -594,11 +637,30 @@ def run_pipeline(
         status = "interrupted" if stop.is_set() else ("failed" if failed else "done")
         ledger.finish_run(run_id, status, f"{failed} scene(s) failed" if failed else None)
         row = ledger.run(run_id)
+        report = _write_run_report(config, ledger, run_id) if config.outputs.report else None
     order = {p.path: i for i, p in enumerate(planned)}
     results.sort(key=lambda r: order[r.path])
     seconds = row.finished - row.started if row is not None and row.finished else 0.0
     out_dir = config.remote_out or config.out_dir
-    return RunSummary(run_id, config.name, results, seconds, out_dir, started)
+    return RunSummary(run_id, config.name, results, seconds, out_dir, started, report)
+
+
+def _write_run_report(config: PipelineConfig, ledger: Ledger, run_id: int) -> str | None:
+    """``report.html`` in the output folder, for this run; a report that cannot be written is
+    a warning, not a failure of the run (every scene's outputs are done)."""
+    from geoseg.pipeline.report import write_report
+
+    try:
+        remote = config.remote_out
+        if remote is None:
+            return str(write_report(ledger, run_id, config.out_dir / "report.html"))
+        with tempfile.TemporaryDirectory(prefix="geoseg-report-") as tmp:
+            local = write_report(ledger, run_id, Path(tmp) / "report.html", link_base=remote)
+            upload(local, join(remote, "report.html"))
+        return join(remote, "report.html")
+    except GeosegError as exc:
+        log.warning("%s: run %d: no report: %s", config.name, run_id, exc)
+        return None
 
 
 def _run_scenes(
