@@ -265,10 +265,11 @@ def _map(scenes: list[_Scene]) -> str:
             f"<title>{html.escape(s.stem)}</title></path></a>"
         )
     for s, _ in footprints:
-        building = next((p for n, p in s.files.items() if n.startswith("building.")), None)
-        gdf = _layer(
-            building if building and building.endswith(".geojson") else None, MAP_BUILDINGS
+        building = next(
+            (p for n, p in s.files.items() if n.startswith("building") and n.endswith(".geojson")),
+            None,
         )
+        gdf = _layer(building, MAP_BUILDINGS)
         if gdf is not None and len(gdf):
             d = "".join(proj.path(g.simplify(tol)) for g in gdf.geometry if g is not None)
             parts.append(f'<path class="bldg" d="{d}"/>')
