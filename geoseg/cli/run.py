@@ -110,17 +110,17 @@ def print_summary(summary: RunSummary) -> None:
     )
     if summary.out_dir is not None:
         click.echo(f"outputs: {redact(str(summary.out_dir))}/<scene>/")
-    if summary.report is not None:
-        click.echo(f"report: {redact(summary.report)}")
-    changes = summary.change_counts()
-    if changes is not None:
-        click.echo("building changes: " + ", ".join(f"{v} {k}" for k, v in changes.items()))
     amortized = summary.amortized()
     if amortized is not None:
         first, each = amortized
         click.echo(
             f"first scene done after {first:.1f} s (start-up included), then {each:.1f} s per scene"
         )
+    if summary.report is not None:
+        click.echo(f"report: {redact(summary.report)}")
+    changes = summary.change_counts()
+    if changes is not None:
+        click.echo("building changes: " + ", ".join(f"{v} {k}" for k, v in changes.items()))
     for r in summary.results:
         if r.status in ("failed", "interrupted"):
             click.echo(f"  {r.status.upper()} {redact(str(r.path))}: {redact_text(r.error or '')}")
