@@ -27,9 +27,11 @@ from typing import Any
 import numpy as np
 import rasterio
 from _common import machine
-from eval_real import BUILDING_SCENES, REPO, evaluate
+from eval_real import REPO, evaluate
 
 MODES = ("none", "flips", "d4")
+#: The scenes scored (names of ``eval_real.py``), and the stems of their outputs.
+SCENES = {"banepa_east": "banepa_east", "austin": "aerial_sample"}
 
 
 def end_to_end(
@@ -40,7 +42,7 @@ def end_to_end(
     walls: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(rounds):
         for mode in modes if r % 2 == 0 else modes[::-1]:
-            s = evaluate(model, out / mode, shared, BUILDING_SCENES, ("--tta", mode))
+            s = evaluate(model, out / mode, shared, tuple(SCENES), ("--tta", mode))
             scores[mode] = s
             walls[mode].append(s["predict_s"])
     return scores, walls
@@ -117,7 +119,6 @@ def main() -> None:
             print(f"--tta {mode:<6} {sec:6.2f} s ({ratio:.2f}x); passes: {runs}")
         return
     scores, walls = end_to_end(args.model, args.out, args.shared, modes, args.rounds)
-    stems = {"banepa_east": "banepa_east", "austin": "aerial_sample"}
     rows = []
     for mode in modes:
         s = scores[mode]
@@ -132,13 +133,13 @@ def main() -> None:
                 "predict_ratio": wall / statistics.median(walls["none"]),
                 **{
                     f"{n}_{k}": v
-                    for n in BUILDING_SCENES
+                    for n in SCENES
                     for k, v in (
                         ("iou", s[n]["building_iou"]),
                         ("f1", s[n]["f1_split"]["f1"]),
                         ("precision", s[n]["f1_split"]["precision"]),
                         ("recall", s[n]["f1_split"]["recall"]),
-                        ("changed", changed_share(args.out, "none", mode, stems[n])),
+                        ("changed", changed_share(args.out, "none", mode, SCENES[n])),
                     )
                 },
             }
