@@ -1,13 +1,19 @@
 """Accuracy of a bundle on real, held-out imagery in ../shared/data (never copied here).
 
-Cuts the held-out parts that ``data_samples/train.yml`` keeps out of training, runs
+Cuts the held-out parts that ``data_samples/train.yml`` and ``data_samples/train_cities.yml``
+keep out of training, runs
 ``geoseg predict --vectorize`` on them (and on Austin, which no training saw), and scores:
 
 - Banepa, eastern quarter (OpenAerialMap, OSM buildings): building pixel IoU, SpaceNet F1 at
   IoU >= 0.5, with touching buildings split (default) and merged (``--merge-touching``);
 - SpaceNet 3 Las Vegas, eastern quarter, and Paris, southern 40 %: road buffer IoU and APLS;
 - Inria Austin (0.30 m): building pixel IoU and F1 (its truth polygons merge touching
-  buildings, so F1 there is measured against merged footprints).
+  buildings, so F1 there is measured against merged footprints);
+- SpaceNet 4 Atlanta, eastern quarter: building pixel IoU and F1;
+- SpaceNet 1 Rio de Janeiro, chips img63 and img64 (the southern strip): building pixel IoU
+  (its masks merge touching buildings), black off-image corners left out;
+- Dubai, tile 2 (9 JPEGs without a georeference, written as GeoTIFFs at the estimated 0.6 m):
+  building pixel IoU over the labelled pixels.
 
     python benchmarks/eval_real.py data_samples/model [--out bench_out/eval] [--shared ../shared]
         [--scenes banepa_east,austin] [--predict-args='--tta flips']
@@ -125,9 +131,62 @@ def tune_contact(args: argparse.Namespace) -> None:
 
 
 #: The scenes that :func:`evaluate` can cut and score, by name.
-SCENES = ("banepa_east", "vegas_east", "paris_south", "austin")
-#: The scenes with building truth.
-BUILDING_SCENES = ("banepa_east", "austin")
+SCENES = (
+    "banepa_east",
+    "vegas_east",
+    "paris_south",
+    "austin",
+    "atlanta_east",
+    "rio_holdout",
+    "dubai_tile2",
+)
+#: The scenes with building polygons (F1 with touching buildings merged, too).
+BUILDING_SCENES = ("banepa_east", "austin", "atlanta_east")
+#: Images of a scene of several files are keyed "scene/stem" in :func:`cut_scenes`.
+RIO_HOLDOUT = ("img63", "img64")
+#: Dubai's held-out tile, its colours (see data_samples/train_cities.yml), and the ground
+#: resolution estimated for it (the images carry no georeference).
+DUBAI_TILE, DUBAI_GSD_M = "tile_2", 0.6
+DUBAI_BUILDING, DUBAI_UNLABELLED = 0x3C1098, (0x9B9B9B, 0x000000)
+
+
+def georeference_jpeg(src: Path, dst: Path, gsd_m: float) -> Path:
+    """An image without a georeference as a GeoTIFF on a made-up UTM 40N grid (Dubai's zone)
+    at ``gsd_m``: geoseg predict needs a CRS, and only the pixel size matters here."""
+    from PIL import Image
+    from rasterio.transform import from_origin
+
+    rgb = np.asarray(Image.open(src).convert("RGB")).transpose(2, 0, 1)
+    with rasterio.open(
+        dst,
+        "w",
+        driver="GTiff",
+        width=rgb.shape[2],
+        height=rgb.shape[1],
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32640",
+        transform=from_origin(300_000.0, 2_780_000.0, gsd_m, gsd_m),
+        tiled=True,
+        compress="deflate",
+    ) as out:
+        out.write(rgb)
+    return dst
+
+
+def colour_mask(path: Path) -> np.ndarray:
+    """A colour-coded mask as (h, w) int colours packed 0xRRGGBB."""
+    from PIL import Image
+
+    m = np.asarray(Image.open(path).convert("RGB")).astype(np.int64)
+    return (m[..., 0] << 16) | (m[..., 1] << 8) | m[..., 2]
+
+
+def pooled_iou(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
+    """IoU of (prediction, truth, counted) masks pooled over several images."""
+    inter = sum(int(np.count_nonzero(p & t & k)) for p, t, k in pairs)
+    union = sum(int(np.count_nonzero((p | t) & k)) for p, t, k in pairs)
+    return inter / union if union else float("nan")
 
 
 def cut_scenes(data: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]:
@@ -156,6 +215,23 @@ def cut_scenes(data: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]
             )
     if "austin" in names:
         scenes["austin"] = data / "real" / "austin_buildings_rgb" / "aerial_sample.tif"
+    if "atlanta_east" in names:
+        atl = data / "real" / "atlanta_buildings_rgb" / "atlanta_sn4_nadir10_rgb.tif"
+        with rasterio.open(atl) as src:
+            c0 = round(0.75 * src.width)
+            scenes["atlanta_east"] = crop(
+                atl, Window(c0, 0, src.width - c0, src.height), out / "atlanta_east.tif"
+            )
+    if "rio_holdout" in names:
+        for stem in RIO_HOLDOUT:
+            scenes[f"rio_holdout/{stem}"] = (
+                data / "real" / "rio_buildings_rgb" / "img" / f"{stem}.tif"
+            )
+    if "dubai_tile2" in names:
+        tile = data / "real" / "dubai_landcover_rgb" / DUBAI_TILE / "images"
+        for jpg in sorted(tile.glob("*.jpg")):
+            dst = out / f"dubai_{DUBAI_TILE}_{jpg.stem}.tif"
+            scenes[f"dubai_tile2/{jpg.stem}"] = georeference_jpeg(jpg, dst, DUBAI_GSD_M)
     return scenes
 
 
@@ -194,7 +270,11 @@ def evaluate(
     )
     predict_s = time.perf_counter() - t0
     merged = out / "merged"
-    stems = {"banepa_east": "banepa_east", "austin": "aerial_sample"}
+    stems = {
+        "banepa_east": "banepa_east",
+        "austin": "aerial_sample",
+        "atlanta_east": "atlanta_east",
+    }
     buildings = [n for n in BUILDING_SCENES if n in scenes]
     if buildings:
         geoseg(
@@ -249,6 +329,64 @@ def evaluate(
                 merged / "aerial_sample.buildings.geojson", a_poly
             ).to_dict(),
         }
+    if "atlanta_east" in scenes:
+        atl_truth = out / "atlanta_truth.geojson"
+        truth = clip_truth(
+            data / "real" / "atlanta_buildings_rgb" / "atlanta_sn4_nadir10_buildings.geojson",
+            scenes["atlanta_east"],
+            atl_truth,
+        )
+        m = pred / "atlanta_east.mask.tif"
+        scores["atlanta_east"] = {
+            "truth_buildings": len(truth),
+            "building_iou": pixel_iou(
+                predicted(m, classes, ("building", "building_contact")),
+                truth_mask(truth, scenes["atlanta_east"]),
+            ),
+            "f1_split": evaluate_buildings(
+                pred / "atlanta_east.buildings.geojson", atl_truth
+            ).to_dict(),
+            "f1_merged": evaluate_buildings(
+                merged / "atlanta_east.buildings.geojson", atl_truth
+            ).to_dict(),
+        }
+    rio = [k for k in scenes if k.startswith("rio_holdout/")]
+    if rio:  # building masks merge touching buildings: pixel IoU only
+        pairs = []
+        for key in rio:
+            stem = key.split("/", 1)[1]
+            with rasterio.open(data / "real" / "rio_buildings_rgb" / "mask" / f"{stem}.tif") as t:
+                truth_px = t.read(1) > 0
+            with rasterio.open(scenes[key]) as img:
+                inside = img.read().any(axis=0)  # black off-image corners are not scored
+            pairs.append(
+                (
+                    predicted(pred / f"{stem}.mask.tif", classes, ("building", "building_contact")),
+                    truth_px,
+                    inside,
+                )
+            )
+        scores["rio_holdout"] = {"images": len(pairs), "building_iou": pooled_iou(pairs)}
+    dubai = [k for k in scenes if k.startswith("dubai_tile2/")]
+    if dubai:
+        pairs = []
+        for key in dubai:
+            stem = key.split("/", 1)[1]
+            colours = colour_mask(
+                data / "real" / "dubai_landcover_rgb" / DUBAI_TILE / "masks" / f"{stem}.png"
+            )
+            labelled = ~np.isin(colours, DUBAI_UNLABELLED)
+            p = predicted(
+                pred / f"dubai_{DUBAI_TILE}_{stem}.mask.tif",
+                classes,
+                ("building", "building_contact"),
+            )
+            pairs.append((p, colours == DUBAI_BUILDING, labelled))
+        scores["dubai_tile2"] = {
+            "images": len(pairs),
+            "gsd_m": DUBAI_GSD_M,
+            "building_iou": pooled_iou(pairs),
+        }
     for name, vec in (
         ("vegas_east", data / "real" / "vegas_roads_rgb" / "AOI_2_Vegas_img0_roads.geojson"),
         ("paris_south", data / "real" / "paris_roads_rgb" / "OSMroads_img1447.geojson"),
@@ -278,6 +416,17 @@ def score_rows(scores: dict[str, Any]) -> list[tuple[str, float]]:
             ("Austin: F1 vs merged truth, split", au["f1_split"]["f1"]),
             ("Austin: F1 vs merged truth, merged", au["f1_merged"]["f1"]),
         ]
+    if "atlanta_east" in scores:
+        at = scores["atlanta_east"]
+        rows += [
+            ("Atlanta east: building IoU", at["building_iou"]),
+            ("Atlanta east: F1, touching split", at["f1_split"]["f1"]),
+            ("Atlanta east: F1, touching merged", at["f1_merged"]["f1"]),
+        ]
+    if "rio_holdout" in scores:
+        rows.append(("Rio img63-64: building IoU", scores["rio_holdout"]["building_iou"]))
+    if "dubai_tile2" in scores:
+        rows.append(("Dubai tile 2: building IoU", scores["dubai_tile2"]["building_iou"]))
     if "vegas_east" in scores:
         rows += [
             ("Vegas east: road buffer IoU (6 m)", scores["vegas_east"]["iou"]),
