@@ -283,3 +283,22 @@ def test_validation_iou_weighs_every_scene_the_same(folder: Path, tmp_path: Path
     assert per_scene["one"][1] == pytest.approx(1.0)
     assert per_scene["three"][1] == pytest.approx(0.0)
     assert iou[1] == pytest.approx(0.5)
+
+
+def test_the_cities_config_reads_every_scene_and_never_austin() -> None:
+    """data_samples/train_cities.yml is valid; where ../shared/data is present its globs pair
+    every image with its mask, and no scene reads Austin, the unseen-city check."""
+    from geoseg.train.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "data_samples" / "train_cities.yml"
+    cfg = load_config(path)
+    names = [s.display_name() for s in cfg.scenes]
+    assert names == ["banepa", "atlanta", "rio", "dubai", "vegas", "paris"]
+    assert all(s.holdout is not None for s in cfg.scenes)
+    assert not any("austin" in s.image.lower() for s in cfg.scenes)
+    if not Path(cfg.scenes[0].image).exists():
+        pytest.skip("../shared/data is not beside the repository")
+    items = [i for s in cfg.scenes for i in expand_scene(s)]
+    assert len(items) == 1 + 1 + 15 + 72 + 1 + 1
+    assert not any("austin" in i.image.lower() for i in items)
+    assert sum(i.holdout == "all" for i in items) == 2 + 9  # Rio img63-64, Dubai tile 2
