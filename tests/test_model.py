@@ -152,16 +152,53 @@ def test_import_plain_state_dict(tmp_path: Path) -> None:
 
 
 class Evil:
+    """A pickle payload that leaves a trace: unpickling it creates the file ``trace``."""
+
+    def __init__(self, trace: Path) -> None:
+        self.trace = trace
+
     def __reduce__(self) -> tuple[Any, ...]:
-        return (print, ("pwned",))
+        return (open, (str(self.trace), "w"))
+
+
+def evil_pickle(path: Path, trace: Path) -> Path:
+    """A ``.pth`` whose unpickling runs code: it creates ``trace``."""
+    with open(path, "wb") as f:
+        pickle.dump({"w": Evil(trace)}, f)
+    return path
+
+
+def test_the_evil_pickle_runs_its_code_when_loaded_unsafely(tmp_path: Path) -> None:
+    """The payload of the tests below really runs when a loader lets it (so their check that
+    its trace is absent means something)."""
+    trace = tmp_path / "ran"
+    path = evil_pickle(tmp_path / "evil.pth", trace)
+    with pytest.raises(Exception):  # noqa: B017 - any failure after the payload ran
+        torch.load(path, map_location="cpu", weights_only=False)
+    assert trace.exists()
 
 
 def test_import_refuses_pickled_code(tmp_path: Path) -> None:
-    path = tmp_path / "evil.pth"
-    with open(path, "wb") as f:
-        pickle.dump({"w": Evil()}, f)
+    trace = tmp_path / "ran"
+    path = evil_pickle(tmp_path / "evil.pth", trace)
     with pytest.raises(ModelError, match="cannot load as a weights-only state_dict"):
         load_torch_state_dict(path)
+    assert not trace.exists(), "loading the .pth ran the pickle's code"
+    res = CliRunner().invoke(cli, ["model", "import", str(path), str(tmp_path / "m")])
+    assert res.exit_code == 2, res.output
+    assert not trace.exists(), "geoseg model import ran the pickle's code"
+
+
+def test_encoder_weights_never_run_pickled_code(tmp_path: Path) -> None:
+    """``--encoder-weights FILE.pth`` (the encoder's starting weights) runs no pickled code."""
+    from geoseg.encoders import init_encoder
+
+    trace = tmp_path / "ran"
+    path = evil_pickle(tmp_path / "evil.pth", trace)
+    spec = ModelSpec(encoder="resnet18", encoder_depth=3, decoder_channels=[16, 16, 16])
+    with pytest.raises(ModelError, match="weights-only"):
+        init_encoder(build_module(spec), spec.encoder, 3, path)
+    assert not trace.exists(), "loading encoder weights ran the pickle's code"
 
 
 def test_cli_init_info_and_errors(tmp_path: Path) -> None:
