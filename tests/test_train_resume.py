@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from geoseg.train.checkpoint import dumps_state, loads_state
 from geoseg.train.config import parse_config
@@ -116,7 +116,15 @@ def test_training_resumes_from_the_snapshot_alone(tmp_path: Path) -> None:
     full = _weights(tmp_path)
 
     shutil.rmtree(tmp_path / "model.checkpoint")  # another machine: only committed files
+    # and no best bundle: the next epoch must write one, however well the lost one scored
+    shutil.rmtree(tmp_path / "model")
+    tensors = load_file(str(snap))
+    state = json.loads(meta["state"])
+    state["best_score"] = 2.0  # above any IoU: only a reset lets an epoch be the best
+    save_file(tensors, str(snap), metadata={**meta, "state": json.dumps(state)})
     resumed = train(cfg)
+    assert (tmp_path / "model" / "model.json").is_file()
+    assert resumed.best_epoch == 1
     assert resumed.resumed_from == 1
     assert [h.epoch for h in resumed.history] == [0, 1]
     assert resumed.best_epoch in (0, 1)

@@ -520,7 +520,14 @@ class _Trainer:
         self.resumed_at = epoch
         log.info("resuming from the %s at epoch %d, batch %d", how, epoch + 1, batch)
         if self.best_epoch >= 0 and not (self.cfg.out / "model.json").exists():
-            log.warning("%s: the best bundle so far (epoch %d) is missing", self.cfg.out, epoch)
+            log.warning(
+                "%s: the best bundle so far (epoch %d, score %.3f) is missing; the next "
+                "validated epoch writes one",
+                self.cfg.out,
+                self.best_epoch + 1,
+                self.best_score,
+            )
+            self.best_score, self.best_epoch = -1.0, -1
         partial = state.get("partial") or {}
         return dict(partial) if partial.get("epoch") == self.done_epoch + 1 else {}
 
