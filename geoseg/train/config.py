@@ -280,8 +280,9 @@ class TrainConfig(_Strict):
     schema_version: Literal[1] = 1
     model: ModelSpec = Field(
         description="The bundle spec. model.encoder_weights picks the encoder's start: random, "
-        "imagenet, lite0-imagenet or a weights file; model.normalization.mean/std, when "
-        "given (e.g. ImageNet's for a pretrained encoder), are kept instead of computed."
+        "imagenet, lite0-imagenet, lite1-imagenet, lite2-imagenet or a weights file; "
+        "model.normalization.mean/std, when given (e.g. ImageNet's for a pretrained encoder), "
+        "are kept instead of computed."
     )
     scenes: list[SceneConfig] = Field(min_length=1)
     chips: ChipConfig = Field(default_factory=lambda: ChipConfig.model_validate({}))
