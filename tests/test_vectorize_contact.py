@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyogrio
+import rasterio
 from click.testing import CliRunner
 
 from geoseg.cli import cli
@@ -18,12 +19,14 @@ CLASSES = ["background", "building", "road", "building_contact"]
 
 
 def _row_of_houses(tmp: Path, chunked: bool = False) -> Path:
-    """Three 20 x 16 px buildings in a row sharing walls (2 px of contact), one detached."""
-    ids = np.zeros((64, 96), np.uint8)
-    ids[10:30, 10:58] = 1
-    ids[10:30, 25:27] = 3
-    ids[10:30, 41:43] = 3
-    ids[40:56, 70:90] = 1
+    """Three 20 px deep buildings in a row sharing walls (2 px of contact), one detached.
+    With 64 px chunks, seams at y = 64 cut the row, x = 64 runs inside a wall, x = 128 cuts the
+    detached building."""
+    ids = np.zeros((128, 160), np.uint8)
+    ids[50:70, 30:98] = 1
+    ids[50:70, 46:48] = 3
+    ids[50:70, 63:65] = 3
+    ids[90:106, 120:140] = 1
     probs = np.zeros((4, *ids.shape), np.uint8)
     for k in range(4):
         probs[k][ids == k] = 230
@@ -47,6 +50,12 @@ def test_contact_pixels_split_touching_buildings(tmp_path: Path) -> None:
 
 
 def test_split_is_the_same_across_chunk_seams(tmp_path: Path) -> None:
+    """64 px chunks: every building crosses a seam, and one seam runs inside a shared wall."""
+    with rasterio.open(_row_of_houses(tmp_path).with_name("houses.mask.tif")) as src:
+        ids = src.read(1)
+    building, wall = ids == 1, ids == 3
+    assert (building[63] & building[64]).any() and (building[:, 127] & building[:, 128]).any()
+    assert (wall[:, 63] & wall[:, 64]).any()
     assert _count(tmp_path, min_area_m2=0, chunk=64) == 4
     assert _count(tmp_path, min_area_m2=0, chunk=64, split_touching=False) == 2
 
