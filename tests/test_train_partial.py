@@ -52,17 +52,23 @@ def test_unlabelled_class_is_never_taught_as_background() -> None:
 
 
 def test_dice_skips_classes_a_chip_does_not_label() -> None:
-    probs_logits = torch.zeros((2, 3, 4, 4))
-    probs_logits[1, 2] = 5.0  # chip 1 predicts road everywhere
+    """Chip 0 labels every class and is predicted perfectly; chip 1's scene does not label
+    roads, and the model calls all of chip 1 road. Dice must ignore chip 1's road (unknown
+    there) and its background (which may be road): the loss stays chip 0's, about 0. Counting
+    every class on every chip would give road and background a Dice of 0.5 each."""
+    logits = torch.full((2, 3, 4, 4), -10.0)
     y = torch.zeros((2, 4, 4), dtype=torch.long)
-    y[0, :2] = 2  # chip 0 labels roads in its top half
+    y[0, :2] = 2  # chip 0: road in its top half, background below
+    logits[0, 2, :2] = 10.0
+    logits[0, 0, 2:] = 10.0
+    logits[1, 2] = 10.0  # chip 1: road everywhere, unknown there
     unknown = torch.tensor([[False, False, False], [False, False, True]])
-    with_chip1 = float(_Loss(1.0)(probs_logits, y, unknown))
-    without = float(_Loss(1.0)(probs_logits[:1], y[:1], unknown[:1]))
-    # chip 1's confident road is unknown there: neither CE nor Dice of road may punish it
-    ce_chip1 = float(_Loss(0.0)(probs_logits[1:], y[1:], unknown[1:]))
-    assert ce_chip1 < 0.01
-    assert with_chip1 < without + 0.05
+    dice_only = float(_Loss(1.0)(logits, y, unknown)) - float(_Loss(0.0)(logits, y, unknown))
+    assert abs(dice_only) < 0.01, dice_only
+    alone = float(_Loss(1.0)(logits[:1], y[:1], unknown[:1]))
+    assert float(_Loss(1.0)(logits, y, unknown)) == pytest.approx(alone, abs=0.01)
+    # chip 1's confident road is unknown there: its cross-entropy does not punish it either
+    assert float(_Loss(0.0)(logits[1:], y[1:], unknown[1:])) < 0.01
 
 
 def test_contact_zone_marks_shared_walls_only() -> None:
