@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from geoseg.backends import BACKENDS, TTA, tta_transforms
 from geoseg.errors import ConfigError, InputError, ModelError, call_portably
 from geoseg.grid import Chunk, ChunkGrid
 from geoseg.model import Bundle, ModelSpec, Normalization, load_module
@@ -77,27 +78,6 @@ MASK_NODATA = 255
 RASTERS = ("probs", "mask")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-#: Test-time augmentation modes: which dihedral transforms of each window are averaged (see
-#: :func:`tta_transforms`).
-TTA = ("none", "flips", "d4")
-
-#: A dihedral transform of a window: a horizontal flip (first, when True), then ``k``
-#: counter-clockwise quarter turns.
-Transform = tuple[int, bool]
-
-
-def tta_transforms(tta: str) -> tuple[Transform, ...]:
-    """The transforms that mode ``tta`` averages, identity first: none (1), flips (identity,
-    horizontal and vertical flips, and both, i.e. the half turn: 4), d4 (the 4 quarter turns,
-    each with and without a flip: 8)."""
-    if tta == "none":
-        return ((0, False),)
-    if tta == "flips":
-        # the half turn after a horizontal flip is the vertical flip
-        return ((0, False), (0, True), (2, False), (2, True))
-    if tta == "d4":
-        return tuple((k, flip) for flip in (False, True) for k in range(4))
-    raise ConfigError(f"tta must be one of {', '.join(TTA)}, got {tta!r}")
 
 
 class Predictor(Protocol):
@@ -332,7 +312,9 @@ DEVICE_DTYPES = frozenset({"uint8", "int8", "uint16", "int16", "int32", "float32
 
 @dataclass(frozen=True)
 class BundleFactory:
-    """Builds a :class:`TorchPredictor` from a bundle directory; cached once per worker process."""
+    """Builds a predictor from a bundle directory: a :class:`TorchPredictor`, or with
+    ``backend`` openvino a :class:`geoseg.backends.OpenVINOPredictor` (the network converted
+    once per machine and cached); cached once per worker process."""
 
     path: str
     sha256: str
@@ -341,6 +323,10 @@ class BundleFactory:
     threads: int | None = None
     #: test-time augmentation, among :data:`TTA`
     tta: str = "none"
+    #: the inference backend, resolved (see :func:`geoseg.backends.resolve_backend`)
+    backend: str = "torch"
+    #: passes that may run side by side in one process (worker threads; OpenVINO's streams)
+    streams: int = 1
 
     def build(self) -> Predictor:
         import torch
@@ -354,6 +340,20 @@ class BundleFactory:
             raise ModelError(
                 f"{self.path}: weights changed while running (hash {bundle.sha256[:12]})"
             )
+        if self.backend == "openvino":
+            from geoseg.backends import openvino_predictor
+
+            try:
+                return openvino_predictor(
+                    bundle,
+                    partial(load_module, bundle),
+                    self.precision,
+                    self.tta,
+                    self.threads,
+                    self.streams,
+                )
+            except ModelError as exc:
+                raise ModelError(f"{self.path}: {exc}") from exc
         return TorchPredictor(
             load_module(bundle), self.device, self.precision, bundle.spec.activation, self.tta
         )
@@ -361,6 +361,8 @@ class BundleFactory:
 
 def bundle_factory(bundle: Bundle, options: PredictOptions) -> BundleFactory:
     """The predictor recipe that :func:`predict_scene` uses for ``bundle`` by default."""
+    from geoseg.backends import resolve_backend
+
     device = resolve_device(options.device)
     return BundleFactory(
         str(bundle.path.resolve()),
@@ -369,6 +371,8 @@ def bundle_factory(bundle: Bundle, options: PredictOptions) -> BundleFactory:
         resolve_precision(options.precision, device),
         torch_threads(options, device),
         options.tta,
+        resolve_backend(options.backend, device),
+        local_threads(options) if not options.scheduler else 1,
     )
 
 
@@ -610,9 +614,14 @@ class PredictOptions:
     #: test-time augmentation, among :data:`TTA`: the average of each window's model
     #: probabilities over its flips (4 passes) or its flips and quarter turns (8 passes)
     tta: str = "none"
+    #: the inference backend, among :data:`geoseg.backends.BACKENDS`: auto takes OpenVINO on a
+    #: CPU when it is installed, else torch (``geoseg predict`` and pipelines default to auto)
+    backend: str = "torch"
 
     def __post_init__(self) -> None:
         tta_transforms(self.tta)  # raises ConfigError on an unknown mode
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         unknown = sorted(set(self.rasters) - set(RASTERS))
         if unknown or not self.rasters:
             raise ConfigError(

@@ -45,6 +45,19 @@ tta_option = click.option(
 )
 
 
+#: ``--backend``, for the commands that run a model on scenes (values:
+#: :data:`geoseg.backends.BACKENDS`, not imported here: the CLI starts without torch).
+backend_option = click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch", "openvino"]),
+    default="auto",
+    show_default=True,
+    help="Inference backend. auto: OpenVINO on a CPU when it is installed "
+    "(pip install 'geoseg[openvino]'; 2-3x faster there), else torch (always on a GPU). The "
+    "network is converted once per machine and cached in $GEOSEG_CACHE or ~/.cache/geoseg.",
+)
+
+
 def compute_options(f: F) -> F:
     """Chunk, halo, batch, device, precision, threads, workers and scheduler options."""
     opts = [

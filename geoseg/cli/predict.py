@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from geoseg.cli.options import Progress, compute_options, resample_option, tta_option
+from geoseg.cli.options import (
+    Progress,
+    backend_option,
+    compute_options,
+    resample_option,
+    tta_option,
+)
 from geoseg.errors import ConfigError
 from geoseg.remote import check_writable_prefix, is_remote, join, redact, upload
 
@@ -47,6 +53,7 @@ log = logging.getLogger("geoseg.cli")
 @compute_options
 @resample_option
 @tta_option
+@backend_option
 @click.option(
     "--vectorize",
     "also_vectorize",
@@ -87,6 +94,7 @@ def predict(
     scheduler: str | None,
     resample: bool = True,
     tta: str = "none",
+    backend: str = "auto",
     also_vectorize: bool = False,
     outputs: str = "probs,mask",
     compress: str = "deflate",
@@ -96,8 +104,9 @@ def predict(
     az:// URL, or a GDAL /vsi path: remote scenes are read window by window, never copied."""
     keep = parse_outputs(outputs) | ({"vectors"} if also_vectorize else set())
     rasters = needed_rasters(keep)
+    from geoseg.backends import resolve_backend
     from geoseg.model import check_weights, load_bundle
-    from geoseg.predict import PredictOptions, check_compatible, warm_up
+    from geoseg.predict import PredictOptions, check_compatible, resolve_device, warm_up
     from geoseg.raster import check_writable, open_scene
     from geoseg.vectorize.options import VectorizeOptions
     from geoseg.vectorize.run import vector_cluster
@@ -116,7 +125,9 @@ def predict(
         rasters=rasters,
         compress=compress,
         tta=tta,
+        backend=backend,
     )
+    resolve_backend(backend, resolve_device(device))  # not installed: say so before any work
     opened = [open_scene(s) for s in scenes]
     _check_distinct_outputs(opened)
     for scene in opened:

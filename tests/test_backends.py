@@ -1,0 +1,241 @@
+"""Inference backends: OpenVINO against torch on the shipped model, its on-disk cache, its
+errors, seamless tiles, and --backend on the CLI and in pipelines."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+from rasterio.windows import Window
+
+from geoseg import backends
+from geoseg.errors import ConfigError, ModelError
+from geoseg.predict import (
+    BundleFactory,
+    PredictOptions,
+    TorchPredictor,
+    bundle_factory,
+    cpu_supports_bf16,
+    open_client,
+    predict_scene,
+)
+from geoseg.raster import open_scene
+from tests.conftest import REPO, write_tif
+
+pytest.importorskip("openvino")
+
+SHIPPED = REPO / "data_samples" / "model"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One conversion cache for the module's tests (the shipped model converts in 5-10 s)."""
+    return tmp_path_factory.mktemp("geoseg-cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GEOSEG_CACHE", str(cache))
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Any:
+    from geoseg.model import load_bundle
+
+    return load_bundle(SHIPPED)
+
+
+@pytest.fixture(scope="module")
+def crop(shipped: Any) -> np.ndarray:
+    """A normalized 224 x 288 px crop of Banepa (buildings, roads, fields): batch of 2, the
+    second one turned upside down. Not a multiple of the 256 px that the network is traced on,
+    and not square."""
+    with rasterio.open(REPO / "data_samples" / "banepa_rgb.tif") as src:
+        raw = src.read((1, 2, 3), window=Window(256, 416, 288, 224))
+    x = shipped.spec.normalization.apply(raw, np.ones(raw.shape[1:], bool))
+    return np.ascontiguousarray(np.stack([x, x[:, ::-1]]), dtype=np.float32)
+
+
+def torch_probs(bundle: Any, x: np.ndarray, precision: str, tta: str = "none") -> np.ndarray:
+    from geoseg.model import load_module
+
+    return TorchPredictor(load_module(bundle), "cpu", precision, tta=tta)(x)
+
+
+def openvino(bundle: Any, precision: str, tta: str = "none") -> Any:
+    return BundleFactory(
+        str(bundle.path), bundle.sha256, "cpu", precision, tta=tta, backend="openvino"
+    ).build()
+
+
+def assert_same(got: np.ndarray, want: np.ndarray) -> None:
+    """Probabilities within 2/255 and the same class everywhere (but on near ties)."""
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.abs(got - want).max() <= 2 / 255
+    top2 = np.sort(want, axis=1)[:, -2:]
+    tie = (top2[:, 1] - top2[:, 0]) < 1e-4
+    differ = got.argmax(1) != want.argmax(1)
+    assert not (differ & ~tie).any()
+
+
+def test_shipped_model_matches_torch_in_fp32(shipped: Any, crop: np.ndarray) -> None:
+    got = openvino(shipped, "fp32")(crop)
+    want = torch_probs(shipped, crop, "fp32")
+    assert_same(got, want)
+    assert np.abs(got - want).max() < 1e-4  # in fact float rounding only
+    classes = np.bincount(want.argmax(1).ravel(), minlength=4)
+    assert (classes[:3] > 0).all()  # background, building and road are all in the crop
+
+
+def test_shipped_model_with_tta_matches_torch(shipped: Any, crop: np.ndarray) -> None:
+    """d4 on a non-square window: the turned passes run as W x H (compiled separately)."""
+    x = np.ascontiguousarray(crop[:1, :, :96, :160])
+    got = openvino(shipped, "fp32", "d4")(x)
+    assert_same(got, torch_probs(shipped, x, "fp32", "d4"))
+    assert np.abs(got - openvino(shipped, "fp32")(x)).max() > 0.05  # the average changed it
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="no native bf16 on this CPU")
+def test_shipped_model_in_bf16_is_as_close_to_fp32_as_torch_bf16(
+    shipped: Any, crop: np.ndarray
+) -> None:
+    """bf16 rounds differently in each library: two bf16 implementations are not within 2/255
+    of each other (torch's own bf16 is not within 2/255 of its fp32 on about 13 % of the
+    pixels); each must be about as close to the fp32 result as the other."""
+    ref = torch_probs(shipped, crop, "fp32")
+    ov, tb = openvino(shipped, "bf16")(crop), torch_probs(shipped, crop, "bf16")
+
+    def classes_off(p: np.ndarray) -> float:
+        return float((p.argmax(1) != ref.argmax(1)).mean())
+
+    def probs_off(p: np.ndarray) -> float:
+        return float((np.abs(p - ref) > 2 / 255).mean())
+
+    assert classes_off(ov) <= max(2 * classes_off(tb), 0.005) and classes_off(ov) < 0.02
+    assert probs_off(ov) <= max(1.5 * probs_off(tb), 0.02) and probs_off(ov) < 0.25
+
+
+def test_converted_once_then_read_from_the_cache(make_bundle: Any, tmp_path: Path) -> None:
+    bundle = make_bundle(seed=3)
+    calls = []
+
+    def load() -> Any:
+        from geoseg.model import load_module
+
+        calls.append(1)
+        return load_module(bundle)
+
+    _, folder, converted = backends.openvino_model(bundle, load, tmp_path)
+    assert converted and calls == [1]
+    assert sorted(p.name for p in folder.iterdir()) == ["model.bin", "model.xml"]
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no temporary left
+
+    def no_load() -> Any:
+        raise AssertionError("converted again")
+
+    model, again, converted = backends.openvino_model(bundle, no_load, tmp_path)
+    assert not converted and again == folder
+    # another bundle (other weights) is another network
+    _, other, converted = backends.openvino_model(make_bundle(seed=4), load, tmp_path)
+    assert converted and other != folder
+
+
+def test_not_installed_is_a_clear_error(make_bundle: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
+    with pytest.raises(ConfigError, match=r"openvino is not installed: pip install 'geoseg\["):
+        backends.resolve_backend("openvino", "cpu")
+    assert backends.resolve_backend("auto", "cpu") == "torch"
+    bundle = make_bundle()
+    with pytest.raises(ConfigError, match="openvino is not installed"):
+        BundleFactory(str(bundle.path), bundle.sha256, backend="openvino").build()
+    from geoseg.cli import cli
+
+    args = ["predict", "x.tif", "-m", str(bundle.path), "-o", "out", "--backend", "openvino"]
+    res = CliRunner().invoke(cli, [*args, "--device", "cpu"])
+    assert res.exit_code != 0 and "openvino is not installed" in res.output
+
+
+def test_resolution() -> None:
+    assert backends.resolve_backend("auto", "cpu") == "openvino"
+    assert backends.resolve_backend("auto", "cuda") == "torch"
+    assert backends.resolve_backend("torch", "cpu") == "torch"
+    with pytest.raises(ConfigError, match="runs on the CPU, not on device 'cuda:0'"):
+        backends.resolve_backend("openvino", "cuda:0")
+    with pytest.raises(ConfigError, match="backend must be one of auto, torch, openvino"):
+        PredictOptions(backend="onnx")
+
+
+def test_a_network_it_cannot_convert_is_a_clear_error(
+    make_bundle: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import openvino
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("Cannot create Foo layer: unsupported operation")
+
+    monkeypatch.setattr(openvino, "convert_model", refuse)
+    bundle = make_bundle(seed=5)
+    factory = BundleFactory(str(bundle.path), bundle.sha256, backend="openvino")
+    with pytest.raises(ModelError) as err:
+        factory.build()
+    text = str(err.value)
+    assert text.startswith(str(bundle.path)) and "cannot convert this network" in text
+    assert "unsupported operation" in text and "--backend torch" in text
+
+
+def test_tiles_equal_the_whole_scene(tmp_path: Path, make_bundle: Any) -> None:
+    """A random full-depth U-Net through OpenVINO: 96 px chunks with its 64 px halo vs one
+    window for the whole 300 x 197 scene (edge windows differ in shape)."""
+    from tests.conftest import FULL
+
+    rng = np.random.default_rng(1)
+    scene = write_tif(tmp_path / "s.tif", rng.integers(1, 256, (3, 197, 300), dtype=np.uint8))
+    bundle = make_bundle(seed=1, encoder="mobilenet_v2", **FULL)
+
+    def run(out: str, chunk: int) -> Any:
+        options = PredictOptions(
+            device="cpu", precision="fp32", chunk=chunk, halo=64, backend="openvino"
+        )
+        with open_client(options) as client:
+            return predict_scene(open_scene(scene), bundle, tmp_path / out, options, client)
+
+    small, whole = run("small", 96), run("whole", 1024)
+    assert small.chunks > 4 and whole.chunks == 1
+
+    def read(path: Path) -> np.ndarray:
+        with rasterio.open(path) as src:
+            return src.read().astype(int)
+
+    assert np.abs(read(small.probs) - read(whole.probs)).max() <= 1
+    np.testing.assert_array_equal(read(small.mask), read(whole.mask))
+
+
+def test_bundle_factory_and_cli_option(make_bundle: Any) -> None:
+    bundle = make_bundle()
+    factory = bundle_factory(bundle, PredictOptions(device="cpu", backend="auto"))
+    assert factory.backend == "openvino"
+    assert bundle_factory(bundle, PredictOptions(device="cpu")).backend == "torch"
+    from geoseg.cli import cli
+
+    res = CliRunner().invoke(cli, ["predict", "--help"])
+    assert "--backend [auto|torch|openvino]" in res.output
+
+
+def test_pipeline_backend_is_hashed_only_when_set() -> None:
+    from geoseg.pipeline.config import parse_pipeline
+    from geoseg.pipeline.runner import predict_options
+    from tests.test_tta import GOOD
+
+    base = parse_pipeline(GOOD, "p.yml")
+    assert base.predict.backend == "auto" and predict_options(base).backend == "auto"
+    auto = parse_pipeline(GOOD + "predict:\n  backend: auto\n", "p.yml")
+    ov = parse_pipeline(GOOD + "predict:\n  backend: openvino\n", "p.yml")
+    assert predict_options(ov).backend == "openvino"
+    assert auto.config_hash() == base.config_hash() != ov.config_hash()
+    with pytest.raises(ConfigError, match="predict.backend"):
+        parse_pipeline(GOOD + "predict:\n  backend: onnx\n", "p.yml")
