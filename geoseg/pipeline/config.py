@@ -120,6 +120,11 @@ class PredictSettings(_Strict):
         description="Test-time augmentation: average each chunk's class probabilities over its "
         "flips (flips: 4 forward passes) or its flips and quarter turns (d4: 8 passes).",
     )
+    backend: Literal["auto", "torch", "openvino"] = Field(
+        "auto",
+        description="Inference backend. auto: OpenVINO on a CPU when it is installed, else "
+        "torch (always on a GPU); openvino needs the geoseg[openvino] extra.",
+    )
 
     @field_validator("device")
     @classmethod
@@ -333,9 +338,11 @@ class PipelineConfig(_Strict):
         """SHA-256 of every setting that changes the outputs (not inputs, compute or schedule)."""
         relevant = {
             "schema_version": self.schema_version,
-            # tta only when set: pipelines hashed before it existed keep their hash
+            # tta and backend only when set: pipelines hashed before they existed keep their hash
             "predict": self.predict.model_dump(
-                mode="json", exclude={"tta"} if self.predict.tta == "none" else set()
+                mode="json",
+                exclude=({"tta"} if self.predict.tta == "none" else set())
+                | ({"backend"} if self.predict.backend == "auto" else set()),
             ),
             "vectorize": self.vectorize_options().model_dump(mode="json"),
             # compress only when set: pipelines hashed before it existed keep their hash

@@ -308,6 +308,7 @@ def predict_options(config: PipelineConfig, scheduler: str | None = None) -> Pre
         precision=p.precision,
         resample=p.resample,
         tta=p.tta,
+        backend=p.backend,
         threads=c.threads,
         workers=workers,
         scheduler=scheduler_address(config, scheduler),
