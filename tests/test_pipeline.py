@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 from click.testing import CliRunner
 from PIL import Image
 
@@ -160,6 +161,51 @@ def test_changes_force_and_dry_run(job: Path) -> None:
     assert all(r.reason == "--force" for r in forced.results)
     changed = load_pipeline(write_pipeline(job, predict={"device": "cpu", "halo": 0}))
     assert {p.reason.split(" (")[0] for p in dry_run(changed)} == {"pipeline settings changed"}
+
+
+def _output_bytes(out: Path) -> dict[str, bytes]:
+    """Every scene output under ``out``: its bytes, or for a GeoPackage (whose metadata holds
+    the time it was written) its features as GeoJSON; the run report aside (it shows times)."""
+    import pyogrio
+
+    files = [f for f in sorted(out.rglob("*")) if f.is_file() and f.name != "report.html"]
+    return {
+        str(f.relative_to(out)): (
+            pyogrio.read_dataframe(f).to_json().encode() if f.suffix == ".gpkg" else f.read_bytes()
+        )
+        for f in files
+    }
+
+
+def test_force_rewrites_the_same_bytes(job: Path) -> None:
+    outputs = {"dir": "out", "vectors": True, "formats": ["geojson", "gpkg"], "quicklook_px": 64}
+    config = load_pipeline(write_pipeline(job, outputs=outputs))
+    assert run_pipeline(config).ok
+    first = _output_bytes(job.parent / "out")
+    assert len(first) >= 3 * 5  # probs, mask, buildings, roads and a quicklook per scene
+    forced = run_pipeline(config, force=True)
+    assert [r.status for r in forced.results] == ["done"] * 3
+    assert _output_bytes(job.parent / "out") == first
+
+
+def test_a_changed_model_reruns_every_scene(job: Path) -> None:
+    config = load_pipeline(job)
+    assert run_pipeline(config).ok
+    mask = job.parent / "out" / "s0" / "s0.mask.tif"
+    with rasterio.open(mask) as src:
+        old_model = src.tags()["GEOSEG_MODEL"]
+    (job.parent / "model").unlink()  # the shared model: replaced by other weights, same path
+    make_model(job.parent / "model", seed=1)
+    config = load_pipeline(job)
+    planned = dry_run(config)
+    assert [p.action for p in planned] == ["run"] * 3
+    assert all(p.reason.startswith("model changed (was ") for p in planned), planned
+    rerun = run_pipeline(config)
+    assert [r.status for r in rerun.results] == ["done"] * 3
+    with rasterio.open(mask) as src:
+        new_model = src.tags()["GEOSEG_MODEL"]
+    assert new_model != old_model and new_model.startswith("tiny@")
+    assert [r.status for r in run_pipeline(config).results] == ["skipped"] * 3
 
 
 def test_corrupt_scene_is_isolated(job: Path) -> None:
