@@ -246,3 +246,65 @@ def test_a_cron_that_never_fires_is_reported_and_the_others_run(
     assert [(t.pipeline, t.action) for t in sched.tick()] == [("hourly", "started")]
     with pytest.raises(ConfigError, match="never fires"):
         make([never], datetime(2026, 2, 1, tzinfo=UTC))
+
+
+#: ``geoseg schedule`` as its command line runs it, on a clock shifted so that the next minute
+#: begins 3 s after start: a minutely cron then fires a real run within seconds. Only
+#: ``SystemClock.now`` is shifted; the scheduler, its launcher and ``geoseg run`` are the real ones.
+SHIFTED_SCHEDULE = """
+import sys
+from datetime import timedelta
+from geoseg.pipeline import schedule
+
+real = schedule.SystemClock.now
+start = real(schedule.SystemClock())
+into_minute = timedelta(seconds=start.second, microseconds=start.microsecond)
+shift = timedelta(minutes=1) - into_minute - timedelta(seconds=3)
+if shift < timedelta(0):
+    shift += timedelta(minutes=1)
+schedule.SystemClock.now = lambda self: real(self) + shift  # type: ignore[method-assign]
+from geoseg.cli import main
+
+sys.argv = ["geoseg", "schedule", sys.argv[1]]
+main()
+"""
+
+
+def test_cli_schedule_fires_a_real_run_then_stops_cleanly(tmp_path: Path) -> None:
+    from geoseg.pipeline import Ledger
+    from tests.pipeline_support import make_model, make_scene, write_pipeline
+
+    (tmp_path / "scenes").mkdir()
+    make_scene(tmp_path / "scenes" / "m0.tif", 0, 0, 96)
+    make_model(tmp_path / "model")
+    write_pipeline(tmp_path / "minutely.yml", schedule={"cron": "* * * * *", "timezone": "UTC"})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "GEOSEG_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SHIFTED_SCHEDULE, str(tmp_path / "minutely.yml")],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    watchdog = threading.Timer(240, proc.kill)  # a hung scheduler fails the test, never hangs it
+    watchdog.start()
+    try:
+        assert proc.stderr is not None
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "run finished with exit code" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(lines) + rest
+    assert proc.returncode == 0, text
+    assert "tiny: run finished with exit code 0" in text, text
+    assert "scheduler stopped" in text
+    assert (tmp_path / "out" / "m0" / "m0.mask.tif").is_file()
+    with Ledger(tmp_path / "state" / "ledger.sqlite") as ledger:
+        runs = ledger.runs("tiny")
+    assert [(r.status, r.n_done) for r in runs] == [("done", 1)]
