@@ -302,3 +302,30 @@ def test_the_cities_config_reads_every_scene_and_never_austin() -> None:
     assert len(items) == 1 + 1 + 15 + 72 + 1 + 1
     assert not any("austin" in i.image.lower() for i in items)
     assert sum(i.holdout == "all" for i in items) == 2 + 9  # Rio img63-64, Dubai tile 2
+
+
+def test_an_empty_label_file_is_refused_before_training(tmp_path: Path) -> None:
+    """A building layer with no features would teach buildings as background everywhere and
+    keep IoU 0 as the best epoch: refused up front, naming the file; a scene whose mask shows
+    no building (water) beside others that do is fine."""
+    import geopandas as gpd
+
+    from .test_train import _config
+
+    raw = _config(tmp_path)
+    empty = tmp_path / "empty.geojson"
+    gpd.GeoDataFrame(geometry=[], crs="EPSG:4326").to_file(empty)
+    raw["scenes"][0]["labels"][1]["path"] = str(empty)
+    with pytest.raises(InputError, match=r"class 'building': no label source \(.*empty\.geojson"):
+        prepare(parse_config(raw, "t.yml"))
+
+
+def test_a_colour_table_that_matches_no_pixel_of_a_class_is_refused(
+    folder: Path, tmp_path: Path
+) -> None:
+    raw = _cfg(folder, tmp_path)
+    colours = raw["scenes"][0]["labels"][0]["colors"]
+    colours[BUILDING] = "background"  # the building colour mapped away by mistake
+    colours["#010203"] = "building"  # a colour no mask holds
+    with pytest.raises(InputError, match=r"class 'building': no label source \(.*masks/part_00\d\.png"):
+        prepare(parse_config(raw, "t.yml"))

@@ -40,6 +40,7 @@ __all__ = [
     "RasterLayer",
     "SceneLabels",
     "check_label_crs",
+    "classes_present",
     "load_scene_labels",
     "pack_colours",
 ]
@@ -195,6 +196,24 @@ def pack_colours(rgb: np.ndarray) -> np.ndarray:
     return (r << 16) | (g << 8) | b
 
 
+def classes_present(layer: BurnLayer | RasterLayer | MaskLayer) -> frozenset[int]:
+    """The class ids that ``layer`` burns on at least one pixel of its whole file (IGNORE
+    left out): a vector layer's class when it has a feature, a raster's classes whose values
+    occur in it."""
+    if isinstance(layer, BurnLayer):
+        if len(layer.geometries) == 0:
+            return frozenset()
+        contact = {layer.contact_id} if layer.contact_id is not None else set()
+        return frozenset({layer.class_id} | (contact if len(layer.geometries) > 1 else set()))
+    colour = isinstance(layer, MaskLayer) and layer.colour
+    try:
+        with no_georef_warning(), gdal_env(), rasterio.open(layer.path) as ds:
+            used = _distinct(ds, colour=colour)
+    except RasterioError as exc:
+        raise InputError(f"{layer.path}: cannot read label raster ({exc})") from exc
+    return frozenset(layer.lookup[v] for v in used if v in layer.lookup) - {IGNORE}
+
+
 def contact_zone(ids: np.ndarray, reach: int) -> np.ndarray:
     """Pixels whose (2 reach + 1)² neighbourhood holds two different non-zero ids."""
     from scipy import ndimage
@@ -268,6 +287,13 @@ def vector_layer(
     gdf = _read_vector(src)
     check_label_crs(gdf, str(src.path))
     gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
+    if gdf.empty:
+        log.warning(
+            "%s: has no features; every pixel of %s it covers is taught as not %s",
+            src.path,
+            scene.path,
+            src.class_name,
+        )
     geoms = gdf.geometry
     kinds = set(geoms.geom_type)
     thin = geoms.geom_type.isin(["LineString", "MultiLineString", "Point", "MultiPoint"])

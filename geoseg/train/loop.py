@@ -46,7 +46,7 @@ from geoseg.train.chips import (
     random_windows,
     virtual_grid,
 )
-from geoseg.train.config import TrainConfig
+from geoseg.train.config import LabelSource, TrainConfig
 from geoseg.train.control import (
     StopRequest,
     TrainingStopped,
@@ -55,7 +55,12 @@ from geoseg.train.control import (
     encode_generator,
 )
 from geoseg.train.feed import Prefetch
-from geoseg.train.labels import IGNORE, SceneLabels, load_scene_labels
+from geoseg.train.labels import (
+    IGNORE,
+    SceneLabels,
+    classes_present,
+    load_scene_labels,
+)
 from geoseg.train.scenes import SceneItem, expand_scene, no_georef_warning, open_image
 
 if TYPE_CHECKING:
@@ -160,6 +165,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         )
         for item, scene, grid in zip(items, scenes, grids, strict=True)
     ]
+    _check_classes_present(labels, spec.classes, [item.labels for item in items])
     if spec.normalization.mean:
         norm = spec.normalization
     else:
@@ -213,6 +219,38 @@ def _names(cfg: TrainConfig) -> tuple[str, ...]:
     """The configured scenes' display names, made unique with a suffix where they repeat."""
     names = [s.display_name() for s in cfg.scenes]
     return tuple(n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names))
+
+
+def _check_classes_present(
+    labels: Sequence[SceneLabels],
+    classes: Sequence[str],
+    sources: Sequence[Sequence[LabelSource]],
+) -> None:
+    """Refuse a class that scenes claim to label but no label file holds a pixel of: it would
+    be taught as background everywhere (an empty label file, a wrong value or colour).
+    ``sources`` are each image's label sources, for the message."""
+    present: set[int] = set()
+    for lab in labels:
+        for layer in lab.layers:
+            present |= classes_present(layer)
+    claimed = {c for lab in labels for c in lab.labelled} - {0}
+    for c in sorted(claimed - present):
+        files = sorted(
+            {
+                str(src.path)
+                for lab, srcs in zip(labels, sources, strict=True)
+                if c in lab.labelled
+                for src in srcs
+                if classes[c] in src.classes()
+            }
+        )
+        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise InputError(
+            f"class {classes[c]!r}: no label source ({shown or 'none'}) holds a single feature "
+            "or pixel of it, so training would teach it as background everywhere; check the "
+            "label files and their values or colours, or leave the class out of the scenes' "
+            "classes"
+        )
 
 
 def _fill(fill: list[float] | None, n_bands: int, image: str) -> tuple[float, ...] | None:
