@@ -9,6 +9,7 @@ import hashlib
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,7 +25,11 @@ class RangeServer(ThreadingHTTPServer):
         self.fault_after = 0  # bytes offset from which range requests meet the fault
         self.fault_only: set[str] | None = None  # file names that meet it (None: all)
         self.requests = 0
+        #: body bytes sent, in all and per User-Agent (a test names each process by its agent)
+        self.bytes_served = 0
+        self.bytes_by_agent: Counter[str] = Counter()
         self.posted: list[bytes] = []
+        self._count_lock = threading.Lock()
         self.stop = threading.Event()
 
     @property
@@ -59,6 +64,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _sent(self, data: bytes) -> None:
+        """Send ``data``, counted first: the client can see no byte before it is counted."""
+        with self.server._count_lock:
+            self.server.bytes_served += len(data)
+            self.server.bytes_by_agent[self.headers.get("User-Agent", "")] += len(data)
+        self.wfile.write(data)
 
     def _serve(self, head: bool) -> None:
         self.server.requests += 1
@@ -97,11 +109,11 @@ class _Handler(BaseHTTPRequestHandler):
         if head:
             return
         if faulty and self.server.fault == "drop":
-            self.wfile.write(body[: len(body) // 2])
+            self._sent(body[: len(body) // 2])
             self.wfile.flush()
             self.close_connection = True
             return
-        self.wfile.write(body)
+        self._sent(body)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -174,20 +175,48 @@ def test_corrupt_tile_read_on_a_worker_is_one_clean_error(
     assert "read failed" in result.error and "Exception" not in result.error
 
 
+def _name_gdal_requests(agent: str | None) -> None:
+    """Make this process's HTTP requests say ``agent`` (plus its pid); None: GDAL's own."""
+    if agent is None:
+        os.environ.pop("GDAL_HTTP_USERAGENT", None)
+    else:
+        os.environ["GDAL_HTTP_USERAGENT"] = f"{agent}-{os.getpid()}"
+
+
 def test_workers_read_remote_scenes_themselves(
-    cluster: distributed.LocalCluster, local_run: Path
+    cluster: distributed.LocalCluster, local_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Scenes given by URL: each worker process reads its chunks with range requests (no
     shared file system for inputs), and the outputs are the local run's."""
     from tests.http_support import serve
 
-    with serve(local_run / "scenes") as server:
-        urls = [f"{server.url}/{name}.tif" for name in SCENES]
-        job = _job(local_run, "remote", cluster.scheduler_address)
-        doc = yaml.safe_load(job.read_text())
-        doc["inputs"] = {"paths": urls}
-        job.write_text(yaml.safe_dump(doc))
-        summary = run_pipeline(load_pipeline(job))
-        assert summary.ok and summary.count("done") == 2, summary.results
-        assert [str(r.path) for r in summary.results] == urls
+    monkeypatch.setenv("GDAL_HTTP_USERAGENT", f"client-{os.getpid()}")
+    with distributed.Client(cluster) as client:
+        client.run(_name_gdal_requests, "worker")
+        workers = {f"worker-{pid}" for pid in client.run(os.getpid).values()}
+    try:
+        with serve(local_run / "scenes") as server:
+            _run_remote(cluster, local_run, server)
+    finally:
+        with distributed.Client(cluster) as client:
+            client.run(_name_gdal_requests, None)
+    # every worker process read chunks, and together they read every tile of both scenes; the
+    # client opened the scenes (their headers) and drew the quicklooks
+    by_agent = server.bytes_by_agent
+    assert set(by_agent) == workers | {f"client-{os.getpid()}"}, by_agent
+    scenes = sum((local_run / "scenes" / f"{name}.tif").stat().st_size for name in SCENES)
+    assert all(by_agent[w] > 0 for w in workers), by_agent
+    assert sum(by_agent[w] for w in workers) >= scenes, (by_agent, scenes)
     _assert_same_outputs(local_run, "remote")
+
+
+def _run_remote(cluster: distributed.LocalCluster, local_run: Path, server: Any) -> None:
+    """The two scenes of ``local_run``, served by ``server``, through a pipeline on ``cluster``."""
+    urls = [f"{server.url}/{name}.tif" for name in SCENES]
+    job = _job(local_run, "remote", cluster.scheduler_address)
+    doc = yaml.safe_load(job.read_text())
+    doc["inputs"] = {"paths": urls}
+    job.write_text(yaml.safe_dump(doc))
+    summary = run_pipeline(load_pipeline(job))
+    assert summary.ok and summary.count("done") == 2, summary.results
+    assert [str(r.path) for r in summary.results] == urls

@@ -143,3 +143,28 @@ def test_the_ledger_keeps_no_signature_of_a_presigned_url(tmp_path: Path, served
         rows = ledger.scenes(first.run_id)
     assert [r.path for r in rows] == [f"{server.url}/signed.tif"]
     assert "secret123" not in (tmp_path / "state" / "ledger.sqlite").read_bytes().decode("latin1")
+
+
+def test_a_small_window_of_a_large_remote_cog_fetches_a_small_part_of_it(tmp_path: Path) -> None:
+    """Opening a 4096² px COG over HTTP and reading one 256² px chunk window (with a reflected
+    edge) fetches its header and the tiles it needs, not the file."""
+    from rasterio.windows import Window
+
+    from geoseg.reader import close_readers, read_padded
+
+    root = tmp_path / "www"
+    root.mkdir()
+    rng = np.random.default_rng(11)
+    data = rng.integers(0, 255, (3, 4096, 4096), dtype=np.uint8)
+    write_tif(root / "big.tif", data, tiled=True, blockxsize=512, blockysize=512)
+    size = (root / "big.tif").stat().st_size
+    with serve(root) as server:
+        scene = open_scene(f"{server.url}/big.tif")
+        opened = server.bytes_served
+        got, valid = read_padded(scene, Window(2100, -20, 256, 256), [1, 2, 3])
+        close_readers()
+    assert valid.all() and np.array_equal(got[:, 20:], data[:, :236, 2100:2356])
+    # the header, and the last tile (read to find a truncated file): 1.6 % of the file
+    assert opened < 0.03 * size, f"opening fetched {opened} of {size} bytes"
+    # and the one tile under the window: 3.2 % of the file in all
+    assert server.bytes_served < 0.06 * size, f"fetched {server.bytes_served} of {size} bytes"
