@@ -160,8 +160,9 @@ def _polygonal(g: shapely.Geometry) -> shapely.Geometry:
 def finish_polygons(job: PolygonJob, pieces: Pieces, traced: bool = False) -> FeatureBatch:
     """Pixel-space components → filtered, simplified polygons in the work CRS with attributes.
 
-    ``traced``: the pieces come straight from :func:`trace_polygons`, which keeps only the
-    corners of each ring; joined seam pieces may have collinear vertices.
+    ``traced``: the pieces come from :func:`trace_polygons` or
+    :func:`geoseg.vectorize.trace.join_pixel_polygons`, which keep only the corners of each
+    ring; other pixel polygons may have collinear vertices.
     """
     if len(pieces) == 0:
         return FeatureBatch.empty()

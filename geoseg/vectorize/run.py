@@ -271,7 +271,7 @@ class _Vectorization:
             merged = self.mergers[lyr].add(ch)
             job = self.jobs[lyr]
             assert isinstance(job, PolygonJob)
-            self.writers[lyr].write(finish_polygons(job, merged))
+            self.writers[lyr].write(finish_polygons(job, merged, traced=True))
             self.next += 1
 
     def publish(self, path: str | os.PathLike[str]) -> VectorizeOutputs:
@@ -280,7 +280,7 @@ class _Vectorization:
         for lyr, merger in self.mergers.items():
             job = self.jobs[lyr]
             assert isinstance(job, PolygonJob)
-            self.writers[lyr].write(finish_polygons(job, merger.finish()))
+            self.writers[lyr].write(finish_polygons(job, merger.finish(), traced=True))
         counts: dict[str, LayerOutput] = {}
         for _, layer, kind in self.plan:
             job = self.jobs[layer]

@@ -13,6 +13,7 @@ import numpy as np
 import shapely
 
 from geoseg.vectorize.polygons import ChunkPolygons, Pieces
+from geoseg.vectorize.trace import join_pixel_polygons
 
 __all__ = ["SeamMerger"]
 
@@ -78,7 +79,8 @@ class SeamMerger:
         self._open[ra] += self._open.pop(rb)
 
     def add(self, ch: ChunkPolygons) -> Pieces:
-        """Add one chunk's seam pieces; return the components completed by it."""
+        """Add one chunk's seam pieces; return the components completed by it, each one
+        polygon with only its corners as vertices (see :func:`join_pixel_polygons`)."""
         r, c = ch.index
         self._arrived.add(ch.index)
         seam = ch.seam
@@ -154,7 +156,7 @@ class SeamMerger:
             for m in members:
                 del self._parent[m]
             shapes_ = np.array([p[0] for p in parts], dtype=object)
-            geoms[g] = shapes_[0] if len(parts) == 1 else shapely.union_all(shapes_)
+            geoms[g] = shapes_[0] if len(parts) == 1 else join_pixel_polygons(shapes_)
             key[g] = min(p[1] for p in parts)
             count[g] = sum(p[2] for p in parts)
             csum[g] = sum(p[3] for p in parts)

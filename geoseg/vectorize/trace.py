@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import shapely
 
-__all__ = ["trace_polygons"]
+__all__ = ["join_pixel_polygons", "trace_polygons"]
 
 # Directions in (row, col) pixel-vertex space: east, south, west, north (y grows downwards).
 _DR = np.array([0, 1, 0, -1], dtype=np.int64)
@@ -74,7 +74,6 @@ def trace_polygons(labels: np.ndarray, n: int, origin: tuple[int, int] = (0, 0))
     sc = np.concatenate((sc_h, sc_v)).astype(np.int64)
     d = np.concatenate((d_h, d_v)).astype(np.int64)
     lab = np.concatenate((lab_h, lab_v)).astype(np.int64)
-    m = sr.size
     # Next edge: from the end vertex, turn right if the pixel ahead-right is ours (also where
     # ours touch only diagonally: then the two regions of other pixels there stay apart, so a
     # hole touching the outside at a corner is its own ring, as GDAL makes it), else go
@@ -88,8 +87,23 @@ def trace_polygons(labels: np.ndarray, n: int, origin: tuple[int, int] = (0, 0))
     key = (sr * width + sc) * 4 + d
     order = np.argsort(key, kind="stable")
     want = (er * width + ec) * 4 + nd
-    pos = np.searchsorted(key[order], want)
-    nxt = order[pos]
+    nxt = order[np.searchsorted(key[order], want)]
+    return _polygons(sr, sc, d, lab, nxt, n, origin)
+
+
+def _polygons(
+    sr: np.ndarray,
+    sc: np.ndarray,
+    d: np.ndarray,
+    lab: np.ndarray,
+    nxt: np.ndarray,
+    n: int,
+    origin: tuple[int, int],
+) -> np.ndarray:
+    """Polygons (index label - 1) from directed unit edges: start vertex (sr, sc), direction
+    d, label on the left, and the index of the next edge of each edge's cycle."""
+    geoms = np.empty(n, dtype=object)
+    m = sr.size
     # Cycles: the smallest edge index of each cycle, by pointer jumping. After k rounds each
     # edge holds the minimum over its next 2**k edges; a round that changes nothing means
     # every edge holds its cycle's minimum.
@@ -153,3 +167,61 @@ def trace_polygons(labels: np.ndarray, n: int, origin: tuple[int, int] = (0, 0))
     polys = shapely.from_ragged_array(shapely.GeometryType.POLYGON, xy, (ring_off, poly_off))
     geoms[lab_sorted[poly_start] - 1] = polys
     return geoms
+
+
+def join_pixel_polygons(polys: np.ndarray) -> shapely.Polygon:
+    """The union of pixel polygons that make one 4-connected component (pieces of it cut by
+    chunk seams, each as :func:`trace_polygons` gives it), traced again from their edges.
+
+    Every ring is cut into unit pixel edges, oriented with the component on the left; an edge
+    two pieces share appears in both, in opposite directions, and is dropped. The edges left
+    are the component's boundary, linked into rings with :func:`trace_polygons`' rule (at a
+    vertex where the component touches itself diagonally, turn right). Time and memory are
+    linear in the pieces' perimeter (px), unlike a geometric union of ragged polygons with
+    many holes. The result equals ``trace_polygons`` of the whole component, ring for ring.
+    """
+    rings = shapely.get_rings(polys)
+    nrings = shapely.get_num_interior_rings(polys) + 1
+    exterior = np.zeros(rings.size, dtype=bool)
+    exterior[np.r_[0, np.cumsum(nrings)[:-1]]] = True
+    xy, ring = shapely.get_coordinates(rings, return_index=True)
+    # segments between consecutive coordinates of one ring (rings are closed)
+    same = ring[1:] == ring[:-1]
+    x0, y0 = xy[:-1][same].T
+    x1, y1 = xy[1:][same].T
+    seg_ring = ring[:-1][same]
+    # the shoelace sign of each ring (y down: negative when the component is on the left of
+    # an exterior ring); rings the other way round are walked backwards
+    area2 = np.bincount(seg_ring, weights=x0 * y1 - x1 * y0, minlength=rings.size)
+    flip = np.where(exterior, area2 > 0, area2 < 0)[seg_ring]
+    x0, x1 = np.where(flip, x1, x0), np.where(flip, x0, x1)
+    y0, y1 = np.where(flip, y1, y0), np.where(flip, y0, y1)
+    dx, dy = (x1 - x0).astype(np.int64), (y1 - y0).astype(np.int64)
+    length = np.abs(dx) + np.abs(dy)
+    keep = length > 0
+    dx, dy, length = dx[keep], dy[keep], length[keep]
+    x0, y0 = x0[keep].astype(np.int64), y0[keep].astype(np.int64)
+    seg_d = np.where(dx > 0, 0, np.where(dy > 0, 1, np.where(dx < 0, 2, 3)))
+    # unit edges: the k-th step of each segment
+    k = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
+    d = np.repeat(seg_d, length)
+    sr = np.repeat(y0, length) + k * _DR[d]
+    sc = np.repeat(x0, length) + k * _DC[d]
+    r0, c0 = int(sr.min()) - 1, int(sc.min()) - 1
+    sr, sc = sr - r0, sc - c0
+    width = int(sc.max()) + 2
+    key = (sr * width + sc) * 4 + d
+    er, ec = sr + _DR[d], sc + _DC[d]
+    shared = np.isin(key, (er * width + ec) * 4 + (d + 2) % 4)
+    sr, sc, d, key = sr[~shared], sc[~shared], d[~shared], key[~shared]
+    er, ec = er[~shared], ec[~shared]
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    nxt = np.full(key.size, -1, dtype=np.int64)
+    for nd in ((d + 3) % 4, d, (d + 1) % 4):  # left, straight, right: the last found wins
+        want = (er * width + ec) * 4 + nd
+        pos = np.searchsorted(sorted_key, want).clip(0, key.size - 1)
+        found = sorted_key[pos] == want
+        nxt = np.where(found, order[pos], nxt)
+    lab = np.ones(key.size, dtype=np.int64)
+    return _polygons(sr, sc, d, lab, nxt, 1, (r0, c0))[0]
