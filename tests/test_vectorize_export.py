@@ -119,7 +119,7 @@ def test_failure_leaves_nothing_half_written(
         raise RuntimeError("disk gone")
 
     monkeypatch.setattr(run_module, "build_centerlines", broken)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="^disk gone$"):
         vectorize_prediction(path, out, VectorizeOptions(workers=1, formats=("gpkg",)))
     assert list(out.iterdir()) == []
 
