@@ -327,5 +327,7 @@ def test_a_colour_table_that_matches_no_pixel_of_a_class_is_refused(
     colours = raw["scenes"][0]["labels"][0]["colors"]
     colours[BUILDING] = "background"  # the building colour mapped away by mistake
     colours["#010203"] = "building"  # a colour no mask holds
-    with pytest.raises(InputError, match=r"class 'building': no label source \(.*masks/part_00\d\.png"):
+    with pytest.raises(
+        InputError, match=r"class 'building': no label source \(.*masks/part_00\d\.png"
+    ):
         prepare(parse_config(raw, "t.yml"))
