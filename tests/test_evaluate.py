@@ -216,10 +216,24 @@ def test_apls_detour_penalty_is_relative_length_difference() -> None:
 
 
 def test_road_scores_perfect() -> None:
-    lines = [LineString([(0, 0), (300, 0)]), LineString([(150, 0), (150, 200)])]
-    s = road_scores(lines, lines)
+    """The same roads drawn differently (split at the junction, reversed) score 1; the same
+    roads with one of them missing score a known buffer IoU and APLS below 1."""
+    truth = [LineString([(0, 0), (300, 0)]), LineString([(150, 0), (150, 200)])]
+    drawn = [
+        LineString([(150, 0), (0, 0)]),
+        LineString([(150, 0), (300, 0)]),
+        LineString([(150, 200), (150, 100), (150, 0)]),
+    ]
+    s = road_scores(drawn, truth)
     assert s.iou == pytest.approx(1.0) and s.apls == pytest.approx(1.0)
     assert s.truth_length_m == pytest.approx(500.0)
+    half = road_scores(truth[:1], truth)
+    # 6 m buffers: the horizontal road's band (306 x 6 m with round caps) over the union
+    h = LineString([(0, 0), (300, 0)]).buffer(3.0)
+    u = h.union(LineString([(150, 0), (150, 200)]).buffer(3.0))
+    assert half.iou == pytest.approx(h.area / u.area, rel=1e-3)
+    assert half.recall < 1.0 and half.precision == pytest.approx(1.0)
+    assert half.apls < 0.8
 
 
 def _mask(
@@ -284,14 +298,19 @@ def test_unmapped_truth_values_are_an_error_naming_them(tmp_path: Path) -> None:
 
 
 def test_cli_writes_table_and_json(tmp_path: Path) -> None:
+    """Three of four buildings found and one false building: F1 0.75 in the table and JSON."""
     truth = [box(733700 + 30 * i, 3725000, 733712 + 30 * i, 3725012) for i in range(4)]
     t = _write(tmp_path / "truth.gpkg", truth, "EPSG:32616")
+    found = [*truth[:3], box(733900, 3725100, 733910, 3725110)]
+    p = _write(tmp_path / "pred.gpkg", found, "EPSG:32616")
     report = tmp_path / "r" / "report.json"
-    res = CliRunner().invoke(cli, ["evaluate", "buildings", str(t), str(t), "--json", str(report)])
+    res = CliRunner().invoke(cli, ["evaluate", "buildings", str(p), str(t), "--json", str(report)])
     assert res.exit_code == 0, res.output
-    assert "F1" in res.output and "1.000" in res.output
+    assert "F1" in res.output and "0.750" in res.output
     data = json.loads(report.read_text())
-    assert data["metric"] == "buildings" and data["scores"]["tp"] == 4
+    assert data["metric"] == "buildings"
+    assert (data["scores"]["tp"], data["scores"]["fp"], data["scores"]["fn"]) == (3, 1, 1)
+    assert data["scores"]["f1"] == pytest.approx(0.75)
 
 
 def test_cli_missing_file_is_exit_code_2(tmp_path: Path) -> None:
@@ -303,11 +322,24 @@ def test_cli_missing_file_is_exit_code_2(tmp_path: Path) -> None:
 
 
 def test_apls_with_control_points_along_oblique_edges() -> None:
+    """Control points along oblique edges snap onto the same roads drawn otherwise (reversed,
+    split at odd points), and a road cut in two loses paths across the gap."""
     lines = [
         LineString([(0.1234, 0.6789), (173.3333, 91.7771)]),
         LineString([(50.5, -40.25), (60.75, 130.125)]),
     ]
-    assert apls(road_graph(lines), road_graph(lines), spacing_m=20)[0] == pytest.approx(1.0)
+    a, b = lines[0].coords[0], lines[0].coords[-1]
+    mid = lines[0].interpolate(0.37, normalized=True).coords[0]
+    drawn = [
+        LineString([mid, a]),
+        LineString([mid, b]),
+        LineString(list(lines[1].coords)[::-1]),
+    ]
+    truth = road_graph(lines)
+    assert apls(truth, road_graph(drawn), spacing_m=20)[0] == pytest.approx(1.0, abs=1e-6)
+    cut = LineString([lines[0].interpolate(0.5, normalized=True).coords[0], b])
+    gap = [LineString([a, lines[0].interpolate(0.3, normalized=True).coords[0]]), cut, lines[1]]
+    assert apls(truth, road_graph(gap), spacing_m=20)[0] < 0.9
 
 
 def test_a_prediction_covering_part_of_the_truth_is_reported_and_refused(tmp_path: Path) -> None:
