@@ -125,26 +125,37 @@ def test_failure_leaves_nothing_half_written(
 
 
 def test_cli_writes_layers(tmp_path: Path) -> None:
-    path = write_mask(tmp_path / "s.mask.tif", scene())
-    result = CliRunner().invoke(
-        cli,
-        [
-            "vectorize",
-            str(path),
-            "--out",
-            str(tmp_path / "o"),
-            "--format",
-            "fgb",
-            "--regularize",
-            "--min-area",
-            "5",
-            "--workers",
-            "1",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "o" / "s.buildings.geojson").exists()
-    assert (tmp_path / "o" / "s.roads.fgb").exists()
+    """The CLI writes each layer in each format; --regularize turns a slanted building (a
+    parallelogram) into a right-angled outline."""
+    from rasterio.features import rasterize
+    from shapely.geometry import Polygon
+
+    classes = scene()
+    slanted = Polygon([(60, 162), (110, 162), (122, 186), (72, 186)])  # corners 63° and 117°
+    classes[rasterize([(slanted, 1)], out_shape=classes.shape).astype(bool)] = 1
+    path = write_mask(tmp_path / "s.mask.tif", classes)
+
+    def run(out: str, *extra: str) -> gpd.GeoDataFrame:
+        args = ["vectorize", str(path), "--out", str(tmp_path / out), "--format", "fgb"]
+        result = CliRunner().invoke(cli, [*args, "--min-area", "5", "--workers", "1", *extra])
+        assert result.exit_code == 0, result.output
+        assert (tmp_path / out / "s.buildings.geojson").exists()
+        assert (tmp_path / out / "s.roads.fgb").exists()
+        return pyogrio.read_dataframe(tmp_path / out / "s.buildings.fgb").to_crs(3857)
+
+    def corners(layer: gpd.GeoDataFrame) -> np.ndarray:
+        """Angles (degrees) at the corners of the largest building's outline."""
+        xy = np.asarray(layer.geometry.iloc[int(layer.area.argmax())].exterior.coords)[:-1]
+        a, b = np.roll(xy, 1, axis=0) - xy, np.roll(xy, -1, axis=0) - xy
+        cos = (a * b).sum(axis=1) / np.hypot(*a.T) / np.hypot(*b.T)
+        return np.degrees(np.arccos(np.clip(cos, -1, 1)))
+
+    # simplified beyond the pixel steps, the outline keeps its slanted corners; regularized,
+    # every corner is a right angle (to the coordinates' rounding in the written files)
+    plain, straight = run("o", "--simplify", "1.5"), run("r", "--simplify", "1.5", "--regularize")
+    assert len(plain) == len(straight) == 3
+    assert np.abs(corners(plain) - 90).max() > 20
+    assert np.abs(corners(straight) - 90).max() < 2
     bad = CliRunner().invoke(
         cli, ["vectorize", str(path), "--out", str(tmp_path / "o"), "--layer", "building"]
     )
