@@ -76,7 +76,7 @@ def make_sources(folder: Path) -> list[Path]:
     base = rng.integers(0, 255, (3, 26, 21)).astype(np.float32)
     img = np.kron(base, np.ones((8, 8), np.float32))[:, :200, :160]  # blocky: compressible
     img = (img + rng.normal(0, 3, img.shape)).clip(0, 255).astype(np.uint8)
-    variants = {
+    variants: dict[str, dict[str, Any]] = {
         "tiled_deflate": {"tiled": True, "blockxsize": 64, "blockysize": 64, "compress": "deflate"},
         "tiled_raw": {"tiled": True, "blockxsize": 64, "blockysize": 64},
         "striped_lzw": {"blockysize": 16, "compress": "lzw"},

@@ -120,14 +120,13 @@ def test_local_cluster_stays_quiet_beside_the_forward_pass() -> None:
 def test_cpu_workers_share_torch_threads() -> None:
     import torch
 
-    cpu = dict(device="cpu")
     shared = max(1, torch.get_num_threads() // 2)
-    assert engine.local_threads(PredictOptions(**cpu)) == 1
-    assert engine.torch_threads(PredictOptions(**cpu), "cpu") is None  # torch's default
-    assert engine.local_threads(PredictOptions(workers=2, **cpu)) == 2
-    assert engine.torch_threads(PredictOptions(workers=2, **cpu), "cpu") == shared
-    assert engine.torch_threads(PredictOptions(workers=2, threads=3, **cpu), "cpu") == 3
-    remote = PredictOptions(workers=2, scheduler="tcp://elsewhere:8786", **cpu)
+    assert engine.local_threads(PredictOptions(device="cpu")) == 1
+    assert engine.torch_threads(PredictOptions(device="cpu"), "cpu") is None  # torch's default
+    assert engine.local_threads(PredictOptions(workers=2, device="cpu")) == 2
+    assert engine.torch_threads(PredictOptions(workers=2, device="cpu"), "cpu") == shared
+    assert engine.torch_threads(PredictOptions(workers=2, threads=3, device="cpu"), "cpu") == 3
+    remote = PredictOptions(workers=2, scheduler="tcp://elsewhere:8786", device="cpu")
     assert engine.torch_threads(remote, "cpu") is None  # the workers' own machines decide
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import pytest
@@ -185,9 +185,16 @@ class ConvFactory:
         return engine.TorchPredictor(conv, "cpu", "fp32")
 
 
-UTM_1M = dict(crs="EPSG:32633", transform=Affine(1.0, 0, 500_000, 0, -1.0, 5_000_000))
+class Grid(TypedDict):
+    """A scene's georeferencing, as ``write_tif`` takes it."""
+
+    crs: str
+    transform: Affine
+
+
+UTM_1M: Grid = {"crs": "EPSG:32633", "transform": Affine(1.0, 0, 500_000, 0, -1.0, 5_000_000)}
 #: 1e-5 degrees at 60° N: about 0.56 m east-west, 1.11 m north-south
-GEO_60N = dict(crs="EPSG:4326", transform=Affine(1e-5, 0, 10.0, 0, -1e-5, 60.0))
+GEO_60N: Grid = {"crs": "EPSG:4326", "transform": Affine(1e-5, 0, 10.0, 0, -1e-5, 60.0)}
 
 
 def _scene(tmp: Path, name: str, h: int, w: int, nodata: bool = True, **geo: Any) -> Path:

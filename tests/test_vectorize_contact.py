@@ -30,10 +30,16 @@ def _row_of_houses(tmp: Path, chunked: bool = False) -> Path:
     probs = np.zeros((4, *ids.shape), np.uint8)
     for k in range(4):
         probs[k][ids == k] = 230
-    tags = {"GEOSEG_CLASSES": json.dumps(CLASSES), "GEOSEG_MODEL": "m@0123456789ab"}
-    kw = dict(crs=UTM, transform=UTM_TRANSFORM, tags={**tags, "GEOSEG_SCENE": "houses.tif"})
-    write_tif(tmp / "houses.mask.tif", ids[None], nodata=255, **kw, **TILED)
-    return write_tif(tmp / "houses.probs.tif", probs, **kw, **TILED)
+    tags = {
+        "GEOSEG_CLASSES": json.dumps(CLASSES),
+        "GEOSEG_MODEL": "m@0123456789ab",
+        "GEOSEG_SCENE": "houses.tif",
+    }
+    mask = tmp / "houses.mask.tif"
+    write_tif(mask, ids[None], crs=UTM, transform=UTM_TRANSFORM, nodata=255, tags=tags, **TILED)
+    return write_tif(
+        tmp / "houses.probs.tif", probs, crs=UTM, transform=UTM_TRANSFORM, tags=tags, **TILED
+    )
 
 
 def _count(tmp: Path, **opts: object) -> int:
@@ -80,10 +86,16 @@ def test_contact_threshold_cuts_walls_where_building_still_wins(tmp_path: Path) 
     probs[1][ids == 1] = 230
     probs[1, 10:30, 29:31] = 140
     probs[3, 10:30, 29:31] = 89
-    tags = {"GEOSEG_CLASSES": json.dumps(CLASSES), "GEOSEG_MODEL": "m@0123456789ab"}
-    kw = dict(crs=UTM, transform=UTM_TRANSFORM, tags={**tags, "GEOSEG_SCENE": "w.tif"})
-    write_tif(tmp_path / "w.mask.tif", ids[None], nodata=255, **kw, **TILED)
-    path = write_tif(tmp_path / "w.probs.tif", probs, **kw, **TILED)
+    tags = {
+        "GEOSEG_CLASSES": json.dumps(CLASSES),
+        "GEOSEG_MODEL": "m@0123456789ab",
+        "GEOSEG_SCENE": "w.tif",
+    }
+    mask = tmp_path / "w.mask.tif"
+    write_tif(mask, ids[None], crs=UTM, transform=UTM_TRANSFORM, nodata=255, tags=tags, **TILED)
+    path = write_tif(
+        tmp_path / "w.probs.tif", probs, crs=UTM, transform=UTM_TRANSFORM, tags=tags, **TILED
+    )
 
     def count(**opts: object) -> int:
         o = VectorizeOptions(layers={"building": "polygons"}, min_area_m2=0, **opts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from affine import Affine
@@ -11,7 +12,8 @@ from affine import Affine
 from tests.conftest import write_tif
 
 CLASSES = ["background", "building", "road"]
-TILED = {"tiled": True, "blockxsize": 256, "blockysize": 256}
+#: GeoTIFF creation options (rasterio profile keys) for 256 px internal tiles.
+TILED: dict[str, Any] = {"tiled": True, "blockxsize": 256, "blockysize": 256}
 UTM = "EPSG:32614"
 #: 0.5 m pixels in UTM zone 14N (Austin).
 UTM_TRANSFORM = Affine(0.5, 0, 620000.0, 0, -0.5, 3350000.0)
