@@ -7,7 +7,7 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -16,13 +16,16 @@ import yaml
 from geoseg.pipeline import PlannedScene, SceneResult, load_pipeline, run_pipeline
 from tests.pipeline_support import make_model, make_scene, read_pixels, write_pipeline
 
+if TYPE_CHECKING:
+    from distributed import LocalCluster
+
 distributed = pytest.importorskip("distributed")
 
 SCENES = ("d0", "d1")
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[distributed.LocalCluster]:
+def cluster() -> Iterator[LocalCluster]:
     with distributed.LocalCluster(
         n_workers=2,
         threads_per_worker=1,
@@ -78,7 +81,7 @@ def _model_loads() -> tuple[int, int]:
     return os.getpid(), sum(geoseg.predict.LOAD_COUNT.values())
 
 
-def test_cluster_run_matches_local_run(cluster: distributed.LocalCluster, local_run: Path) -> None:
+def test_cluster_run_matches_local_run(cluster: LocalCluster, local_run: Path) -> None:
     job = _job(local_run, "cluster", cluster.scheduler_address)
     summary = run_pipeline(load_pipeline(job))
     assert summary.ok and summary.count("done") == 2
@@ -110,9 +113,7 @@ class KillOneWorker:
     def scene_finished(self, result: SceneResult) -> None: ...
 
 
-def test_worker_killed_mid_scene_is_retried(
-    cluster: distributed.LocalCluster, local_run: Path
-) -> None:
+def test_worker_killed_mid_scene_is_retried(cluster: LocalCluster, local_run: Path) -> None:
     with distributed.Client(cluster) as client:
         pids = list(client.run(os.getpid).values())
     killer = KillOneWorker(pids)
@@ -146,7 +147,7 @@ def _corrupt_middle_tile(path: Path) -> Path:
 
 
 def test_corrupt_tile_read_on_a_worker_is_one_clean_error(
-    cluster: distributed.LocalCluster, tmp_path: Path
+    cluster: LocalCluster, tmp_path: Path
 ) -> None:
     """The error a worker process raises reaches the client as geoseg's own InputError with its
     message (not a bare Exception), in the CLI (one line, exit 2) and in a pipeline's record."""
@@ -184,7 +185,7 @@ def _name_gdal_requests(agent: str | None) -> None:
 
 
 def test_workers_read_remote_scenes_themselves(
-    cluster: distributed.LocalCluster, local_run: Path, monkeypatch: pytest.MonkeyPatch
+    cluster: LocalCluster, local_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Scenes given by URL: each worker process reads its chunks with range requests (no
     shared file system for inputs), and the outputs are the local run's."""
@@ -210,7 +211,7 @@ def test_workers_read_remote_scenes_themselves(
     _assert_same_outputs(local_run, "remote")
 
 
-def _run_remote(cluster: distributed.LocalCluster, local_run: Path, server: Any) -> None:
+def _run_remote(cluster: LocalCluster, local_run: Path, server: Any) -> None:
     """The two scenes of ``local_run``, served by ``server``, through a pipeline on ``cluster``."""
     urls = [f"{server.url}/{name}.tif" for name in SCENES]
     job = _job(local_run, "remote", cluster.scheduler_address)

@@ -81,7 +81,8 @@ def photo(name: str, size: int = 224) -> torch.Tensor:
     from skimage import data, transform
 
     img = transform.resize(getattr(data, name)(), (size, size), anti_aliasing=True)
-    x = (img.astype(np.float32) - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    x = (img.astype(np.float32) - mean) / std
     return torch.from_numpy(x).permute(2, 0, 1)[None]
 
 
@@ -179,9 +180,11 @@ def test_unet_encoder_gets_the_classifier_features(v: LiteVariant) -> None:
     classifier = lite_classifier(v)
     x = photo("coffee")
     with torch.no_grad():
-        features = module.encoder.eval()(x)[-1]
-        h = classifier.bn1(classifier.conv_stem(x))
-        for block in classifier.blocks:
+        features = module.get_submodule("encoder").eval()(x)[-1]
+        h = classifier.get_submodule("bn1")(classifier.get_submodule("conv_stem")(x))
+        blocks = classifier.get_submodule("blocks")
+        assert isinstance(blocks, torch.nn.Sequential)
+        for block in blocks:
             h = block(h)
     torch.testing.assert_close(features, h)
 
@@ -191,7 +194,7 @@ def test_other_band_counts_adapt_the_stem() -> None:
     module = build_module(spec)
     init_encoder(module, spec.encoder, spec.encoder_depth, "lite0-imagenet")
     stem = lite_tensors(LITE0)[0]
-    got = module.encoder.state_dict()["model.conv_stem.weight"]
+    got = module.get_submodule("encoder").state_dict()["model.conv_stem.weight"]
     torch.testing.assert_close(got[:, 3], stem[:, 0] * 0.75)
     torch.testing.assert_close(got[:, :3], stem * 0.75)
 
@@ -220,13 +223,14 @@ def test_weights_file_round_trip_and_errors(tmp_path) -> None:
     torch.manual_seed(1)
     a = build_module(spec)
     path = tmp_path / "enc.safetensors"
-    save_file({k: v.contiguous() for k, v in a.encoder.state_dict().items()}, str(path))
+    state = a.get_submodule("encoder").state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     torch.manual_seed(2)
     b = build_module(spec)
     source = init_encoder(b, spec.encoder, 5, path)
     assert source is not None and "enc.safetensors" in source
-    for k, v in a.encoder.state_dict().items():
-        torch.testing.assert_close(b.encoder.state_dict()[k], v)
+    for k, v in state.items():
+        torch.testing.assert_close(b.get_submodule("encoder").state_dict()[k], v)
     # a whole model's state dict (encoder.* keys) as a .pth works too
     whole = tmp_path / "model.pth"
     torch.save(a.state_dict(), whole)

@@ -26,6 +26,15 @@ outputs:
 """
 
 
+def local(scenes: list[Path | str]) -> list[Path]:
+    """``scene_paths()`` of local files: every one a Path (remote scenes stay strings)."""
+    paths = []
+    for scene in scenes:
+        assert isinstance(scene, Path), scene
+        paths.append(scene)
+    return paths
+
+
 def test_minimal_file_gets_defaults(tmp_path: Path) -> None:
     c = parse_pipeline(GOOD, str(tmp_path / "p.yml"))
     assert c.compute.kind == "local" and c.compute.scenes_in_flight == 2
@@ -108,7 +117,7 @@ def test_globs_lists_and_excludes(tmp_path: Path) -> None:
         'paths: ["scenes/**/*.tif"]\n  list_file: list.txt\n  exclude: ["*_preview.tif"]',
     )
     c = parse_pipeline(text, str(tmp_path / "p.yml"))
-    names = [p.relative_to(tmp_path / "scenes").as_posix() for p in c.scene_paths()]
+    names = [p.relative_to(tmp_path / "scenes").as_posix() for p in local(c.scene_paths())]
     assert names == ["a.tif", "b.tif", "sub/c.tif"]
 
 
@@ -134,7 +143,7 @@ def test_shipped_pipelines_are_valid() -> None:
     configs = {c.name: c for c in load_pipelines(REPO / "pipelines")}
     assert {"demo", "nightly-buildings"} <= set(configs)
     demo = configs["demo"]
-    assert [p.name for p in demo.scene_paths()] == ["banepa_rgb.tif"]
+    assert [p.name for p in local(demo.scene_paths())] == ["banepa_rgb.tif"]
     assert demo.model_path == REPO / "data_samples" / "model"
     nightly = configs["nightly-buildings"]
     assert nightly.schedule is not None and nightly.schedule.timezone == "Europe/Paris"

@@ -177,16 +177,16 @@ def test_run_loop_waits_on_the_clock_and_shuts_down_running_pipelines() -> None:
         pipeline("b", cron="30 * * * *", tz="UTC"),
     ]
     sched, clock, launcher = make(configs, datetime(2026, 2, 1, 8, 50, tzinfo=UTC))
-    stop = threading.Event()
+    done = threading.Event()
     real_wait = clock.wait
 
-    def wait(seconds: float, ev: threading.Event) -> None:
-        real_wait(seconds, ev)
+    def wait(seconds: float, stop: threading.Event) -> None:
+        real_wait(seconds, stop)
         if clock.now() >= datetime(2026, 2, 1, 10, 0, tzinfo=UTC):
-            stop.set()
+            done.set()
 
-    clock.wait = wait  # type: ignore[method-assign]
-    sched.run(stop, grace_s=5)
+    clock.wait = wait  # type: ignore[method-assign]  # a test double's method, replaced
+    sched.run(done, grace_s=5)
     # a started at 09:00 and b at 09:30; neither finished, so both are stopped on shutdown
     assert [name for name, _ in launcher.runs] == ["a", "b"]
     assert all(run.terminated and not run.killed for _, run in launcher.runs)

@@ -13,7 +13,14 @@ from pathlib import Path
 from geoseg.pipeline import load_pipeline, run_pipeline
 from tests.pipeline_support import REPO, make_model, make_scene, write_pipeline
 
-HEAVY = ("torch", "segmentation_models_pytorch", "timm", "distributed", "dask", "rasterio")
+HEAVY: tuple[str, ...] = (
+    "torch",
+    "segmentation_models_pytorch",
+    "timm",
+    "distributed",
+    "dask",
+    "rasterio",
+)
 HEAVY += ("geopandas", "shapely", "pyproj")
 
 PROBE = """
