@@ -130,7 +130,7 @@ def test_prefetch_keeps_order_and_raises_where_the_item_would_come() -> None:
 
     with Prefetch(items(), 3) as feed:
         assert list(feed) == list(range(20))
-    got = []
+    got: list[int] = []
     with pytest.raises(ValueError, match="boom"), Prefetch(items(7), 2) as feed:
         got.extend(feed)
     assert got == list(range(7))

@@ -39,6 +39,7 @@ def test_unlabelled_class_is_never_taught_as_background() -> None:
     for name, unknown in (("partial", partial), ("full", None)):
         x = logits.clone().requires_grad_(True)
         loss(x, y, unknown).backward()
+        assert x.grad is not None
         grads[name] = x.grad[0, :, 0, 0]
     assert grads["partial"][2] <= 0  # road is pushed up or left alone, never down
     assert grads["full"][2] > 0  # a fully labelled chip teaches "not road"

@@ -21,7 +21,7 @@ from tests.vectorize_helpers import write_mask
 def pieces(comp: np.ndarray, rows: list[int], cols: list[int]) -> np.ndarray:
     """``comp`` cut at seam rows and columns: each chunk's components, traced in place."""
     h, w = comp.shape
-    out = []
+    out: list[shapely.Polygon] = []
     for ra, rb in zip([0, *rows], [*rows, h], strict=True):
         for ca, cb in zip([0, *cols], [*cols, w], strict=True):
             labels, n = ndimage.label(comp[ra:rb, ca:cb])

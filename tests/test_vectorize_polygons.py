@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyogrio
@@ -25,6 +26,9 @@ from tests.vectorize_helpers import (
     write_probs,
 )
 
+if TYPE_CHECKING:
+    from geopandas import GeoDataFrame
+
 RAW = {"simplify_m": 0.0, "min_area_m2": 0.0, "layers": {"building": "polygons"}}
 
 
@@ -37,7 +41,7 @@ def reference(classes: np.ndarray, transform: object = UTM_TRANSFORM) -> list[sh
     ]
 
 
-def polygons(tmp: Path, path: Path, **opts: object) -> tuple[np.ndarray, object]:
+def polygons(tmp: Path, path: Path, **opts: object) -> tuple[np.ndarray, GeoDataFrame]:
     outs = vectorize_prediction(path, tmp, VectorizeOptions(formats=("gpkg",), **{**RAW, **opts}))
     df = pyogrio.read_dataframe(outs.layers["buildings"].paths["gpkg"])
     return np.asarray(df.geometry.values), df

@@ -24,10 +24,11 @@ def lines(tmp: Path, path: Path, **opts: object):  # type: ignore[no-untyped-def
 def dangling(df) -> list[tuple[float, float]]:  # type: ignore[no-untyped-def]
     """Line ends that no other line end meets (pixel coordinates)."""
     inv = ~UTM_TRANSFORM
-    ends = Counter()
+    ends: Counter[tuple[float, float]] = Counter()
     for g in df.geometry:
         for x, y in (g.coords[0], g.coords[-1]):
-            ends[tuple(np.round(inv @ (x, y), 3))] += 1
+            px, py = np.round(inv @ (x, y), 3)
+            ends[px, py] += 1
     return [p for p, n in ends.items() if n == 1]
 
 
