@@ -27,7 +27,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check geoseg tests benchmarks
 	$(VENV)/bin/ruff format --check geoseg tests benchmarks
-	$(VENV)/bin/mypy geoseg
+	$(VENV)/bin/mypy geoseg tests
 
 test: lint
 	$(VENV)/bin/pytest -q
