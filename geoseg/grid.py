@@ -142,6 +142,10 @@ class ChunkGrid(Tiling):
 
     @property
     def redundancy(self) -> float:
-        """Pixels run through the model per scene pixel (>= 1): the halo's cost."""
-        total = sum(int(c.padded.width) * int(c.padded.height) for c in self)
-        return total / (self.width * self.height)
+        """Pixels run through the model per scene pixel (>= 1): the halo's cost. A padded
+        window's width depends on its chunk's column alone and its height on its row alone:
+        one row and one column of chunks are summed, not every chunk."""
+        rows, cols = self.shape
+        width = sum(int(self.at(0, c).padded.width) for c in range(cols))
+        height = sum(int(self.at(r, 0).padded.height) for r in range(rows))
+        return width * height / (self.width * self.height)

@@ -32,7 +32,14 @@ from geoseg.model import Bundle, ModelSpec, Normalization, load_module
 from geoseg.raster import Scene, check_writable
 from geoseg.reader import read_padded
 from geoseg.remote import redact
-from geoseg.resample import ResampledGrid, ResamplePlan, resample_plan
+from geoseg.resample import (
+    MAX_RESAMPLE_RATIO,
+    ResampledGrid,
+    ResamplePlan,
+    check_ratio,
+    resample_bytes,
+    resample_plan,
+)
 from geoseg.runtime import cpu_cores
 from geoseg.writer import BLOCK, COMPRESSIONS, DEFAULT_COMPRESS, RasterWriter
 
@@ -58,6 +65,7 @@ __all__ = [
     "TorchPredictor",
     "bundle_factory",
     "check_compatible",
+    "check_resolution",
     "get_predictor",
     "open_client",
     "predict_chunks",
@@ -594,7 +602,9 @@ class PredictOptions:
 
     ``resample``: read each chunk at the model's GSD when the scene's ground resolution differs
     from it by more than :data:`geoseg.resample.RESAMPLE_TOLERANCE` (see
-    :mod:`geoseg.resample`).
+    :mod:`geoseg.resample`). ``max_resample_ratio``: refuse scenes whose ground resolution
+    differs from the model's GSD by more than this many times either way (see
+    :func:`check_resolution`).
     """
 
     chunk: int | None = None
@@ -607,6 +617,7 @@ class PredictOptions:
     scheduler: str | None = None
     max_in_flight: int | None = None
     resample: bool = True
+    max_resample_ratio: float = MAX_RESAMPLE_RATIO
     #: which rasters to write, among :data:`RASTERS`
     rasters: tuple[str, ...] = RASTERS
     #: the COGs' codec, among :data:`geoseg.writer.COMPRESSIONS`
@@ -620,6 +631,10 @@ class PredictOptions:
 
     def __post_init__(self) -> None:
         tta_transforms(self.tta)  # raises ConfigError on an unknown mode
+        if not (math.isfinite(self.max_resample_ratio) and self.max_resample_ratio >= 1):
+            raise ConfigError(
+                f"max resample ratio must be a finite number >= 1, got {self.max_resample_ratio}"
+            )
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         unknown = sorted(set(self.rasters) - set(RASTERS))
@@ -781,10 +796,29 @@ def chunk_for(spec: ModelSpec, halo: int, options: PredictOptions, scene: Scene)
     return default_chunk(spec, halo, options.batch_size, memory, max(scene.width, scene.height))
 
 
+def check_resolution(scene: Scene, spec: ModelSpec, options: PredictOptions) -> None:
+    """Refuse, in one line, a scene that would be read at the model's GSD (``options.resample``)
+    with a ground resolution more than ``options.max_resample_ratio`` times finer or coarser
+    than it, or one without a usable pixel size: the work and memory of a resampled scene grow
+    with that ratio, whatever the chunk."""
+    if not (options.resample and spec.gsd_m):
+        return
+    check_ratio(
+        str(scene.path),
+        scene.ground_res,
+        spec.gsd_m,
+        options.max_resample_ratio,
+        f"warp the scene near {spec.gsd_m:.3g} m first (gdalwarp -tr), predict it as it is "
+        "(--no-resample, pipelines: predict.resample: false), or raise the limit "
+        "(--max-resample-ratio, pipelines: predict.max_resample_ratio)",
+    )
+
+
 def scene_grid(scene: Scene, spec: ModelSpec, options: PredictOptions) -> ChunkGrid | ResampledGrid:
     """The chunk grid of ``scene``: the options' chunk and halo, else the bundle's halo and
     :func:`chunk_for` (model pixels). A :class:`ResampledGrid` when the scene is read at the
-    model's GSD."""
+    model's GSD (after :func:`check_resolution`)."""
+    check_resolution(scene, spec, options)
     halo = spec.halo if options.halo is None else options.halo
     grid = ChunkGrid(
         scene.width,
@@ -983,28 +1017,49 @@ def predict_scene(
         warnings.warn(note, UserWarning, stacklevel=2)
     grid = scene_grid(scene, spec, options)
     chunk = getattr(grid, "chunk", spec.chunk)
+    resample = grid.plan if isinstance(grid, ResampledGrid) else None
+    host = 0
+    if resample is not None:
+        first = grid.at(0, 0)
+        scene_window = resample.scene_window(first.padded, first.core)
+        host = resample_bytes(
+            scene_window,
+            first.padded,
+            len(spec.bands),
+            np.dtype(scene.dtype).itemsize,
+            chunks=options.batch_size,
+        )
+    if not options.scheduler:
+        check_working_set(
+            spec,
+            grid.at(0, 0).padded,
+            options.batch_size,
+            options.device,
+            options.tta,
+            host_bytes=host,
+        )
     if not options.chunk and chunk != spec.chunk:
         log.info(
-            "%s: %d px chunks for the %d px halo on %s (model pixels per scene pixel %.2f)",
+            "%s: %d px chunks for the %d px halo on %s (redundant compute %.2fx)",
             scene.path,
             chunk,
             grid.halo,
             options.device,
             grid.redundancy,
         )
-    if not options.scheduler:
-        check_working_set(
-            spec, grid.at(0, 0).padded, options.batch_size, options.device, options.tta
-        )
-    resample = grid.plan if isinstance(grid, ResampledGrid) else None
-    if resample is not None:
+    if isinstance(grid, ResampledGrid):
         gx, gy = scene.ground_res
         log.info(
-            "%s: read at the model's %.3g m (ground pixels %.3g x %.3g m)",
+            "%s: read at the model's %.3g m (ground pixels %.3g x %.3g m; %.3g x %.3g model "
+            "pixels per scene pixel): %d chunks, %.3g model pixels",
             scene.path,
             spec.gsd_m,
             gx,
             gy,
+            grid.plan.ratio_x,
+            grid.plan.ratio_y,
+            len(grid),
+            float(grid.model_pixels),
         )
     device = resolve_device(options.device)
     if factory is None:
@@ -1172,19 +1227,39 @@ def available_bytes(device: str) -> int | None:
 
 
 def check_working_set(
-    spec: ModelSpec, window: Any, batch: int, device: str, tta: str = "none"
+    spec: ModelSpec,
+    window: Any,
+    batch: int,
+    device: str,
+    tta: str = "none",
+    *,
+    host_bytes: int = 0,
 ) -> None:
     """Refuse chunk, halo and batch sizes whose forward pass cannot fit in memory, before
     anything is allocated (a 100000 px halo once asked for 112 GiB). ``tta``: the test-time
-    augmentation mode, among :data:`TTA`."""
+    augmentation mode, among :data:`TTA`. ``host_bytes``: memory (bytes) the chunks take on
+    this machine besides the forward pass (resampling them to the model's GSD, see
+    :func:`geoseg.resample.resample_bytes`); on a GPU it is checked against this machine's
+    memory."""
     h, w = int(window.height), int(window.width)
     need = forward_bytes_lower_bound(spec, batch, h, w, augmented=tta != "none")
     device = resolve_device(device)
+    if device == "cpu":
+        need += host_bytes
+    elif host_bytes:
+        have = available_bytes("cpu")
+        if have is not None and host_bytes > have:
+            raise ConfigError(
+                f"resampling {batch} window(s) of {w} x {h} model px needs at least "
+                f"{host_bytes / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB available "
+                "on this machine; use a smaller --chunk or --batch-size"
+            )
     have = available_bytes(device)
     if have is not None and need > have:
+        also = " and resampling" if device == "cpu" and host_bytes else ""
         raise ConfigError(
-            f"a forward pass on {batch} window(s) of {w} x {h} px (chunk plus halo) needs at "
-            f"least {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB available on "
+            f"a forward pass{also} on {batch} window(s) of {w} x {h} px (chunk plus halo) needs "
+            f"at least {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB available on "
             f"{device}; use a smaller --chunk, --halo or --batch-size"
         )
 

@@ -27,6 +27,7 @@ from rasterio.windows import Window
 from geoseg.grid import Chunk, Tiling, round_up
 
 __all__ = [
+    "MAX_RESAMPLE_RATIO",
     "RESAMPLE_TOLERANCE",
     "VALID_FRACTION",
     "ResamplePlan",
@@ -34,6 +35,8 @@ __all__ = [
     "Taps",
     "apply_taps",
     "axis_ratio",
+    "check_ratio",
+    "resample_bytes",
     "resample_plan",
     "taps",
     "weights",
@@ -42,6 +45,11 @@ __all__ = [
 #: A scene is resampled along an axis when its ground resolution there differs from the
 #: model's GSD by more than this fraction.
 RESAMPLE_TOLERANCE = 0.05
+
+#: The largest resampling ratio (model pixels per scene pixel, or scene pixels per model pixel)
+#: read by default: memory and time grow with the ratio, not with the chunk (1000x upsampling
+#: of a 300 m scene for a 0.3 m model plans half a million chunks).
+MAX_RESAMPLE_RATIO = 8.0
 
 #: A model pixel is valid when at least this fraction of its weight falls on valid scene
 #: pixels; invalid ones are 0 after normalization (the band mean), as nodata pixels are.
@@ -55,6 +63,10 @@ _EPS = 1e-9
 #: :data:`_CORE_MULTIPLE`, so that the writer can stream overview levels chunk by chunk.
 _CORE_ROUNDED = 512
 _CORE_MULTIPLE = 32
+
+#: The most taps (destination pixels x source pixels each) one :func:`taps` call allocates:
+#: 2**28 float64 weights are 2 GiB. A degenerate pixel size (1e-9 m) once asked for 286 GiB.
+_MAX_TAPS = 2**28
 
 Kind = Literal["area", "bilinear"]
 
@@ -99,6 +111,11 @@ def taps(dst_start: int, dst_n: int, ratio: float, kind: Kind | None = None) -> 
     if dst_n < 1 or not ratio > 0:
         raise ValueError(f"need dst_n >= 1 and ratio > 0, got {dst_n} and {ratio}")
     kind = kind or kind_for(ratio)
+    if kind == "area" and dst_n * (1.0 / ratio + 2.0) > _MAX_TAPS:
+        raise ValueError(
+            f"resampling {dst_n} pixels at {ratio:.3g} destination pixels per source pixel "
+            f"needs about {dst_n / ratio:.3g} source taps, more than {_MAX_TAPS:.3g}"
+        )
     d = np.arange(dst_start, dst_start + dst_n, dtype=np.float64)
     if kind == "area":
         a, b = d / ratio, (d + 1.0) / ratio
@@ -194,6 +211,46 @@ def axis_ratio(ground_m: float, gsd_m: float, tolerance: float = RESAMPLE_TOLERA
     that is within ``tolerance`` of 1 (the axis is not resampled)."""
     ratio = ground_m / gsd_m
     return ratio if abs(ratio - 1.0) > tolerance else 1.0
+
+
+def check_ratio(
+    name: str, ground_res: tuple[float, float], gsd_m: float, max_ratio: float, ways_out: str
+) -> None:
+    """Raise :class:`~geoseg.errors.InputError` (one line naming ``name``, both resolutions and
+    ``ways_out``) when ``ground_res`` (metres per pixel along x, y) is not a finite positive
+    size, or differs from ``gsd_m`` (metres) by more than ``max_ratio`` times either way."""
+    from geoseg.errors import InputError
+
+    gx, gy = ground_res
+    if not all(math.isfinite(g) and g > 0 for g in ground_res) or not gsd_m > 0:
+        raise InputError(
+            f"{name}: ground resolution {gx:.3g} x {gy:.3g} m per pixel cannot be resampled to "
+            f"the model's {gsd_m:.3g} m; {ways_out}"
+        )
+    worst = max(max(g / gsd_m, gsd_m / g) for g in ground_res)
+    if worst > max_ratio:
+        coarse = max(ground_res) / gsd_m > max_ratio
+        way = "coarser" if coarse else "finer"
+        raise InputError(
+            f"{name}: ground resolution {gx:.3g} x {gy:.3g} m per pixel is {worst:.3g}x {way} "
+            f"than the model's {gsd_m:.3g} m, beyond the {max_ratio:g}x resampling limit; "
+            f"{ways_out}"
+        )
+
+
+def resample_bytes(
+    scene: Window, model: Window, bands: int, itemsize: int, *, chunks: int = 1
+) -> int:
+    """Host memory (bytes) that resampling one chunk takes: the raw pixels of its ``scene``
+    window (``bands`` of ``itemsize`` bytes), one band and the validity as float32 on the scene
+    grid, the rows resampled (model rows x scene columns) and the model window's bands and
+    validity as float32; times ``chunks`` resampled at once."""
+    sh, sw = int(scene.height), int(scene.width)
+    mh, mw = int(model.height), int(model.width)
+    on_scene = sh * sw * (bands * itemsize + 4 + 4 + 1)
+    between = 2 * mh * sw * 4
+    on_model = (bands + 2) * mh * mw * 4
+    return chunks * (on_scene + between + on_model)
 
 
 @dataclass(frozen=True)
@@ -347,7 +404,17 @@ class ResampledGrid(Tiling):
         return math.ceil(self.plan.halo / min(self.plan.ratio_x, self.plan.ratio_y))
 
     @property
+    def model_pixels(self) -> int:
+        """Model pixels run through the model for the whole scene (every chunk's model
+        window). A model window's columns depend on its chunk's column alone and its rows on
+        its row alone, so this sums one row and one column of chunks, not every chunk."""
+        rows, cols = self.shape
+        width = sum(int(self.at(0, c).padded.width) for c in range(cols))
+        height = sum(int(self.at(r, 0).padded.height) for r in range(rows))
+        return width * height
+
+    @property
     def redundancy(self) -> float:
         """Model pixels run through the model per model pixel of the scene (>= 1)."""
-        total = sum(int(c.padded.width) * int(c.padded.height) for c in self)
-        return total / (self.width * self.plan.ratio_x * self.height * self.plan.ratio_y)
+        scene = self.width * self.plan.ratio_x * self.height * self.plan.ratio_y
+        return self.model_pixels / scene

@@ -52,6 +52,14 @@ log = logging.getLogger("geoseg.cli")
 )
 @compute_options
 @resample_option
+@click.option(
+    "--max-resample-ratio",
+    type=click.FloatRange(min=1.0),
+    default=8.0,
+    show_default=True,
+    help="Refuse scenes whose ground resolution is more than this many times finer or coarser "
+    "than the model's GSD (with --resample): their time and memory grow with the ratio.",
+)
 @tta_option
 @backend_option
 @click.option(
@@ -93,6 +101,7 @@ def predict(
     workers: int | None,
     scheduler: str | None,
     resample: bool = True,
+    max_resample_ratio: float = 8.0,
     tta: str = "none",
     backend: str = "auto",
     also_vectorize: bool = False,
@@ -106,7 +115,13 @@ def predict(
     rasters = needed_rasters(keep)
     from geoseg.backends import resolve_backend
     from geoseg.model import check_weights, load_bundle
-    from geoseg.predict import PredictOptions, check_compatible, resolve_device, warm_up
+    from geoseg.predict import (
+        PredictOptions,
+        check_compatible,
+        check_resolution,
+        resolve_device,
+        warm_up,
+    )
     from geoseg.raster import check_writable, open_scene
     from geoseg.vectorize.options import VectorizeOptions
     from geoseg.vectorize.run import vector_cluster
@@ -122,6 +137,7 @@ def predict(
         workers=workers,
         scheduler=scheduler,
         resample=resample,
+        max_resample_ratio=max_resample_ratio,
         rasters=rasters,
         compress=compress,
         tta=tta,
@@ -132,6 +148,7 @@ def predict(
     _check_distinct_outputs(opened)
     for scene in opened:
         check_compatible(scene, bundle.spec, resample=resample)
+        check_resolution(scene, bundle.spec, options)
     check_weights(bundle)  # after the cheap checks, before any cluster starts or allocation
     remote_out = out if is_remote(out) else None
     if remote_out is not None:

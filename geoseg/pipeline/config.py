@@ -115,6 +115,13 @@ class PredictSettings(_Strict):
         description="Read each chunk at the model's ground sample distance when the scene's "
         "differs from it by more than 5 % on an axis (false: read scenes as they are).",
     )
+    max_resample_ratio: float = Field(
+        8.0,
+        ge=1.0,
+        allow_inf_nan=False,
+        description="Refuse scenes whose ground resolution is more than this many times finer "
+        "or coarser than the model's GSD (with resample): their time and memory grow with it.",
+    )
     tta: Literal["none", "flips", "d4"] = Field(
         "none",
         description="Test-time augmentation: average each chunk's class probabilities over its "
@@ -338,11 +345,13 @@ class PipelineConfig(_Strict):
         """SHA-256 of every setting that changes the outputs (not inputs, compute or schedule)."""
         relevant = {
             "schema_version": self.schema_version,
-            # tta and backend only when set: pipelines hashed before they existed keep their hash
+            # tta, backend and max_resample_ratio only when set: pipelines hashed before they
+            # existed keep their hash
             "predict": self.predict.model_dump(
                 mode="json",
                 exclude=({"tta"} if self.predict.tta == "none" else set())
-                | ({"backend"} if self.predict.backend == "auto" else set()),
+                | ({"backend"} if self.predict.backend == "auto" else set())
+                | ({"max_resample_ratio"} if self.predict.max_resample_ratio == 8.0 else set()),
             ),
             "vectorize": self.vectorize_options().model_dump(mode="json"),
             # compress only when set: pipelines hashed before it existed keep their hash

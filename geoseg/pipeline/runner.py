@@ -307,6 +307,7 @@ def predict_options(config: PipelineConfig, scheduler: str | None = None) -> Pre
         device=p.device,
         precision=p.precision,
         resample=p.resample,
+        max_resample_ratio=p.max_resample_ratio,
         tta=p.tta,
         backend=p.backend,
         threads=c.threads,

@@ -310,6 +310,13 @@ class TrainConfig(_Strict):
         description="Read scenes whose ground resolution differs from model.gsd_m by more than "
         "5 % resampled to it (needs model.gsd_m).",
     )
+    max_resample_ratio: float = Field(
+        8.0,
+        ge=1.0,
+        allow_inf_nan=False,
+        description="Refuse scenes whose ground resolution is more than this many times finer "
+        "or coarser than model.gsd_m (with resample): their chips would be mostly made up.",
+    )
     weights_dtype: Literal["float32", "float16"] = Field(
         "float32", description="Storage type of the bundle's weights (float16: half the size)."
     )
@@ -357,7 +364,9 @@ class TrainConfig(_Strict):
     def fingerprint(self) -> str:
         """Hash of everything that shapes training except the epoch count and output paths."""
         data = self.model_dump(
-            mode="json", exclude={"out", "checkpoint", "checkpoint_minutes", "snapshot"}
+            mode="json",
+            # max_resample_ratio only refuses scenes: it never changes what is trained
+            exclude={"out", "checkpoint", "checkpoint_minutes", "snapshot", "max_resample_ratio"},
         )
         data["optim"].pop("epochs")
         data["optim"].pop("device")

@@ -33,6 +33,7 @@ from geoseg.model import (
 from geoseg.predict import check_compatible, resolve_device
 from geoseg.raster import Scene
 from geoseg.reader import read_padded
+from geoseg.resample import check_ratio
 from geoseg.train.cache import ChipCache
 from geoseg.train.checkpoint import Checkpoint, Snapshot, position
 from geoseg.train.chips import (
@@ -140,7 +141,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
     """Open scenes, check labels, compute band statistics and plan the chips.
 
     With ``model.gsd_m`` set and ``resample`` on, scenes at another ground resolution are cut
-    into chips on a virtual grid at the model's GSD (resampled reads, no copy of the scene).
+    into chips on a virtual grid at the model's GSD (resampled reads, no copy of the scene);
+    a scene more than ``max_resample_ratio`` times finer or coarser than it is refused.
     Every label file is checked (sizes, colours) before any chip is read.
     """
     spec = cfg.model
@@ -151,6 +153,16 @@ def prepare(cfg: TrainConfig) -> Prepared:
     for scene in scenes:
         check_compatible(scene, spec)
     gsd = spec.gsd_m if spec.gsd_m else round(mean_gsd(scenes), 4)
+    if cfg.resample and spec.gsd_m:
+        for item, scene in zip(items, scenes, strict=True):
+            check_ratio(
+                item.image,
+                scene.ground_res,
+                gsd,
+                cfg.max_resample_ratio,
+                f"warp the scene near {gsd:.3g} m first (gdalwarp -tr), train on it as it is "
+                "(resample: false), or raise the limit (max_resample_ratio)",
+            )
     grids = [
         virtual_grid(scene, gsd) if (cfg.resample and spec.gsd_m) else None for scene in scenes
     ]
