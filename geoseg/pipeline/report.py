@@ -242,6 +242,42 @@ def _layer(path: str | None, limit: int | None) -> Any:
     return gdf.to_crs("EPSG:4326") if gdf.crs is not None else None
 
 
+_MAP_OPEN, _MAP_CLOSE = "<!-- geoseg-map {} -->", "<!-- /geoseg-map -->"
+
+
+def _map_key(scenes: list[_Scene]) -> str:
+    """What the map is drawn from: each scene's footprint and the size and modification time
+    of its building and change layers (a stat, no geometry read)."""
+    import hashlib
+    import json
+
+    parts = []
+    for s in scenes:
+        stamps = {}
+        for name, path in sorted(s.files.items()):
+            if (name.startswith("building") and name.endswith(".geojson")) or name == "changes":
+                try:
+                    st = os.stat(path) if not is_remote(path) else None
+                except OSError:
+                    st = None
+                stamps[name] = [path, st.st_size, st.st_mtime_ns] if st else [path]
+        parts.append([s.stem, s.info.get("footprint"), stamps])
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _cached_map(scenes: list[_Scene], previous: str | None) -> str:
+    """The map between markers that carry its key: taken from the ``previous`` page when its
+    key is the same (a run that only skipped redraws nothing, and reads no geometry), else
+    drawn anew."""
+    key = _map_key(scenes)
+    start = _MAP_OPEN.format(key)
+    if previous and start in previous:
+        body = previous.split(start, 1)[1]
+        if _MAP_CLOSE in body:
+            return start + body.split(_MAP_CLOSE, 1)[0] + _MAP_CLOSE
+    return start + _map(scenes) + _MAP_CLOSE
+
+
 def _map(scenes: list[_Scene]) -> str:
     """The inline SVG map, or a line saying there is nothing to draw."""
     from shapely.geometry import shape
@@ -345,10 +381,15 @@ def _totals(scenes: list[_Scene]) -> str:
 
 
 def render_report(
-    ledger: Ledger, run_id: int, base: Path | None = None, link_base: str | None = None
+    ledger: Ledger,
+    run_id: int,
+    base: Path | None = None,
+    link_base: str | None = None,
+    previous: str | None = None,
 ) -> str:
     """The HTML of run ``run_id``'s report. Links to outputs are relative to the folder
-    ``base`` (where the page will live), or under the prefix ``link_base`` (a bucket)."""
+    ``base`` (where the page will live), or under the prefix ``link_base`` (a bucket); the map
+    of a ``previous`` page is reused when it was drawn from the same footprints and layers."""
     run = ledger.run(run_id)
     if run is None:
         raise OutputError(f"{ledger.path}: no run with id {run_id}")
@@ -372,7 +413,7 @@ def render_report(
             _run_part(run),
             _totals(scenes),
             "<h2>Map</h2>",
-            _map(scenes),
+            _cached_map(scenes, previous),
             legend,
             "<h2>Scenes</h2>",
             "<table><thead><tr><th>quicklook</th><th>scene and outputs</th><th>status</th>"
@@ -393,11 +434,15 @@ def write_report(
 ) -> Path:
     """Write run ``run_id``'s report to ``out``, atomically; links are relative to its folder
     (or under ``link_base``)."""
-    from geoseg.raster import atomic_path
+    from geoseg.tempfiles import temporary_path
 
     out = Path(out)
-    text = render_report(ledger, run_id, out.resolve().parent, link_base)
-    tmp = atomic_path(out)
+    try:
+        previous: str | None = out.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        previous = None
+    text = render_report(ledger, run_id, out.resolve().parent, link_base, previous)
+    tmp = temporary_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text, encoding="utf-8")
