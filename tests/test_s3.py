@@ -199,6 +199,8 @@ def test_pipeline_from_s3_to_s3_records_urls_and_reruns_lost_objects(
     assert set(outputs) == {"probs", "mask", "buildings.geojson", "roads.geojson", "quicklook"}
     store, _ = _store(f"s3://{bucket}/")
     keys = sorted(o["path"] for batch in obstore.list(store, prefix="out/") for o in batch)
+    assert "out/report.html" in keys  # the run's report beside the scenes' outputs
+    keys.remove("out/report.html")
     assert len(keys) == 10 and all(k.startswith(("out/t0/t0.", "out/t1/t1.")) for k in keys)
     assert not (tmp_path / "out").exists()  # nothing local
 
