@@ -32,7 +32,7 @@ from tests.test_train import ORIGIN, _config
 UTM = "EPSG:32645"
 X0, Y0 = 3e5, 3e6
 
-#: name: (width, height, pixel size x, pixel size y, CRS, x0, y0), as the issue wrote them
+#: name: (width, height, pixel size x, pixel size y, CRS, x0, y0) of each awkward scene
 SCENES = {
     "s10m": (256, 256, 10.0, 10.0, UTM, X0, Y0),
     "s30m": (64, 64, 30.0, 30.0, UTM, X0, Y0),
