@@ -41,6 +41,7 @@ __all__ = [
     "Scene",
     "atomic_path",
     "check_writable",
+    "describe_ungeoreferenced",
     "gdal_env",
     "ground_resolution",
     "limit_block_cache",
@@ -263,8 +264,16 @@ def write_error(path: Path, exc: BaseException, what: str) -> OutputError:
     return OutputError(f"{what} ({first_line(exc)})")
 
 
-def _describe(src: Any, p: str | Path, name: str) -> Scene:
-    """The scene ``name`` (shown as ``p`` in messages) if geoseg can process it."""
+def describe_ungeoreferenced(src: Any, grid: tuple[CRS, Affine]) -> Scene:
+    """The scene of an open image that carries no georeference, placed on ``grid`` (a CRS and
+    a north-up transform that the caller chose, such as a local metric grid); every other
+    check of :func:`open_scene` applies."""
+    return _describe(src, src.name, os.path.abspath(src.name), grid)
+
+
+def _describe(src: Any, p: str | Path, name: str, grid: tuple[CRS, Affine] | None = None) -> Scene:
+    """The scene ``name`` (shown as ``p`` in messages) if geoseg can process it; ``grid``
+    stands in for the georeference of an image that has none."""
     if src.count < 1:
         raise InputError(f"{p}: has no raster bands")
     dtypes = set(src.dtypes)
@@ -275,7 +284,33 @@ def _describe(src: Any, p: str | Path, name: str) -> Scene:
         )
     if len(dtypes) > 1:
         raise InputError(f"{p}: bands have mixed data types {sorted(dtypes)}")
-    t = src.transform
+    crs, t = grid if grid is not None else (src.crs, src.transform)
+    if grid is None:
+        _check_georeference(src, p, t)
+    flags = src.mask_flag_enums
+    has_mask = any(MaskFlags.all_valid not in f for f in flags)
+    alpha = None
+    for i, ci in enumerate(src.colorinterp, start=1):
+        if ci.name == "alpha":
+            alpha = i
+    return Scene(
+        path=name,
+        width=src.width,
+        height=src.height,
+        count=src.count,
+        dtype=src.dtypes[0],
+        crs=crs,
+        transform=t,
+        nodata=src.nodata,
+        block_shape=tuple(src.block_shapes[0]),
+        has_mask=has_mask or np.dtype(src.dtypes[0]).kind == "f",
+        alpha_band=alpha,
+        tags=dict(src.tags()),
+    )
+
+
+def _check_georeference(src: Any, p: str | Path, t: Affine) -> None:
+    """Refuse a raster whose pixels have no place on a north-up grid."""
     if t.b != 0 or t.d != 0:
         raise InputError(
             f"{p}: has a rotated or sheared geotransform {tuple(t)[:6]}; geoseg needs a "
@@ -289,26 +324,6 @@ def _describe(src: Any, p: str | Path, name: str) -> Scene:
         raise InputError(f"{p}: has a CRS but no geotransform, so its pixels have no place")
     if t.e > 0:
         raise InputError(f"{p}: is stored bottom-up (positive y pixel size); warp it first")
-    flags = src.mask_flag_enums
-    has_mask = any(MaskFlags.all_valid not in f for f in flags)
-    alpha = None
-    for i, ci in enumerate(src.colorinterp, start=1):
-        if ci.name == "alpha":
-            alpha = i
-    return Scene(
-        path=name,
-        width=src.width,
-        height=src.height,
-        count=src.count,
-        dtype=src.dtypes[0],
-        crs=src.crs,
-        transform=t,
-        nodata=src.nodata,
-        block_shape=tuple(src.block_shapes[0]),
-        has_mask=has_mask or np.dtype(src.dtypes[0]).kind == "f",
-        alpha_band=alpha,
-        tags=dict(src.tags()),
-    )
 
 
 def _probe_last_block(src: Any, p: str | Path) -> None:

@@ -221,33 +221,39 @@ def list_matching(pattern: str) -> list[str]:
     return sorted(base + k for k in listed if regex.fullmatch(k))
 
 
-def glob_regex(pattern: str) -> re.Pattern[str]:
+def glob_regex(pattern: str, capture: bool = False) -> re.Pattern[str]:
     """A regular expression for the glob ``pattern`` over ``/``-separated keys, with the
     meaning :func:`glob.glob` gives it with ``recursive=True``: ``*``, ``?`` and ``[…]`` never
-    match ``/``; ``**/`` matches any number of folders (none too), a final ``**`` anything."""
+    match ``/``; ``**/`` matches any number of folders (none too), a final ``**`` anything.
+    With ``capture``, each wildcard is a group, so that two globs' matches can be paired by
+    what their wildcards matched."""
     out: list[str] = []
+
+    def add(part: str) -> None:
+        out.append(f"({part})" if capture else part)
+
     i, n = 0, len(pattern)
     while i < n:
         ch = pattern[i]
         if pattern.startswith("**", i) and (i == 0 or pattern[i - 1] == "/"):
             if pattern.startswith("**/", i):
-                out.append("(?:[^/]*/)*")
+                add("(?:[^/]*/)*")
                 i += 3
                 continue
             if i + 2 == n:
-                out.append(".*")
+                add(".*")
                 i += 2
                 continue
         if ch == "*":
-            out.append("[^/]*")
+            add("[^/]*")
         elif ch == "?":
-            out.append("[^/]")
+            add("[^/]")
         elif ch == "[" and (end := pattern.find("]", i + 2)) != -1:
             body = pattern[i + 1 : end]
             negate = body.startswith("!")
             body = body[1:] if negate else body
             body = body.replace("\\", "\\\\").replace("^", "\\^")
-            out.append(f"[^/{body}]" if negate else f"(?!/)[{body}]")
+            add(f"[^/{body}]" if negate else f"(?!/)[{body}]")
             i = end + 1
             continue
         else:

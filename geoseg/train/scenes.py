@@ -13,7 +13,6 @@ import contextlib
 import glob
 import math
 import os
-import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from rasterio.crs import CRS
 
 from geoseg.errors import InputError
 from geoseg.raster import Scene, open_scene
-from geoseg.remote import is_remote
+from geoseg.remote import glob_regex, is_remote
 from geoseg.train.config import HoldOut, LabelSource, SceneConfig
 
 __all__ = [
@@ -76,34 +75,6 @@ def has_magic(path: str) -> bool:
     return glob.has_magic(path)
 
 
-def _pattern(path: str) -> re.Pattern[str]:
-    """A regex for a glob pattern with one capture group per wildcard (``*``, ``?``, ``[...]``);
-    ``*`` and ``?`` never cross a path separator, as in :func:`glob.glob`."""
-    out, i = [], 0
-    while i < len(path):
-        ch = path[i]
-        if ch == "*":
-            while i + 1 < len(path) and path[i + 1] == "*":
-                i += 1
-            out.append(r"([^/]*)")
-        elif ch == "?":
-            out.append(r"([^/])")
-        elif ch == "[":
-            end = path.find("]", i + 2)
-            if end < 0:
-                out.append(re.escape(ch))
-            else:
-                body = path[i + 1 : end]
-                if body.startswith("!"):
-                    body = "^" + body[1:]
-                out.append("([" + body.replace("\\", "\\\\") + "])")
-                i = end
-        else:
-            out.append(re.escape(ch))
-        i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
 def _matches(pattern: str, what: str) -> list[str]:
     """Files matching ``pattern`` (sorted); an error naming the pattern when there are none."""
     found = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
@@ -120,7 +91,7 @@ def pair_paths(images: str, labels: str) -> dict[str, str]:
     """
     image_files = _matches(images, "image")
     label_files = _matches(labels, "label")
-    ip, lp = _pattern(images), _pattern(labels)
+    ip, lp = glob_regex(images, capture=True), glob_regex(labels, capture=True)
     if ip.groups != lp.groups:
         raise InputError(
             f"{labels}: has {lp.groups} wildcard(s) but the image glob {images} has "
@@ -128,12 +99,12 @@ def pair_paths(images: str, labels: str) -> dict[str, str]:
         )
     by_key: dict[tuple[str | None, ...], str] = {}
     for path in label_files:
-        m = lp.match(path)
+        m = lp.fullmatch(path)
         if m is not None:
             by_key[m.groups()] = path
     pairs: dict[str, str] = {}
     for path in image_files:
-        m = ip.match(path)
+        m = ip.fullmatch(path)
         key = m.groups() if m is not None else None
         if key is None or key not in by_key:
             raise InputError(f"{path}: no label file for this image matches {labels}")
@@ -200,16 +171,14 @@ def open_image(path: str, gsd_m: float | None) -> Scene:
     or, with ``gsd_m``, an image without a georeference on a local metric grid (north up, the
     top-left corner at the origin, ``gsd_m`` metres per pixel)."""
     import rasterio
-    from rasterio.errors import NotGeoreferencedWarning, RasterioError
+    from rasterio.errors import RasterioError
 
     from geoseg.raster import gdal_env
 
     if not is_remote(path):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                with gdal_env(), rasterio.open(path) as src:
-                    plain = src.crs is None and src.transform.is_identity and not src.gcps[0]
+            with no_georef_warning(), gdal_env(), rasterio.open(path) as src:
+                plain = src.crs is None and src.transform.is_identity and not src.gcps[0]
         except (RasterioError, OSError) as exc:
             raise InputError(f"{path}: not a readable image ({exc})") from exc
         if plain:
@@ -226,10 +195,8 @@ def open_image(path: str, gsd_m: float | None) -> Scene:
 def _local_scene(path: str, gsd_m: float | None) -> Scene:
     """A scene on :data:`LOCAL_CRS` for an image that carries no georeference."""
     import rasterio
-    from rasterio.enums import MaskFlags
-    from rasterio.errors import NotGeoreferencedWarning
 
-    from geoseg.raster import gdal_env
+    from geoseg.raster import describe_ungeoreferenced, gdal_env
 
     if gsd_m is None:
         raise InputError(
@@ -238,26 +205,6 @@ def _local_scene(path: str, gsd_m: float | None) -> Scene:
         )
     if not math.isfinite(gsd_m) or gsd_m <= 0:
         raise InputError(f"{path}: gsd_m must be a positive number of metres, got {gsd_m}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with gdal_env(), rasterio.open(path) as src:
-            dtypes = set(src.dtypes)
-            if len(dtypes) > 1:
-                raise InputError(f"{path}: bands have mixed data types {sorted(dtypes)}")
-            alpha = next(
-                (i for i, ci in enumerate(src.colorinterp, start=1) if ci.name == "alpha"), None
-            )
-            has_mask = any(MaskFlags.all_valid not in f for f in src.mask_flag_enums)
-            return Scene(
-                path=str(os.path.abspath(path)),
-                width=src.width,
-                height=src.height,
-                count=src.count,
-                dtype=src.dtypes[0],
-                crs=LOCAL_CRS,
-                transform=Affine(gsd_m, 0.0, 0.0, 0.0, -gsd_m, src.height * gsd_m),
-                nodata=src.nodata,
-                block_shape=tuple(src.block_shapes[0]),
-                has_mask=has_mask,
-                alpha_band=alpha,
-            )
+    with no_georef_warning(), gdal_env(), rasterio.open(path) as src:
+        grid = Affine(gsd_m, 0.0, 0.0, 0.0, -gsd_m, src.height * gsd_m)
+        return describe_ungeoreferenced(src, (LOCAL_CRS, grid))
