@@ -7,8 +7,10 @@ chip window, so no full-scene label array is ever made.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -205,12 +207,7 @@ def classes_present(layer: BurnLayer | RasterLayer | MaskLayer) -> frozenset[int
             return frozenset()
         contact = {layer.contact_id} if layer.contact_id is not None else set()
         return frozenset({layer.class_id} | (contact if len(layer.geometries) > 1 else set()))
-    colour = isinstance(layer, MaskLayer) and layer.colour
-    try:
-        with no_georef_warning(), gdal_env(), rasterio.open(layer.path) as ds:
-            used = _distinct(ds, colour=colour)
-    except RasterioError as exc:
-        raise InputError(f"{layer.path}: cannot read label raster ({exc})") from exc
+    used = distinct_values(layer.path, isinstance(layer, MaskLayer) and layer.colour)
     return frozenset(layer.lookup[v] for v in used if v in layer.lookup) - {IGNORE}
 
 
@@ -386,7 +383,7 @@ def _table(src: RasterLabels, ds: Any, classes: list[str]) -> tuple[dict[int, in
     table.update({parse_color(str(c)): IGNORE for c in src.unlabelled})
     palette = _palette(ds)
     if palette is not None:
-        used = _distinct(ds, colour=False)
+        used = distinct_values(str(src.path), colour=False)
         lookup = {}
         for index in used:
             packed = palette.get(index, -1)
@@ -399,7 +396,7 @@ def _table(src: RasterLabels, ds: Any, classes: list[str]) -> tuple[dict[int, in
             f"{src.path}: colors need an RGB mask or a palette image, but it has {ds.count} "
             "band(s) and no colour map; use values for a mask of class values"
         )
-    used = _distinct(ds, colour=True)
+    used = distinct_values(str(src.path), colour=True)
     for packed, count in used.items():
         if packed not in table:
             _unmapped(src, ds, packed, count)
@@ -417,17 +414,32 @@ def _palette(ds: Any) -> dict[int, int] | None:
     return {int(i): (int(c[0]) << 16) | (int(c[1]) << 8) | int(c[2]) for i, c in cmap.items()}
 
 
-def _distinct(ds: Any, colour: bool, block: int = 2048) -> dict[int, int]:
-    """Every pixel value (or packed colour) of an open mask, with its pixel count."""
+def distinct_values(path: str, colour: bool) -> dict[int, int]:
+    """Every pixel value (or colour packed as 0xRRGGBB) of a label file, with its pixel count.
+
+    Kept per file (path, size, modification time): a mask is scanned once, whether its colour
+    table or its classes are being checked.
+    """
+    st = os.stat(path)
+    return dict(_distinct(path, st.st_size, st.st_mtime_ns, colour))
+
+
+@functools.lru_cache(maxsize=256)
+def _distinct(path: str, size: int, mtime_ns: int, colour: bool) -> tuple[tuple[int, int], ...]:
     counts: dict[int, int] = {}
-    for r in range(0, ds.height, block):
-        win = Window(0, r, ds.width, min(block, ds.height - r))
-        raw = ds.read([1, 2, 3] if colour else [1], window=win)
-        values = pack_colours(raw) if colour else raw[0].astype(np.int64)
-        uniq, n = np.unique(values, return_counts=True)
-        for v, c in zip(uniq.tolist(), n.tolist(), strict=True):
-            counts[v] = counts.get(v, 0) + c
-    return counts
+    block = 2048
+    try:
+        with no_georef_warning(), gdal_env(), rasterio.open(path) as ds:
+            for r in range(0, ds.height, block):
+                win = Window(0, r, ds.width, min(block, ds.height - r))
+                raw = ds.read([1, 2, 3] if colour else [1], window=win)
+                values = pack_colours(raw) if colour else raw[0].astype(np.int64)
+                uniq, n = np.unique(values, return_counts=True)
+                for v, c in zip(uniq.tolist(), n.tolist(), strict=True):
+                    counts[v] = counts.get(v, 0) + c
+    except RasterioError as exc:
+        raise InputError(f"{path}: cannot read label raster ({exc})") from exc
+    return tuple(sorted(counts.items()))
 
 
 def _unmapped(src: RasterLabels, ds: Any, value: int, count: int) -> None:
