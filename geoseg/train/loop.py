@@ -213,7 +213,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
             "regions, or set chips.val_fraction above 0"
         )
         raise ConfigError(f"no validation chips: {hint}")
-    weights = _weights(items, labels, holdouts)
+    weights = _weights(items, labels, groups)
     log.info(
         "%d image(s) in %d scene(s): %d training and %d validation chips (%d all-nodata "
         "skipped); normalization %s",
@@ -293,22 +293,21 @@ def _holdout(item: SceneItem, grid: Scene) -> Window | None:
 
 
 def _weights(
-    items: Sequence[SceneItem], labels: Sequence[SceneLabels], holdouts: Sequence[Window | None]
+    items: Sequence[SceneItem], labels: Sequence[SceneLabels], groups: Sequence[int]
 ) -> tuple[float, ...]:
     """Each image's share of random training chips: its scene's weight split among the
-    scene's training images by area (pixels of the chip grid)."""
+    scene's training images (``groups``: each image's configured scene) by area (pixels of
+    the chip grid); an image held out whole gets none."""
     area = [
-        0.0
-        if held is not None and (held.width, held.height) == (lab.scene.width, lab.scene.height)
-        else float(lab.scene.width * lab.scene.height)
-        for lab, held in zip(labels, holdouts, strict=True)
+        0.0 if item.holdout == "all" else float(lab.scene.width * lab.scene.height)
+        for item, lab in zip(items, labels, strict=True)
     ]
-    totals: dict[int, float] = {}
-    for item, a in zip(items, area, strict=True):
-        totals[id(item.config)] = totals.get(id(item.config), 0.0) + a
+    totals = [0.0] * (max(groups, default=0) + 1)
+    for g, a in zip(groups, area, strict=True):
+        totals[g] += a
     return tuple(
-        item.config.weight * a / totals[id(item.config)] if a else 0.0
-        for item, a in zip(items, area, strict=True)
+        item.config.weight * a / totals[g] if a else 0.0
+        for item, a, g in zip(items, area, groups, strict=True)
     )
 
 
