@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 import uuid
@@ -565,31 +566,30 @@ def check_compatible(scene: Scene, spec: ModelSpec, *, resample: bool = False) -
 
     ``resample``: whether the caller reads the scene at the model's GSD (then a different
     ground sample distance is no reason for a warning)."""
+    name = redact(scene.path)
     usable = [b for b in range(1, scene.count + 1) if b != scene.alpha_band]
     missing = [b for b in spec.bands if b > scene.count]
     if missing:
         raise InputError(
-            f"{scene.path}: has {scene.count} band(s) but the model reads bands "
+            f"{name}: has {scene.count} band(s) but the model reads bands "
             f"{spec.bands} ({len(spec.bands)} bands)"
         )
     if scene.alpha_band in spec.bands:
-        raise InputError(f"{scene.path}: model band {scene.alpha_band} is this scene's alpha band")
+        raise InputError(f"{name}: model band {scene.alpha_band} is this scene's alpha band")
     if scene.dtype != spec.dtype:
         raise InputError(
-            f"{scene.path}: pixel type is {scene.dtype} but the model expects {spec.dtype} "
+            f"{name}: pixel type is {scene.dtype} but the model expects {spec.dtype} "
             f"(its normalization assumes {spec.dtype} values); rescale the scene or use a "
             "model trained on this data type"
         )
     notes = []
     if len(usable) > len(spec.bands):
-        notes.append(
-            f"{scene.path}: has {len(usable)} image bands; the model reads bands {spec.bands}"
-        )
+        notes.append(f"{name}: has {len(usable)} image bands; the model reads bands {spec.bands}")
     if spec.gsd_m and not resample:
         ratio = scene.gsd_m / spec.gsd_m
         if ratio > 2 or ratio < 0.5:
             notes.append(
-                f"{scene.path}: ground sample distance {scene.gsd_m:.3g} m is {ratio:.2g}x the "
+                f"{name}: ground sample distance {scene.gsd_m:.3g} m is {ratio:.2g}x the "
                 f"model's {spec.gsd_m:.3g} m; expect poor results (resample the scene, or "
                 "let geoseg read it at the model's GSD: --resample)"
             )
@@ -804,7 +804,7 @@ def check_resolution(scene: Scene, spec: ModelSpec, options: PredictOptions) -> 
     if not (options.resample and spec.gsd_m):
         return
     check_ratio(
-        str(scene.path),
+        redact(str(scene.path)),
         scene.ground_res,
         spec.gsd_m,
         options.max_resample_ratio,
@@ -968,6 +968,72 @@ def output_paths(scene: Scene, out_dir: Path) -> tuple[Path, Path]:
     return out_dir / f"{scene.stem}.probs.tif", out_dir / f"{scene.stem}.mask.tif"
 
 
+#: Extensions of the vector layers' formats (see :data:`geoseg.vectorize.options.FORMATS`).
+_VECTOR_EXTENSIONS = ("geojson", "gpkg", "fgb", "parquet")
+
+
+def stale_outputs(out_dir: Path, stem: str, written: Sequence[Path]) -> list[Path]:
+    """Outputs of scene ``stem`` in ``out_dir`` that an earlier run wrote and this one did not
+    (``written``, every file this run wrote for the scene): its probabilities or class mask
+    when geoseg's tags show that geoseg wrote them, its quicklook, and its vector layers
+    ``<stem>.<layer>.<format>`` (change layers included; a layer name without a dot, so that
+    another scene's files, ``<stem>.x.<layer>.geojson``, never match). They describe another
+    prediction than the files beside them."""
+    keep = {os.path.abspath(p) for p in written}
+    found: list[Path] = []
+    for kind in ("probs", "mask"):
+        path = out_dir / f"{stem}.{kind}.tif"
+        if os.path.abspath(path) not in keep and path.is_file() and _written_by_geoseg(path):
+            found.append(path)
+    layer = re.compile(
+        re.escape(stem) + r"\.(?:quicklook\.png|[^./\\]+\.(?:" + "|".join(_VECTOR_EXTENSIONS) + "))"
+    )
+    with contextlib.suppress(OSError):
+        for entry in sorted(os.scandir(out_dir), key=lambda e: e.name):
+            name, full = entry.name, os.path.abspath(entry.path)
+            if layer.fullmatch(name) and entry.is_file() and full not in keep:
+                found.append(Path(full))
+    return sorted(found)
+
+
+def _written_by_geoseg(path: Path) -> bool:
+    import rasterio
+
+    try:
+        with rasterio.open(path) as src:
+            return "GEOSEG_MODEL" in src.tags()
+    except rasterio.errors.RasterioError:
+        return False
+
+
+def remove_stale_outputs(
+    out_dir: Path, stem: str, written: Sequence[Path], scene: str
+) -> list[Path]:
+    """Delete :func:`stale_outputs` of scene ``scene`` (outputs named ``stem``) once every
+    output of this run (``written``) is in place, with a warning naming them; returns those
+    removed. So a folder never holds a mask of one model beside the layers of another.
+    (:func:`predict_scene` leaves this to its caller, which knows every file it writes.)"""
+    stale = stale_outputs(out_dir, stem, written)
+    removed = []
+    for path in stale:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning("%s: cannot remove the earlier run's %s (%s)", redact(scene), path, exc)
+            continue
+        removed.append(path)
+    if removed:
+        log.warning(
+            "%s: removed %d output(s) of an earlier run that this one did not write: %s",
+            redact(scene),
+            len(removed),
+            ", ".join(p.name for p in removed),
+        )
+    return removed
+
+
 def output_tags(bundle: Bundle, scene: Scene, tta: str = "none") -> dict[str, str]:
     """Metadata stored in every output raster, read back by ``geoseg vectorize``; the
     test-time augmentation mode (``GEOSEG_TTA``) when there was one."""
@@ -1041,7 +1107,7 @@ def predict_scene(
     if not options.chunk and chunk != spec.chunk:
         log.info(
             "%s: %d px chunks for the %d px halo on %s (redundant compute %.2fx)",
-            scene.path,
+            redact(scene.path),
             chunk,
             grid.halo,
             options.device,
@@ -1052,7 +1118,7 @@ def predict_scene(
         log.info(
             "%s: read at the model's %.3g m (ground pixels %.3g x %.3g m; %.3g x %.3g model "
             "pixels per scene pixel): %d chunks, %.3g model pixels",
-            scene.path,
+            redact(scene.path),
             spec.gsd_m,
             gx,
             gy,
@@ -1124,14 +1190,15 @@ def predict_scene(
                 if progress is not None:
                     progress(done, total)
             if vec is not None:
-                log.info("%s: finishing %d vectorize chunks", scene.path, vec.total - vec.finished)
+                left = vec.total - vec.finished
+                log.info("%s: finishing %d vectorize chunks", redact(scene.path), left)
                 vec.finish(writer, _every(VECTOR_PROGRESS_S, partial(_vector_progress, scene)))
         vectors = None if vec is None else vec.publish()
     except BaseException:
         if vec is not None:
             vec.abort()
         raise
-    log.info("%s: %d chunks (%d all-nodata) → %s", scene.path, total, skipped, out)
+    log.info("%s: %d chunks (%d all-nodata) → %s", redact(scene.path), total, skipped, out)
     return PredictOutputs(
         scene.path,
         probs_path if want_probs else None,
@@ -1150,7 +1217,7 @@ VECTOR_PROGRESS_S = 10.0
 
 
 def _vector_progress(scene: Scene, done: int, total: int) -> None:
-    log.info("%s: %d/%d vectorize chunks", scene.path, done, total)
+    log.info("%s: %d/%d vectorize chunks", redact(scene.path), done, total)
 
 
 def _every(seconds: float, report: Callable[[int, int], None]) -> Callable[[int, int], None]:

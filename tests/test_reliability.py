@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -137,6 +138,150 @@ def test_stac_api_search_with_a_token_shows_it_nowhere(tmp_path: Path) -> None:
     assert res.exit_code == 2, res.output
     text = _clean(res)
     assert "Retrying" in text and f"STAC http://127.0.0.1:{port}/: cannot search it" in text, text
+
+
+def test_library_log_lines_of_a_prediction_show_no_signature(
+    tmp_path: Path, www: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A program that uses geoseg as a library and logs its records its own way (no CLI
+    filter between) sees no signature either."""
+    from geoseg.model import load_bundle
+    from geoseg.predict import PredictOptions, open_client, predict_scene
+    from geoseg.raster import open_scene
+    from geoseg.vectorize.options import VectorizeOptions
+
+    options = PredictOptions(device="cpu", precision="fp32")
+    with serve(www) as server, caplog.at_level(logging.DEBUG, logger="geoseg"):
+        scene = open_scene(f"{server.url}/a.tif?{SECRET}")
+        bundle = load_bundle(tmp_path / "model")
+        with open_client(options) as client:
+            out = predict_scene(
+                scene,
+                bundle,
+                tmp_path / "o",
+                options,
+                client,
+                vectorize=VectorizeOptions(workers=1),
+            )
+    assert out.vectors is not None
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"{server.url}/a.tif" in text and "vectorize chunks" in text, text
+    for secret in ("s3cr3t", "k3y"):
+        assert secret not in text, text
+
+
+# -- stale outputs ---------------------------------------------------------------------------
+
+
+def _files(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir() if p.is_file()}
+
+
+def _model_tag(path: Path) -> str:
+    import rasterio
+
+    with rasterio.open(path) as src:
+        return str(src.tags()["GEOSEG_MODEL"])
+
+
+def test_predict_removes_what_an_earlier_run_wrote_and_this_one_does_not(
+    tmp_path: Path, www: Path
+) -> None:
+    out = tmp_path / "o"
+    first, second = make_model(tmp_path / "m1", seed=1), make_model(tmp_path / "m2", seed=2)
+    scene = str(www / "a.tif")
+    res = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            scene,
+            "-m",
+            str(first),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--outputs",
+            "probs,mask,vectors,quicklook",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    earlier = _files(out)
+    assert {"a.probs.tif", "a.mask.tif", "a.quicklook.png", "a.buildings.geojson"} <= earlier
+    # what is not this scene's output, or not geoseg's, stays
+    others = {"a.b.buildings.geojson", "a.notes.txt", "ab.buildings.geojson"}
+    for name in others:
+        (out / name).write_text("{}")
+    (out / "a.b.probs.tif").write_bytes((out / "a.probs.tif").read_bytes())
+    others.add("a.b.probs.tif")
+    res = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            scene,
+            "-m",
+            str(second),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--outputs",
+            "mask",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert _files(out) == {"a.mask.tif"} | others, res.output
+    assert _model_tag(out / "a.mask.tif") != _model_tag(out / "a.b.probs.tif")
+    gone = sorted(earlier - {"a.mask.tif"})
+    assert f"removed {len(gone)} output(s) of an earlier run" in res.output, res.output
+    assert ", ".join(gone) in res.output, res.output
+
+
+def test_a_probability_raster_that_geoseg_did_not_write_is_never_removed(
+    tmp_path: Path, www: Path
+) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    mine = write_tif(out / "a.probs.tif", np.zeros((1, 8, 8), np.uint8))
+    res = CliRunner().invoke(
+        cli,
+        [
+            "predict",
+            str(www / "a.tif"),
+            "-m",
+            str(tmp_path / "model"),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--outputs",
+            "mask",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert mine.exists() and "earlier run" not in res.output, res.output
+
+
+def test_a_pipeline_removes_the_layers_of_an_earlier_run_and_records_it(tmp_path: Path) -> None:
+    (tmp_path / "scenes").mkdir()
+    make_scene(tmp_path / "scenes" / "s.tif", 0, 0, 64)
+    make_model(tmp_path / "model")
+    outputs = {"dir": "out", "vectors": True, "quicklook_px": 64}
+    job = write_pipeline(tmp_path / "p.yml", outputs=outputs)
+    res = CliRunner().invoke(cli, ["run", str(job)])
+    assert res.exit_code == 0, res.output
+    folder = tmp_path / "out" / "s"
+    assert "s.buildings.geojson" in _files(folder) and "s.probs.tif" in _files(folder)
+    job = write_pipeline(
+        tmp_path / "p.yml", outputs={**outputs, "vectors": False, "rasters": ["mask"]}
+    )
+    res = CliRunner().invoke(cli, ["run", str(job)])
+    assert res.exit_code == 0, res.output
+    assert _files(folder) == {"s.mask.tif", "s.quicklook.png"}, res.output
+    with Ledger(tmp_path / "state" / "ledger.sqlite") as ledger:
+        row = ledger.last_done("tiny", str(tmp_path / "scenes" / "s.tif"))
+    assert row is not None
+    assert "s.buildings.geojson" in row.outputs["removed_stale"], row.outputs
 
 
 # -- a second Ctrl-C -------------------------------------------------------------------------

@@ -179,7 +179,7 @@ def _run(
 ) -> None:
     """Predict every scene on one client; upload each scene's files when ``remote_out``.
     Vectors are made while each scene is predicted, on ``vector_client`` when given."""
-    from geoseg.predict import open_client, predict_scene
+    from geoseg.predict import open_client, predict_scene, remove_stale_outputs
 
     def shown(p: Path) -> str:
         """Where a file ends up: its URL under ``remote_out`` (uploaded, and the local copy
@@ -222,9 +222,16 @@ def _run(
                 png = out_dir / f"{scene.stem}.quicklook.png"
                 png = write_quicklook(scene.path, result.mask, bundle.spec.classes, png, 1024)
                 click.echo(f"{scene.stem}: {shown(png)}")
+            final = [p for name, p in written.items() if name in keep]
             for name, p in written.items():
                 if name not in keep:  # written only to make the vectors or the quicklook
                     p.unlink(missing_ok=True)
+            if remote_out is None:  # a remote run's local folder is new: nothing earlier
+                if result.vectors is not None:
+                    final += [p for f in result.vectors.paths.values() for p in f.values()]
+                if "quicklook" in keep:
+                    final.append(png)
+                remove_stale_outputs(out_dir, scene.stem, final, scene.path)
             if remote_out is not None:
                 files = sorted(out_dir.glob(f"{scene.stem}.*"))
                 for f in files:

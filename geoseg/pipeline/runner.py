@@ -481,7 +481,7 @@ class _SceneJob:
     ) -> tuple[dict[str, str], dict[str, Any]]:
         from geoseg.pipeline.quicklook import write_quicklook
         from geoseg.pipeline.report import scene_facts
-        from geoseg.predict import predict_scene
+        from geoseg.predict import predict_scene, remove_stale_outputs
 
         def chunks(done: int, total: int) -> None:
             if self.progress is not None:
@@ -546,6 +546,12 @@ class _SceneJob:
             files["quicklook"] = str(png)
         if "probs" in files and "probs" not in self.config.outputs.rasters:
             Path(files.pop("probs")).unlink(missing_ok=True)
+        removed = []  # the folder is the scene's: its files named by either stem
+        for stem in dict.fromkeys((scene.stem, planned.stem)):
+            written = [Path(p) for p in files.values()]
+            removed += remove_stale_outputs(out, stem, written, scene.path)
+        if removed:
+            info["removed_stale"] = [p.name for p in removed]
         return files, info
 
 

@@ -25,7 +25,7 @@ from rasterio.windows import Window
 from geoseg.errors import InputError, OutputError, call_portably
 from geoseg.grid import ChunkGrid
 from geoseg.raster import check_writable
-from geoseg.remote import is_remote
+from geoseg.remote import is_remote, redact
 from geoseg.runtime import cpu_cores
 from geoseg.vectorize.centerlines import (
     CenterlineJob,
@@ -156,14 +156,17 @@ def _layer_plan(pred: Prediction, options: VectorizeOptions) -> list[tuple[str, 
     plan: list[tuple[str, str, str]] = []
     for cls, kind in options.layers.items():
         if cls not in pred.classes:
-            log.warning("%s: no class %r (classes: %s); skipped", pred.path, cls, pred.classes)
+            log.warning(
+                "%s: no class %r (classes: %s); skipped", redact(pred.path), cls, pred.classes
+            )
             continue
         plan.append((cls, f"{cls}s", kind))
         if kind == "centerlines" and options.road_polygons:
             plan.append((cls, f"{cls}_areas", "polygons"))
     if not plan:
         raise InputError(
-            f"{pred.path}: none of the classes {sorted(options.layers)} to vectorize is in its "
+            f"{redact(pred.path)}: none of the classes {sorted(options.layers)} to vectorize is "
+            "in its "
             f"classes {list(pred.classes)}"
         )
     return plan
@@ -290,7 +293,8 @@ class _Vectorization:
             counts[layer] = LayerOutput(layer, kind, self.writers[layer].count)  # type: ignore[arg-type]
         for layer, w in self.writers.items():
             counts[layer].paths = w.close()
-        log.info("%s: %s", self.pred.path, ", ".join(f"{n} {c.count}" for n, c in counts.items()))
+        shown = ", ".join(f"{n} {c.count}" for n, c in counts.items())
+        log.info("%s: %s", redact(self.pred.path), shown)
         return VectorizeOutputs(os.fspath(path) if is_remote(path) else Path(path), counts)
 
     def abort(self) -> None:
