@@ -19,7 +19,9 @@ import os
 import shutil
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,8 +38,10 @@ __all__ = [
     "BACKENDS",
     "TTA",
     "OpenVINOPredictor",
+    "architecture_proven",
     "backend_installed",
     "cache_root",
+    "cached_network",
     "openvino_model",
     "openvino_predictor",
     "resolve_backend",
@@ -153,7 +157,7 @@ def _with_activation(module: torch.nn.Module, activation: str | None) -> torch.n
 def conversion_key(bundle: Bundle) -> str:
     """32 hex digits naming a bundle's converted network: the weights' SHA-256, the fields that
     build the module, the conversion format, and the torch and OpenVINO versions."""
-    import torch
+    from importlib.metadata import version
 
     ov = _import_openvino()
     spec = bundle.spec
@@ -167,7 +171,7 @@ def conversion_key(bundle: Bundle) -> str:
         "classes": len(spec.classes),
         "activation": spec.activation,
         "format": CONVERSION_FORMAT,
-        "torch": torch.__version__,
+        "torch": version("torch"),  # not imported: a cached network needs no torch
         "openvino": ov.__version__,
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
@@ -218,6 +222,20 @@ def warnings_quiet() -> Any:
         yield
 
 
+def cached_network(bundle: Bundle, cache: Path | None = None) -> Path | None:
+    """The folder of ``bundle``'s converted network when it is in the cache, else None. Its
+    presence proves that these very weights (their SHA-256 is in the key) loaded into the
+    spec's architecture when they were converted."""
+    folder = (cache or cache_root()) / "openvino" / conversion_key(bundle)
+    return folder if (folder / "model.xml").is_file() else None
+
+
+def architecture_proven(bundle: Bundle, backend: str) -> bool:
+    """Whether ``backend`` (resolved) runs ``bundle`` from a cached conversion
+    (:func:`cached_network`), which proves that its weights fit its architecture."""
+    return backend == "openvino" and cached_network(bundle) is not None
+
+
 def openvino_model(
     bundle: Bundle, load: Callable[[], torch.nn.Module], cache: Path | None = None
 ) -> tuple[Any, Path, bool]:
@@ -242,17 +260,28 @@ def openvino_model(
     return model, folder, converted
 
 
+@dataclass
+class _Compiled:
+    """A compiled network and its infer requests, one per thread that used it."""
+
+    network: Any
+    requests: dict[int, Any] = field(default_factory=dict)
+
+
 class OpenVINOPredictor:
     """Runs a converted network on the CPU with OpenVINO: normalized float32 batches (N, bands,
     H, W) to class probabilities (N, K, H, W), float32.
 
-    Each input shape is compiled once (a few hundred ms; OpenVINO caches compiled networks in
-    ``compiled_cache``). ``precision`` among fp32, bf16, fp16 (OpenVINO's inference precision
-    hint). ``tta`` (among :data:`TTA`): the average over the window's flips and
-    quarter turns, as :class:`geoseg.predict.TorchPredictor` makes it. ``threads``: CPU threads
-    per pass (default: every core); ``streams``: passes that may run side by side (one per
-    worker thread).
-    """
+    Each input shape is compiled when first met (a few hundred ms; OpenVINO caches compiled
+    networks in ``compiled_cache``); at most ``streams`` compiled networks are kept, the
+    least recently used dropped first, so a scene's edge chunks (other shapes) cost a
+    compilation each time the shape changes, not a second network's memory.
+
+    ``precision`` among fp32, bf16, fp16 (OpenVINO's inference precision hint). ``tta`` (among
+    :data:`TTA`): the average over the window's flips and quarter turns, as
+    :class:`geoseg.predict.TorchPredictor` makes it. ``threads``: CPU threads per pass
+    (default: every core); ``streams``: passes that may run side by side (one per worker
+    thread)."""
 
     quantizes_on_device = False
 
@@ -284,23 +313,33 @@ class OpenVINOPredictor:
         if compiled_cache is not None:
             self.config["CACHE_DIR"] = str(compiled_cache)
         self._core = self.ov.Core()
-        self._compiled: dict[tuple[int, ...], Any] = {}
+        #: compiled networks by input shape, least recently used first, at most ``streams``:
+        #: each holds its own activation memory (1 GiB for a 2624² window), so the edge
+        #: chunks' shapes of a scene must not add theirs to the interior one's
+        self._compiled: OrderedDict[tuple[int, ...], _Compiled] = OrderedDict()
+        self._keep = max(1, streams)
         self._lock = threading.Lock()
-        self._local = threading.local()
+        #: how many times a network was compiled (or read from the compiled cache)
+        self.compilations = 0
 
     def _request(self, shape: tuple[int, ...]) -> Any:
-        """This thread's infer request for inputs of ``shape``, compiling it on first use."""
-        requests = self._local.__dict__.setdefault("requests", {})
-        req = requests.get(shape)
-        if req is None:
-            with self._lock:
-                compiled = self._compiled.get(shape)
-                if compiled is None:
-                    model = self.model.clone()
-                    model.reshape(list(shape))
-                    compiled = self._core.compile_model(model, "CPU", self.config)
-                    self._compiled[shape] = compiled
-            req = requests[shape] = compiled.create_infer_request()
+        """This thread's infer request for inputs of ``shape``, compiling it when no network
+        of that shape is kept (:attr:`_compiled`)."""
+        with self._lock:
+            entry = self._compiled.get(shape)
+            if entry is None:
+                while len(self._compiled) >= self._keep:  # freed before the new one exists
+                    self._compiled.popitem(last=False)  # its requests go with it
+                model = self.model.clone()
+                model.reshape(list(shape))
+                entry = _Compiled(self._core.compile_model(model, "CPU", self.config))
+                self.compilations += 1
+                self._compiled[shape] = entry
+            self._compiled.move_to_end(shape)
+            ident = threading.get_ident()
+            req = entry.requests.get(ident)
+            if req is None:
+                req = entry.requests[ident] = entry.network.create_infer_request()
         return req
 
     def _pass(self, x: np.ndarray) -> np.ndarray:

@@ -148,8 +148,24 @@ class ModelSpec(BaseModel):
         return int(2**self.encoder_depth)
 
     def _takes_decoder_channels(self) -> bool:
+        known = DECODER_CHANNELS_ARCHS.get(self.arch)
+        if known is not None:  # without importing torch and smp (see the table)
+            return known
         smp = import_smp()
         return "decoder_channels" in inspect.signature(getattr(smp, self.arch)).parameters
+
+
+#: Whether each common smp architecture takes ``decoder_channels`` (its constructor's
+#: signature; a test checks the table against the installed smp). Other architectures are
+#: looked up in smp itself, which imports torch.
+DECODER_CHANNELS_ARCHS = {
+    "Unet": True,
+    "UnetPlusPlus": True,
+    "MAnet": True,
+    "Linknet": False,
+    "FPN": False,
+    "PSPNet": False,
+}
 
 
 @dataclass(frozen=True)
@@ -318,9 +334,13 @@ def load_bundle(path: str | os.PathLike[str], *, verify: bool = True) -> Bundle:
     return Bundle(p, spec, digest)
 
 
-def check_weights(bundle: Bundle) -> None:
+def check_weights(bundle: Bundle, *, architecture_known: bool = False) -> None:
     """Check the weights file's tensor names and shapes against the spec's architecture, before
     prediction starts a cluster.
+
+    ``architecture_known``: these very weights are known to load into the spec's architecture
+    (a converted network of them is cached, see :func:`geoseg.backends.cached_network`): only
+    the file's header and size are checked, and neither torch nor smp is imported.
 
     Raises :class:`ModelError` for a file that is not safetensors (a pickle, say), an encoder or
     architecture that cannot be built, a decoder far larger than the file's weights (refused
@@ -329,9 +349,10 @@ def check_weights(bundle: Bundle) -> None:
     """
     from safetensors import SafetensorError, safe_open
 
-    check_architecture(bundle.spec, str(bundle.path / SPEC_FILE))
+    if not architecture_known:
+        check_architecture(bundle.spec, str(bundle.path / SPEC_FILE))
     try:
-        with safe_open(str(bundle.weights_path), framework="pt") as f:
+        with safe_open(str(bundle.weights_path), framework="numpy") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as exc:
         raise ModelError(
@@ -346,7 +367,9 @@ def check_weights(bundle: Bundle) -> None:
             f"parameters ({4 * need / 2**30:.1f} GiB), the file holds {held:,} in all "
             "(wrong shape)"
         )
-    _check_shapes(bundle.spec, shapes, str(bundle.weights_path), expected_shapes(bundle.spec))
+    if not architecture_known:
+        want = expected_shapes(bundle.spec)
+        _check_shapes(bundle.spec, shapes, str(bundle.weights_path), want)
 
 
 def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:

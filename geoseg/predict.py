@@ -113,12 +113,26 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+#: Device nodes of a GPU driver torch can use (NVIDIA's, AMD's ROCm, WSL's): without any of
+#: them no CUDA device can be visible.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+
+
+def gpu_driver_present() -> bool:
+    """Whether this machine has a GPU driver's device node (:data:`GPU_DEVICE_NODES`). When it
+    has none, 'auto' is the CPU without importing torch (500 MiB of resident memory that the
+    OpenVINO backend does not need)."""
+    return any(os.path.exists(p) for p in GPU_DEVICE_NODES)
+
+
 def resolve_device(device: str) -> str:
     """'auto' → 'cuda' when a CUDA device is visible, else 'cpu'."""
-    import torch
-
     if device not in DEVICES and not device.startswith("cuda:"):
         raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}")
+    if device == "cpu" or (device == "auto" and not gpu_driver_present()):
+        return "cpu"
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -128,13 +142,13 @@ def resolve_device(device: str) -> str:
 
 def resolve_precision(precision: str, device: str) -> str:
     """'auto' → what the device runs fast: bf16 (or fp16) on CUDA, bf16 on CPUs that have it."""
-    import torch
-
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision != "auto":
         return precision
     if device.startswith("cuda"):
+        import torch
+
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_supports_bf16() else "fp32"
 
@@ -338,12 +352,8 @@ class BundleFactory:
     streams: int = 1
 
     def build(self) -> Predictor:
-        import torch
-
         from geoseg.model import load_bundle
 
-        if self.threads:
-            torch.set_num_threads(self.threads)
         bundle = load_bundle(self.path)
         if bundle.sha256 != self.sha256:
             raise ModelError(
@@ -363,6 +373,10 @@ class BundleFactory:
                 )
             except ModelError as exc:
                 raise ModelError(f"{self.path}: {exc}") from exc
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
         return TorchPredictor(
             load_module(bundle), self.device, self.precision, bundle.spec.activation, self.tta
         )
@@ -743,25 +757,53 @@ FORWARD_PEAK_FACTOR = 8
 GPU_MEMORY_SHARE = 0.5
 
 
+#: The memory a whole CPU run may take (the README's promise), per process.
+CPU_MEMORY_BUDGET = 1.5 * 2**30
+
+#: What a CPU run with OpenVINO holds besides its chunks' forward passes and arrays: the
+#: imports (OpenVINO, GDAL, Dask, NumPy: 260 MiB measured), GDAL's block cache (64 MiB), the
+#: writer's tiles and its readers (a margin above the 300 MiB measured).
+CPU_BASE_BYTES = 400 * 2**20
+
+#: The peak of an OpenVINO forward pass plus the chunk's arrays around it (input, float
+#: probabilities, uint8 outputs), as a multiple of :func:`forward_bytes_lower_bound`, by
+#: precision. Measured on the shipped model (EfficientNet-Lite0 U-Net, 108 bytes per window
+#: pixel as that bound), end to end: 1.72x in bf16 (peak RSS 777 MiB at a 1600² window,
+#: 1130 MiB at 2112², 1461 MiB at 2624²); fp32 keeps 1.33x bf16's activations. With a margin.
+OPENVINO_PEAK_FACTOR = {"fp32": 2.3, "bf16": 1.9, "fp16": 1.9}
+
+
 def default_chunk(
-    spec: ModelSpec, halo: int, batch: int, memory_bytes: int, longest_side: int
+    spec: ModelSpec,
+    halo: int,
+    batch: int,
+    memory_bytes: int,
+    longest_side: int,
+    *,
+    factor: float = FORWARD_PEAK_FACTOR,
+    share: float = GPU_MEMORY_SHARE,
+    base_bytes: int = 0,
+    augmented: bool = False,
 ) -> int:
     """The chunk for a forward pass with ``memory_bytes`` of device memory: the smallest
     multiple of the output tile (512 px, and of the encoder's stride) from the bundle's chunk
     up whose redundant compute is at most :data:`MAX_REDUNDANCY`, unless its forward pass
-    would take more than :data:`GPU_MEMORY_SHARE` of the memory: then the largest that fits
-    (the redundancy stays above the target), and never below the bundle's chunk. No larger
-    than the scene needs (``longest_side``). With a 32 px halo this is 1024 px (1.13x), with
-    64 px 2048 px (1.13x), with 288 px 8192 px (1.15x) where memory allows."""
+    (``factor`` times :func:`forward_bytes_lower_bound`; ``augmented``: with test-time
+    augmentation) and ``base_bytes`` would take more than ``share`` of the memory: then the
+    largest that fits (the redundancy stays above the target), and never below the bundle's
+    chunk. No larger than the scene needs (``longest_side``). On a GPU with a 32 px halo this
+    is 1024 px (1.13x), with 64 px 2048 px (1.13x), with 288 px 8192 px (1.15x) where memory
+    allows."""
     base = spec.chunk
     if redundancy(base, halo) <= MAX_REDUNDANCY or base >= longest_side:
         return base
     step = math.lcm(BLOCK, spec.stride)
-    budget = GPU_MEMORY_SHARE * memory_bytes
+    budget = share * memory_bytes - base_bytes
     best, chunk = base, -(-base // step) * step
     while True:
         side = chunk + 2 * halo
-        if FORWARD_PEAK_FACTOR * forward_bytes_lower_bound(spec, batch, side, side) > budget:
+        need = factor * forward_bytes_lower_bound(spec, batch, side, side, augmented=augmented)
+        if need > budget:
             return best
         best = chunk
         if redundancy(chunk, halo) <= MAX_REDUNDANCY or chunk >= longest_side:
@@ -781,19 +823,43 @@ def gpu_memory_bytes(device: str) -> int | None:
 
 
 def chunk_for(spec: ModelSpec, halo: int, options: PredictOptions, scene: Scene) -> int:
-    """The chunk core size: the options', else :func:`default_chunk` on a local GPU, else the
-    bundle's. On a CPU the bundle's chunk stays: a larger one multiplies the forward pass's
-    memory (the CPU budget is 1.5 GiB for a whole run) and changes the float arithmetic of
-    every pass, while the same outputs as before are promised there."""
+    """The chunk core size: the options', else :func:`default_chunk` on a local GPU (from its
+    memory) and with OpenVINO on this CPU (from :data:`CPU_MEMORY_BUDGET`: OpenVINO's time per
+    pixel does not grow with the window, so a larger chunk only saves halo pixels), else the
+    bundle's. torch on a CPU keeps the bundle's chunk: its imports alone take 700 MiB, so a
+    smaller chunk barely lowers its peak (1651 MiB at 832 px against 1726 MiB at 1024 px with
+    the shipped model), and its time per pixel grows with the window. The choice depends on
+    the bundle, the options and the scene's size only (never on free memory), so a run is
+    repeatable."""
     if options.chunk:
         return options.chunk
     if options.scheduler:  # the workers' devices are not this machine's
         return spec.chunk
+    longest = max(scene.width, scene.height)
     device = resolve_device(options.device)
-    memory = gpu_memory_bytes(device) if device.startswith("cuda") else None
+    if device == "cpu":
+        from geoseg.backends import resolve_backend
+
+        precision = resolve_precision(options.precision, device)
+        augmented = options.tta != "none"
+        if resolve_backend(options.backend, device) != "openvino":
+            return spec.chunk
+        factor = OPENVINO_PEAK_FACTOR[precision]
+        return default_chunk(
+            spec,
+            halo,
+            options.batch_size,
+            int(CPU_MEMORY_BUDGET),
+            longest,
+            factor=factor,
+            share=1.0,
+            base_bytes=CPU_BASE_BYTES,
+            augmented=augmented,
+        )
+    memory = gpu_memory_bytes(device)
     if memory is None:
         return spec.chunk
-    return default_chunk(spec, halo, options.batch_size, memory, max(scene.width, scene.height))
+    return default_chunk(spec, halo, options.batch_size, memory, longest)
 
 
 def check_resolution(scene: Scene, spec: ModelSpec, options: PredictOptions) -> None:
@@ -1106,12 +1172,15 @@ def predict_scene(
         )
     if not options.chunk and chunk != spec.chunk:
         log.info(
-            "%s: %d px chunks for the %d px halo on %s (redundant compute %.2fx)",
+            "%s: %d px chunks for the %d px halo on %s (redundant compute %.2fx; the "
+            "bundle's %d px: %.2fx)",
             redact(scene.path),
             chunk,
             grid.halo,
-            options.device,
+            resolve_device(options.device),
             grid.redundancy,
+            spec.chunk,
+            redundancy(spec.chunk, grid.halo),
         )
     if isinstance(grid, ResampledGrid):
         gx, gy = scene.ground_res

@@ -239,3 +239,110 @@ def test_pipeline_backend_is_hashed_only_when_set() -> None:
     assert auto.config_hash() == base.config_hash() != ov.config_hash()
     with pytest.raises(ConfigError, match="predict.backend"):
         parse_pipeline(GOOD + "predict:\n  backend: onnx\n", "p.yml")
+
+
+TORCH_FREE = """
+import sys
+from geoseg.cli import main
+
+if __name__ == "__main__":
+    sys.argv = ["geoseg", *sys.argv[1:]]
+    try:
+        main()
+    except SystemExit as exc:
+        assert not exc.code, exc.code
+    heavy = sorted(m for m in ("torch", "segmentation_models_pytorch", "timm") if m in sys.modules)
+    print("imported:", ",".join(heavy) or "none")
+"""
+
+
+@pytest.mark.skipif(
+    __import__("geoseg.predict").predict.gpu_driver_present(), reason="a GPU driver is here"
+)
+def test_a_cached_network_runs_without_importing_torch(
+    tmp_path: Path, make_bundle: Any, cache: Path
+) -> None:
+    """Once converted, predicting with OpenVINO needs neither torch nor smp in the process
+    (500-700 MiB of resident memory): the bundle check trusts the cached conversion of these
+    very weights, and 'auto' finds no GPU driver without asking torch."""
+    import os
+    import subprocess
+
+    bundle = make_bundle(seed=11)
+    pixels = np.random.default_rng(0).integers(0, 255, (3, 200, 200), dtype=np.uint8)
+    scene = write_tif(tmp_path / "s.tif", pixels)
+    env = {**os.environ, "GEOSEG_CACHE": str(cache)}
+    args = ["predict", str(scene), "-m", str(bundle.path), "--backend", "openvino", "--vectorize"]
+    runs = []
+    for out in ("first", "second"):
+        proc = subprocess.run(
+            [sys.executable, "-c", TORCH_FREE, *args, "-o", str(tmp_path / out)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr
+        runs.append(proc.stdout.strip().splitlines()[-1])
+    assert runs[0] != "imported: none"  # the first run converts the network with torch
+    assert runs[1] == "imported: none", runs
+    for name in ("s.probs.tif", "s.mask.tif", "s.buildings.geojson"):
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes()
+
+
+def test_one_compiled_network_per_stream_whatever_the_shapes(make_bundle: Any) -> None:
+    """A scene's edge chunks have other shapes than its interior ones: each compiled network
+    holds its own activation memory (1 GiB for the shipped model's 2624² window), so at most
+    one per stream is kept, the least recently used dropped first."""
+    bundle = make_bundle(seed=3)
+    shapes = [(1, 3, 96, 96), (1, 3, 64, 96), (1, 3, 96, 96), (1, 3, 96, 96)]
+    rng = np.random.default_rng(0)
+    for streams, compilations in ((1, 3), (2, 2)):
+        factory = BundleFactory(
+            str(bundle.path), bundle.sha256, "cpu", "fp32", backend="openvino", streams=streams
+        )
+        pred = factory.build()
+        outs = [pred(rng.standard_normal(s).astype(np.float32)) for s in shapes]
+        assert pred.compilations == compilations  # type: ignore[attr-defined]
+        assert len(pred._compiled) == min(streams, 2)  # type: ignore[attr-defined]
+        assert [o.shape[2:] for o in outs] == [s[2:] for s in shapes]
+
+
+def test_the_cpu_chunk_with_openvino_follows_the_memory_budget(shipped: Any) -> None:
+    """With OpenVINO on a CPU the chunk is the largest multiple of 512 px whose estimated peak
+    fits 1.5 GiB (the halo's share of the compute falls from 2.44x to 1.89x for the shipped
+    model's 288 px halo); test-time augmentation needs more memory per window, so a smaller
+    one; torch keeps the bundle's chunk; --chunk always wins."""
+    from geoseg import predict as engine
+    from geoseg.model import ModelSpec
+    from geoseg.predict import chunk_for, redundancy
+
+    class Big:
+        width = height = 50_000
+
+    spec = shipped.spec
+    ov = PredictOptions(device="cpu", backend="openvino", precision="bf16")
+    chunk = chunk_for(spec, spec.halo, ov, Big())  # type: ignore[arg-type]
+    assert chunk == 1536 and redundancy(chunk, 288) < redundancy(spec.chunk, 288)
+    for precision in ("bf16", "fp32"):
+        factor = engine.OPENVINO_PEAK_FACTOR[precision]
+        for side, fits in ((chunk + 2 * 288, True), (chunk + 512 + 2 * 288, False)):
+            need = engine.CPU_BASE_BYTES + factor * engine.forward_bytes_lower_bound(
+                spec, 1, side, side
+            )
+            assert (need <= engine.CPU_MEMORY_BUDGET) == fits, (precision, side)
+    tta = PredictOptions(device="cpu", backend="openvino", precision="bf16", tta="flips")
+    assert chunk_for(spec, spec.halo, tta, Big()) == 1024  # type: ignore[arg-type]
+    torch = PredictOptions(device="cpu", backend="torch", precision="bf16")
+    assert chunk_for(spec, spec.halo, torch, Big()) == spec.chunk  # type: ignore[arg-type]
+    explicit = PredictOptions(device="cpu", backend="openvino", chunk=512)
+    assert chunk_for(spec, spec.halo, explicit, Big()) == 512  # type: ignore[arg-type]
+
+    class Small:
+        width, height = 1000, 900  # one bundle chunk holds it
+
+    assert chunk_for(spec, spec.halo, ov, Small()) == spec.chunk  # type: ignore[arg-type]
+    # a small-halo model's chunk already costs little: it stays
+    light = ModelSpec(encoder="resnet18", chunk=1024, halo=32)
+    assert chunk_for(light, 32, ov, Big()) == 1024  # type: ignore[arg-type]

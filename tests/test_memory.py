@@ -141,3 +141,79 @@ def test_peak_rss_does_not_grow_with_the_scene(tmp_path: Path, make_bundle: Any)
         peaks[size] = _peak_rss_mib(scene, bundle, tmp_path / f"out{size}")
     assert peaks[8192] < peaks[1024] + 400, peaks
     assert peaks[8192] < 1536, peaks
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _banepa_mirrored(path: Path, size: int) -> Path:
+    """Banepa's sample (real roofs and roads) mirror-tiled to ``size``² px at 0.30 m."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    with rasterio.open(REPO / "data_samples" / "banepa_rgb.tif") as src:
+        img = src.read((1, 2, 3))
+    img = np.concatenate([img, img[:, ::-1]], axis=1)
+    img = np.concatenate([img, img[:, :, ::-1]], axis=2)
+    reps = (1, -(-size // img.shape[1]), -(-size // img.shape[2]))
+    big = np.ascontiguousarray(np.tile(img, reps)[:, :size, :size])
+    transform = from_origin(340000.0, 3060000.0, 0.3, 0.3)
+    return write_tif(path, big, crs="EPSG:32645", transform=transform)
+
+
+@pytest.mark.slow  # about a minute: the shipped model on a 3072² scene, vectors included
+def test_the_shipped_model_stays_within_the_budget_in_every_process(tmp_path: Path) -> None:
+    """`geoseg predict --vectorize` with the shipped model and the default backend (OpenVINO
+    where installed): the main process (model, probabilities, mask, writer) and each worker
+    process (vectors) peak under 1.5 GiB; the chunk is the one the budget allows."""
+    import os
+    import threading
+
+    import psutil
+
+    pytest.importorskip("openvino")
+    env = {**os.environ, "GEOSEG_CACHE": str(tmp_path / "cache")}
+    model = str(REPO / "data_samples" / "model")
+    small = _banepa_mirrored(tmp_path / "small.tif", 512)
+    warm = [sys.executable, "-m", "geoseg", "predict", str(small), "-m", model]
+    subprocess.run([*warm, "-o", str(tmp_path / "w")], env=env, check=True, timeout=600)
+    scene = _banepa_mirrored(tmp_path / "scene.tif", 3072)
+    cmd = [sys.executable, "-m", "geoseg", "-v", "predict", str(scene), "-m", model]
+    cmd += ["-o", str(tmp_path / "o"), "--vectorize"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    peaks: dict[int, int] = {}
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            try:
+                children = psutil.Process(proc.pid).children(recursive=True)
+            except psutil.Error:
+                children = []
+            for c in children:
+                peaks[c.pid] = max(peaks.get(c.pid, 0), _vm_hwm_kib(c.pid))
+            done.wait(0.2)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
+    thread.join()
+    assert os.waitstatus_to_exitcode(status) == 0, out[-3000:]
+    assert "1536 px chunks for the 288 px halo" in out, out[-3000:]
+    workers = [kib / 1024 for kib in peaks.values() if kib]
+    assert workers, out[-3000:]  # the vectors ran in worker processes
+    # wait4's figure is the largest of the process and its children: the main process's own
+    # unless a worker's was larger, and each worker's is checked as well
+    assert usage.ru_maxrss / 1024 < 1536, (usage.ru_maxrss / 1024, workers)
+    assert max(workers) < 1536, workers

@@ -113,7 +113,7 @@ def predict(
     az:// URL, or a GDAL /vsi path: remote scenes are read window by window, never copied."""
     keep = parse_outputs(outputs) | ({"vectors"} if also_vectorize else set())
     rasters = needed_rasters(keep)
-    from geoseg.backends import resolve_backend
+    from geoseg.backends import architecture_proven, resolve_backend
     from geoseg.model import check_weights, load_bundle
     from geoseg.predict import (
         PredictOptions,
@@ -143,13 +143,15 @@ def predict(
         tta=tta,
         backend=backend,
     )
-    resolve_backend(backend, resolve_device(device))  # not installed: say so before any work
+    # not installed: say so before any work
+    resolved = resolve_backend(backend, resolve_device(device))
     opened = [open_scene(s) for s in scenes]
     _check_distinct_outputs(opened)
     for scene in opened:
         check_compatible(scene, bundle.spec, resample=resample)
         check_resolution(scene, bundle.spec, options)
-    check_weights(bundle)  # after the cheap checks, before any cluster starts or allocation
+    # after the cheap checks, before any cluster starts or allocation
+    check_weights(bundle, architecture_known=architecture_proven(bundle, resolved))
     remote_out = out if is_remote(out) else None
     if remote_out is not None:
         check_writable_prefix(remote_out)

@@ -590,12 +590,19 @@ def run_pipeline(
         todo = [p for p in planned if p.action == "run"]
         options = None
         if todo:
+            from geoseg.backends import architecture_proven, resolve_backend
             from geoseg.model import check_weights
+            from geoseg.predict import resolve_device
 
-            check_weights(bundle)  # a bad bundle fails the run before any cluster starts
+            options = predict_options(config, scheduler)
+            # a bad bundle fails the run before any cluster starts (the scheduler's workers
+            # may convert it elsewhere: then the whole check, here)
+            known = not options.scheduler and architecture_proven(
+                bundle, resolve_backend(options.backend, resolve_device(options.device))
+            )
+            check_weights(bundle, architecture_known=known)
             if config.remote_out is not None:
                 check_writable_prefix(config.remote_out)
-            options = predict_options(config, scheduler)
         run_id = ledger.start_run(
             config.name,
             config.source,
