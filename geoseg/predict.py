@@ -833,11 +833,9 @@ def chunk_for(spec: ModelSpec, halo: int, options: PredictOptions, scene: Scene)
     repeatable."""
     if options.chunk:
         return options.chunk
-    if options.scheduler:  # the workers' devices are not this machine's
-        return spec.chunk
     longest = max(scene.width, scene.height)
     device = resolve_device(options.device)
-    if device == "cpu":
+    if device == "cpu":  # the budget is per process, on this machine or a cluster's worker
         from geoseg.backends import resolve_backend
 
         precision = resolve_precision(options.precision, device)
@@ -856,6 +854,8 @@ def chunk_for(spec: ModelSpec, halo: int, options: PredictOptions, scene: Scene)
             base_bytes=CPU_BASE_BYTES,
             augmented=augmented,
         )
+    if options.scheduler:  # the workers' GPUs are not this machine's
+        return spec.chunk
     memory = gpu_memory_bytes(device)
     if memory is None:
         return spec.chunk

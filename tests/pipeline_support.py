@@ -64,7 +64,8 @@ def write_pipeline(path: Path, **overrides: Any) -> Path:
         "name": "tiny",
         "inputs": {"paths": ["scenes/*.tif"]},
         "model": "model",
-        "predict": {"device": "cpu", "precision": "fp32"},
+        # the bundle's chunk (OpenVINO would choose a larger one): scenes of several chunks
+        "predict": {"device": "cpu", "precision": "fp32", "chunk": 64},
         "outputs": {"dir": "out", "vectors": False, "quicklook_px": 64},
         "compute": {"kind": "local", "workers": 1, "threads": 1, "scenes_in_flight": 2},
         "ledger": "state/ledger.sqlite",

@@ -252,3 +252,17 @@ def test_bundle_files_follow_the_umask(tmp_path: Path, make_bundle: Any) -> None
     for name in ("weights.safetensors", "model.json"):
         assert stat.S_IMODE((bundle.path / name).stat().st_mode) == 0o644, name
     assert [plural(u) for u in ("chunk", "batch", "scene")] == ["chunks", "batches", "scenes"]
+
+
+def test_the_decoder_channels_table_matches_smp() -> None:
+    """Which architectures take ``decoder_channels`` is known without importing smp (a run
+    with a converted network never imports it); the table must say what smp's constructors
+    say."""
+    import inspect
+
+    from geoseg._smp import import_smp
+    from geoseg.model import DECODER_CHANNELS_ARCHS
+
+    smp = import_smp()
+    for arch, takes in DECODER_CHANNELS_ARCHS.items():
+        assert ("decoder_channels" in inspect.signature(getattr(smp, arch)).parameters) == takes
