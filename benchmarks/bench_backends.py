@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from geoseg.backends import openvino_model
-from geoseg.model import load_bundle, load_module
-from geoseg.predict import BundleFactory, TorchPredictor, cpu_supports_bf16
+from geoseg.models.backends import openvino_model
+from geoseg.models.bundle import load_bundle, load_module
+from geoseg.models.predictor import BundleFactory, TorchPredictor, cpu_supports_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from _common import machine
 
-from geoseg.model import ModelSpec, build_module, save_bundle
-from geoseg.predict import cpu_supports_bf16
+from geoseg.models.bundle import ModelSpec, build_module, save_bundle
+from geoseg.models.predictor import cpu_supports_bf16
 
 ENCODERS = [f"tu-tf_efficientnet_lite{n}" for n in range(3)]
 

@@ -23,9 +23,11 @@ from bench_predict import OUT, bundle, scene
 def main() -> None:
     args = scene_args(__doc__)
 
-    from geoseg.model import load_bundle
-    from geoseg.predict import PredictOptions, open_client, predict_scene
-    from geoseg.raster import open_scene
+    from geoseg.engine.cluster import open_client
+    from geoseg.engine.options import PredictOptions
+    from geoseg.engine.scene import predict_scene
+    from geoseg.io.raster import open_scene
+    from geoseg.models.bundle import load_bundle
 
     path = scene(args.size)
     model = load_bundle(bundle("resnet18", 512, 64))

@@ -70,9 +70,11 @@ def main() -> None:
     args = ap.parse_args()
 
     from geoseg import predict as engine
-    from geoseg.model import load_bundle
-    from geoseg.predict import PredictOptions, open_client, predict_scene
-    from geoseg.raster import open_scene
+    from geoseg.engine.cluster import open_client
+    from geoseg.engine.options import PredictOptions
+    from geoseg.engine.scene import predict_scene
+    from geoseg.io.raster import open_scene
+    from geoseg.models.bundle import load_bundle
     from geoseg.vectorize import VectorizeOptions, vectorize_prediction
     from geoseg.vectorize.run import local_client
 

@@ -134,10 +134,12 @@ def main() -> None:
 
     t_torch = time.perf_counter() - T0
     from geoseg import predict as engine
-    from geoseg import writer as raster
-    from geoseg.model import load_bundle, load_module  # noqa: F401  (smp)
-    from geoseg.predict import PredictOptions, open_client, predict_scene, warm_up
-    from geoseg.raster import open_scene
+    from geoseg.engine.cluster import open_client
+    from geoseg.engine.options import PredictOptions
+    from geoseg.engine.scene import predict_scene, warm_up
+    from geoseg.io import writer as raster
+    from geoseg.io.raster import open_scene
+    from geoseg.models.bundle import load_bundle, load_module  # noqa: F401  (smp)
 
     marks: dict[str, float] = {"imports torch": t_torch}
     marks["imports all"] = time.perf_counter() - T0

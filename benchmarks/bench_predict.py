@@ -108,12 +108,12 @@ import json, sys, time
 if sys.argv[6] == "1":  # the allocator settings the geoseg command line applies
     from geoseg.runtime import tune_allocator; tune_allocator()
 import numpy as np, torch
-from geoseg.grid import ChunkGrid
-from geoseg.model import load_bundle, load_module
+from geoseg.engine.grid import ChunkGrid
+from geoseg.models.bundle import load_bundle, load_module
 from geoseg.predict import PredictOptions, TorchPredictor, resolve_device, resolve_precision
 from geoseg.predict import torch_threads
-from geoseg.raster import open_scene
-from geoseg.reader import read_padded
+from geoseg.io.raster import open_scene
+from geoseg.io.reader import read_padded
 model, scene_path, device, precision = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 threads, side = int(sys.argv[5]), int(sys.argv[7])
 b = load_bundle(model); s = b.spec
@@ -203,7 +203,7 @@ NAIVE = r"""
 import sys
 from geoseg.runtime import tune_allocator; tune_allocator()  # as the geoseg command line does
 import time, numpy as np, rasterio
-from geoseg.model import load_bundle, load_module
+from geoseg.models.bundle import load_bundle, load_module
 from geoseg.predict import TorchPredictor, resolve_device, resolve_precision
 model, path, out, device, precision, threads = sys.argv[1:7]
 if int(threads): __import__("torch").set_num_threads(int(threads))

@@ -71,10 +71,12 @@ def main() -> None:
 def run(args: argparse.Namespace) -> None:
     import obstore
 
-    from geoseg.model import load_bundle
-    from geoseg.predict import PredictOptions, open_client, predict_scene
-    from geoseg.raster import open_scene
-    from geoseg.remote import _store
+    from geoseg.engine.cluster import open_client
+    from geoseg.engine.options import PredictOptions
+    from geoseg.engine.scene import predict_scene
+    from geoseg.io.raster import open_scene
+    from geoseg.io.remote import _store
+    from geoseg.models.bundle import load_bundle
 
     path = scene(args.size)
     store, _ = _store("s3://bench/")

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import ROOT, machine
 
 BANEPA = ROOT.parent / "shared" / "data" / "open" / "banepa_buildings_rgb" / "banepa_train_rgb.tif"
@@ -36,7 +35,7 @@ NAIVE = r"""
 import sys
 from geoseg.runtime import tune_allocator; tune_allocator()
 import numpy as np, rasterio, torch
-from geoseg.model import load_bundle, load_module
+from geoseg.models.bundle import load_bundle, load_module
 from geoseg.predict import TorchPredictor
 model, path, out = sys.argv[1:4]
 b = load_bundle(model); s = b.spec
@@ -171,10 +170,25 @@ def main() -> None:
     for v in args.variants:
         if v.startswith("openvino"):
             subprocess.run(
-                [PY, "-m", "geoseg", "predict", str(scene), "-m", args.model, "-o",
-                 str(OUT / "warm"), "--backend", "openvino", "--chunk", "256", "--outputs",
-                 "mask"],
-                check=True, capture_output=True,
+                [
+                    PY,
+                    "-m",
+                    "geoseg",
+                    "predict",
+                    str(scene),
+                    "-m",
+                    args.model,
+                    "-o",
+                    str(OUT / "warm"),
+                    "--backend",
+                    "openvino",
+                    "--chunk",
+                    "256",
+                    "--outputs",
+                    "mask",
+                ],
+                check=True,
+                capture_output=True,
             )
             break
     print(f"{'variant':<16} {'wall s':>8} {'main MiB':>9} {'worker MiB':>11} {'workers':>8}")
@@ -183,8 +197,19 @@ def main() -> None:
             cmd = [PY, "-c", NAIVE, args.model, str(scene), str(OUT / "naive_mask.tif")]
         else:
             backend, chunk = v.split(":")
-            cmd = [PY, "-m", "geoseg", "predict", str(scene), "-m", args.model,
-                   "-o", str(OUT / v.replace(":", "-")), "--backend", backend]
+            cmd = [
+                PY,
+                "-m",
+                "geoseg",
+                "predict",
+                str(scene),
+                "-m",
+                args.model,
+                "-o",
+                str(OUT / v.replace(":", "-")),
+                "--backend",
+                backend,
+            ]
             if chunk != "auto":
                 cmd += ["--chunk", chunk]
             if args.vectorize:

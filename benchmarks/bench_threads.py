@@ -14,18 +14,14 @@ from collections.abc import Callable
 import numpy as np
 from _common import ROOT
 
-from geoseg.grid import ChunkGrid
-from geoseg.model import load_bundle
-from geoseg.predict import (
-    BundleFactory,
-    ChunkPlan,
-    PredictOptions,
-    get_predictor,
-    open_client,
-    predict_chunks,
-)
-from geoseg.raster import open_scene
-from geoseg.reader import read_padded
+from geoseg.engine.chunks import ChunkPlan, predict_chunks
+from geoseg.engine.cluster import open_client
+from geoseg.engine.grid import ChunkGrid
+from geoseg.engine.options import PredictOptions
+from geoseg.io.raster import open_scene
+from geoseg.io.reader import read_padded
+from geoseg.models.bundle import load_bundle
+from geoseg.models.predictor import BundleFactory, get_predictor
 
 OUT = ROOT / "bench_out"
 

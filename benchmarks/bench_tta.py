@@ -50,15 +50,12 @@ def end_to_end(
 
 def forward_seconds(model: Path, shared: Path, modes: list[str], passes: int) -> dict[str, Any]:
     """Median seconds of one forward pass per mode on Austin's first chunk window."""
-    from geoseg.model import load_bundle, load_module
-    from geoseg.predict import (
-        PredictOptions,
-        TorchPredictor,
-        resolve_precision,
-        scene_grid,
-    )
-    from geoseg.raster import open_scene
-    from geoseg.reader import read_padded
+    from geoseg.engine.options import PredictOptions
+    from geoseg.engine.plan import scene_grid
+    from geoseg.io.raster import open_scene
+    from geoseg.io.reader import read_padded
+    from geoseg.models.bundle import load_bundle, load_module
+    from geoseg.models.predictor import TorchPredictor, resolve_precision
 
     bundle = load_bundle(model)
     spec = bundle.spec

@@ -24,8 +24,8 @@ from pathlib import Path
 import rasterio
 from rasterio.windows import Window
 
-from geoseg.raster import open_scene
-from geoseg.writer import RasterWriter
+from geoseg.io.raster import open_scene
+from geoseg.io.writer import RasterWriter
 
 
 def cpu_seconds() -> float:

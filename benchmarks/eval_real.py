@@ -245,7 +245,7 @@ def evaluate(
     """Cut the scenes ``names``, run ``geoseg predict --vectorize`` on them with
     ``predict_args`` (one process, start-up included in ``predict_s``), and score them."""
     from geoseg.evaluate import evaluate_buildings, evaluate_roads
-    from geoseg.model import load_bundle
+    from geoseg.models.bundle import load_bundle
 
     data = shared / "data"
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import numpy as np
 
 from geoseg.errors import InputError, OutputError
 from geoseg.evaluate import match_polygons, metric_pair
-from geoseg.remote import gdal_path, is_remote
+from geoseg.io.remote import gdal_path, is_remote
 
 if TYPE_CHECKING:
     import geopandas as gpd
@@ -180,7 +180,7 @@ def valid_outline(path: str | os.PathLike[str], longest: int = 2048) -> gpd.GeoS
     from rasterio.features import shapes
     from shapely.geometry import box, shape
 
-    from geoseg.raster import gdal_env
+    from geoseg.io.raster import gdal_env
 
     name = os.fspath(path)
     try:
@@ -372,7 +372,7 @@ def write_changes(
     (counter-clockwise exterior rings), with ``precision`` coordinate decimals."""
     import pyogrio
 
-    from geoseg.tempfiles import temporary_path
+    from geoseg.io.tempfiles import temporary_path
 
     out = Path(out)
     driver = _DRIVERS.get(out.suffix.lower())

@@ -465,8 +465,8 @@ def evaluate_masks(
     import rasterio
     from rasterio.errors import RasterioError
 
-    from geoseg.raster import gdal_env
-    from geoseg.reader import on_grid
+    from geoseg.io.raster import gdal_env
+    from geoseg.io.reader import on_grid
     from geoseg.train.chips import blocks
 
     for p in (pred_path, truth_path):

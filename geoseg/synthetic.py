@@ -22,7 +22,7 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from geoseg.raster import atomic_path, gdal_env
+from geoseg.io.raster import atomic_path, gdal_env
 from geoseg.runtime import cpu_cores
 
 __all__ = ["BACKGROUND", "BUILDING", "ROAD", "SyntheticScene", "write_scene"]

@@ -43,7 +43,7 @@ def make_bundle(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Any]:
     """Build (and cache) a random-weight bundle; keyword arguments override ModelSpec fields."""
     import torch
 
-    from geoseg.model import ModelSpec, build_module, save_bundle
+    from geoseg.models.bundle import ModelSpec, build_module, save_bundle
 
     cache: dict[str, Any] = {}
 

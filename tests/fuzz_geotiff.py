@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from distributed import Client, LocalCluster
 
     from geoseg.cli import cli
-    from geoseg.model import ModelSpec, build_module, save_bundle
+    from geoseg.models.bundle import ModelSpec, build_module, save_bundle
 
     work: Path = args.workdir
     work.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def make_model(path: Path, seed: int = 0) -> Path:
     """A random 1-band uint16 U-Net bundle small enough for tests (chunk 64 px, halo 32 px)."""
     import torch
 
-    from geoseg.model import ModelSpec, Normalization, build_module, save_bundle
+    from geoseg.models.bundle import ModelSpec, Normalization, build_module, save_bundle
 
     spec = ModelSpec(
         name="tiny",

@@ -13,18 +13,13 @@ import rasterio
 from click.testing import CliRunner
 from rasterio.windows import Window
 
-from geoseg import backends
+from geoseg.engine.cluster import open_client
+from geoseg.engine.options import PredictOptions
+from geoseg.engine.scene import bundle_factory, predict_scene
 from geoseg.errors import ConfigError, ModelError
-from geoseg.predict import (
-    BundleFactory,
-    PredictOptions,
-    TorchPredictor,
-    bundle_factory,
-    cpu_supports_bf16,
-    open_client,
-    predict_scene,
-)
-from geoseg.raster import open_scene
+from geoseg.io.raster import open_scene
+from geoseg.models import backends
+from geoseg.models.predictor import BundleFactory, TorchPredictor, cpu_supports_bf16
 from tests.conftest import REPO, write_tif
 
 pytest.importorskip("openvino")
@@ -45,7 +40,7 @@ def _cache_env(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def shipped() -> Any:
-    from geoseg.model import load_bundle
+    from geoseg.models.bundle import load_bundle
 
     return load_bundle(SHIPPED)
 
@@ -62,7 +57,7 @@ def crop(shipped: Any) -> np.ndarray:
 
 
 def torch_probs(bundle: Any, x: np.ndarray, precision: str, tta: str = "none") -> np.ndarray:
-    from geoseg.model import load_module
+    from geoseg.models.bundle import load_module
 
     return TorchPredictor(load_module(bundle), "cpu", precision, tta=tta)(x)
 
@@ -125,7 +120,7 @@ def test_converted_once_then_read_from_the_cache(make_bundle: Any, tmp_path: Pat
     calls = []
 
     def load() -> Any:
-        from geoseg.model import load_module
+        from geoseg.models.bundle import load_module
 
         calls.append(1)
         return load_module(bundle)
@@ -314,9 +309,9 @@ def test_the_cpu_chunk_with_openvino_follows_the_memory_budget(shipped: Any) -> 
     fits 1.5 GiB (the halo's share of the compute falls from 2.44x to 1.89x for the shipped
     model's 288 px halo); test-time augmentation needs more memory per window, so a smaller
     one; torch keeps the bundle's chunk; --chunk always wins."""
-    from geoseg import predict as engine
-    from geoseg.model import ModelSpec
-    from geoseg.predict import chunk_for, redundancy
+    from geoseg.engine import plan as engine_plan
+    from geoseg.engine.plan import chunk_for, redundancy
+    from geoseg.models.bundle import ModelSpec
 
     class Big:
         width = height = 50_000
@@ -326,12 +321,12 @@ def test_the_cpu_chunk_with_openvino_follows_the_memory_budget(shipped: Any) -> 
     chunk = chunk_for(spec, spec.halo, ov, Big())  # type: ignore[arg-type]
     assert chunk == 1536 and redundancy(chunk, 288) < redundancy(spec.chunk, 288)
     for precision in ("bf16", "fp32"):
-        factor = engine.OPENVINO_PEAK_FACTOR[precision]
+        factor = engine_plan.OPENVINO_PEAK_FACTOR[precision]
         for side, fits in ((chunk + 2 * 288, True), (chunk + 512 + 2 * 288, False)):
-            need = engine.CPU_BASE_BYTES + factor * engine.forward_bytes_lower_bound(
+            need = engine_plan.CPU_BASE_BYTES + factor * engine_plan.forward_bytes_lower_bound(
                 spec, 1, side, side
             )
-            assert (need <= engine.CPU_MEMORY_BUDGET) == fits, (precision, side)
+            assert (need <= engine_plan.CPU_MEMORY_BUDGET) == fits, (precision, side)
     tta = PredictOptions(device="cpu", backend="openvino", precision="bf16", tta="flips")
     assert chunk_for(spec, spec.halo, tta, Big()) == 1024  # type: ignore[arg-type]
     torch = PredictOptions(device="cpu", backend="torch", precision="bf16")

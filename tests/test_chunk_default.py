@@ -8,16 +8,11 @@ from typing import Any
 
 import pytest
 
-from geoseg import predict as engine
-from geoseg.model import ModelSpec
-from geoseg.predict import (
-    MAX_REDUNDANCY,
-    PredictOptions,
-    default_chunk,
-    redundancy,
-    scene_grid,
-)
-from geoseg.raster import open_scene
+from geoseg.engine import plan as engine_plan
+from geoseg.engine.options import PredictOptions
+from geoseg.engine.plan import MAX_REDUNDANCY, default_chunk, redundancy, scene_grid
+from geoseg.io.raster import open_scene
+from geoseg.models.bundle import ModelSpec
 
 GIB = 2**30
 
@@ -49,12 +44,15 @@ def test_memory_caps_the_chunk_and_the_redundancy_is_then_reported_above_target(
     assert 512 < on_24 < on_80 < 8192 and batched < on_80
     for chunk, memory, batch in ((on_80, 80, 1), (on_24, 24, 1), (batched, 80, 4)):
         side = chunk + 2 * 288
-        need = engine.FORWARD_PEAK_FACTOR * engine.forward_bytes_lower_bound(s, batch, side, side)
-        assert need <= engine.GPU_MEMORY_SHARE * memory * GIB
+        need = engine_plan.FORWARD_PEAK_FACTOR * engine_plan.forward_bytes_lower_bound(
+            s, batch, side, side
+        )
+        assert need <= engine_plan.GPU_MEMORY_SHARE * memory * GIB
         bigger = side + 512
         assert (
-            engine.FORWARD_PEAK_FACTOR * engine.forward_bytes_lower_bound(s, batch, bigger, bigger)
-            > engine.GPU_MEMORY_SHARE * memory * GIB
+            engine_plan.FORWARD_PEAK_FACTOR
+            * engine_plan.forward_bytes_lower_bound(s, batch, bigger, bigger)
+            > engine_plan.GPU_MEMORY_SHARE * memory * GIB
         )
         assert redundancy(chunk, 288) > MAX_REDUNDANCY
     assert default_chunk(s, 288, 1, 1 * GIB, 50_000) == 512  # never below the bundle's
@@ -74,12 +72,12 @@ def test_cpu_keeps_the_bundles_chunk_gpu_chooses_an_option_wins(
     scene = open_scene(rgb_scene(4000, 3000))
     s = spec(halo=64)
     assert scene_grid(scene, s, PredictOptions(device="cpu")).chunk == 512
-    monkeypatch.setattr(engine, "resolve_device", lambda device: "cuda")
-    monkeypatch.setattr(engine, "gpu_memory_bytes", lambda device: 80 * GIB)
+    monkeypatch.setattr(engine_plan, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(engine_plan, "gpu_memory_bytes", lambda device: 80 * GIB)
     grid = scene_grid(scene, s, PredictOptions(device="cuda"))
     assert grid.chunk == 2048 and redundancy(grid.chunk, 64) < MAX_REDUNDANCY  # interior chunks
     assert scene_grid(scene, s, PredictOptions(device="cuda", chunk=1024)).chunk == 1024
     remote = PredictOptions(device="cuda", scheduler="tcp://127.0.0.1:1")
     assert scene_grid(scene, s, remote).chunk == 512
-    monkeypatch.setattr(engine, "gpu_memory_bytes", lambda device: None)
+    monkeypatch.setattr(engine_plan, "gpu_memory_bytes", lambda device: None)
     assert scene_grid(scene, s, PredictOptions(device="cuda")).chunk == 512

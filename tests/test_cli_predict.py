@@ -207,8 +207,8 @@ def test_a_halo_that_cannot_fit_is_refused_before_allocating(
     tmp_path: Path, scene: Path, make_bundle: Any
 ) -> None:
     """--halo 100000 asked for 112 GiB and crashed; now it is one line with the size needed."""
-    from geoseg.model import ModelSpec
-    from geoseg.predict import forward_bytes_lower_bound
+    from geoseg.engine.plan import forward_bytes_lower_bound
+    from geoseg.models.bundle import ModelSpec
 
     res = predict(str(scene), "-m", str(make_bundle().path), "-o", str(tmp_path / "o"))
     assert res.exit_code == 0, res.output

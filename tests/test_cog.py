@@ -15,10 +15,10 @@ import tifffile
 from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_validate
 
-from geoseg import cog
 from geoseg.errors import OutputError
-from geoseg.raster import open_scene
-from geoseg.writer import RasterWriter
+from geoseg.io import cog
+from geoseg.io.raster import open_scene
+from geoseg.io.writer import RasterWriter
 from tests.conftest import write_tif
 
 

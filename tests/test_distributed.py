@@ -76,9 +76,9 @@ def _assert_same_outputs(root: Path, other: str) -> None:
 
 def _model_loads() -> tuple[int, int]:
     """(pid, model loads) of the process this runs in; imported there, not captured here."""
-    import geoseg.predict
+    from geoseg.models import predictor
 
-    return os.getpid(), sum(geoseg.predict.LOAD_COUNT.values())
+    return os.getpid(), sum(predictor.LOAD_COUNT.values())
 
 
 def test_cluster_run_matches_local_run(cluster: LocalCluster, local_run: Path) -> None:

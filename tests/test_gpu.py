@@ -13,9 +13,15 @@ import pytest
 import rasterio
 import torch
 
-from geoseg import predict as engine
-from geoseg.predict import PredictOptions, open_client, predict_scene
-from geoseg.raster import open_scene
+from geoseg.engine import chunks as engine_chunks
+from geoseg.engine import cluster as engine_cluster
+from geoseg.engine import options as engine_options
+from geoseg.engine import scene as engine_scene
+from geoseg.engine.cluster import open_client
+from geoseg.engine.options import PredictOptions
+from geoseg.engine.scene import predict_scene
+from geoseg.io.raster import open_scene
+from geoseg.models import predictor as predictors
 from geoseg.synthetic import write_scene
 from tests.conftest import FULL, raw_pixels, write_tif
 
@@ -53,20 +59,20 @@ def test_cuda_fp32_matches_cpu(tmp_path: Path, scene: Path, make_bundle: Any) ->
     a, b = read(cpu.probs), read(gpu.probs)
     assert (np.abs(a - b) <= 2).all(axis=0).mean() >= 0.999  # TF32 convolutions on the GPU
     ma, mb = read(cpu.mask)[0], read(gpu.mask)[0]
-    assert ((ma == engine.MASK_NODATA) == (mb == engine.MASK_NODATA)).all()
+    assert ((ma == engine_options.MASK_NODATA) == (mb == engine_options.MASK_NODATA)).all()
     assert (ma == mb).mean() >= 0.99
 
 
 def test_warm_up_on_cuda_builds_and_runs_the_model(scene: Path, make_bundle: Any) -> None:
     bundle = make_bundle(seed=4)
     options = PredictOptions(device="cuda", chunk=64, halo=16)
-    factory = engine.bundle_factory(bundle, options)
-    engine._PREDICTORS.pop(factory, None)
-    thread = engine.warm_up(bundle, options, open_scene(scene))
+    factory = engine_scene.bundle_factory(bundle, options)
+    predictors._PREDICTORS.pop(factory, None)
+    thread = engine_scene.warm_up(bundle, options, open_scene(scene))
     assert thread is not None
     thread.join()
-    pred = engine._PREDICTORS[factory]
-    assert isinstance(pred, engine.TorchPredictor) and pred.device.type == "cuda"
+    pred = predictors._PREDICTORS[factory]
+    assert isinstance(pred, predictors.TorchPredictor) and pred.device.type == "cuda"
 
 
 def test_cuda_tiling_adds_no_error(tmp_path: Path, make_bundle: Any) -> None:
@@ -103,24 +109,26 @@ def test_device_quantization_is_exact_on_cuda() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.cat([x[:, :1] * 0, x[:, :1], x[:, :1] * 0], dim=1)
 
-    pred = engine.TorchPredictor(Ties(), "cuda", "fp32")
+    pred = predictors.TorchPredictor(Ties(), "cuda", "fp32")
     assert pred.quantizes_on_device
     x = np.random.default_rng(1).standard_normal((2, 1, 64, 80)).astype(np.float32)
     windows = [(16, 16, 32, 48), (0, 0, 64, 80)]
     got = pred.quantized(x, windows)
     for item, (r, c, h, w), (q, classes) in zip(pred(x), windows, got, strict=True):
-        want_q, want_classes = engine.quantize(item[:, r : r + h, c : c + w], np.ones((h, w), bool))
+        want_q, want_classes = engine_chunks.quantize(
+            item[:, r : r + h, c : c + w], np.ones((h, w), bool)
+        )
         np.testing.assert_array_equal(q, want_q)
         np.testing.assert_array_equal(classes[None], want_classes)
 
 
-@pytest.mark.parametrize("dtype", sorted(engine.DEVICE_DTYPES))
+@pytest.mark.parametrize("dtype", sorted(predictors.DEVICE_DTYPES))
 def test_device_normalization_is_exact_on_cuda(dtype: str) -> None:
     """Raw pixels normalized on the GPU are Normalization.apply's float32 values, bit for bit."""
-    from geoseg.model import Normalization
+    from geoseg.models.bundle import Normalization
 
     data, valid = raw_pixels(dtype, np.random.default_rng(len(dtype)))
-    pred = engine.TorchPredictor(torch.nn.Identity(), "cuda", "fp32")
+    pred = predictors.TorchPredictor(torch.nn.Identity(), "cuda", "fp32")
     for norm in (
         Normalization(scale=255.0),
         Normalization(scale=2047.0, mean=[0.3, 0.4, 0.5], std=[0.2, 0.21, 0.19]),
@@ -131,5 +139,5 @@ def test_device_normalization_is_exact_on_cuda(dtype: str) -> None:
 
 
 def test_local_cluster_on_cuda_reads_with_several_threads() -> None:
-    assert engine.local_threads(PredictOptions(device="cuda")) >= 2
-    assert engine.write_in_background(PredictOptions(device="cuda"), "cuda")
+    assert engine_options.local_threads(PredictOptions(device="cuda")) >= 2
+    assert engine_cluster.write_in_background(PredictOptions(device="cuda"), "cuda")

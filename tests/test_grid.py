@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from geoseg.engine.grid import ChunkGrid
 from geoseg.errors import ConfigError
-from geoseg.grid import ChunkGrid
-from geoseg.reader import reflect_index
+from geoseg.io.reader import reflect_index
 
 
 @settings(max_examples=200, deadline=None)

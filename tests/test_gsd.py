@@ -11,7 +11,7 @@ import pytest
 from affine import Affine
 from rasterio.crs import CRS
 
-from geoseg.raster import ground_resolution, open_scene
+from geoseg.io.raster import ground_resolution, open_scene
 from tests.conftest import write_tif
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from geoseg.halo import measure_halo
-from geoseg.predict import TorchPredictor
+from geoseg.models.halo import measure_halo
+from geoseg.models.predictor import TorchPredictor
 
 
 def box_model(radius: int) -> TorchPredictor:

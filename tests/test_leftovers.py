@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from geoseg.tempfiles import STALE_AFTER_S, host_tag, owner, stale, sweep, temporary_path
+from geoseg.io.tempfiles import STALE_AFTER_S, host_tag, owner, stale, sweep, temporary_path
 from tests.conftest import write_tif
 from tests.pipeline_support import REPO, leftovers, read_pixels
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from rasterio.windows import Window
 
-from geoseg.raster import open_scene
-from geoseg.writer import BLOCK, JOBS_PER_THREAD, RasterWriter
+from geoseg.io.raster import open_scene
+from geoseg.io.writer import BLOCK, JOBS_PER_THREAD, RasterWriter
 from tests.conftest import write_tif
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def test_stream_tasks_keeps_at_most_max_in_flight_chunks_alive() -> None:
     submitted and not yet consumed, however many chunks the scene has."""
     from distributed import Client
 
-    from geoseg.predict import stream_tasks
+    from geoseg.engine.cluster import stream_tasks
 
     drawn = 0
 
@@ -101,9 +101,9 @@ def test_the_writer_holds_a_row_of_tiles_whatever_the_scene_height(
 PEAK_RSS = """
 import json, resource, sys
 from tests.test_predict import IdentityFactory
-from geoseg.model import load_bundle
+from geoseg.models.bundle import load_bundle
 from geoseg.predict import PredictOptions, open_client, predict_scene
-from geoseg.raster import open_scene
+from geoseg.io.raster import open_scene
 
 scene, bundle, out = sys.argv[1:4]
 options = PredictOptions(device="cpu", precision="fp32", chunk=512, halo=32, workers=1)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from geoseg.cli import cli
 from geoseg.errors import ModelError
-from geoseg.model import (
+from geoseg.models.bundle import (
     ModelSpec,
     build_module,
     check_architecture,
@@ -84,7 +84,7 @@ def test_bad_weights_are_refused_before_prediction_starts(tmp_path: Path, make_b
 
     import numpy as np
 
-    from geoseg.model import check_weights
+    from geoseg.models.bundle import check_weights
     from tests.conftest import write_tif
 
     scene = write_tif(tmp_path / "s.tif", np.zeros((3, 64, 64), np.uint8))
@@ -191,7 +191,7 @@ def test_import_refuses_pickled_code(tmp_path: Path) -> None:
 
 def test_encoder_weights_never_run_pickled_code(tmp_path: Path) -> None:
     """``--encoder-weights FILE.pth`` (the encoder's starting weights) runs no pickled code."""
-    from geoseg.encoders import init_encoder
+    from geoseg.models.encoders import init_encoder
 
     trace = tmp_path / "ran"
     path = evil_pickle(tmp_path / "evil.pth", trace)
@@ -260,8 +260,8 @@ def test_the_decoder_channels_table_matches_smp() -> None:
     say."""
     import inspect
 
-    from geoseg._smp import import_smp
-    from geoseg.model import DECODER_CHANNELS_ARCHS
+    from geoseg.models._smp import import_smp
+    from geoseg.models.bundle import DECODER_CHANNELS_ARCHS
 
     smp = import_smp()
     for arch, takes in DECODER_CHANNELS_ARCHS.items():

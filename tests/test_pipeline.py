@@ -261,9 +261,9 @@ def test_unwritable_output_fails_that_scene(job: Path) -> None:
 
 
 def test_full_disk_leaves_no_partial_outputs(job: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import geoseg.cog
+    import geoseg.io.cog
 
-    real_write = geoseg.cog.write_cog
+    real_write = geoseg.io.cog.write_cog
 
     def write_cog(path: Path, *args: object, **kw: object) -> None:
         if "s2" in str(path):
@@ -271,7 +271,7 @@ def test_full_disk_leaves_no_partial_outputs(job: Path, monkeypatch: pytest.Monk
             raise OSError(errno.ENOSPC, "No space left on device")
         real_write(path, *args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(geoseg.cog, "write_cog", write_cog)
+    monkeypatch.setattr(geoseg.io.cog, "write_cog", write_cog)
     summary = run_pipeline(load_pipeline(job))
     assert [r.status for r in summary.results] == ["done", "done", "failed"]
     assert "No space left" in (summary.results[2].error or "")

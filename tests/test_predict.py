@@ -15,10 +15,18 @@ from affine import Affine
 from rasterio.enums import MaskFlags
 from rio_cogeo.cogeo import cog_validate
 
-from geoseg import predict as engine
+from geoseg.engine import chunks as engine_chunks
+from geoseg.engine import grid as grid_mod
+from geoseg.engine import options as engine_options
+from geoseg.engine import plan as engine_plan
+from geoseg.engine import scene as engine_scene
+from geoseg.engine.cluster import open_client
+from geoseg.engine.options import PredictOptions
+from geoseg.engine.scene import predict_scene
 from geoseg.errors import InputError, OutputError
-from geoseg.predict import PredictOptions, open_client, predict_scene
-from geoseg.raster import open_scene
+from geoseg.io import writer as writer_mod
+from geoseg.io.raster import open_scene
+from geoseg.models import predictor as predictors
 from tests.conftest import FULL, raw_pixels, write_tif
 
 
@@ -89,9 +97,9 @@ def test_identity_in_stripes_on_a_tiled_scene(
 ) -> None:
     """Tiled sources run in stripes of chunk columns; every chunk still lands where it belongs."""
     scene = rgb_scene(300, 230, seed=5, tiled=True, blockxsize=32, blockysize=32)
-    grid = engine.ChunkGrid(300, 230, 64, 32, multiple=32)
-    monkeypatch.setattr(engine, "STRIPE_BYTES", 2 * (64 + 64 + 32) * 64 * 3)
-    order = list(engine.chunk_order(grid, open_scene(scene), 3))
+    grid = grid_mod.ChunkGrid(300, 230, 64, 32, multiple=32)
+    monkeypatch.setattr(engine_plan, "STRIPE_BYTES", 2 * (64 + 64 + 32) * 64 * 3)
+    order = list(engine_plan.chunk_order(grid, open_scene(scene), 3))
     assert [c.col for c in order[:4]] == [0, 1, 0, 1]  # two chunk columns per stripe
     out = run(scene, make_bundle(), tmp_path / "o", IdentityFactory("s"), chunk=64, halo=32)
     np.testing.assert_array_equal(read(out.probs), read(scene))
@@ -121,27 +129,31 @@ def test_cpu_workers_share_torch_threads() -> None:
     import torch
 
     shared = max(1, torch.get_num_threads() // 2)
-    assert engine.local_threads(PredictOptions(device="cpu")) == 1
-    assert engine.torch_threads(PredictOptions(device="cpu"), "cpu") is None  # torch's default
-    assert engine.local_threads(PredictOptions(workers=2, device="cpu")) == 2
-    assert engine.torch_threads(PredictOptions(workers=2, device="cpu"), "cpu") == shared
-    assert engine.torch_threads(PredictOptions(workers=2, threads=3, device="cpu"), "cpu") == 3
+    assert engine_options.local_threads(PredictOptions(device="cpu")) == 1
+    assert (
+        engine_options.torch_threads(PredictOptions(device="cpu"), "cpu") is None
+    )  # torch's default
+    assert engine_options.local_threads(PredictOptions(workers=2, device="cpu")) == 2
+    assert engine_options.torch_threads(PredictOptions(workers=2, device="cpu"), "cpu") == shared
+    assert (
+        engine_options.torch_threads(PredictOptions(workers=2, threads=3, device="cpu"), "cpu") == 3
+    )
     remote = PredictOptions(workers=2, scheduler="tcp://elsewhere:8786", device="cpu")
-    assert engine.torch_threads(remote, "cpu") is None  # the workers' own machines decide
+    assert engine_options.torch_threads(remote, "cpu") is None  # the workers' own machines decide
 
 
 def test_argmax0_matches_numpy_with_ties() -> None:
     rng = np.random.default_rng(1)
     p = rng.integers(0, 4, size=(5, 40, 30)).astype(np.float32)  # many ties
-    np.testing.assert_array_equal(engine.argmax0(p), np.argmax(p, axis=0))
-    assert engine.argmax0(p).dtype == np.uint8
+    np.testing.assert_array_equal(engine_chunks.argmax0(p), np.argmax(p, axis=0))
+    assert engine_chunks.argmax0(p).dtype == np.uint8
 
 
 def test_reader_sees_a_rewritten_file(tmp_path: Path) -> None:
     """Open datasets are reused between chunk reads, but never serve a replaced file."""
     from rasterio.windows import Window
 
-    from geoseg.reader import close_readers, read_padded
+    from geoseg.io.reader import close_readers, read_padded
 
     path = write_tif(tmp_path / "s.tif", np.full((1, 8, 8), 7, np.uint8))
     scene = open_scene(path)
@@ -160,8 +172,8 @@ def test_block_reads_equal_whole_file_reads(
     the same way; values and the nodata mask; also while the cache evicts blocks."""
     from rasterio.windows import Window
 
-    from geoseg import reader as raster
-    from geoseg.reader import close_readers, read_padded, reflect_index
+    from geoseg.io import reader as raster
+    from geoseg.io.reader import close_readers, read_padded, reflect_index
 
     rng = np.random.default_rng(7)
     data = rng.integers(0, 256, (3, 150, 173), dtype=np.uint8)
@@ -195,8 +207,8 @@ def test_block_cache_shared_by_threads(tmp_path: Path, monkeypatch: pytest.Monke
 
     from rasterio.windows import Window
 
-    from geoseg import reader as raster
-    from geoseg.reader import read_padded, reflect_index
+    from geoseg.io import reader as raster
+    from geoseg.io.reader import read_padded, reflect_index
 
     data = np.random.default_rng(3).integers(0, 256, (3, 200, 190), dtype=np.uint8)
     path = write_tif(tmp_path / "t.tif", data, tiled=True, blockxsize=32, blockysize=32)
@@ -222,7 +234,7 @@ def test_block_cache_shared_by_threads(tmp_path: Path, monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("h, w", [(5, 7), (6, 8), (1, 1), (2, 3), (40, 66), (33, 18)])
 def test_downsample2_averages_the_valid_pixels_of_each_cell(h: int, w: int) -> None:
-    from geoseg.writer import downsample2
+    from geoseg.io.writer import downsample2
 
     rng = np.random.default_rng(h * 10 + w)
     data = rng.integers(0, 256, (3, h, w + 1), dtype=np.uint8)[::2, :, 1:]  # not contiguous
@@ -250,7 +262,7 @@ def test_overviews_match_gdals_own(
     there gets small); level 1 must be what GDAL would make, each level the cells of the last."""
     import rasterio.shutil
 
-    from geoseg.writer import downsample2
+    from geoseg.io.writer import downsample2
 
     rng = np.random.default_rng(4)
     data = rng.integers(0, 250, size=(3, height, width), dtype=np.uint8)
@@ -317,7 +329,7 @@ def test_nodata_is_masked_and_empty_chunks_are_skipped(tmp_path: Path, make_bund
     data[:, 100, 150] = 0  # a single nodata pixel
     scene = write_tif(tmp_path / "nd.tif", data, nodata=0)
     bundle = make_bundle()
-    calls_before = engine.LOAD_COUNT.copy()
+    calls_before = predictors.LOAD_COUNT.copy()
     factory = IdentityFactory("nodata")
     out = run(scene, bundle, tmp_path / "out", factory, chunk=64, halo=16)
     assert out.chunks == 12 and out.skipped == 2
@@ -330,7 +342,7 @@ def test_nodata_is_masked_and_empty_chunks_are_skipped(tmp_path: Path, make_bund
         assert src.mask_flag_enums[0] == [MaskFlags.per_dataset]
     assert (valid[:64, :128] == 0).all() and valid[100, 150] == 0 and valid[0, 199] == 255
     assert (probs[:, 64:, 128:] == data[:, 64:, 128:]).all()
-    assert engine.LOAD_COUNT[factory] == calls_before.get(factory, 0) + 1
+    assert predictors.LOAD_COUNT[factory] == calls_before.get(factory, 0) + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,9 +353,9 @@ class DeviceQuantizeFactory:
     on_device: bool
 
     def build(self) -> Any:
-        from geoseg.model import load_bundle, load_module
+        from geoseg.models.bundle import load_bundle, load_module
 
-        pred = engine.TorchPredictor(load_module(load_bundle(self.path)), "cpu", "fp32")
+        pred = predictors.TorchPredictor(load_module(load_bundle(self.path)), "cpu", "fp32")
         pred.quantizes_on_device = self.on_device
         return pred
 
@@ -373,18 +385,18 @@ def test_quantizing_in_torch_equals_numpy(tmp_path: Path, make_bundle: Any) -> N
     for name in ("probs", "mask"):
         a, b = (read(getattr(o, name)) for o in outs)
         np.testing.assert_array_equal(a, b)
-    assert (read(outs[1].mask)[0, 70:90, 100:103] == engine.MASK_NODATA).all()
+    assert (read(outs[1].mask)[0, 70:90, 100:103] == engine_options.MASK_NODATA).all()
 
 
-@pytest.mark.parametrize("dtype", sorted(engine.DEVICE_DTYPES))
+@pytest.mark.parametrize("dtype", sorted(predictors.DEVICE_DTYPES))
 def test_torch_normalization_equals_numpy(dtype: str) -> None:
     """What the GPU path does to raw pixels (here in torch on CPU) is Normalization.apply."""
     import torch
 
-    from geoseg.model import Normalization
+    from geoseg.models.bundle import Normalization
 
     data, valid = raw_pixels(dtype, np.random.default_rng(len(dtype)))
-    pred = engine.TorchPredictor(torch.nn.Identity())
+    pred = predictors.TorchPredictor(torch.nn.Identity())
     for norm in (
         Normalization(scale=255.0),
         Normalization(scale=2047.0, mean=[0.3, 0.4, 0.5], std=[0.2, 0.21, 0.19]),
@@ -405,12 +417,14 @@ def test_torch_quantization_breaks_ties_like_argmax0() -> None:
             return torch.cat([x[:, :1] * 0, x[:, :1], x[:, :1] * 0], dim=1)
 
     x = np.random.default_rng(0).standard_normal((2, 1, 40, 48)).astype(np.float32)
-    pred = engine.TorchPredictor(Ties())
+    pred = predictors.TorchPredictor(Ties())
     got = pred.quantized(x, [(3, 5, 30, 40), (0, 0, 40, 48)])
     for item, (r, c, h, w), (q, classes) in zip(
         pred(x), [(3, 5, 30, 40), (0, 0, 40, 48)], got, strict=True
     ):
-        want_q, want_classes = engine.quantize(item[:, r : r + h, c : c + w], np.ones((h, w), bool))
+        want_q, want_classes = engine_chunks.quantize(
+            item[:, r : r + h, c : c + w], np.ones((h, w), bool)
+        )
         np.testing.assert_array_equal(q, want_q)
         np.testing.assert_array_equal(classes[None], want_classes)
         assert set(np.unique(classes)) == {0, 1}
@@ -423,10 +437,10 @@ def test_model_loaded_once_per_worker(tmp_path: Path, rgb_scene: Any, make_bundl
 
     def loads() -> dict[Any, int]:  # other tests may have loaded the same bundle before
         path = str(bundle.path.resolve())
-        return {k: n for k, n in engine.LOAD_COUNT.items() if getattr(k, "path", None) == path}
+        return {k: n for k, n in predictors.LOAD_COUNT.items() if getattr(k, "path", None) == path}
 
     for key in loads():  # a predictor left by another test would be reused, not built
-        engine._PREDICTORS.pop(key, None)
+        predictors._PREDICTORS.pop(key, None)
     before = loads()
     with open_client(options) as client:
         for name in ("a", "b"):
@@ -443,20 +457,20 @@ def test_warm_up_builds_the_predictor_that_the_workers_use(
     bundle = make_bundle(seed=7)
     scene = open_scene(rgb_scene(128, 96, seed=6))
     options = PredictOptions(device="cpu", precision="fp32", chunk=64, halo=16)
-    factory = engine.bundle_factory(bundle, options)
-    engine._PREDICTORS.pop(factory, None)
-    before = engine.LOAD_COUNT.get(factory, 0)
-    assert engine.warm_up(bundle, options, scene) is None  # not by default on a CPU
-    thread = engine.warm_up(bundle, options, scene, on_cpu=True)
+    factory = engine_scene.bundle_factory(bundle, options)
+    predictors._PREDICTORS.pop(factory, None)
+    before = predictors.LOAD_COUNT.get(factory, 0)
+    assert engine_scene.warm_up(bundle, options, scene) is None  # not by default on a CPU
+    thread = engine_scene.warm_up(bundle, options, scene, on_cpu=True)
     assert thread is not None
     with open_client(options) as client:
         thread.join()
-        assert factory in engine._PREDICTORS
+        assert factory in predictors._PREDICTORS
         out = predict_scene(scene, bundle, tmp_path / "warm", options, client)
     assert out.chunks == 4
-    assert engine.LOAD_COUNT[factory] == before + 1
+    assert predictors.LOAD_COUNT[factory] == before + 1
     remote = PredictOptions(device="cpu", scheduler="tcp://127.0.0.1:1")
-    assert engine.warm_up(bundle, remote, scene, on_cpu=True) is None  # workers elsewhere
+    assert engine_scene.warm_up(bundle, remote, scene, on_cpu=True) is None  # workers elsewhere
 
 
 def _assert_seamless(scene: Path, bundle: Any, tmp: Path, chunk: int, halo: int) -> None:
@@ -481,9 +495,9 @@ def test_measured_halo_makes_deep_model_seamless(
     tmp_path: Path, shared_data: Path, make_bundle: Any
 ) -> None:
     """A random resnet18 U-Net sees far (its BN does not normalize yet): measure, then tile."""
-    from geoseg.halo import measure_halo
-    from geoseg.model import load_module
-    from geoseg.predict import TorchPredictor
+    from geoseg.models.bundle import load_module
+    from geoseg.models.halo import measure_halo
+    from geoseg.models.predictor import TorchPredictor
 
     scene = shared_data / "real/austin_buildings_rgb/aerial_sample.tif"
     bundle = make_bundle(seed=1, encoder="resnet18", **FULL)
@@ -547,14 +561,14 @@ def test_background_writers_write_the_same_files(
     bundle = make_bundle()
     direct = run(scene, bundle, tmp_path / "direct", IdentityFactory("bg"), chunk=192, halo=16)
     queued = []
-    real_tile = engine.RasterWriter._tile
+    real_tile = writer_mod.RasterWriter._tile
 
     def spy(self: Any, *a: Any) -> None:
         queued.append(threading.current_thread().name)
         real_tile(self, *a)
 
-    monkeypatch.setattr(engine, "write_in_background", lambda options, device: True)
-    monkeypatch.setattr(engine.RasterWriter, "_tile", spy)
+    monkeypatch.setattr(engine_scene, "write_in_background", lambda options, device: True)
+    monkeypatch.setattr(writer_mod.RasterWriter, "_tile", spy)
     threaded = run(scene, bundle, tmp_path / "bg", IdentityFactory("bg"), chunk=192, halo=16)
     assert len(queued) == 2 * 6  # each output's 2 x 3 tiles, queued as they complete
     assert {n.rsplit("_", 1)[0] for n in queued} == {"geoseg-write"}
@@ -576,7 +590,7 @@ def test_background_write_failure_leaves_nothing(
     tmp_path: Path, rgb_scene: Any, make_bundle: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    real_encode = engine.RasterWriter._encode_image
+    real_encode = writer_mod.RasterWriter._encode_image
 
     def failing(self: Any, *a: Any) -> bytes:
         calls.append(1)
@@ -584,8 +598,8 @@ def test_background_write_failure_leaves_nothing(
             raise OutputError("simulated: disk full while writing a tile")
         return real_encode(self, *a)
 
-    monkeypatch.setattr(engine, "write_in_background", lambda options, device: True)
-    monkeypatch.setattr(engine.RasterWriter, "_encode_image", failing)
+    monkeypatch.setattr(engine_scene, "write_in_background", lambda options, device: True)
+    monkeypatch.setattr(writer_mod.RasterWriter, "_encode_image", failing)
     out_dir = tmp_path / "out"
     with pytest.raises(OutputError, match="disk full"):
         run(
@@ -625,9 +639,9 @@ def test_failed_cog_conversion_leaves_nothing(
     background: bool,
 ) -> None:
     """A full disk while publishing: the half-written COG and the scratch files are removed."""
-    import geoseg.cog
+    import geoseg.io.cog
 
-    monkeypatch.setattr(engine, "write_in_background", lambda options, device: background)
+    monkeypatch.setattr(engine_scene, "write_in_background", lambda options, device: background)
 
     calls = []
 
@@ -638,8 +652,8 @@ def test_failed_cog_conversion_leaves_nothing(
             raise OSError(28, "No space left on device")
         real_write(path, *args, **kw)
 
-    real_write = geoseg.cog.write_cog
-    monkeypatch.setattr(geoseg.cog, "write_cog", failing_write)
+    real_write = geoseg.io.cog.write_cog
+    monkeypatch.setattr(geoseg.io.cog, "write_cog", failing_write)
     out_dir = tmp_path / "out"
     with pytest.raises(OutputError, match="No space left on device"):
         run(rgb_scene(64, 64), make_bundle(), out_dir, IdentityFactory("disk"))

@@ -13,8 +13,8 @@ import rasterio
 from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_validate
 
-from geoseg.raster import open_scene
-from geoseg.writer import RasterWriter, downsample2
+from geoseg.io.raster import open_scene
+from geoseg.io.writer import RasterWriter, downsample2
 from tests.conftest import write_tif
 
 
@@ -80,7 +80,7 @@ def test_block_cache_is_limited_once_for_the_process() -> None:
     code = """
 import threading
 from rasterio.env import get_gdal_config
-from geoseg.raster import BLOCK_CACHE_MB, gdal_env
+from geoseg.io.raster import BLOCK_CACHE_MB, gdal_env
 before = get_gdal_config("GDAL_CACHEMAX")
 seen = []
 def work():

@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from geoseg.cli import cli
+from geoseg.io.remote import redact, redact_text
 from geoseg.pipeline import Ledger
-from geoseg.remote import redact, redact_text
 from tests.conftest import write_tif
 from tests.http_support import serve
 from tests.pipeline_support import REPO, make_model, make_scene, write_pipeline
@@ -145,9 +145,11 @@ def test_library_log_lines_of_a_prediction_show_no_signature(
 ) -> None:
     """A program that uses geoseg as a library and logs its records its own way (no CLI
     filter between) sees no signature either."""
-    from geoseg.model import load_bundle
-    from geoseg.predict import PredictOptions, open_client, predict_scene
-    from geoseg.raster import open_scene
+    from geoseg.engine.cluster import open_client
+    from geoseg.engine.options import PredictOptions
+    from geoseg.engine.scene import predict_scene
+    from geoseg.io.raster import open_scene
+    from geoseg.models.bundle import load_bundle
     from geoseg.vectorize.options import VectorizeOptions
 
     options = PredictOptions(device="cpu", precision="fp32")

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from geoseg.cli import cli
-from geoseg.raster import open_scene
-from geoseg.remote import is_remote, redact, remote_stem
+from geoseg.io.raster import open_scene
+from geoseg.io.remote import is_remote, redact, remote_stem
 from tests.conftest import write_tif
 from tests.http_support import serve
 from tests.pipeline_support import assert_same_rasters, leftovers
@@ -150,7 +150,7 @@ def test_a_small_window_of_a_large_remote_cog_fetches_a_small_part_of_it(tmp_pat
     edge) fetches its header and the tiles it needs, not the file."""
     from rasterio.windows import Window
 
-    from geoseg.reader import close_readers, read_padded
+    from geoseg.io.reader import close_readers, read_padded
 
     root = tmp_path / "www"
     root.mkdir()

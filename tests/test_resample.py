@@ -14,11 +14,11 @@ from affine import Affine
 from click.testing import CliRunner
 from rasterio.windows import Window
 
-from geoseg import predict as engine
 from geoseg.cli import cli
-from geoseg.raster import open_scene
-from geoseg.reader import reflect_index
-from geoseg.resample import (
+from geoseg.engine import chunks as engine_chunks
+from geoseg.engine import options as engine_options
+from geoseg.engine import plan as engine_plan
+from geoseg.engine.resample import (
     RESAMPLE_TOLERANCE,
     ResampledGrid,
     ResamplePlan,
@@ -27,6 +27,9 @@ from geoseg.resample import (
     taps,
     weights,
 )
+from geoseg.io.raster import open_scene
+from geoseg.io.reader import reflect_index
+from geoseg.models import predictor as predictors
 from tests.conftest import write_tif
 from tests.test_predict import IdentityFactory, read, run
 
@@ -182,7 +185,7 @@ class ConvFactory:
         torch.manual_seed(self.seed)
         conv = torch.nn.Conv2d(3, 3, 3, padding=1)
         torch.nn.init.normal_(conv.weight, std=2.0)
-        return engine.TorchPredictor(conv, "cpu", "fp32")
+        return predictors.TorchPredictor(conv, "cpu", "fp32")
 
 
 class Grid(TypedDict):
@@ -252,7 +255,7 @@ def test_nodata_exactly_where_the_scene_has_none(
     out = run(scene, bundle, tmp_path / "o", ConvFactory(1), chunk=32, halo=8)
     assert out.resampled is not None
     mask = read(out.mask)[0]
-    np.testing.assert_array_equal(mask == engine.MASK_NODATA, invalid)
+    np.testing.assert_array_equal(mask == engine_options.MASK_NODATA, invalid)
     with rasterio.open(out.probs) as src:
         np.testing.assert_array_equal(src.dataset_mask() == 0, invalid)
         assert (src.read()[:, invalid] == 0).all()
@@ -264,11 +267,13 @@ def test_all_nodata_cores_are_skipped(tmp_path: Path, make_bundle: Any) -> None:
     scene = write_tif(tmp_path / "sk.tif", data, nodata=0, **UTM_1M)
     bundle = make_bundle(gsd_m=0.5)
     out = run(scene, bundle, tmp_path / "o", IdentityFactory("sk"), chunk=64)
-    grid = engine.scene_grid(open_scene(scene), bundle.spec, engine.PredictOptions(chunk=64))
+    grid = engine_plan.scene_grid(
+        open_scene(scene), bundle.spec, engine_options.PredictOptions(chunk=64)
+    )
     empty = sum(1 for c in grid if c.core.col_off + c.core.width <= 40)
     assert out.resampled is not None and out.chunks == len(grid) and empty > 0
     assert out.skipped == empty
-    assert (read(out.mask)[0, :, :40] == engine.MASK_NODATA).all()
+    assert (read(out.mask)[0, :, :40] == engine_options.MASK_NODATA).all()
 
 
 def test_no_resample_is_todays_behaviour(tmp_path: Path, make_bundle: Any) -> None:
@@ -314,16 +319,16 @@ def test_scene_within_the_tolerance_is_not_resampled(tmp_path: Path, make_bundle
 
 def test_distributed_plan_pickles(tmp_path: Path, make_bundle: Any) -> None:
     scene = open_scene(_scene(tmp_path, "pk", 40, 50, **UTM_1M))
-    options = engine.PredictOptions(device="cpu", chunk=32, halo=8)
-    grid = engine.scene_grid(scene, make_bundle(gsd_m=0.5).spec, options)
+    options = engine_options.PredictOptions(device="cpu", chunk=32, halo=8)
+    grid = engine_plan.scene_grid(scene, make_bundle(gsd_m=0.5).spec, options)
     assert isinstance(grid, ResampledGrid)
     spec = make_bundle(gsd_m=0.5).spec
-    plan = engine.ChunkPlan(scene, (1, 2, 3), spec.normalization, 3, grid.plan)
+    plan = engine_chunks.ChunkPlan(scene, (1, 2, 3), spec.normalization, 3, grid.plan)
     again = pickle.loads(pickle.dumps(plan))
     assert again.resample == plan.resample and again.scene.path == plan.scene.path
     chunks = list(grid)[:2]
-    direct = engine.predict_chunks(plan, chunks, IdentityFactory("pk"))
-    via_pickle = engine.predict_chunks(again, chunks, IdentityFactory("pk"))
+    direct = engine_chunks.predict_chunks(plan, chunks, IdentityFactory("pk"))
+    via_pickle = engine_chunks.predict_chunks(again, chunks, IdentityFactory("pk"))
     for x, y in zip(direct, via_pickle, strict=True):
         np.testing.assert_array_equal(x.probs, y.probs)
 

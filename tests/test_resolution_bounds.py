@@ -16,13 +16,15 @@ from affine import Affine
 from click.testing import CliRunner
 from rasterio.windows import Window
 
-from geoseg import predict as engine
 from geoseg.cli import cli
+from geoseg.engine import options as engine_options
+from geoseg.engine import plan as engine_plan
+from geoseg.engine import scene as engine_scene
+from geoseg.engine.resample import ResampledGrid, ResamplePlan, taps
 from geoseg.errors import ConfigError, InputError
+from geoseg.io.raster import open_scene
 from geoseg.pipeline.config import PipelineConfig
 from geoseg.pipeline.runner import predict_options
-from geoseg.raster import open_scene
-from geoseg.resample import ResampledGrid, ResamplePlan, taps
 from geoseg.train.config import parse_config
 from geoseg.train.loop import prepare
 from tests.conftest import write_tif
@@ -57,8 +59,8 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     def started(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("work started")
 
-    monkeypatch.setattr(engine, "warm_up", started)
-    monkeypatch.setattr(engine, "predict_scene", started)
+    monkeypatch.setattr(engine_scene, "warm_up", started)
+    monkeypatch.setattr(engine_scene, "predict_scene", started)
 
 
 @pytest.mark.parametrize("name", list(SCENES))
@@ -100,28 +102,36 @@ def test_engine_refuses_before_planning_chunks(
     spec = make_bundle(gsd_m=0.3).spec
     expected = re.escape(f"ground resolution {res} per pixel is {way}")
     with pytest.raises(InputError, match=expected) as exc:
-        engine.scene_grid(scene, spec, engine.PredictOptions(device="cpu", chunk=100000))
+        engine_plan.scene_grid(
+            scene, spec, engine_options.PredictOptions(device="cpu", chunk=100000)
+        )
     assert "\n" not in str(exc.value)
     # as they are, these scenes are not resampled, so not refused either
-    grid = engine.scene_grid(scene, spec, engine.PredictOptions(device="cpu", resample=False))
+    grid = engine_plan.scene_grid(
+        scene, spec, engine_options.PredictOptions(device="cpu", resample=False)
+    )
     assert not isinstance(grid, ResampledGrid)
 
 
 def test_whole_globe_is_refused(tmp_path: Path, make_bundle: Any) -> None:
     scene = open_scene(mk(tmp_path, "globe"))
     with pytest.raises(InputError, match=r"coarser than the model's 0.3 m, beyond the 8x"):
-        engine.check_resolution(scene, make_bundle(gsd_m=0.3).spec, engine.PredictOptions())
+        engine_plan.check_resolution(
+            scene, make_bundle(gsd_m=0.3).spec, engine_options.PredictOptions()
+        )
 
 
 def test_ratio_limit_is_configurable(tmp_path: Path, make_bundle: Any) -> None:
     scene = open_scene(mk(tmp_path, "s10m"))  # 33x the model's 0.3 m
     spec = make_bundle(gsd_m=0.3).spec
     with pytest.raises(InputError, match="beyond the 32x resampling limit"):
-        engine.check_resolution(scene, spec, engine.PredictOptions(max_resample_ratio=32))
-    engine.check_resolution(scene, spec, engine.PredictOptions(max_resample_ratio=34))
+        engine_plan.check_resolution(
+            scene, spec, engine_options.PredictOptions(max_resample_ratio=32)
+        )
+    engine_plan.check_resolution(scene, spec, engine_options.PredictOptions(max_resample_ratio=34))
     for bad in (0.5, float("inf"), float("nan")):
         with pytest.raises(ConfigError, match="max resample ratio"):
-            engine.PredictOptions(max_resample_ratio=bad)
+            engine_options.PredictOptions(max_resample_ratio=bad)
 
 
 def test_large_chunk_on_a_coarse_scene_is_refused_up_front(
@@ -130,7 +140,7 @@ def test_large_chunk_on_a_coarse_scene_is_refused_up_front(
     """Past the ratio limit, the model window of ``--chunk 100000`` on a 10 m scene (the whole
     scene, 8533² model px) is checked against the memory before anything is allocated."""
     scene = mk(tmp_path, "s10m")
-    monkeypatch.setattr(engine, "available_bytes", lambda device: 2**30)
+    monkeypatch.setattr(engine_plan, "available_bytes", lambda device: 2**30)
     with pytest.raises(ConfigError, match=r"needs at least \d+\.\d GiB, more than the 1.0 GiB"):
         run(
             scene,
@@ -150,17 +160,17 @@ def test_resampling_memory_of_a_fine_scene_is_in_the_working_set(
     pixels per axis: the forward pass fits, resampling its scene window does not."""
     scene = mk(tmp_path, "s1cm")
     bundle = make_bundle(gsd_m=0.3)
-    options = engine.PredictOptions(device="cpu", max_resample_ratio=64)
-    grid = engine.scene_grid(open_scene(scene), bundle.spec, options)
+    options = engine_options.PredictOptions(device="cpu", max_resample_ratio=64)
+    grid = engine_plan.scene_grid(open_scene(scene), bundle.spec, options)
     assert isinstance(grid, ResampledGrid)
     first = grid.at(0, 0)
-    forward = engine.forward_bytes_lower_bound(
+    forward = engine_plan.forward_bytes_lower_bound(
         bundle.spec, 1, int(first.padded.height), int(first.padded.width)
     )
     scene_window = grid.plan.scene_window(first.padded, first.core)
     assert scene_window.width * scene_window.height > 500 * first.padded.width**2
     budget = 4 * forward  # the forward pass alone fits
-    monkeypatch.setattr(engine, "available_bytes", lambda device: budget)
+    monkeypatch.setattr(engine_plan, "available_bytes", lambda device: budget)
     with pytest.raises(ConfigError, match="a forward pass and resampling on 1 window"):
         run(scene, bundle, tmp_path / "o", IdentityFactory("never built"), max_resample_ratio=64)
     assert not (tmp_path / "o").exists()
@@ -170,14 +180,14 @@ def test_a_gpu_checks_resampling_against_this_machines_memory(
     make_bundle: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     spec = make_bundle(gsd_m=0.3).spec
-    monkeypatch.setattr(engine, "resolve_device", lambda device: device)
+    monkeypatch.setattr(engine_plan, "resolve_device", lambda device: device)
     monkeypatch.setattr(
-        engine, "available_bytes", lambda device: 2**40 if device.startswith("cuda") else 2**20
+        engine_plan, "available_bytes", lambda device: 2**40 if device.startswith("cuda") else 2**20
     )
     window = Window(0, 0, 96, 96)
-    engine.check_working_set(spec, window, 1, "cuda:0", host_bytes=2**19)
+    engine_plan.check_working_set(spec, window, 1, "cuda:0", host_bytes=2**19)
     with pytest.raises(ConfigError, match="resampling 1 window"):
-        engine.check_working_set(spec, window, 1, "cuda:0", host_bytes=2**21)
+        engine_plan.check_working_set(spec, window, 1, "cuda:0", host_bytes=2**21)
 
 
 def test_degenerate_pixel_size_is_a_clear_error() -> None:
@@ -212,8 +222,8 @@ def test_the_log_names_the_work_and_ratio(
     bundle = make_bundle(gsd_m=0.5)
     caplog.set_level(logging.INFO, logger="geoseg")
     out = run(scene, bundle, tmp_path / "o", IdentityFactory("log"), chunk=32, halo=8)
-    grid = engine.scene_grid(
-        open_scene(scene), bundle.spec, engine.PredictOptions(chunk=32, halo=8)
+    grid = engine_plan.scene_grid(
+        open_scene(scene), bundle.spec, engine_options.PredictOptions(chunk=32, halo=8)
     )
     assert isinstance(grid, ResampledGrid) and out.chunks == len(grid)
     text = caplog.text

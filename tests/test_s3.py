@@ -56,7 +56,7 @@ def bucket(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 def put(bucket: str, key: str, path: Path) -> str:
     import obstore
 
-    from geoseg.remote import _store
+    from geoseg.io.remote import _store
 
     store, _ = _store(f"s3://{bucket}/")
     obstore.put(store, key, path.read_bytes())
@@ -133,7 +133,7 @@ def test_an_unreachable_store_is_one_line(
 def _get(url: str) -> bytes:
     import obstore
 
-    from geoseg.remote import _store
+    from geoseg.io.remote import _store
 
     store, key = _store(url)
     return bytes(obstore.get(store, key).bytes())
@@ -183,7 +183,7 @@ def test_pipeline_from_s3_to_s3_records_urls_and_reruns_lost_objects(
 ) -> None:
     import obstore
 
-    from geoseg.remote import _store
+    from geoseg.io.remote import _store
 
     _scenes_in(bucket, "in", "t", tmp_path, step=90)
     job = write_pipeline(
@@ -243,7 +243,7 @@ def test_wrong_credentials_are_one_line(
 
 
 def test_a_star_glob_stays_in_its_folder_as_a_local_glob_does(tmp_path: Path, bucket: str) -> None:
-    from geoseg.remote import list_matching
+    from geoseg.io.remote import list_matching
 
     scene = make_scene(tmp_path / "s.tif", 0, 0, 64)
     for key in ("g3/a.tif", "g3/b.txt", "g3/deep/nested.tif", "g3/deep/er/most.tif"):

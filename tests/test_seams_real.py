@@ -12,9 +12,11 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
-from geoseg.model import load_bundle
-from geoseg.predict import PredictOptions, open_client, predict_scene
-from geoseg.raster import open_scene
+from geoseg.engine.cluster import open_client
+from geoseg.engine.options import PredictOptions
+from geoseg.engine.scene import predict_scene
+from geoseg.io.raster import open_scene
+from geoseg.models.bundle import load_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "data_samples" / "model"

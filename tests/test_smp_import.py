@@ -25,7 +25,8 @@ def test_model_loads_and_runs_without_dynamo(tmp_path) -> None:
     out = run(
         f"""
         import sys
-        from geoseg.model import ModelSpec, build_module, load_bundle, load_module, save_bundle
+        from geoseg.models.bundle import ModelSpec, build_module, load_bundle, load_module
+        from geoseg.models.bundle import save_bundle
         import torch
         spec = ModelSpec(classes=["background", "building"])
         save_bundle(spec, build_module(spec).state_dict(), {str(tmp_path / "m")!r})
@@ -44,7 +45,7 @@ def test_deferred_names_reach_the_real_functions() -> None:
     out = run(
         """
         import sys, torch
-        from geoseg import _smp
+        from geoseg.models import _smp
         with _smp._dynamo_deferred():
             def twice(v):
                 return v * 2
@@ -66,7 +67,7 @@ def test_stand_ins_fall_back_to_the_real_package() -> None:
     out = run(
         """
         import sys, importlib, torch
-        from geoseg import _smp
+        from geoseg.models import _smp
         with _smp._dynamo_deferred():
             stand_in = sys.modules["torch._dynamo"]
             print(type(stand_in).__name__)
@@ -84,7 +85,7 @@ def test_other_submodule_import_under_stand_ins_gets_the_real_one() -> None:
     out = run(
         """
         import sys, torch
-        from geoseg import _smp
+        from geoseg.models import _smp
         with _smp._dynamo_deferred():
             import torch._dynamo.eval_frame as ef
             real = sys.modules["torch._dynamo"]

@@ -18,9 +18,9 @@ from shapely.geometry import LineString, box
 
 from geoseg.cli import cli
 from geoseg.errors import ConfigError, InputError
-from geoseg.model import load_bundle
-from geoseg.raster import open_scene
-from geoseg.reader import read_padded
+from geoseg.io.raster import open_scene
+from geoseg.io.reader import read_padded
+from geoseg.models.bundle import load_bundle
 from geoseg.train.chips import chip_windows, load_chip, split_regions
 from geoseg.train.config import load_config, parse_config
 from geoseg.train.labels import IGNORE, load_scene_labels
@@ -304,8 +304,10 @@ def test_training_reduces_loss_and_its_bundle_predicts_with_the_same_normalizati
 ) -> None:
     import torch
 
-    from geoseg.model import load_module
-    from geoseg.predict import PredictOptions, open_client, predict_scene
+    from geoseg.engine.cluster import open_client
+    from geoseg.engine.options import PredictOptions
+    from geoseg.engine.scene import predict_scene
+    from geoseg.models.bundle import load_module
     from geoseg.train.chips import load_chip
 
     reports: list[EpochReport] = []

@@ -16,8 +16,8 @@ from rasterio.windows import Window
 from shapely.geometry import box
 
 from geoseg.errors import ConfigError
-from geoseg.model import load_bundle
-from geoseg.raster import open_scene
+from geoseg.io.raster import open_scene
+from geoseg.models.bundle import load_bundle
 from geoseg.train.chips import read_resampled, virtual_grid
 from geoseg.train.config import parse_config
 from geoseg.train.labels import contact_zone
@@ -232,7 +232,7 @@ def test_partial_training_runs_end_to_end_and_records_its_start(tmp_path: Path) 
     half = load_bundle(tmp_path / "model16")
     size16 = half.weights_path.stat().st_size
     assert size16 < 0.6 * bundle.weights_path.stat().st_size
-    from geoseg.model import load_module
+    from geoseg.models.bundle import load_module
 
     load_module(half)
 

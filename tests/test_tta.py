@@ -13,11 +13,18 @@ import pytest
 import rasterio
 from click.testing import CliRunner
 
-from geoseg import predict as engine
 from geoseg.cli import cli
+from geoseg.engine import chunks as engine_chunks
+from geoseg.engine import options as engine_options
+from geoseg.engine import plan as engine_plan
+from geoseg.engine import scene as engine_scene
+from geoseg.engine.cluster import open_client
+from geoseg.engine.options import PredictOptions
+from geoseg.engine.scene import predict_scene
 from geoseg.errors import ConfigError
-from geoseg.predict import PredictOptions, TorchPredictor, open_client, predict_scene
-from geoseg.raster import open_scene
+from geoseg.io.raster import open_scene
+from geoseg.models import backends as backends_mod
+from geoseg.models.predictor import TorchPredictor
 from tests.conftest import write_tif
 
 # --- a model that is not flip- or turn-equivariant -------------------------------------------
@@ -159,7 +166,7 @@ def test_quantized_on_device_path_averages_too() -> None:
     x = batch(24, 40, seed=7)
     pred = SkewedFactory("d4").build()
     (q, classes), _ = pred.quantized(x, [(0, 0, 24, 40)] * 2)
-    want_q, want_classes = engine._quantize(pred(x)[0])
+    want_q, want_classes = engine_chunks._quantize(pred(x)[0])
     np.testing.assert_array_equal(q, want_q)
     np.testing.assert_array_equal(classes, want_classes)
 
@@ -196,7 +203,7 @@ def test_tiles_equal_the_whole_scene(tmp_path: Path, make_bundle: Any, tta: str)
     rng = np.random.default_rng(1)
     scene = write_tif(tmp_path / "s.tif", rng.integers(1, 256, (3, 97, 150), dtype=np.uint8))
     bundle = make_bundle()  # stride 8, no GSD: read as it is
-    grid = engine.scene_grid(open_scene(scene), bundle.spec, PredictOptions(chunk=32, halo=16))
+    grid = engine_plan.scene_grid(open_scene(scene), bundle.spec, PredictOptions(chunk=32, halo=16))
     sides = {(int(c.padded.height), int(c.padded.width)) for c in grid}
     assert any(h != w for h, w in sides) and all(h % 8 == 0 and w % 8 == 0 for h, w in sides)
     small = assert_tiles_equal_whole(scene, bundle, tmp_path, SkewedFactory(tta), 32)
@@ -217,15 +224,15 @@ def test_tiles_equal_the_whole_scene_when_resampled(
     bundle = make_bundle(gsd_m=gsd)
     small = assert_tiles_equal_whole(scene, bundle, tmp_path, SkewedFactory("d4"), chunk)
     assert small.resampled is not None
-    assert (read(small.mask)[0, 10:30, 40:75] == engine.MASK_NODATA).all()
+    assert (read(small.mask)[0, 10:30, 40:75] == engine_options.MASK_NODATA).all()
 
 
 # --- options, CLI, pipelines, ledger ----------------------------------------------------------
 
 
 def test_modes_and_bad_values() -> None:
-    assert [len(engine.tta_transforms(m)) for m in engine.TTA] == [1, 4, 8]
-    assert engine.TTA == ("none", "flips", "d4")
+    assert [len(backends_mod.tta_transforms(m)) for m in backends_mod.TTA] == [1, 4, 8]
+    assert backends_mod.TTA == ("none", "flips", "d4")
     with pytest.raises(ConfigError, match=r"tta must be one of none, flips, d4, got 'd8'"):
         PredictOptions(tta="d8")
     with pytest.raises(ConfigError, match="tta must be one of"):
@@ -234,9 +241,9 @@ def test_modes_and_bad_values() -> None:
 
 def test_bundle_factory_carries_the_mode(make_bundle: Any) -> None:
     bundle = make_bundle()
-    factory = engine.bundle_factory(bundle, PredictOptions(device="cpu", tta="flips"))
+    factory = engine_scene.bundle_factory(bundle, PredictOptions(device="cpu", tta="flips"))
     assert factory.tta == "flips"
-    assert factory != engine.bundle_factory(bundle, PredictOptions(device="cpu"))
+    assert factory != engine_scene.bundle_factory(bundle, PredictOptions(device="cpu"))
     pred = factory.build()
     assert isinstance(pred, TorchPredictor) and len(pred.transforms) == 4
 
@@ -246,13 +253,13 @@ def test_working_set_counts_the_copies(make_bundle: Any, monkeypatch: pytest.Mon
 
     spec = make_bundle().spec
     window = Window(0, 0, 640, 480)
-    plain = engine.forward_bytes_lower_bound(spec, 1, 480, 640)
-    augmented = engine.forward_bytes_lower_bound(spec, 1, 480, 640, augmented=True)
+    plain = engine_plan.forward_bytes_lower_bound(spec, 1, 480, 640)
+    augmented = engine_plan.forward_bytes_lower_bound(spec, 1, 480, 640, augmented=True)
     assert augmented > plain
-    monkeypatch.setattr(engine, "available_bytes", lambda device: (plain + augmented) // 2)
-    engine.check_working_set(spec, window, 1, "cpu")
+    monkeypatch.setattr(engine_plan, "available_bytes", lambda device: (plain + augmented) // 2)
+    engine_plan.check_working_set(spec, window, 1, "cpu")
     with pytest.raises(ConfigError, match="needs at least"):
-        engine.check_working_set(spec, window, 1, "cpu", "d4")
+        engine_plan.check_working_set(spec, window, 1, "cpu", "d4")
 
 
 def test_cli_takes_tta_and_tags_the_outputs(tmp_path: Path, make_bundle: Any) -> None:
@@ -315,9 +322,11 @@ def test_ledger_reruns_a_scene_when_tta_changes(tmp_path: Path) -> None:
     job = tmp_path / "p.yml"
     first = run_pipeline(load_pipeline(write_pipeline(job)))
     assert [r.status for r in first.results] == ["done"]
-    same = load_pipeline(write_pipeline(job, predict={"device": "cpu", "precision": "fp32"}))
+    same = load_pipeline(
+        write_pipeline(job, predict={"device": "cpu", "precision": "fp32", "chunk": 64})
+    )
     assert [p.action for p in dry_run(same)] == ["skip"]
-    flips = {"device": "cpu", "precision": "fp32", "tta": "flips"}
+    flips = {"device": "cpu", "precision": "fp32", "chunk": 64, "tta": "flips"}
     changed = load_pipeline(write_pipeline(job, predict=flips))
     [planned] = dry_run(changed)
     assert planned.action == "run" and planned.reason.startswith("pipeline settings changed")

@@ -233,7 +233,7 @@ def test_regularize_real_austin_buildings(tmp_path: Path) -> None:
 
 def test_seam_components_are_emitted_as_soon_as_their_chunks_are_in(tmp_path: Path) -> None:
     """Row by row, a bar across the first chunk row is complete before the next row starts."""
-    from geoseg.grid import ChunkGrid
+    from geoseg.engine.grid import ChunkGrid
     from geoseg.vectorize.geometry import frames_for
     from geoseg.vectorize.polygons import PolygonJob, polygonize_chunk
     from geoseg.vectorize.seams import SeamMerger

@@ -13,12 +13,14 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
-from geoseg.predict import PredictOptions, open_client, predict_scene
-from geoseg.raster import open_scene
+from geoseg.engine.cluster import open_client
+from geoseg.engine.options import PredictOptions
+from geoseg.engine.scene import predict_scene
+from geoseg.io.raster import open_scene
+from geoseg.io.writer import BLOCK, RasterWriter
 from geoseg.vectorize import VectorizeOptions, vectorize_prediction
 from geoseg.vectorize import run as vrun
 from geoseg.vectorize.run import StreamingVectorizer, local_client
-from geoseg.writer import BLOCK, RasterWriter
 from tests.conftest import write_tif
 from tests.test_predict import IdentityFactory
 
@@ -158,9 +160,9 @@ def test_streamed_vectors_are_the_same_bytes_whatever_order_tasks_finish(
 ) -> None:
     """A tiled scene is predicted in stripes of chunk columns; its vector files come out the
     same, byte for byte, from worker processes and from threads."""
-    from geoseg import predict as engine
+    from geoseg.engine import plan as engine_plan
 
-    monkeypatch.setattr(engine, "STRIPE_BYTES", 3 * (128 + 32 + 64) * 128 * 3)  # 2 columns
+    monkeypatch.setattr(engine_plan, "STRIPE_BYTES", 3 * (128 + 32 + 64) * 128 * 3)  # 2 columns
     scene = probability_scene(
         tmp_path / "scene.tif", 900, 800, seed=3, tiled=True, blockxsize=64, blockysize=64
     )

@@ -17,7 +17,7 @@ import click
 
 from geoseg import __version__
 from geoseg.errors import GeosegError
-from geoseg.remote import redact_text
+from geoseg.io.remote import redact_text
 from geoseg.runtime import tune_allocator
 
 __all__ = ["cli", "main"]
@@ -83,7 +83,7 @@ HTTP_NOISE = ("Retrying again in", "HTTP response code on", "HTTP error code")
 
 
 class RedactFilter(logging.Filter):
-    """Every log line with the URLs in it redacted (:func:`geoseg.remote.redact_text`): a
+    """Every log line with the URLs in it redacted (:func:`geoseg.io.remote.redact_text`): a
     pre-signed URL or an API token in a scene's name, or in a library's message about a
     request (urllib3's retries), never reaches the terminal or a log file."""
 

@@ -29,7 +29,7 @@ def fmt(value: float) -> str:
 def write_report(path: Path, report: dict[str, Any]) -> None:
     """Write ``report`` as JSON (NaN → null) to ``path``, atomically."""
     text = json.dumps(_nan_to_none(report), indent=2) + "\n"
-    from geoseg.raster import atomic_path
+    from geoseg.io.raster import atomic_path
 
     tmp = atomic_path(path)
     try:

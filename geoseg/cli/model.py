@@ -12,7 +12,7 @@ import click
 from geoseg.errors import ConfigError, describe_validation_error
 
 if TYPE_CHECKING:
-    from geoseg.model import ModelSpec
+    from geoseg.models.bundle import ModelSpec
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -85,7 +85,7 @@ def spec_options(f: F) -> F:
 def build_spec(kw: dict[str, Any]) -> ModelSpec:
     from pydantic import ValidationError
 
-    from geoseg.model import ModelSpec, Normalization
+    from geoseg.models.bundle import ModelSpec, Normalization
 
     try:
         return ModelSpec(
@@ -131,8 +131,8 @@ def init(out: Path, seed: int, encoder_weights: str, **kw: Any) -> None:
     """Write a bundle to OUT: random weights, or a pretrained encoder with a random decoder."""
     import torch
 
-    from geoseg.encoders import init_encoder
-    from geoseg.model import build_module, save_bundle
+    from geoseg.models.bundle import build_module, save_bundle
+    from geoseg.models.encoders import init_encoder
 
     spec = build_spec(kw)
     torch.manual_seed(seed)
@@ -151,7 +151,7 @@ def init(out: Path, seed: int, encoder_weights: str, **kw: Any) -> None:
 @spec_options
 def import_(weights: Path, out: Path, **kw: Any) -> None:
     """Wrap a plain smp state_dict (WEIGHTS.pth, loaded weights-only) as a bundle in OUT."""
-    from geoseg.model import build_module, load_torch_state_dict, save_bundle
+    from geoseg.models.bundle import build_module, load_torch_state_dict, save_bundle
 
     spec = build_spec(kw)
     state = load_torch_state_dict(weights)
@@ -164,7 +164,7 @@ def import_(weights: Path, out: Path, **kw: Any) -> None:
 
 
 def _measure(spec: ModelSpec, module: Any) -> int:
-    from geoseg.halo import bundle_halo
+    from geoseg.models.halo import bundle_halo
 
     click.echo("measuring the receptive field for a seamless halo …", err=True)
     return bundle_halo(module, spec)
@@ -175,7 +175,7 @@ def _measure(spec: ModelSpec, module: Any) -> int:
 @click.option("--write", is_flag=True, help="Store the measured halo in model.json.")
 def halo(bundle: Path, write: bool) -> None:
     """Measure the halo (px) BUNDLE needs for tiled output to equal a whole-scene pass."""
-    from geoseg.model import load_bundle, load_module, write_spec
+    from geoseg.models.bundle import load_bundle, load_module, write_spec
 
     b = load_bundle(bundle)
     measured = _measure(b.spec, load_module(b))
@@ -190,7 +190,7 @@ def halo(bundle: Path, write: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print model.json as JSON.")
 def info(bundle: Path, as_json: bool) -> None:
     """Show a bundle's spec and verify its weights (hash, tensor names and shapes)."""
-    from geoseg.model import check_weights, load_bundle
+    from geoseg.models.bundle import check_weights, load_bundle
 
     b = load_bundle(bundle)
     check_weights(b)

@@ -32,8 +32,8 @@ resample_option = click.option(
 )
 
 
-#: ``--tta``, for the commands that run a model on scenes (modes: :data:`geoseg.predict.TTA`,
-#: not imported here: the CLI starts without torch).
+#: ``--tta``, for the commands that run a model on scenes (modes:
+#: :data:`geoseg.models.backends.TTA`, not imported here: the CLI starts without torch).
 tta_option = click.option(
     "--tta",
     type=click.Choice(["none", "flips", "d4"]),
@@ -46,7 +46,7 @@ tta_option = click.option(
 
 
 #: ``--backend``, for the commands that run a model on scenes (values:
-#: :data:`geoseg.backends.BACKENDS`, not imported here: the CLI starts without torch).
+#: :data:`geoseg.models.backends.BACKENDS`, not imported here: the CLI starts without torch).
 backend_option = click.option(
     "--backend",
     type=click.Choice(["auto", "torch", "openvino"]),

@@ -19,14 +19,14 @@ from geoseg.cli.options import (
     tta_option,
 )
 from geoseg.errors import ConfigError
-from geoseg.remote import check_writable_prefix, is_remote, join, redact, upload
+from geoseg.io.remote import check_writable_prefix, is_remote, join, redact, upload
 
 if TYPE_CHECKING:
     from distributed import Client
 
-    from geoseg.model import Bundle
-    from geoseg.predict import PredictOptions
-    from geoseg.raster import Scene
+    from geoseg.engine.options import PredictOptions
+    from geoseg.io.raster import Scene
+    from geoseg.models.bundle import Bundle
     from geoseg.vectorize.options import VectorizeOptions
 
 log = logging.getLogger("geoseg.cli")
@@ -113,16 +113,13 @@ def predict(
     az:// URL, or a GDAL /vsi path: remote scenes are read window by window, never copied."""
     keep = parse_outputs(outputs) | ({"vectors"} if also_vectorize else set())
     rasters = needed_rasters(keep)
-    from geoseg.backends import architecture_proven, resolve_backend
-    from geoseg.model import check_weights, load_bundle
-    from geoseg.predict import (
-        PredictOptions,
-        check_compatible,
-        check_resolution,
-        resolve_device,
-        warm_up,
-    )
-    from geoseg.raster import check_writable, open_scene
+    from geoseg.engine.options import PredictOptions
+    from geoseg.engine.plan import check_compatible, check_resolution
+    from geoseg.engine.scene import warm_up
+    from geoseg.io.raster import check_writable, open_scene
+    from geoseg.models.backends import architecture_proven, resolve_backend
+    from geoseg.models.bundle import check_weights, load_bundle
+    from geoseg.models.predictor import resolve_device
     from geoseg.vectorize.options import VectorizeOptions
     from geoseg.vectorize.run import vector_cluster
 
@@ -181,7 +178,8 @@ def _run(
 ) -> None:
     """Predict every scene on one client; upload each scene's files when ``remote_out``.
     Vectors are made while each scene is predicted, on ``vector_client`` when given."""
-    from geoseg.predict import open_client, predict_scene, remove_stale_outputs
+    from geoseg.engine.cluster import open_client
+    from geoseg.engine.scene import predict_scene, remove_stale_outputs
 
     def shown(p: Path) -> str:
         """Where a file ends up: its URL under ``remote_out`` (uploaded, and the local copy

@@ -10,10 +10,10 @@ from typing import Any
 
 import click
 
+from geoseg.io.remote import redact, redact_text
 from geoseg.pipeline.config import load_pipeline
 from geoseg.pipeline.runner import PlannedScene, RunSummary, SceneResult, run_pipeline
 from geoseg.pipeline.runner import dry_run as plan_pipeline
-from geoseg.remote import redact, redact_text
 
 log = logging.getLogger("geoseg.cli")
 

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from geoseg.cli.options import Progress, out_dir_option
 from geoseg.errors import ConfigError, describe_validation_error
-from geoseg.remote import redact
+from geoseg.io.remote import redact
 from geoseg.vectorize.options import VectorizeOptions, VectorizeOutputs
 
 log = logging.getLogger("geoseg.cli")

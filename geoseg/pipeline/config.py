@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from geoseg.errors import ConfigError, GeosegError
-from geoseg.remote import is_remote, list_matching, redact, remote_key, remote_name
+from geoseg.io.remote import is_remote, list_matching, redact, remote_key, remote_name
 from geoseg.vectorize.options import Format, LayerKind, VectorizeOptions
 from geoseg.yamlio import safe_load_unique
 
@@ -399,7 +399,7 @@ class PipelineConfig(_Strict):
         """Every scene the inputs match, sorted, without duplicates; raise if none match.
 
         Local scenes are absolute paths; remote ones (URLs, ``/vsi`` paths; see
-        :mod:`geoseg.remote`) stay strings, and a URL with glob characters in its key is
+        :mod:`geoseg.io.remote`) stay strings, and a URL with glob characters in its key is
         matched against a listing of the store."""
         found: dict[str, Path | str] = {}
         for href in self.stac_items():
@@ -445,7 +445,7 @@ class PipelineConfig(_Strict):
         if self.inputs.stac is None:
             return {}
         if self._stac is None:
-            from geoseg.stac import stac_scenes
+            from geoseg.io.stac import stac_scenes
 
             st = self.inputs.stac
             source = st.source if is_remote(st.source) else str(self.resolve(st.source))

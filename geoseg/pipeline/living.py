@@ -49,7 +49,7 @@ def _read(path: Path) -> gpd.GeoDataFrame:
 def _write(gdf: gpd.GeoDataFrame, path: Path) -> None:
     import pyogrio
 
-    from geoseg.tempfiles import temporary_path
+    from geoseg.io.tempfiles import temporary_path
 
     tmp = temporary_path(path, ".gpkg")
     try:

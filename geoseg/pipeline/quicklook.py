@@ -17,8 +17,8 @@ import rasterio
 from rasterio.enums import Resampling
 
 from geoseg.errors import OutputError
-from geoseg.raster import atomic_path, gdal_env
-from geoseg.remote import gdal_path
+from geoseg.io.raster import atomic_path, gdal_env
+from geoseg.io.remote import gdal_path
 
 if TYPE_CHECKING:
     import geopandas as gpd

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from geoseg.errors import OutputError
+from geoseg.io.remote import is_remote, redact
 from geoseg.pipeline.ledger import Ledger, RunRow, SceneRow
-from geoseg.remote import is_remote, redact
 
 if TYPE_CHECKING:
     from shapely.geometry.base import BaseGeometry
@@ -434,7 +434,7 @@ def write_report(
 ) -> Path:
     """Write run ``run_id``'s report to ``out``, atomically; links are relative to its folder
     (or under ``link_base``)."""
-    from geoseg.tempfiles import temporary_path
+    from geoseg.io.tempfiles import temporary_path
 
     out = Path(out)
     try:

@@ -27,11 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from geoseg.errors import ConfigError, GeosegError, InputError
-from geoseg.model import Bundle, load_bundle
-from geoseg.pipeline.config import LocalCompute, PipelineConfig
-from geoseg.pipeline.ledger import Ledger, SceneRow, default_ledger_path
-from geoseg.pipeline.lock import PipelineLock
-from geoseg.remote import (
+from geoseg.io.remote import (
     check_writable_prefix,
     exists,
     identity,
@@ -42,6 +38,10 @@ from geoseg.remote import (
     remote_stem,
     upload,
 )
+from geoseg.models.bundle import Bundle, load_bundle
+from geoseg.pipeline.config import LocalCompute, PipelineConfig
+from geoseg.pipeline.ledger import Ledger, SceneRow, default_ledger_path
+from geoseg.pipeline.lock import PipelineLock
 
 # Planning, skipping and listing import none of the engine (numpy, rasterio, torch, Dask):
 # a run with nothing to do answers in well under a second. The engine is imported by the
@@ -49,9 +49,9 @@ from geoseg.remote import (
 if TYPE_CHECKING:
     from distributed import Client
 
+    from geoseg.engine.options import PredictOptions
+    from geoseg.io.raster import Scene
     from geoseg.pipeline.scene_changes import SceneChanges
-    from geoseg.predict import PredictOptions
-    from geoseg.raster import Scene
 
 __all__ = [
     "PlannedScene",
@@ -152,7 +152,7 @@ class RunProgress(Protocol):
 
 def file_identity(path: Path | str) -> tuple[int | None, int | None]:
     """(size in bytes, mtime in ns) of ``path``; for a remote scene (size, a number made from
-    its ETag or Last-Modified, see :func:`geoseg.remote.identity`); (None, None) when it
+    its ETag or Last-Modified, see :func:`geoseg.io.remote.identity`); (None, None) when it
     cannot be stat'ed or reached."""
     if isinstance(path, str):
         try:
@@ -294,7 +294,7 @@ def _check_unique_stems(paths: list[Path | str], stems: list[str]) -> None:
 
 def predict_options(config: PipelineConfig, scheduler: str | None = None) -> PredictOptions:
     """The engine's options for this pipeline; ``scheduler`` overrides ``compute``."""
-    from geoseg.predict import PredictOptions
+    from geoseg.engine.options import PredictOptions
 
     p, c = config.predict, config.compute
     workers = c.workers if isinstance(c, LocalCompute) else 1
@@ -452,7 +452,7 @@ class _SceneJob:
             self.progress.scene_finished(result)
 
     def _process(self, planned: PlannedScene) -> tuple[dict[str, str], dict[str, Any]]:
-        from geoseg.raster import check_writable, open_scene
+        from geoseg.io.raster import check_writable, open_scene
 
         broken = self.config.stac_errors().get(str(planned.path))
         if broken is not None:
@@ -479,9 +479,9 @@ class _SceneJob:
     def _outputs(
         self, planned: PlannedScene, scene: Scene, out: Path
     ) -> tuple[dict[str, str], dict[str, Any]]:
+        from geoseg.engine.scene import predict_scene, remove_stale_outputs
         from geoseg.pipeline.quicklook import write_quicklook
         from geoseg.pipeline.report import scene_facts
-        from geoseg.predict import predict_scene, remove_stale_outputs
 
         def chunks(done: int, total: int) -> None:
             if self.progress is not None:
@@ -590,9 +590,9 @@ def run_pipeline(
         todo = [p for p in planned if p.action == "run"]
         options = None
         if todo:
-            from geoseg.backends import architecture_proven, resolve_backend
-            from geoseg.model import check_weights
-            from geoseg.predict import resolve_device
+            from geoseg.models.backends import architecture_proven, resolve_backend
+            from geoseg.models.bundle import check_weights
+            from geoseg.models.predictor import resolve_device
 
             options = predict_options(config, scheduler)
             # a bad bundle fails the run before any cluster starts (the scheduler's workers
@@ -691,7 +691,7 @@ def _run_scenes(
 ) -> list[SceneResult]:
     """Run scenes on one client, at most ``scenes_in_flight`` at a time."""
     if client_factory is None:
-        from geoseg.predict import open_client
+        from geoseg.engine.cluster import open_client
 
         client_factory = open_client
     from geoseg.vectorize.run import vector_cluster

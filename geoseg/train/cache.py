@@ -7,7 +7,7 @@ shapes them (image file, its size and modification time, the grid, the bands, th
 layers), so a resumed or repeated run reuses them and a changed input gets new ones.
 
 A chip is then a slice of these arrays, reflected outside the scene exactly as
-:func:`geoseg.reader.read_padded` and :meth:`SceneLabels.burn` reflect, and normalized by the
+:func:`geoseg.io.reader.read_padded` and :meth:`SceneLabels.burn` reflect, and normalized by the
 bundle's normalization. On the image's own grid the chips equal :func:`load_chip`'s. On a
 virtual grid every grid pixel has one value, where GDAL's resampled window reads round a few
 pixels (about 1 in 10⁴) one grey level differently depending on the window's origin.
@@ -29,10 +29,10 @@ import numpy as np
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
-from geoseg.model import ModelSpec
-from geoseg.reader import reflect_index
-from geoseg.remote import is_remote
-from geoseg.tempfiles import sweep, temporary_path
+from geoseg.io.reader import reflect_index
+from geoseg.io.remote import is_remote
+from geoseg.io.tempfiles import sweep, temporary_path
+from geoseg.models.bundle import ModelSpec
 from geoseg.train.chips import blocks, load_chip, read_chip
 from geoseg.train.labels import IGNORE, BurnLayer, SceneLabels
 

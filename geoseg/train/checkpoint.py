@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from geoseg.errors import ConfigError, ModelError
-from geoseg.model import follow_umask
-from geoseg.tempfiles import sweep, temporary_path
+from geoseg.io.tempfiles import sweep, temporary_path
+from geoseg.models.bundle import follow_umask
 
 if TYPE_CHECKING:
     import torch

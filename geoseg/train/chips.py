@@ -1,9 +1,9 @@
 """Training chips: spatial train/validation regions, chip windows, band statistics, reading.
 
-Chips go through exactly the inference path: :func:`geoseg.reader.read_padded` then the
-bundle's :meth:`~geoseg.model.Normalization.apply`. Each scene is cut into a few large regions,
-and every region goes wholly to training or to validation, so no validation chip has a
-training neighbour that shares its pixels.
+Chips go through exactly the inference path: :func:`geoseg.io.reader.read_padded` then the
+bundle's :meth:`~geoseg.models.bundle.Normalization.apply`. Each scene is cut into a few large
+regions, and every region goes wholly to training or to validation, so no validation chip has
+a training neighbour that shares its pixels.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Literal
 import numpy as np
 from rasterio.windows import Window, intersect
 
+from geoseg.engine.resample import RESAMPLE_TOLERANCE
 from geoseg.errors import InputError
-from geoseg.model import ModelSpec, Normalization
-from geoseg.raster import Scene
-from geoseg.reader import read_padded
-from geoseg.resample import RESAMPLE_TOLERANCE
+from geoseg.io.raster import Scene
+from geoseg.io.reader import read_padded
+from geoseg.models.bundle import ModelSpec, Normalization
 from geoseg.train.labels import IGNORE, SceneLabels
 from geoseg.train.scenes import no_georef_warning
 
@@ -243,7 +243,7 @@ def read_resampled(
     import rasterio
     from rasterio.enums import Resampling
 
-    from geoseg.raster import gdal_env
+    from geoseg.io.raster import gdal_env
 
     sx = image.width / grid.width  # image pixels per grid pixel
     sy = image.height / grid.height

@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from geoseg.errors import ConfigError, describe_validation_error
-from geoseg.model import ModelSpec
-from geoseg.remote import is_remote
+from geoseg.io.remote import is_remote
+from geoseg.models.bundle import ModelSpec
 
 __all__ = [
     "ChipConfig",
@@ -159,7 +159,7 @@ class SceneConfig(_Strict):
 
     image: str = Field(
         description="The scene: a GeoTIFF path (relative to the config file), an http(s)://, "
-        "s3://, gs:// or az:// URL (see geoseg.remote), or a glob of images (chip folders: "
+        "s3://, gs:// or az:// URL (see geoseg.io.remote), or a glob of images (chip folders: "
         "PNG, JPEG, TIFF; each image is one scene with its own labels)."
     )
     name: str | None = Field(

@@ -99,7 +99,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     that supports it and on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 elsewhere."""
     import torch
 
-    from geoseg.predict import cpu_supports_bf16
+    from geoseg.models.predictor import cpu_supports_bf16
 
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

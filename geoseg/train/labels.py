@@ -21,8 +21,8 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from geoseg.errors import InputError
-from geoseg.raster import Scene, gdal_env
-from geoseg.reader import on_grid, reflect_index
+from geoseg.io.raster import Scene, gdal_env
+from geoseg.io.reader import on_grid, reflect_index
 from geoseg.train.config import (
     LabelSource,
     RasterLabels,

@@ -21,19 +21,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rasterio.windows import Window
 
-from geoseg.encoders import init_encoder
+from geoseg.engine.plan import check_compatible
+from geoseg.engine.resample import check_ratio
 from geoseg.errors import ConfigError, InputError, ModelError
-from geoseg.model import (
+from geoseg.io.raster import Scene
+from geoseg.io.reader import read_padded
+from geoseg.models.bundle import (
     Bundle,
     ModelSpec,
     build_module,
     load_bundle,
     save_bundle,
 )
-from geoseg.predict import check_compatible, resolve_device
-from geoseg.raster import Scene
-from geoseg.reader import read_padded
-from geoseg.resample import check_ratio
+from geoseg.models.encoders import init_encoder
+from geoseg.models.predictor import resolve_device
 from geoseg.train.cache import ChipCache
 from geoseg.train.checkpoint import Checkpoint, Snapshot, position
 from geoseg.train.chips import (
@@ -807,8 +808,8 @@ def _store_seamless_halo(bundle: Bundle, cfg: TrainConfig) -> Bundle:
     """Measure the trained model's seamless halo on its training scenes; record it."""
     from rasterio.windows import Window
 
-    from geoseg.halo import bundle_halo
-    from geoseg.model import load_module, write_spec
+    from geoseg.models.bundle import load_module, write_spec
+    from geoseg.models.halo import bundle_halo
 
     size = 128 + 2 * 512  # the measurement's core plus twice its largest halo, px
     samples = []

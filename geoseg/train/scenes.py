@@ -22,8 +22,8 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from geoseg.errors import InputError
-from geoseg.raster import Scene, open_scene
-from geoseg.remote import glob_regex, is_remote
+from geoseg.io.raster import Scene, open_scene
+from geoseg.io.remote import glob_regex, is_remote
 from geoseg.train.config import HoldOut, LabelSource, SceneConfig
 
 __all__ = [
@@ -167,13 +167,13 @@ def expand_scene(cfg: SceneConfig) -> list[SceneItem]:
 
 
 def open_image(path: str, gsd_m: float | None) -> Scene:
-    """Open a training image: a georeferenced raster as :func:`geoseg.raster.open_scene` does,
+    """Open a training image: a georeferenced raster as :func:`geoseg.io.raster.open_scene` does,
     or, with ``gsd_m``, an image without a georeference on a local metric grid (north up, the
     top-left corner at the origin, ``gsd_m`` metres per pixel)."""
     import rasterio
     from rasterio.errors import RasterioError
 
-    from geoseg.raster import gdal_env
+    from geoseg.io.raster import gdal_env
 
     if not is_remote(path):
         try:
@@ -196,7 +196,7 @@ def _local_scene(path: str, gsd_m: float | None) -> Scene:
     """A scene on :data:`LOCAL_CRS` for an image that carries no georeference."""
     import rasterio
 
-    from geoseg.raster import describe_ungeoreferenced, gdal_env
+    from geoseg.io.raster import describe_ungeoreferenced, gdal_env
 
     if gsd_m is None:
         raise InputError(

@@ -17,7 +17,7 @@ import orjson
 import shapely
 
 from geoseg.errors import OutputError
-from geoseg.tempfiles import temporary_path
+from geoseg.io.tempfiles import temporary_path
 from geoseg.vectorize.features import FeatureBatch
 from geoseg.vectorize.geometry import Frames
 from geoseg.vectorize.options import FORMATS

@@ -1,7 +1,7 @@
 """Vectorize one prediction raster: chunk tasks in parallel, seams merged, layers written.
 
 Two ways in: :func:`vectorize_prediction` on a finished raster, and
-:class:`StreamingVectorizer` while :func:`geoseg.predict.predict_scene` writes one, each task
+:class:`StreamingVectorizer` while :func:`geoseg.engine.scene.predict_scene` writes one, each task
 submitted as soon as the tiles it reads are stored. Both share :class:`_Vectorization`: the
 tasks, and the fixed order their results are taken in, so the files do not depend on which
 task finishes first.
@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from rasterio.windows import Window
 
+from geoseg.engine.grid import ChunkGrid
 from geoseg.errors import InputError, OutputError, call_portably
-from geoseg.grid import ChunkGrid
-from geoseg.raster import check_writable
-from geoseg.remote import is_remote, redact
+from geoseg.io.raster import check_writable
+from geoseg.io.remote import is_remote, redact
+from geoseg.io.writer import RasterWriter, tile_keys, yield_to_the_model
 from geoseg.runtime import cpu_cores
 from geoseg.vectorize.centerlines import (
     CenterlineJob,
@@ -40,12 +41,11 @@ from geoseg.vectorize.options import CONTACT_CLASS, LayerOutput, VectorizeOption
 from geoseg.vectorize.polygons import ChunkPolygons, PolygonJob, finish_polygons, polygonize_chunk
 from geoseg.vectorize.seams import SeamMerger
 from geoseg.vectorize.source import Prediction, inside, open_prediction
-from geoseg.writer import RasterWriter, tile_keys, yield_to_the_model
 
 if TYPE_CHECKING:
     from distributed import Client
 
-    from geoseg.predict import PredictOptions
+    from geoseg.engine.options import PredictOptions
 
 __all__ = ["StreamingVectorizer", "vector_cluster", "vectorize_prediction"]
 
@@ -77,7 +77,7 @@ def local_client(workers: int) -> Iterator[Client]:
     import dask
     from distributed import Client, LocalCluster
 
-    from geoseg.predict import QUIET_WORKERS
+    from geoseg.engine.cluster import QUIET_WORKERS
     from geoseg.runtime import MALLOC_ENV, allocator_wanted
 
     method = "fork" if os.name == "posix" and threading.active_count() == 1 else "spawn"
@@ -123,7 +123,7 @@ def _run(tasks: list[Task], client: Client | None, workers: int) -> Iterator[tup
     """Results of ``tasks`` as they finish: on ``client``, inline for one worker, else on a
     local Dask cluster of ``workers`` processes; at most two tasks per worker in flight.
     """
-    from geoseg.predict import stream_tasks
+    from geoseg.engine.cluster import stream_tasks
 
     if client is not None:
         n = max(1, sum(client.nthreads().values()))
@@ -338,11 +338,11 @@ TASKS_PER_WORKER = 4
 
 
 class StreamingVectorizer:
-    """Vectorizes a prediction while :func:`geoseg.predict.predict_scene` writes it.
+    """Vectorizes a prediction while :func:`geoseg.engine.scene.predict_scene` writes it.
 
     Each chunk task is submitted to ``client`` as soon as every full-resolution tile it reads
     is stored in the writer's scratch file (:meth:`poll`), and reads those tiles instead of the
-    COG, which does not exist yet (:class:`geoseg.writer.StoredTiles`). So the vectors are made
+    COG, which does not exist yet (:class:`geoseg.io.writer.StoredTiles`). So the vectors are made
     while the model runs, on the client's workers (processes: polygonizing holds the GIL), and
     the features are those :func:`vectorize_prediction` makes from the finished raster. At
     most :data:`TASKS_PER_WORKER` tasks per worker are in flight. :meth:`finish` stores the last

@@ -17,11 +17,11 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from geoseg.errors import InputError, first_line
-from geoseg.raster import gdal_env, ground_resolution
-from geoseg.remote import exists, gdal_path, is_remote, redact, remote_name
+from geoseg.io.raster import gdal_env, ground_resolution
+from geoseg.io.remote import exists, gdal_path, is_remote, redact, remote_name
 
 if TYPE_CHECKING:
-    from geoseg.writer import StoredTiles
+    from geoseg.io.writer import StoredTiles
 
 __all__ = ["ClassWindow", "Prediction", "describe_prediction", "open_prediction", "read_class"]
 
@@ -33,7 +33,7 @@ class Prediction:
     ``probs`` is the probability raster used for thresholds and confidences (None when only a
     class mask is available); ``mask`` is the class-id raster when that was the input.
     ``staged``: where a raster still being written is read from instead (its tiles in the
-    writer's scratch file, by path; see :class:`geoseg.writer.StoredTiles`).
+    writer's scratch file, by path; see :class:`geoseg.io.writer.StoredTiles`).
     """
 
     path: str
@@ -81,7 +81,7 @@ def _classes(src: rasterio.io.DatasetReader, p: Path | str) -> tuple[str, ...]:
 
 
 def open_prediction(path: str | os.PathLike[str]) -> Prediction:
-    """Validate a prediction raster (a file, or a URL or object, see :mod:`geoseg.remote`) and
+    """Validate a prediction raster (a file, or a URL or object, see :mod:`geoseg.io.remote`) and
     describe it; raise :class:`InputError` if unusable."""
     remote = is_remote(path)
     name = os.fspath(path)

@@ -8,7 +8,7 @@ so tiles compress side by side; no lock is held around any of it), appended to o
 file per output, and reduced by its 2x2 cells (:func:`downsample2`) into its quarter of a tile
 of the next overview level, which is compressed in turn once its four quarters are in. So
 every tile of every level is compressed exactly once, while the chunks stream, and nothing is
-read back. :meth:`RasterWriter.commit` lays the tiles out as a COG (:func:`geoseg.cog.write_cog`:
+read back. :meth:`RasterWriter.commit` lays the tiles out as a COG (:func:`geoseg.io.cog.write_cog`:
 IFDs first, then the tile data, a byte copy) under a temporary name and renames it onto its
 final name. Until then nothing exists under the final names; :meth:`RasterWriter.abort`
 removes the scratch files.
@@ -33,11 +33,11 @@ from rasterio._err import CPLE_BaseError
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from geoseg import cog
 from geoseg.errors import OutputError
-from geoseg.raster import Scene, atomic_path, write_error
+from geoseg.io import cog
+from geoseg.io.raster import Scene, atomic_path, write_error
+from geoseg.io.tempfiles import temporary_path
 from geoseg.runtime import cpu_cores
-from geoseg.tempfiles import temporary_path
 
 log = logging.getLogger(__name__)
 

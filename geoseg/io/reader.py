@@ -27,8 +27,8 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from geoseg.errors import InputError, first_line
-from geoseg.raster import Scene, gdal_env
-from geoseg.remote import gdal_path, is_remote
+from geoseg.io.raster import Scene, gdal_env
+from geoseg.io.remote import gdal_path, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _reader(path: str, opened_ns: int = 0) -> Iterator[tuple[tuple[str, int, int
     is unchanged (the key: path, modification time and size). A remote scene is keyed by
     when it was opened (``opened_ns``): unchanged during one prediction, opened afresh by the
     next, whose reads GDAL does not serve from an earlier one's cache (``CPL_VSIL_CURL_NON_
-    CACHED``, see :mod:`geoseg.remote`). A failed read closes it."""
+    CACHED``, see :mod:`geoseg.io.remote`). A failed read closes it."""
     if _READERS.pid != os.getpid():  # a forked child must not share the parent's file offsets
         _READERS.datasets = OrderedDict()
         _READERS.pid = os.getpid()
@@ -153,7 +153,7 @@ def close_readers() -> None:
 #: for a 640² RGB window, from its cache); whole blocks come straight from the decoder
 #: (1.8 ms per 512² RGB tile, decompression included). So tiled files are read block by block
 #: into this cache and windows are cut from it with numpy. It must hold about four rows of
-#: blocks across one stripe of chunks (:data:`geoseg.predict.STRIPE_BYTES`).
+#: blocks across one stripe of chunks (:data:`geoseg.engine.plan.STRIPE_BYTES`).
 BLOCK_CACHE_BYTES = 64 << 20
 
 

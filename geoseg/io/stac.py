@@ -15,7 +15,7 @@ from pathlib import PurePath
 from typing import Any
 
 from geoseg.errors import ConfigError, first_line
-from geoseg.remote import is_remote, redact, redact_text, remote_stem
+from geoseg.io.remote import is_remote, redact, redact_text, remote_stem
 
 __all__ = ["StacScene", "stac_scenes"]
 

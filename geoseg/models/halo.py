@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from geoseg.model import ModelSpec
+    from geoseg.models.bundle import ModelSpec
 
 __all__ = ["bundle_halo", "measure_halo"]
 
@@ -110,7 +110,7 @@ def bundle_halo(
     Warns when even ``max_halo`` is not enough: such a model draws on global context
     (squeeze-and-excitation, global pooling), and tiled output cannot equal a whole-scene pass.
     """
-    from geoseg.predict import TorchPredictor
+    from geoseg.models.predictor import TorchPredictor
 
     halo = measure_halo(
         TorchPredictor(module), len(spec.bands), spec.stride, max_halo=max_halo, samples=samples

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from geoseg.errors import ModelError, first_line
-from geoseg.model import (
+from geoseg.models.bundle import (
     file_sha256,
     load_torch_state_dict,
     read_safetensors,
@@ -164,7 +164,7 @@ def lite_classifier(variant: LiteVariant, path: Path | None = None) -> torch.nn.
     """
     import timm
 
-    from geoseg._smp import import_smp
+    from geoseg.models._smp import import_smp
 
     import_smp()  # timm imported the way geoseg does it
     path = path or lite_file(variant)
@@ -233,7 +233,7 @@ def _from_file(encoder: torch.nn.Module, path: Path) -> str:
 
 def _imagenet(module: torch.nn.Module, encoder_name: str, depth: int) -> str:
     """Download the encoder's ImageNet weights through smp (needs internet) into ``module``."""
-    from geoseg._smp import import_smp
+    from geoseg.models._smp import import_smp
 
     smp = import_smp()
     try:

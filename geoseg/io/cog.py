@@ -1,6 +1,6 @@
 """Lay out a Cloud Optimized GeoTIFF from tiles that are already compressed.
 
-Design: :class:`geoseg.writer.RasterWriter` compresses every 512 x 512 tile of every level
+Design: :class:`geoseg.io.writer.RasterWriter` compresses every 512 x 512 tile of every level
 exactly once, in parallel, as the chunks arrive, and appends it to a scratch file. Once every
 tile exists, :func:`write_cog` writes the file in the layout of GDAL's COG driver: the TIFF
 header, GDAL's "ghost" structural metadata, every IFD (full resolution, its mask, the overviews

@@ -38,7 +38,7 @@ def stripes(shape: tuple[int, int], cols: int) -> Iterator[tuple[int, int]]:
 class Chunk:
     """One unit of work: the core it owns and the padded window the model sees (pixels; for a
     scene read at the model's GSD, the padded window is on the virtual model grid, see
-    :mod:`geoseg.resample`)."""
+    :mod:`geoseg.engine.resample`)."""
 
     row: int
     col: int

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from geoseg._smp import import_smp
 from geoseg.errors import ModelError, describe_validation_error, first_line
+from geoseg.models._smp import import_smp
 
 if TYPE_CHECKING:
     import torch
@@ -339,7 +339,7 @@ def check_weights(bundle: Bundle, *, architecture_known: bool = False) -> None:
     prediction starts a cluster.
 
     ``architecture_known``: these very weights are known to load into the spec's architecture
-    (a converted network of them is cached, see :func:`geoseg.backends.cached_network`): only
+    (a converted network of them is cached, see :func:`geoseg.models.backends.cached_network`): only
     the file's header and size are checked, and neither torch nor smp is imported.
 
     Raises :class:`ModelError` for a file that is not safetensors (a pickle, say), an encoder or

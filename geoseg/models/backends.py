@@ -1,4 +1,5 @@
-"""Inference backends behind :class:`geoseg.predict.Predictor`: torch, and OpenVINO on CPUs.
+"""Inference backends behind :class:`geoseg.models.predictor.Predictor`: torch, and OpenVINO on
+CPUs.
 
 OpenVINO runs the shipped EfficientNet-Lite0 U-Net 2-3x faster than torch on a CPU at the same
 precision, and its speed per pixel does not drop as the window grows. A bundle's torch module
@@ -32,7 +33,7 @@ from geoseg.errors import ConfigError, ModelError
 if TYPE_CHECKING:
     import torch
 
-    from geoseg.model import Bundle
+    from geoseg.models.bundle import Bundle
 
 __all__ = [
     "BACKENDS",
@@ -279,7 +280,7 @@ class OpenVINOPredictor:
 
     ``precision`` among fp32, bf16, fp16 (OpenVINO's inference precision hint). ``tta`` (among
     :data:`TTA`): the average over the window's flips and quarter turns, as
-    :class:`geoseg.predict.TorchPredictor` makes it. ``threads``: CPU threads per pass
+    :class:`geoseg.models.predictor.TorchPredictor` makes it. ``threads``: CPU threads per pass
     (default: every core); ``streams``: passes that may run side by side (one per worker
     thread)."""
 

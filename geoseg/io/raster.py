@@ -1,7 +1,7 @@
 """Scenes: open and validate them, and the GDAL settings every read and write shares.
 
 The data path: :func:`open_scene` checks a scene once, up front (:class:`Scene`);
-:mod:`geoseg.reader` reads each chunk's padded window; :mod:`geoseg.writer` writes the
+:mod:`geoseg.io.reader` reads each chunk's padded window; :mod:`geoseg.io.writer` writes the
 outputs as COGs. Outputs go to temporary names first (:func:`atomic_path`), renamed when
 complete.
 """
@@ -30,8 +30,8 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from geoseg.errors import InputError, OutputError, first_line
-from geoseg.remote import gdal_path, is_remote, network_options, redact, remote_stem
-from geoseg.tempfiles import sweep, temporary_path
+from geoseg.io.remote import gdal_path, is_remote, network_options, redact, remote_stem
+from geoseg.io.tempfiles import sweep, temporary_path
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def _grid_scales(crs: Any, x: float, y: float) -> tuple[float, float]:
 
 
 def open_scene(path: str | os.PathLike[str]) -> Scene:
-    """Open ``path`` (a local file, a URL or a GDAL ``/vsi`` path, see :mod:`geoseg.remote`)
+    """Open ``path`` (a local file, a URL or a GDAL ``/vsi`` path, see :mod:`geoseg.io.remote`)
     and check that geoseg can process it; raise :class:`InputError` if not."""
     remote = is_remote(path)
     if remote:
@@ -344,13 +344,13 @@ def _probe_last_block(src: Any, p: str | Path) -> None:
 
 def atomic_path(final: Path) -> Path:
     """A hidden temporary name beside ``final``, to be renamed onto it when complete; it names
-    its writer, so that :func:`geoseg.tempfiles.sweep` can tell when it is left over."""
+    its writer, so that :func:`geoseg.io.tempfiles.sweep` can tell when it is left over."""
     return temporary_path(final)
 
 
 def check_writable(directory: Path) -> None:
     """Create ``directory`` if needed and prove that files can be created in it; then remove
-    the temporary files that killed processes left there (:func:`geoseg.tempfiles.sweep`)."""
+    the temporary files that killed processes left there (:func:`geoseg.io.tempfiles.sweep`)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = atomic_path(directory / "probe")

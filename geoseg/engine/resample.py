@@ -6,7 +6,7 @@ scene coordinates ``[j / r, (j + 1) / r)`` (continuous, 0 = the scene's left or 
 Every value on that grid is a fixed function of its global index and of the reflect-padded
 scene, computed in the same order of operations whichever window computes it, so every chunk
 gets the same value bit for bit. A chunk's model window is aligned to the model's stride on
-that grid, as :class:`geoseg.grid.ChunkGrid` aligns padded windows, so a whole-scene pass
+that grid, as :class:`geoseg.engine.grid.ChunkGrid` aligns padded windows, so a whole-scene pass
 and every chunk see the same pooling grid: seams stay as exact as without resampling.
 
 Scene → model: an area average where the model grid is coarser (r < 1), bilinear where it is
@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 from rasterio.windows import Window
 
-from geoseg.grid import Chunk, Tiling, round_up
+from geoseg.engine.grid import Chunk, Tiling, round_up
 
 __all__ = [
     "MAX_RESAMPLE_RATIO",
