@@ -252,7 +252,8 @@ if __name__ == "__main__":
 
 
 @pytest.mark.skipif(
-    __import__("geoseg.predict").predict.gpu_driver_present(), reason="a GPU driver is here"
+    __import__("geoseg.models.predictor").models.predictor.gpu_driver_present(),
+    reason="a GPU driver is here",
 )
 def test_a_cached_network_runs_without_importing_torch(
     tmp_path: Path, make_bundle: Any, cache: Path

@@ -15,7 +15,8 @@ import pytest
 from rasterio.windows import Window
 
 from geoseg.io.raster import open_scene
-from geoseg.io.writer import BLOCK, JOBS_PER_THREAD, RasterWriter
+from geoseg.io.tiles import BLOCK
+from geoseg.io.writer import JOBS_PER_THREAD, RasterWriter
 from tests.conftest import write_tif
 
 REPO = Path(__file__).resolve().parents[1]

@@ -234,7 +234,7 @@ def test_block_cache_shared_by_threads(tmp_path: Path, monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("h, w", [(5, 7), (6, 8), (1, 1), (2, 3), (40, 66), (33, 18)])
 def test_downsample2_averages_the_valid_pixels_of_each_cell(h: int, w: int) -> None:
-    from geoseg.io.writer import downsample2
+    from geoseg.io.tiles import downsample2
 
     rng = np.random.default_rng(h * 10 + w)
     data = rng.integers(0, 256, (3, h, w + 1), dtype=np.uint8)[::2, :, 1:]  # not contiguous
@@ -262,7 +262,7 @@ def test_overviews_match_gdals_own(
     there gets small); level 1 must be what GDAL would make, each level the cells of the last."""
     import rasterio.shutil
 
-    from geoseg.io.writer import downsample2
+    from geoseg.io.tiles import downsample2
 
     rng = np.random.default_rng(4)
     data = rng.integers(0, 250, size=(3, height, width), dtype=np.uint8)

@@ -14,7 +14,8 @@ from rasterio.windows import Window
 from rio_cogeo.cogeo import cog_validate
 
 from geoseg.io.raster import open_scene
-from geoseg.io.writer import RasterWriter, downsample2
+from geoseg.io.tiles import downsample2
+from geoseg.io.writer import RasterWriter
 from tests.conftest import write_tif
 
 

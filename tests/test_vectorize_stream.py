@@ -17,7 +17,8 @@ from geoseg.engine.cluster import open_client
 from geoseg.engine.options import PredictOptions
 from geoseg.engine.scene import predict_scene
 from geoseg.io.raster import open_scene
-from geoseg.io.writer import BLOCK, RasterWriter
+from geoseg.io.tiles import BLOCK
+from geoseg.io.writer import RasterWriter
 from geoseg.vectorize import VectorizeOptions, vectorize_prediction
 from geoseg.vectorize import run as vrun
 from geoseg.vectorize.run import StreamingVectorizer, local_client
@@ -169,7 +170,7 @@ def test_streamed_vectors_are_the_same_bytes_whatever_order_tasks_finish(
     bundle = make_bundle(classes=["background", "building", "road"])
     with local_client(2) as processes:
         a = _predict(scene, bundle, tmp_path / "a", processes)
-    with caplog.at_level(logging.INFO, logger="geoseg.predict"):
+    with caplog.at_level(logging.INFO, logger="geoseg.engine.scene"):
         b = _predict(scene, bundle, tmp_path / "b")
     total = 2 * 4 * 4  # two layers, 4 x 4 chunks of 256 px
     assert f"{total}/{total} vectorize chunks" in caplog.text  # the tail reports its progress

@@ -12,7 +12,7 @@ from geoseg.engine.resample import (
     MAX_RESAMPLE_RATIO,
 )
 from geoseg.errors import ConfigError
-from geoseg.io.writer import COMPRESSIONS, DEFAULT_COMPRESS
+from geoseg.io.tiles import COMPRESSIONS, DEFAULT_COMPRESS
 from geoseg.models.backends import BACKENDS, tta_transforms
 from geoseg.runtime import cpu_cores
 
@@ -52,7 +52,7 @@ class PredictOptions:
     max_resample_ratio: float = MAX_RESAMPLE_RATIO
     #: which rasters to write, among :data:`RASTERS`
     rasters: tuple[str, ...] = RASTERS
-    #: the COGs' codec, among :data:`geoseg.io.writer.COMPRESSIONS`
+    #: the COGs' codec, among :data:`geoseg.io.tiles.COMPRESSIONS`
     compress: str = DEFAULT_COMPRESS
     #: test-time augmentation, among :data:`TTA`: the average of each window's model
     #: probabilities over its flips (4 passes) or its flips and quarter turns (8 passes)

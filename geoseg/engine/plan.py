@@ -20,7 +20,7 @@ from geoseg.engine.resample import (
 from geoseg.errors import ConfigError, InputError
 from geoseg.io.raster import Scene
 from geoseg.io.remote import redact
-from geoseg.io.writer import BLOCK
+from geoseg.io.tiles import BLOCK
 from geoseg.models.bundle import ModelSpec
 
 if TYPE_CHECKING:

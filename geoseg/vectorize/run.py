@@ -26,7 +26,8 @@ from geoseg.engine.grid import ChunkGrid
 from geoseg.errors import InputError, OutputError, call_portably
 from geoseg.io.raster import check_writable
 from geoseg.io.remote import is_remote, redact
-from geoseg.io.writer import RasterWriter, tile_keys, yield_to_the_model
+from geoseg.io.tiles import tile_keys
+from geoseg.io.writer import RasterWriter, yield_to_the_model
 from geoseg.runtime import cpu_cores
 from geoseg.vectorize.centerlines import (
     CenterlineJob,
@@ -342,7 +343,7 @@ class StreamingVectorizer:
 
     Each chunk task is submitted to ``client`` as soon as every full-resolution tile it reads
     is stored in the writer's scratch file (:meth:`poll`), and reads those tiles instead of the
-    COG, which does not exist yet (:class:`geoseg.io.writer.StoredTiles`). So the vectors are made
+    COG, which does not exist yet (:class:`geoseg.io.tiles.StoredTiles`). So the vectors are made
     while the model runs, on the client's workers (processes: polygonizing holds the GIL), and
     the features are those :func:`vectorize_prediction` makes from the finished raster. At
     most :data:`TASKS_PER_WORKER` tasks per worker are in flight. :meth:`finish` stores the last

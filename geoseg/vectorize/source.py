@@ -21,7 +21,7 @@ from geoseg.io.raster import gdal_env, ground_resolution
 from geoseg.io.remote import exists, gdal_path, is_remote, redact, remote_name
 
 if TYPE_CHECKING:
-    from geoseg.io.writer import StoredTiles
+    from geoseg.io.tiles import StoredTiles
 
 __all__ = ["ClassWindow", "Prediction", "describe_prediction", "open_prediction", "read_class"]
 
@@ -33,7 +33,7 @@ class Prediction:
     ``probs`` is the probability raster used for thresholds and confidences (None when only a
     class mask is available); ``mask`` is the class-id raster when that was the input.
     ``staged``: where a raster still being written is read from instead (its tiles in the
-    writer's scratch file, by path; see :class:`geoseg.io.writer.StoredTiles`).
+    writer's scratch file, by path; see :class:`geoseg.io.tiles.StoredTiles`).
     """
 
     path: str
