@@ -26,7 +26,7 @@ from geoseg.io.raster import open_scene
 from geoseg.pipeline.config import PipelineConfig
 from geoseg.pipeline.runner import predict_options
 from geoseg.train.config import parse_config
-from geoseg.train.loop import prepare
+from geoseg.train.dataset import prepare
 from tests.conftest import write_tif
 from tests.test_predict import IdentityFactory, run
 from tests.test_train import ORIGIN, _config

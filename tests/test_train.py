@@ -23,8 +23,9 @@ from geoseg.io.reader import read_padded
 from geoseg.models.bundle import load_bundle
 from geoseg.train.chips import chip_windows, load_chip, split_regions
 from geoseg.train.config import load_config, parse_config
+from geoseg.train.dataset import prepare
 from geoseg.train.labels import IGNORE, load_scene_labels
-from geoseg.train.loop import EpochReport, prepare, train
+from geoseg.train.loop import EpochReport, train
 
 DATA = Path(__file__).resolve().parents[1] / "data_samples"
 ORIGIN = (733600.0, 3725200.0)  # UTM 16N, metres

@@ -14,8 +14,9 @@ from rasterio.windows import Window
 from geoseg.train.cache import ChipCache
 from geoseg.train.chips import load_chip
 from geoseg.train.config import parse_config
+from geoseg.train.dataset import Prepared, prepare
 from geoseg.train.feed import Prefetch
-from geoseg.train.loop import Prepared, Speedups, prepare, train
+from geoseg.train.loop import Speedups, train
 
 from .test_train import H, W, _config
 

@@ -14,8 +14,9 @@ from rasterio.windows import Window
 from geoseg.errors import ConfigError, InputError
 from geoseg.train.chips import load_chip, read_chip
 from geoseg.train.config import parse_config
+from geoseg.train.dataset import prepare
 from geoseg.train.labels import IGNORE
-from geoseg.train.loop import prepare, train
+from geoseg.train.loop import train
 from geoseg.train.scenes import LOCAL_CRS, expand_scene, open_image, pair_paths
 
 BUILDING, ROAD, LAND, WATER, UNLABELLED = "#3C1098", "#6EC1E4", "#8429F6", "#E2A929", "#9B9B9B"
@@ -260,7 +261,7 @@ def test_validation_iou_weighs_every_scene_the_same(folder: Path, tmp_path: Path
     import torch
 
     from geoseg.train.chips import Chip
-    from geoseg.train.loop import _Loss, evaluate_chips
+    from geoseg.train.step import _Loss, evaluate_chips
 
     prep = prepare(parse_config(_cfg(folder, tmp_path), "t.yml"))
     prep = dataclasses.replace(prep, groups=(0, 1, 1, 1), group_names=("one", "three"))

@@ -20,8 +20,10 @@ from geoseg.io.raster import open_scene
 from geoseg.models.bundle import load_bundle
 from geoseg.train.chips import read_resampled, virtual_grid
 from geoseg.train.config import parse_config
+from geoseg.train.dataset import prepare
 from geoseg.train.labels import contact_zone
-from geoseg.train.loop import _Loss, _random_chips, _tensors, prepare, train
+from geoseg.train.loop import train
+from geoseg.train.step import _Loss, _random_chips, _tensors
 
 from .test_train import ORIGIN, _labels, _scene, tiny_model
 

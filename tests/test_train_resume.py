@@ -165,13 +165,13 @@ def test_nan_is_written_as_null_and_read_back_as_nan(tmp_path: Path) -> None:
 
 
 def test_precision_auto_is_bf16_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    import geoseg.predict
+    import geoseg.models.predictor
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(geoseg.predict, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(geoseg.models.predictor, "cpu_supports_bf16", lambda: True)
     assert autocast_dtype("auto", cpu) == torch.bfloat16
     assert autocast_dtype("fp32", cpu) is None
-    monkeypatch.setattr(geoseg.predict, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(geoseg.models.predictor, "cpu_supports_bf16", lambda: False)
     assert autocast_dtype("auto", cpu) is None
     assert autocast_dtype("bf16", cpu) == torch.bfloat16
 

@@ -19,36 +19,16 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from rasterio.windows import Window
 
-from geoseg.engine.plan import check_compatible
-from geoseg.engine.resample import check_ratio
-from geoseg.errors import ConfigError, InputError, ModelError
-from geoseg.io.raster import Scene
+from geoseg.errors import ModelError
 from geoseg.io.reader import read_padded
-from geoseg.models.bundle import (
-    Bundle,
-    ModelSpec,
-    build_module,
-    load_bundle,
-    save_bundle,
-)
+from geoseg.models.bundle import Bundle, build_module, load_bundle, save_bundle
 from geoseg.models.encoders import init_encoder
 from geoseg.models.predictor import resolve_device
 from geoseg.train.cache import ChipCache
 from geoseg.train.checkpoint import Checkpoint, Snapshot, position
-from geoseg.train.chips import (
-    Chip,
-    ChipSet,
-    band_statistics,
-    holdout_window,
-    load_chip,
-    mean_gsd,
-    plan_chips,
-    random_windows,
-    virtual_grid,
-)
-from geoseg.train.config import LabelSource, TrainConfig
+from geoseg.train.chips import Chip
+from geoseg.train.config import TrainConfig
 from geoseg.train.control import (
     StopRequest,
     TrainingStopped,
@@ -56,14 +36,18 @@ from geoseg.train.control import (
     decode_generator,
     encode_generator,
 )
+from geoseg.train.dataset import Prepared, prepare
 from geoseg.train.feed import Prefetch
-from geoseg.train.labels import (
-    IGNORE,
-    SceneLabels,
-    classes_present,
-    load_scene_labels,
+from geoseg.train.scenes import expand_scene, no_georef_warning, open_image
+from geoseg.train.step import (
+    _batches,
+    _Loss,
+    _lr_factor,
+    _random_chips,
+    _tensors,
+    augment,
+    evaluate_chips,
 )
-from geoseg.train.scenes import SceneItem, expand_scene, no_georef_warning, open_image
 
 if TYPE_CHECKING:
     import torch
@@ -73,9 +57,6 @@ __all__ = [
     "Speedups",
     "TrainResult",
     "TrainingStopped",
-    "augment",
-    "known_classes",
-    "prepare",
     "train",
 ]
 
@@ -118,364 +99,6 @@ class TrainResult:
     train_chips: int = 0
     val_chips: int = 0
     resumed_from: int | None = None
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """Chips and the spec with statistics filled in, ready to train on.
-
-    ``chips.labels``, ``holdouts`` and ``weights`` have one entry per image: a configured scene
-    that is a glob of images gives one each. ``weights`` are the shares of random training
-    chips (0 for an image that is wholly validation).
-    """
-
-    spec: ModelSpec
-    chips: ChipSet
-    holdouts: tuple[Window | None, ...] = ()
-    weights: tuple[float, ...] = ()
-    #: per image, the index of its configured scene; and the scenes' names
-    groups: tuple[int, ...] = ()
-    group_names: tuple[str, ...] = ()
-
-
-def prepare(cfg: TrainConfig) -> Prepared:
-    """Open scenes, check labels, compute band statistics and plan the chips.
-
-    With ``model.gsd_m`` set and ``resample`` on, scenes at another ground resolution are cut
-    into chips on a virtual grid at the model's GSD (resampled reads, no copy of the scene);
-    a scene more than ``max_resample_ratio`` times finer or coarser than it is refused.
-    Every label file is checked (sizes, colours) before any chip is read.
-    """
-    spec = cfg.model
-    expanded = [expand_scene(s) for s in cfg.scenes]
-    items = [item for group in expanded for item in group]
-    groups = tuple(g for g, group in enumerate(expanded) for _ in group)
-    scenes = [open_image(item.image, item.config.gsd_m) for item in items]
-    for scene in scenes:
-        check_compatible(scene, spec)
-    gsd = spec.gsd_m if spec.gsd_m else round(mean_gsd(scenes), 4)
-    if cfg.resample and spec.gsd_m:
-        for item, scene in zip(items, scenes, strict=True):
-            check_ratio(
-                item.image,
-                scene.ground_res,
-                gsd,
-                cfg.max_resample_ratio,
-                f"warp the scene near {gsd:.3g} m first (gdalwarp -tr), train on it as it is "
-                "(resample: false), or raise the limit (max_resample_ratio)",
-            )
-    grids = [
-        virtual_grid(scene, gsd) if (cfg.resample and spec.gsd_m) else None for scene in scenes
-    ]
-    labels = [
-        load_scene_labels(
-            item.config,
-            scene,
-            spec.classes,
-            grid,
-            sources=item.labels,
-            fill=_fill(item.config.fill, len(spec.bands), item.image),
-        )
-        for item, scene, grid in zip(items, scenes, grids, strict=True)
-    ]
-    _check_classes_present(labels, spec.classes, [item.labels for item in items])
-    if spec.normalization.mean:
-        norm = spec.normalization
-    else:
-        norm = band_statistics(
-            scenes, spec.bands, spec.normalization.scale, fills=[lab.fill for lab in labels]
-        )
-    spec = spec.model_copy(update={"normalization": norm, "gsd_m": gsd})
-    spec = ModelSpec.model_validate(spec.model_dump())
-    c = cfg.chips
-    holdouts = [_holdout(item, lab.scene) for item, lab in zip(items, labels, strict=True)]
-    chips = plan_chips(
-        labels,
-        spec.bands,
-        size=c.size,
-        stride=c.stride,
-        block=c.block,
-        val_fraction=c.val_fraction,
-        seed=cfg.optim.seed,
-        holdouts=holdouts,
-        train_chips=c.sampling == "grid",
-    )
-    n_train, n_val = len(chips.split("train")), len(chips.split("val"))
-    if c.sampling == "random":
-        n_train = c.chips_per_epoch
-    if n_train == 0:
-        raise InputError("no training chips: every chip is nodata or in a validation region")
-    if n_val == 0:
-        hint = (
-            "the hold-outs hold no chip with valid pixels: make them larger than chips.size "
-            f"({c.size} px on the model's grid)"
-            if any(s.holdout for s in cfg.scenes)
-            else "make chips.block smaller than the scenes so that each scene has several "
-            "regions, or set chips.val_fraction above 0"
-        )
-        raise ConfigError(f"no validation chips: {hint}")
-    weights = _weights(items, labels, groups)
-    log.info(
-        "%d image(s) in %d scene(s): %d training and %d validation chips (%d all-nodata "
-        "skipped); normalization %s",
-        len(items),
-        len(cfg.scenes),
-        n_train,
-        n_val,
-        chips.skipped,
-        norm.model_dump(),
-    )
-    return Prepared(spec, chips, tuple(holdouts), weights, groups, _names(cfg))
-
-
-def _names(cfg: TrainConfig) -> tuple[str, ...]:
-    """The configured scenes' display names, made unique with a suffix where they repeat."""
-    names = [s.display_name() for s in cfg.scenes]
-    return tuple(n if names.count(n) == 1 else f"{n}#{i + 1}" for i, n in enumerate(names))
-
-
-def _check_classes_present(
-    labels: Sequence[SceneLabels],
-    classes: Sequence[str],
-    sources: Sequence[Sequence[LabelSource]],
-) -> None:
-    """Refuse a class that scenes claim to label but no label file holds a pixel of: it would
-    be taught as background everywhere (an empty label file, a wrong value or colour).
-    ``sources`` are each image's label sources, for the message."""
-    present: set[int] = set()
-    for lab in labels:
-        for layer in lab.layers:
-            present |= classes_present(layer)
-    claimed = {c for lab in labels for c in lab.labelled} - {0}
-    for c in sorted(claimed - present):
-        files = sorted(
-            {
-                str(src.path)
-                for lab, srcs in zip(labels, sources, strict=True)
-                if c in lab.labelled
-                for src in srcs
-                if classes[c] in src.classes()
-            }
-        )
-        shown = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-        raise InputError(
-            f"class {classes[c]!r}: no label source ({shown or 'none'}) holds a single feature "
-            "or pixel of it, so training would teach it as background everywhere; check the "
-            "label files and their values or colours, or leave the class out of the scenes' "
-            "classes"
-        )
-
-
-def _fill(fill: list[float] | None, n_bands: int, image: str) -> tuple[float, ...] | None:
-    """The scene's fill values, one per model band."""
-    if fill is None:
-        return None
-    if len(fill) == 1:
-        return tuple(fill) * n_bands
-    if len(fill) != n_bands:
-        raise ConfigError(
-            f"{image}: fill has {len(fill)} values; give one for all bands or one per model "
-            f"band ({n_bands})"
-        )
-    return tuple(fill)
-
-
-def _holdout(item: SceneItem, grid: Scene) -> Window | None:
-    """The hold-out window of one image on its chip grid: a rectangle, the whole image
-    ("all"), an empty window (no hold-out: all training) or None (seeded regions)."""
-    if item.holdout is None:
-        return None
-    if item.holdout == "all":
-        return Window(0, 0, grid.width, grid.height)
-    if isinstance(item.holdout, str):  # "none"
-        return Window(0, 0, 0, 0)
-    x, y = item.holdout
-    return holdout_window(grid, x, y)
-
-
-def _weights(
-    items: Sequence[SceneItem], labels: Sequence[SceneLabels], groups: Sequence[int]
-) -> tuple[float, ...]:
-    """Each image's share of random training chips: its scene's weight split among the
-    scene's training images (``groups``: each image's configured scene) by area (pixels of
-    the chip grid); an image held out whole gets none."""
-    area = [
-        0.0 if item.holdout == "all" else float(lab.scene.width * lab.scene.height)
-        for item, lab in zip(items, labels, strict=True)
-    ]
-    totals = [0.0] * (max(groups, default=0) + 1)
-    for g, a in zip(groups, area, strict=True):
-        totals[g] += a
-    return tuple(
-        item.config.weight * a / totals[g] if a else 0.0
-        for item, a, g in zip(items, area, groups, strict=True)
-    )
-
-
-def augment(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    gen: torch.Generator,
-    color: float = 0.0,
-    std: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random flips and 90° rotations, the same for each image (N, C, H, W) and label (N, H, W);
-    with ``color`` > 0 also a random brightness gain and per-band gain and offset of up to that
-    fraction (in scaled pixel units, ``std`` (C,) the normalization's std)."""
-    import torch
-
-    xs, ys = [], []
-    for xi, yi in zip(x, y, strict=True):
-        k, flip = (int(v) for v in torch.randint(0, 4, (2,), generator=gen))
-        xi, yi = torch.rot90(xi, k, (1, 2)), torch.rot90(yi, k, (0, 1))
-        if flip & 1:
-            xi, yi = torch.flip(xi, (2,)), torch.flip(yi, (1,))
-        if color > 0:
-            c = xi.shape[0]
-            u = torch.rand((2 * c + 1,), generator=gen) * 2 - 1
-            gain = (1 + color * u[0]) * (1 + 0.5 * color * u[1 : c + 1])
-            offset = 0.5 * color * u[c + 1 :]
-            scale = std if std is not None else torch.ones(c)
-            # x = (v - mean) / std; v' = v * gain + offset  →  x' = x * gain + (mean (gain - 1)
-            # + offset) / std; the mean term is folded in as gain applied around the mean
-            xi = xi * gain[:, None, None] + (offset / scale)[:, None, None]
-        xs.append(xi)
-        ys.append(yi)
-    return torch.stack(xs), torch.stack(ys)
-
-
-def known_classes(unknown: torch.Tensor) -> torch.Tensor:
-    """(N, K) bool: the classes each chip's scene labels completely, from ``unknown``;
-    background is known only on chips whose scene labels every class."""
-    known = ~unknown
-    known[:, 0] = ~unknown.any(dim=1)
-    return known
-
-
-class _Loss:
-    """Cross-entropy + Dice for partial labels.
-
-    ``unknown`` (N, K) marks, per chip, the classes its scene does not label. An unburned pixel
-    (class 0) of such a chip is "background or one of those": its cross-entropy is
-    -log of the summed probability of that set, so no unlabelled class is ever taught as
-    background. Dice of class k is computed over the chips whose scene labels k.
-    """
-
-    def __init__(self, dice_weight: float) -> None:
-        self.dice_weight = dice_weight
-
-    def __call__(
-        self, logits: torch.Tensor, y: torch.Tensor, unknown: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        import torch
-
-        n, k = logits.shape[:2]
-        if unknown is None:
-            unknown = torch.zeros((n, k), dtype=torch.bool, device=logits.device)
-        keep = y != IGNORE
-        logp = torch.log_softmax(logits, dim=1)
-        target = torch.where(keep, y, 0)
-        picked = logp.gather(1, target[:, None])[:, 0]
-        group = unknown.clone()
-        group[:, 0] = True
-        neg_inf = torch.tensor(float("-inf"), device=logits.device)
-        bg = torch.logsumexp(torch.where(group[:, :, None, None], logp, neg_inf), dim=1)
-        nll = -torch.where(target == 0, bg, picked)
-        loss = nll[keep].mean() if keep.any() else logits.sum() * 0.0
-        if self.dice_weight:
-            loss = loss + self.dice_weight * self._dice(logp.exp(), target, keep, unknown)
-        return loss
-
-    @staticmethod
-    def _dice(
-        probs: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, unknown: torch.Tensor
-    ) -> torch.Tensor:
-        import torch
-
-        k = probs.shape[1]
-        onehot = torch.nn.functional.one_hot(target, k).permute(0, 3, 1, 2).to(probs.dtype)
-        labelled = known_classes(unknown)
-        m = keep[:, None].to(probs.dtype) * labelled[:, :, None, None].to(probs.dtype)
-        inter = (probs * onehot * m).sum(dim=(0, 2, 3))
-        card = ((probs + onehot) * m).sum(dim=(0, 2, 3))
-        present = (onehot * m).sum(dim=(0, 2, 3)) > 0
-        if not present.any():
-            return probs.sum() * 0.0
-        dice = 1.0 - (2.0 * inter + 1e-6) / (card + 1e-6)
-        return dice[present].mean()
-
-
-def _lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 1% at ``total`` steps."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def _batches(chips: Sequence[Chip], size: int, order: Sequence[int]) -> Iterator[list[Chip]]:
-    for i in range(0, len(order), size):
-        yield [chips[j] for j in order[i : i + size]]
-
-
-def _tensors(
-    prep: Prepared,
-    batch: Sequence[Chip],
-    device: torch.device,
-    size: int | None = None,
-    cache: ChipCache | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(images, labels, unknown (N, K) classes per chip), from ``cache`` when given; chips of
-    another side than ``size`` (scale jitter) are resized to it, images bilinearly and labels
-    by nearest neighbour."""
-    import torch
-
-    k = len(prep.spec.classes)
-    xs, ys = [], []
-    for c in batch:
-        if cache is not None:
-            x, y = cache.load(c.scene, c.window)
-        else:
-            x, y = load_chip(prep.chips.labels[c.scene], c.window, prep.spec)
-        tx, ty = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
-        if size is not None and x.shape[-1] != size:
-            tx = torch.nn.functional.interpolate(
-                tx[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            )[0]
-            ty = torch.nn.functional.interpolate(
-                ty[None, None].float(), size=(size, size), mode="nearest"
-            )[0, 0].long()
-        xs.append(tx)
-        ys.append(ty)
-    unknown = torch.tensor(
-        [[i not in prep.chips.labels[c.scene].labelled for i in range(k)] for c in batch],
-        dtype=torch.bool,
-    )
-    unknown[:, 0] = False
-    return torch.stack(xs).to(device), torch.stack(ys).to(device), unknown.to(device)
-
-
-def _random_chips(cfg: TrainConfig, prep: Prepared, epoch: int) -> list[Chip]:
-    """This epoch's random training chips; sides vary with the scale jitter (seeded by epoch)."""
-    import random
-
-    rng = random.Random(cfg.optim.seed * 1_000_003 + epoch)
-    c = cfg.chips
-    scenes = [
-        (lab.scene, held, w)
-        for lab, held, w in zip(prep.chips.labels, prep.holdouts, prep.weights, strict=True)
-    ]
-    j = c.scale_jitter
-    biggest = round(c.size * (1 + j))
-    picks = random_windows(scenes, biggest, c.chips_per_epoch, rng)
-    chips = []
-    for i, win in picks:
-        side = round(c.size * math.exp(rng.uniform(-math.log1p(j), math.log1p(j)))) if j else c.size
-        side = min(side, biggest)
-        dc = rng.randint(0, biggest - side)
-        dr = rng.randint(0, biggest - side)
-        chips.append(Chip(i, Window(win.col_off + dc, win.row_off + dr, side, side), "train"))
-    return chips
 
 
 @contextlib.contextmanager
@@ -827,66 +450,3 @@ def _store_seamless_halo(bundle: Bundle, cfg: TrainConfig) -> Bundle:
     spec = bundle.spec.model_copy(update={"halo": halo})
     write_spec(bundle.path, spec)
     return Bundle(bundle.path, spec, bundle.sha256)
-
-
-def evaluate_chips(
-    module: torch.nn.Module,
-    prep: Prepared,
-    chips: Sequence[Chip],
-    batch_size: int,
-    device: torch.device,
-    loss_fn: _Loss,
-    *,
-    cache: ChipCache | None = None,
-    autocast: torch.dtype | None = None,
-) -> tuple[float, np.ndarray, dict[str, np.ndarray]]:
-    """(mean loss, per-class IoU, per-class IoU of each configured scene) of ``module`` on
-    ``chips``, without augmentation; the forward pass in ``autocast`` precision (None: fp32),
-    the module's memory format.
-
-    The IoU of a class in a scene counts only chips whose scene labels it (valid pixels only),
-    NaN where no chip of that scene labels or shows it; the per-class IoU is the mean over the
-    scenes where it is defined, so every scene weighs the same whatever its chip count.
-    """
-    import torch
-
-    k = len(prep.spec.classes)
-    n_groups = max(prep.groups, default=0) + 1 if prep.groups else 1
-    tp, fp, fn = (np.zeros((n_groups, k)) for _ in range(3))
-    losses = []
-    module.eval()
-    dtype = autocast or torch.float32
-    weight = next(module.parameters())
-    channels_last = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    with torch.no_grad():
-        for batch in _batches(chips, batch_size, range(len(chips))):
-            x, y, unknown = _tensors(prep, batch, device, cache=cache)
-            x = x.contiguous(memory_format=fmt)
-            with torch.autocast(device.type, dtype=dtype, enabled=autocast is not None):
-                logits = module(x).float()
-            losses.append(float(loss_fn(logits, y, unknown)) * len(batch))
-            pred = logits.argmax(1).cpu().numpy()
-            truth = y.cpu().numpy()
-            known = known_classes(unknown).cpu().numpy()
-            for i, chip in enumerate(batch):
-                g = prep.groups[chip.scene] if prep.groups else 0
-                keep = truth[i] != IGNORE
-                for cls in np.flatnonzero(known[i]):
-                    p, t = pred[i][keep] == cls, truth[i][keep] == cls
-                    tp[g, cls] += np.count_nonzero(p & t)
-                    fp[g, cls] += np.count_nonzero(p & ~t)
-                    fn[g, cls] += np.count_nonzero(~p & t)
-    denom = tp + fp + fn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        by_group = np.where(denom > 0, tp / denom, np.nan)
-    defined = ~np.isnan(by_group)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(
-            defined.any(axis=0),
-            np.nansum(by_group, axis=0) / defined.sum(axis=0),
-            np.nan,
-        )
-    names = prep.group_names or tuple(f"scene {g + 1}" for g in range(n_groups))
-    per_scene = {names[g]: by_group[g] for g in range(n_groups) if defined[g].any()}
-    return float(np.sum(losses) / max(1, len(chips))), iou, per_scene
