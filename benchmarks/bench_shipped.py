@@ -153,6 +153,11 @@ def run_tree(cmd: list[str]) -> tuple[float, float, float, int]:
     return wall, main / 1024, (max(others) / 1024 if others else 0.0), len(others)
 
 
+def predict_cmd(scene: Path, model: str, out: Path, *extra: str) -> list[str]:
+    """``geoseg predict`` of ``scene`` with ``model`` into ``out``, in this interpreter."""
+    return [PY, "-m", "geoseg", "predict", str(scene), "-m", model, "-o", str(out), *extra]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=3072)
@@ -169,27 +174,8 @@ def main() -> None:
     os.environ["GEOSEG_CACHE"] = str(env_cache)  # conversion once, before the timed runs
     for v in args.variants:
         if v.startswith("openvino"):
-            subprocess.run(
-                [
-                    PY,
-                    "-m",
-                    "geoseg",
-                    "predict",
-                    str(scene),
-                    "-m",
-                    args.model,
-                    "-o",
-                    str(OUT / "warm"),
-                    "--backend",
-                    "openvino",
-                    "--chunk",
-                    "256",
-                    "--outputs",
-                    "mask",
-                ],
-                check=True,
-                capture_output=True,
-            )
+            warm = predict_cmd(scene, args.model, OUT / "warm", "--backend", "openvino")
+            subprocess.run([*warm, "--chunk", "256", "--outputs", "mask"], check=True)
             break
     print(f"{'variant':<16} {'wall s':>8} {'main MiB':>9} {'worker MiB':>11} {'workers':>8}")
     for v in args.variants:
@@ -197,19 +183,7 @@ def main() -> None:
             cmd = [PY, "-c", NAIVE, args.model, str(scene), str(OUT / "naive_mask.tif")]
         else:
             backend, chunk = v.split(":")
-            cmd = [
-                PY,
-                "-m",
-                "geoseg",
-                "predict",
-                str(scene),
-                "-m",
-                args.model,
-                "-o",
-                str(OUT / v.replace(":", "-")),
-                "--backend",
-                backend,
-            ]
+            cmd = predict_cmd(scene, args.model, OUT / v.replace(":", "-"), "--backend", backend)
             if chunk != "auto":
                 cmd += ["--chunk", chunk]
             if args.vectorize:

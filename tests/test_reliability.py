@@ -179,6 +179,11 @@ def _files(folder: Path) -> set[str]:
     return {p.name for p in folder.iterdir() if p.is_file()}
 
 
+def _predict(scene: str, model: Path, out: Path, outputs: str) -> Any:
+    args = ["predict", scene, "-m", str(model), "-o", str(out), "--device", "cpu"]
+    return CliRunner().invoke(cli, [*args, "--outputs", outputs])
+
+
 def _model_tag(path: Path) -> str:
     import rasterio
 
@@ -192,21 +197,7 @@ def test_predict_removes_what_an_earlier_run_wrote_and_this_one_does_not(
     out = tmp_path / "o"
     first, second = make_model(tmp_path / "m1", seed=1), make_model(tmp_path / "m2", seed=2)
     scene = str(www / "a.tif")
-    res = CliRunner().invoke(
-        cli,
-        [
-            "predict",
-            scene,
-            "-m",
-            str(first),
-            "-o",
-            str(out),
-            "--device",
-            "cpu",
-            "--outputs",
-            "probs,mask,vectors,quicklook",
-        ],
-    )
+    res = _predict(scene, first, out, "probs,mask,vectors,quicklook")
     assert res.exit_code == 0, res.output
     earlier = _files(out)
     assert {"a.probs.tif", "a.mask.tif", "a.quicklook.png", "a.buildings.geojson"} <= earlier
@@ -216,21 +207,7 @@ def test_predict_removes_what_an_earlier_run_wrote_and_this_one_does_not(
         (out / name).write_text("{}")
     (out / "a.b.probs.tif").write_bytes((out / "a.probs.tif").read_bytes())
     others.add("a.b.probs.tif")
-    res = CliRunner().invoke(
-        cli,
-        [
-            "predict",
-            scene,
-            "-m",
-            str(second),
-            "-o",
-            str(out),
-            "--device",
-            "cpu",
-            "--outputs",
-            "mask",
-        ],
-    )
+    res = _predict(scene, second, out, "mask")
     assert res.exit_code == 0, res.output
     assert _files(out) == {"a.mask.tif"} | others, res.output
     assert _model_tag(out / "a.mask.tif") != _model_tag(out / "a.b.probs.tif")
@@ -245,21 +222,7 @@ def test_a_probability_raster_that_geoseg_did_not_write_is_never_removed(
     out = tmp_path / "o"
     out.mkdir()
     mine = write_tif(out / "a.probs.tif", np.zeros((1, 8, 8), np.uint8))
-    res = CliRunner().invoke(
-        cli,
-        [
-            "predict",
-            str(www / "a.tif"),
-            "-m",
-            str(tmp_path / "model"),
-            "-o",
-            str(out),
-            "--device",
-            "cpu",
-            "--outputs",
-            "mask",
-        ],
-    )
+    res = _predict(str(www / "a.tif"), tmp_path / "model", out, "mask")
     assert res.exit_code == 0, res.output
     assert mine.exists() and "earlier run" not in res.output, res.output
 
