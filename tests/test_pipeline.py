@@ -19,7 +19,8 @@ from PIL import Image
 
 from geoseg.cli import cli
 from geoseg.pipeline import Ledger, PipelineLock, PipelineLocked, load_pipeline, run_pipeline
-from geoseg.pipeline.runner import PlannedScene, SceneResult, dry_run, lock_path
+from geoseg.pipeline.planning import PlannedScene, dry_run
+from geoseg.pipeline.runner import SceneResult, lock_path
 from tests.pipeline_support import (
     REPO,
     leftovers,

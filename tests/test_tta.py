@@ -313,7 +313,7 @@ def test_pipeline_file_takes_tta() -> None:
 
 def test_ledger_reruns_a_scene_when_tta_changes(tmp_path: Path) -> None:
     from geoseg.pipeline import load_pipeline, run_pipeline
-    from geoseg.pipeline.runner import dry_run
+    from geoseg.pipeline.planning import dry_run
     from tests.pipeline_support import make_model, make_scene, write_pipeline
 
     (tmp_path / "scenes").mkdir()

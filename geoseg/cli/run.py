@@ -12,8 +12,9 @@ import click
 
 from geoseg.io.remote import redact, redact_text
 from geoseg.pipeline.config import load_pipeline
-from geoseg.pipeline.runner import PlannedScene, RunSummary, SceneResult, run_pipeline
-from geoseg.pipeline.runner import dry_run as plan_pipeline
+from geoseg.pipeline.planning import PlannedScene
+from geoseg.pipeline.planning import dry_run as plan_pipeline
+from geoseg.pipeline.runner import RunSummary, SceneResult, run_pipeline
 
 log = logging.getLogger("geoseg.cli")
 

@@ -11,7 +11,7 @@ import click
 
 from geoseg.pipeline.config import load_pipelines
 from geoseg.pipeline.ledger import Ledger, default_ledger_path
-from geoseg.pipeline.runner import ledger_path_for
+from geoseg.pipeline.planning import ledger_path_for
 from geoseg.pipeline.schedule import Scheduler, SubprocessLauncher
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from geoseg.pipeline.config import PipelineConfig, load_pipeline, load_pipelines
 from geoseg.pipeline.ledger import Ledger
 from geoseg.pipeline.lock import PipelineLock, PipelineLocked
-from geoseg.pipeline.runner import PlannedScene, RunSummary, SceneResult, dry_run, run_pipeline
+from geoseg.pipeline.planning import PlannedScene, dry_run
+from geoseg.pipeline.runner import RunSummary, SceneResult, run_pipeline
 
 __all__ = [
     "Ledger",

@@ -64,7 +64,7 @@ class SceneChanges:
 
     def _previous(self, ledger_key: str) -> Reference:
         from geoseg.changes import read_buildings
-        from geoseg.pipeline.runner import output_identity
+        from geoseg.pipeline.identity import output_identity
 
         prev = self.ledger.last_done(self.config.name, ledger_key)
         if prev is None:
