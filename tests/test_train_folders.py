@@ -261,7 +261,7 @@ def test_validation_iou_weighs_every_scene_the_same(folder: Path, tmp_path: Path
     import torch
 
     from geoseg.train.chips import Chip
-    from geoseg.train.step import _Loss, evaluate_chips
+    from geoseg.train.step import PartialLoss, evaluate_chips
 
     prep = prepare(parse_config(_cfg(folder, tmp_path), "t.yml"))
     prep = dataclasses.replace(prep, groups=(0, 1, 1, 1), group_names=("one", "three"))
@@ -279,7 +279,7 @@ def test_validation_iou_weighs_every_scene_the_same(folder: Path, tmp_path: Path
             return out + self.w.sum()
 
     _, iou, per_scene = evaluate_chips(
-        AllBuilding(), prep, chips, 1, torch.device("cpu"), _Loss(0.0)
+        AllBuilding(), prep, chips, 1, torch.device("cpu"), PartialLoss(0.0)
     )
     assert per_scene["one"][1] == pytest.approx(1.0)
     assert per_scene["three"][1] == pytest.approx(0.0)

@@ -23,7 +23,7 @@ from geoseg.train.config import parse_config
 from geoseg.train.dataset import prepare
 from geoseg.train.labels import contact_zone
 from geoseg.train.loop import train
-from geoseg.train.step import _Loss, _random_chips, _tensors
+from geoseg.train.step import PartialLoss, chip_tensors, random_chips
 
 from .test_train import ORIGIN, _labels, _scene, tiny_model
 
@@ -34,7 +34,7 @@ def test_unlabelled_class_is_never_taught_as_background() -> None:
     """On an unburned pixel of a buildings-only chip, raising the road logit never costs."""
     logits = torch.tensor([[0.5, -1.0, 0.2, -2.0]])[:, :, None, None].repeat(1, 1, 2, 2)
     y = torch.zeros((1, 2, 2), dtype=torch.long)
-    loss = _Loss(0.0)
+    loss = PartialLoss(0.0)
     partial = torch.tensor([[False, False, True, False]])  # road unknown here
 
     grads = {}
@@ -66,12 +66,14 @@ def test_dice_skips_classes_a_chip_does_not_label() -> None:
     logits[0, 0, 2:] = 10.0
     logits[1, 2] = 10.0  # chip 1: road everywhere, unknown there
     unknown = torch.tensor([[False, False, False], [False, False, True]])
-    dice_only = float(_Loss(1.0)(logits, y, unknown)) - float(_Loss(0.0)(logits, y, unknown))
+    dice_only = float(PartialLoss(1.0)(logits, y, unknown)) - float(
+        PartialLoss(0.0)(logits, y, unknown)
+    )
     assert abs(dice_only) < 0.01, dice_only
-    alone = float(_Loss(1.0)(logits[:1], y[:1], unknown[:1]))
-    assert float(_Loss(1.0)(logits, y, unknown)) == pytest.approx(alone, abs=0.01)
+    alone = float(PartialLoss(1.0)(logits[:1], y[:1], unknown[:1]))
+    assert float(PartialLoss(1.0)(logits, y, unknown)) == pytest.approx(alone, abs=0.01)
     # chip 1's confident road is unknown there: its cross-entropy does not punish it either
-    assert float(_Loss(0.0)(logits[1:], y[1:], unknown[1:])) < 0.01
+    assert float(PartialLoss(0.0)(logits[1:], y[1:], unknown[1:])) < 0.01
 
 
 def test_contact_zone_marks_shared_walls_only() -> None:
@@ -146,7 +148,7 @@ def test_random_chips_avoid_the_holdout_and_labels_are_partial(tmp_path: Path) -
         assert held is not None
         assert held.col_off <= chip.window.col_off
         assert chip.window.col_off + chip.window.width <= held.col_off + held.width
-    chips = _random_chips(cfg, prep, 0)
+    chips = random_chips(cfg, prep, 0)
     assert len(chips) == 16 and {c.scene for c in chips} <= {0, 1}
     sides = {int(c.window.width) for c in chips}
     assert min(sides) >= 27 and max(sides) <= 38 and len(sides) > 1
@@ -161,8 +163,8 @@ def test_random_chips_avoid_the_holdout_and_labels_are_partial(tmp_path: Path) -
             and held.row_off < w.row_off + w.height
         )
         assert not inside
-    assert _random_chips(cfg, prep, 0) == chips  # seeded
-    x, y, unknown = _tensors(prep, chips[:4], torch.device("cpu"), 32)
+    assert random_chips(cfg, prep, 0) == chips  # seeded
+    x, y, unknown = chip_tensors(prep, chips[:4], torch.device("cpu"), 32)
     assert x.shape == (4, 1, 32, 32) and y.shape == (4, 32, 32)
     for chip, row in zip(chips[:4], unknown.tolist(), strict=True):
         expect = [False, False, True, False] if chip.scene == 0 else [False, True, False, True]

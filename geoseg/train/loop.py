@@ -40,13 +40,13 @@ from geoseg.train.dataset import Prepared, prepare
 from geoseg.train.feed import Prefetch
 from geoseg.train.scenes import expand_scene, no_georef_warning, open_image
 from geoseg.train.step import (
-    _batches,
-    _Loss,
-    _lr_factor,
-    _random_chips,
-    _tensors,
+    PartialLoss,
     augment,
+    chip_batches,
+    chip_tensors,
     evaluate_chips,
+    lr_factor,
+    random_chips,
 )
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ class _Trainer:
         self.optimizer = torch.optim.AdamW(
             module.parameters(), lr=o.lr, weight_decay=o.weight_decay
         )
-        self.loss_fn = _Loss(o.dice_weight)
+        self.loss_fn = PartialLoss(o.dice_weight)
         self.train_chips = prep.chips.split("train")
         self.val_chips = prep.chips.split("val")
         self.random_sampling = cfg.chips.sampling == "random"
@@ -226,10 +226,10 @@ class _Trainer:
 
         c = self.cfg.chips
         cpu = torch.device("cpu")
-        for b, batch in enumerate(_batches(chips, self.cfg.optim.batch_size, order)):
+        for b, batch in enumerate(chip_batches(chips, self.cfg.optim.batch_size, order)):
             if b < first:
                 continue
-            x, y, unknown = _tensors(self.prep, batch, cpu, c.size, self.cache)
+            x, y, unknown = chip_tensors(self.prep, batch, cpu, c.size, self.cache)
             x, y = augment(x, y, gen, c.color_jitter, self.std)
             yield b, x.contiguous(memory_format=self.memory_format), y, unknown, gen.get_state()
 
@@ -262,7 +262,7 @@ class _Trainer:
         gen = torch.Generator().manual_seed(o.seed * 100_003 + epoch)
         chips = self.train_chips
         if self.random_sampling:
-            chips = _random_chips(self.cfg, self.prep, epoch)
+            chips = random_chips(self.cfg, self.prep, epoch)
         order = torch.randperm(len(chips), generator=gen).tolist()
         losses: list[float] = list(resume.get("losses", []))
         first, seconds = int(resume.get("batch", 0)), float(resume.get("seconds", 0.0))
@@ -273,7 +273,7 @@ class _Trainer:
         t0 = time.perf_counter()
         with Prefetch(self._feed(chips, order, first, gen), self.speed.prefetch) as feed:
             for b, x, y, unknown, gen_state in feed:
-                lr = o.lr * _lr_factor(epoch * self.steps + b, self.total_steps, self.warmup)
+                lr = o.lr * lr_factor(epoch * self.steps + b, self.total_steps, self.warmup)
                 losses.append(self._step(x, y, unknown, lr))
                 if progress is not None:
                     progress(epoch, b + 1, self.steps)

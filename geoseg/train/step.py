@@ -20,7 +20,16 @@ from geoseg.train.labels import IGNORE
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["augment", "evaluate_chips", "known_classes"]
+__all__ = [
+    "PartialLoss",
+    "augment",
+    "chip_batches",
+    "chip_tensors",
+    "evaluate_chips",
+    "known_classes",
+    "lr_factor",
+    "random_chips",
+]
 
 
 def augment(
@@ -63,7 +72,7 @@ def known_classes(unknown: torch.Tensor) -> torch.Tensor:
     return known
 
 
-class _Loss:
+class PartialLoss:
     """Cross-entropy + Dice for partial labels.
 
     ``unknown`` (N, K) marks, per chip, the classes its scene does not label. An unburned pixel
@@ -116,7 +125,7 @@ class _Loss:
         return dice[present].mean()
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
+def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 1% at ``total`` steps."""
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -124,12 +133,12 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _batches(chips: Sequence[Chip], size: int, order: Sequence[int]) -> Iterator[list[Chip]]:
+def chip_batches(chips: Sequence[Chip], size: int, order: Sequence[int]) -> Iterator[list[Chip]]:
     for i in range(0, len(order), size):
         yield [chips[j] for j in order[i : i + size]]
 
 
-def _tensors(
+def chip_tensors(
     prep: Prepared,
     batch: Sequence[Chip],
     device: torch.device,
@@ -166,7 +175,7 @@ def _tensors(
     return torch.stack(xs).to(device), torch.stack(ys).to(device), unknown.to(device)
 
 
-def _random_chips(cfg: TrainConfig, prep: Prepared, epoch: int) -> list[Chip]:
+def random_chips(cfg: TrainConfig, prep: Prepared, epoch: int) -> list[Chip]:
     """This epoch's random training chips; sides vary with the scale jitter (seeded by epoch)."""
     import random
 
@@ -195,7 +204,7 @@ def evaluate_chips(
     chips: Sequence[Chip],
     batch_size: int,
     device: torch.device,
-    loss_fn: _Loss,
+    loss_fn: PartialLoss,
     *,
     cache: ChipCache | None = None,
     autocast: torch.dtype | None = None,
@@ -220,8 +229,8 @@ def evaluate_chips(
     channels_last = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     with torch.no_grad():
-        for batch in _batches(chips, batch_size, range(len(chips))):
-            x, y, unknown = _tensors(prep, batch, device, cache=cache)
+        for batch in chip_batches(chips, batch_size, range(len(chips))):
+            x, y, unknown = chip_tensors(prep, batch, device, cache=cache)
             x = x.contiguous(memory_format=fmt)
             with torch.autocast(device.type, dtype=dtype, enabled=autocast is not None):
                 logits = module(x).float()
