@@ -287,7 +287,7 @@ def test_two_ctrl_c_during_a_prediction_exit_quietly(tmp_path: Path, make_bundle
     rng = np.random.default_rng(0)
     scene = write_tif(tmp_path / "big.tif", rng.integers(0, 255, (3, 768, 768), dtype=np.uint8))
     cmd = [sys.executable, "-m", "geoseg", "predict", str(scene), "-m", str(make_bundle().path)]
-    cmd += ["-o", str(tmp_path / "o"), "--device", "cpu"]
+    cmd += ["-o", str(tmp_path / "o"), "--device", "cpu", "--chunk", "64"]  # 144 chunks
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     seen = b""

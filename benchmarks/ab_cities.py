@@ -1,0 +1,104 @@
+"""What the new cities add: the six-city training set against the same budget without Atlanta,
+Rio and Dubai, measured on Austin (never trained on) and on every hold-out.
+
+Usage: python benchmarks/ab_cities.py [--epochs 3] [--chips 480] [--runs six three]
+       [--cache DIR] [--skip-train]
+
+Both runs start from ``data_samples/train_cities.yml`` (same model, ImageNet start, chips,
+optimizer, seed and hold-outs) with the same number of epochs and chips per epoch: ``six``
+keeps every scene, ``three`` keeps Banepa, Las Vegas and Paris (the town and the road cities
+the earlier model knew). Each run trains into ``bench_out/ab-cities/<run>/`` and is then scored
+by ``benchmarks/eval_real.py`` on every scene it knows; the two score tables are printed side
+by side. ``--cache``: a chip cache folder of an earlier run of the same scenes (linked, not
+copied: the cache is keyed by its inputs), to skip decoding the scenes again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from _common import ROOT, machine
+
+CONFIG = ROOT / "data_samples" / "train_cities.yml"
+OUT = ROOT / "bench_out" / "ab-cities"
+RUNS = {"six": None, "three": {"banepa", "vegas", "paris"}}
+
+
+def write_config(name: str, epochs: int, chips: int) -> Path:
+    """``train_cities.yml`` with only run ``name``'s scenes, the budget, and outputs under
+    bench_out (paths made absolute, so the file can live there)."""
+    doc: dict[str, Any] = yaml.safe_load(CONFIG.read_text())
+    base = CONFIG.parent
+    keep = RUNS[name]
+    scenes = []
+    for scene in doc["scenes"]:
+        if keep is not None and scene["name"] not in keep:
+            continue
+        scene["image"] = os.path.normpath(base / scene["image"])
+        for label in scene.get("labels", []):
+            label["path"] = os.path.normpath(base / label["path"])
+        scenes.append(scene)
+    doc["scenes"] = scenes
+    doc["chips"]["chips_per_epoch"] = chips
+    doc["optim"]["epochs"] = epochs
+    run = OUT / name
+    doc["out"] = str(run / "model")
+    doc["checkpoint"] = str(run / "checkpoint")
+    doc.pop("snapshot", None)
+    doc["model"]["name"] = f"geoseg-ab-{name}"
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / "train.yml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def link_cache(cache: Path, name: str) -> None:
+    """Hard-link an earlier chip cache into run ``name``'s checkpoint folder."""
+    dest = OUT / name / "checkpoint" / "cache"
+    if dest.exists() or not cache.is_dir():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["cp", "-al", str(cache), str(dest)], check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--chips", type=int, default=480, help="chips per epoch")
+    ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    ap.add_argument("--cache", type=Path, help="an earlier chip cache of these scenes")
+    ap.add_argument("--skip-train", action="store_true", help="score the models already there")
+    args = ap.parse_args()
+    print(f"{machine()}; {args.epochs} epochs of {args.chips} chips per run", flush=True)
+    scores: dict[str, dict[str, Any]] = {}
+    for name in args.runs:
+        config = write_config(name, args.epochs, args.chips)
+        if not args.skip_train:
+            if args.cache is not None:
+                link_cache(args.cache, name)
+            subprocess.run([sys.executable, "-m", "geoseg", "train", str(config)], check=True)
+        out = OUT / name / "eval"
+        model = OUT / name / "model"
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "benchmarks" / "eval_real.py"),
+                str(model),
+                "--out",
+                str(out),
+            ],
+            check=True,
+        )
+        scores[name] = json.loads((out / "scores.json").read_text())
+    print(json.dumps(scores, indent=1))
+
+
+if __name__ == "__main__":
+    main()
