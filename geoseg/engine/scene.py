@@ -50,7 +50,6 @@ from geoseg.engine.plan import (
     check_working_set,
     chunk_batches,
     chunk_order,
-    redundancy,
     scene_grid,
 )
 from geoseg.models.predictor import (
@@ -257,15 +256,12 @@ def predict_scene(
         )
     if not options.chunk and chunk != spec.chunk:
         log.info(
-            "%s: %d px chunks for the %d px halo on %s (redundant compute %.2fx; the "
-            "bundle's %d px: %.2fx)",
+            "%s: %d px chunks for the %d px halo on %s (redundant compute %.2fx)",
             redact(scene.path),
             chunk,
             grid.halo,
             resolve_device(options.device),
             grid.redundancy,
-            spec.chunk,
-            redundancy(spec.chunk, grid.halo),
         )
     if isinstance(grid, ResampledGrid):
         gx, gy = scene.ground_res
