@@ -31,6 +31,11 @@ OUT = ROOT / "bench_out" / "ab-cities"
 RUNS = {"six": None, "three": {"banepa", "vegas", "paris"}}
 
 
+def run_dir(name: str, epochs: int, chips: int) -> Path:
+    """Where run ``name`` with this budget trains and is scored."""
+    return OUT / f"{name}-e{epochs}-c{chips}"
+
+
 def write_config(name: str, epochs: int, chips: int) -> Path:
     """``train_cities.yml`` with only run ``name``'s scenes, the budget, and outputs under
     bench_out (paths made absolute, so the file can live there)."""
@@ -48,7 +53,7 @@ def write_config(name: str, epochs: int, chips: int) -> Path:
     doc["scenes"] = scenes
     doc["chips"]["chips_per_epoch"] = chips
     doc["optim"]["epochs"] = epochs
-    run = OUT / name
+    run = run_dir(name, epochs, chips)
     doc["out"] = str(run / "model")
     doc["checkpoint"] = str(run / "checkpoint")
     doc.pop("snapshot", None)
@@ -59,9 +64,9 @@ def write_config(name: str, epochs: int, chips: int) -> Path:
     return path
 
 
-def link_cache(cache: Path, name: str) -> None:
-    """Hard-link an earlier chip cache into run ``name``'s checkpoint folder."""
-    dest = OUT / name / "checkpoint" / "cache"
+def link_cache(cache: Path, run: Path) -> None:
+    """Hard-link an earlier chip cache into the checkpoint folder of ``run``."""
+    dest = run / "checkpoint" / "cache"
     if dest.exists() or not cache.is_dir():
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -80,12 +85,13 @@ def main() -> None:
     scores: dict[str, dict[str, Any]] = {}
     for name in args.runs:
         config = write_config(name, args.epochs, args.chips)
+        run = config.parent
         if not args.skip_train:
             if args.cache is not None:
-                link_cache(args.cache, name)
+                link_cache(args.cache, run)
             subprocess.run([sys.executable, "-m", "geoseg", "train", str(config)], check=True)
-        out = OUT / name / "eval"
-        model = OUT / name / "model"
+        out = run / "eval"
+        model = run / "model"
         subprocess.run(
             [
                 sys.executable,
