@@ -19,7 +19,12 @@ from geoseg.engine.scene import bundle_factory, predict_scene
 from geoseg.errors import ConfigError, ModelError
 from geoseg.io.raster import open_scene
 from geoseg.models import backends
-from geoseg.models.predictor import BundleFactory, TorchPredictor, cpu_supports_bf16
+from geoseg.models.predictor import (
+    BundleFactory,
+    TorchPredictor,
+    cpu_supports_bf16,
+    gpu_driver_present,
+)
 from tests.conftest import REPO, write_tif
 
 pytest.importorskip("openvino")
@@ -251,10 +256,7 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.skipif(
-    __import__("geoseg.models.predictor").models.predictor.gpu_driver_present(),
-    reason="a GPU driver is here",
-)
+@pytest.mark.skipif(gpu_driver_present(), reason="a GPU driver is here")
 def test_a_cached_network_runs_without_importing_torch(
     tmp_path: Path, make_bundle: Any, cache: Path
 ) -> None:

@@ -118,10 +118,6 @@ def output_paths(scene: Scene, out_dir: Path) -> tuple[Path, Path]:
     return out_dir / f"{scene.stem}.probs.tif", out_dir / f"{scene.stem}.mask.tif"
 
 
-#: Extensions of the vector layers' formats (see :data:`geoseg.vectorize.options.FORMATS`).
-_VECTOR_EXTENSIONS = ("geojson", "gpkg", "fgb", "parquet")
-
-
 def stale_outputs(out_dir: Path, stem: str, written: Sequence[Path]) -> list[Path]:
     """Outputs of scene ``stem`` in ``out_dir`` that an earlier run wrote and this one did not
     (``written``, every file this run wrote for the scene): its probabilities or class mask
@@ -129,6 +125,8 @@ def stale_outputs(out_dir: Path, stem: str, written: Sequence[Path]) -> list[Pat
     ``<stem>.<layer>.<format>`` (change layers included; a layer name without a dot, so that
     another scene's files, ``<stem>.x.<layer>.geojson``, never match). They describe another
     prediction than the files beside them."""
+    from geoseg.vectorize.options import FORMATS
+
     keep = {os.path.abspath(p) for p in written}
     found: list[Path] = []
     for kind in ("probs", "mask"):
@@ -136,7 +134,10 @@ def stale_outputs(out_dir: Path, stem: str, written: Sequence[Path]) -> list[Pat
         if os.path.abspath(path) not in keep and path.is_file() and _written_by_geoseg(path):
             found.append(path)
     layer = re.compile(
-        re.escape(stem) + r"\.(?:quicklook\.png|[^./\\]+\.(?:" + "|".join(_VECTOR_EXTENSIONS) + "))"
+        re.escape(stem)
+        + r"\.(?:quicklook\.png|[^./\\]+\.(?:"
+        + "|".join(map(re.escape, FORMATS.values()))
+        + "))"
     )
     with contextlib.suppress(OSError):
         for entry in sorted(os.scandir(out_dir), key=lambda e: e.name):

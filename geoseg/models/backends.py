@@ -223,11 +223,16 @@ def warnings_quiet() -> Any:
         yield
 
 
+def network_folder(bundle: Bundle, cache: Path | None = None) -> Path:
+    """The cache folder of ``bundle``'s converted network (which may not exist yet)."""
+    return (cache or cache_root()) / "openvino" / conversion_key(bundle)
+
+
 def cached_network(bundle: Bundle, cache: Path | None = None) -> Path | None:
     """The folder of ``bundle``'s converted network when it is in the cache, else None. Its
     presence proves that these very weights (their SHA-256 is in the key) loaded into the
     spec's architecture when they were converted."""
-    folder = (cache or cache_root()) / "openvino" / conversion_key(bundle)
+    folder = network_folder(bundle, cache)
     return folder if (folder / "model.xml").is_file() else None
 
 
@@ -244,7 +249,7 @@ def openvino_model(
     was converted now (False: read from the cache). ``load`` builds the torch module, called
     only when the network must be converted."""
     ov = _import_openvino()
-    folder = (cache or cache_root()) / "openvino" / conversion_key(bundle)
+    folder = network_folder(bundle, cache)
     xml = folder / "model.xml"
     converted = False
     if not xml.exists():
