@@ -242,17 +242,22 @@ def test_pipeline_backend_is_hashed_only_when_set() -> None:
 
 
 TORCH_FREE = """
+import atexit
 import sys
+
+
+def report():
+    heavy = sorted(m for m in ("torch", "segmentation_models_pytorch", "timm") if m in sys.modules)
+    print("imported:", ",".join(heavy) or "none", flush=True)
+
+
+# geoseg's entry point ends the process with os._exit once the work is done (after the atexit
+# handlers), so the report is an exit handler: it runs whichever way the command ends.
+atexit.register(report)
 from geoseg.cli import main
 
-if __name__ == "__main__":
-    sys.argv = ["geoseg", *sys.argv[1:]]
-    try:
-        main()
-    except SystemExit as exc:
-        assert not exc.code, exc.code
-    heavy = sorted(m for m in ("torch", "segmentation_models_pytorch", "timm") if m in sys.modules)
-    print("imported:", ",".join(heavy) or "none")
+sys.argv = ["geoseg", *sys.argv[1:]]
+main()
 """
 
 
