@@ -43,10 +43,14 @@ Protocol for the session that has the device (files under /tmp survive only betw
 made back to back on the warm machine: about 30 s; make the calls one after the other)::
 
     .venv/bin/python benchmarks/gpu_train.py pack     # here: prints the calls to make
-    # then, for K = 1 .. N, one device call each, straight after the previous one returns:
-    #   command:   python3 benchmarks/gpu_train.py run
-    #   carry:     [".gpu_pack/partK"]
-    #   timeout_s: 120 for the staging calls, 570 for the last (training) call
+    # then, for K = 1 .. N, one device call each (kind left out: an H100), straight after the
+    # previous one returns; with N = 3, as on 2026-12-06:
+    {"command": "python3 benchmarks/gpu_train.py run",
+     "carry": [".gpu_pack/part1"], "timeout_s": 120}
+    {"command": "python3 benchmarks/gpu_train.py run",
+     "carry": [".gpu_pack/part2"], "timeout_s": 120}
+    {"command": "python3 benchmarks/gpu_train.py run",
+     "carry": [".gpu_pack/part3"], "timeout_s": 570}
     # the last call trains; $OUT/ comes back with model/ (model.json, weights.safetensors),
     # train.log, history.json, model_info.txt and run.json. Copy model/ to its place here.
     # Then give the machine back. Device time: its start (1-2 min), the staging calls (under
@@ -813,7 +817,7 @@ def finish(
         shipped = r.returncode == 0
     best = max(history, key=lambda h: h.get("score") or -1.0, default=None)
     summary = {
-        "exit_code": code,
+        "exit_code": code,  # 0: all epochs and the halo measurement done; 130: stopped, saved
         "stopped_at_deadline": stopped,
         "train_seconds": round(seconds, 1),
         "epochs_done": len(history),
