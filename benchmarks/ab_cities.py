@@ -1,16 +1,20 @@
 """What the new cities add: the six-city training set against the same budget without Atlanta,
 Rio and Dubai, measured on Austin (never trained on) and on every hold-out.
 
-Usage: python benchmarks/ab_cities.py [--epochs 3] [--chips 480] [--runs six three]
+Usage: python benchmarks/ab_cities.py [--epochs 3] [--chips 480] [--runs six three ...]
        [--cache DIR] [--skip-train]
 
 Both runs start from ``data_samples/train_cities.yml`` (same model, ImageNet start, chips,
 optimizer, seed and hold-outs) with the same number of epochs and chips per epoch: ``six``
 keeps every scene, ``three`` keeps Banepa, Las Vegas and Paris (the town and the road cities
-the earlier model knew). Each run trains into ``bench_out/ab-cities/<run>/`` and is then scored
-by ``benchmarks/eval_real.py`` on every scene it knows; the two score tables are printed side
-by side. ``--cache``: a chip cache folder of an earlier run of the same scenes (linked, not
-copied: the cache is keyed by its inputs), to skip decoding the scenes again.
+the earlier model knew). The same budget also compares encoders and input scalings on all six
+cities: ``lite2`` swaps Lite0 for EfficientNet-Lite2 (ImageNet start too), ``six-half`` and
+``lite2-half`` scale the input as the Lite weights were trained, (x - 127.5) / 127.5, instead
+of ImageNet's mean and std; ``six-seed1`` is ``six`` with another seed, to show how far runs
+that differ only by chance land apart. Each run trains into ``bench_out/ab-cities/<run>/``
+and is then scored by ``benchmarks/eval_real.py`` on every scene it knows; the score tables
+are printed side by side. ``--cache``: a chip cache folder of an earlier run of the same
+scenes (linked, not copied: the cache is keyed by its inputs), to skip decoding them again.
 """
 
 from __future__ import annotations
@@ -28,7 +32,20 @@ from _common import ROOT, machine
 
 CONFIG = ROOT / "data_samples" / "train_cities.yml"
 OUT = ROOT / "bench_out" / "ab-cities"
-RUNS = {"six": None, "three": {"banepa", "vegas", "paris"}}
+# run name -> (the scenes it keeps, None for all; what it changes in the model section, and in
+# the optim section)
+HALF = {"scale": 255, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+LITE2 = {"encoder": "tu-tf_efficientnet_lite2", "encoder_weights": "lite2-imagenet"}
+RUNS: dict[str, tuple[set[str] | None, dict[str, Any], dict[str, Any]]] = {
+    "six": (None, {}, {}),
+    "three": ({"banepa", "vegas", "paris"}, {}, {}),
+    # the encoders' own input scaling: the Lite weights were trained on (x - 127) / 128
+    "six-half": (None, {"normalization": HALF}, {}),
+    "lite2": (None, LITE2, {}),
+    "lite2-half": (None, {**LITE2, "normalization": HALF}, {}),
+    # another seed of "six": how far two runs that differ only by chance land apart
+    "six-seed1": (None, {}, {"seed": 1}),
+}
 
 
 def run_dir(name: str, epochs: int, chips: int) -> Path:
@@ -41,7 +58,7 @@ def write_config(name: str, epochs: int, chips: int) -> Path:
     bench_out (paths made absolute, so the file can live there)."""
     doc: dict[str, Any] = yaml.safe_load(CONFIG.read_text())
     base = CONFIG.parent
-    keep = RUNS[name]
+    keep, model, optim = RUNS[name]
     scenes = []
     for scene in doc["scenes"]:
         if keep is not None and scene["name"] not in keep:
@@ -52,11 +69,13 @@ def write_config(name: str, epochs: int, chips: int) -> Path:
         scenes.append(scene)
     doc["scenes"] = scenes
     doc["chips"]["chips_per_epoch"] = chips
+    doc["optim"].update(optim)
     doc["optim"]["epochs"] = epochs
     run = run_dir(name, epochs, chips)
     doc["out"] = str(run / "model")
     doc["checkpoint"] = str(run / "checkpoint")
     doc.pop("snapshot", None)
+    doc["model"].update(model)
     doc["model"]["name"] = f"geoseg-ab-{name}"
     run.mkdir(parents=True, exist_ok=True)
     path = run / "train.yml"
