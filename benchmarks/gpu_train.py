@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Train ``data_samples/train_cities.yml`` on a lent GPU machine in one call, ship the bundle.
+"""Train ``data_samples/train_cities.yml`` on a remote GPU machine in one run, ship the bundle.
 
-The GPU machine ("device") gets a copy of the working tree plus at most 8 carried ignored
-paths, 64 MiB in all per call; nothing beside the repository (no ../shared/data), no
-internet, and its python3 (3.12, torch with CUDA) lacks rasterio, pyproj, pydantic,
-segmentation-models-pytorch and the Lite0 ImageNet weights. So the work is split in two:
+The GPU machine ("device") is reached by a runner that sends it a copy of the working tree
+plus at most 8 ignored paths ("carry"), 64 MiB in all per command ("call"), and returns the
+files the command writes under ``$OUT``. It gets nothing beside the repository (no
+../shared/data), no internet, and its python3 (3.12, torch with CUDA) lacks rasterio,
+pyproj, pydantic, segmentation-models-pytorch and the Lite0 ImageNet weights. So the work is
+split in two:
 
 ``pack`` (here, with the project's venv, ../shared/data and PyPI at hand) writes ``.gpu_pack/``
 (git-ignored): numbered parts ``part1`` .. ``partN``, each small enough to travel in one call
@@ -39,11 +41,11 @@ epoch's bundle is already written), then copies the bundle (model.json, fp16
 weights.safetensors), the log and the history (the checkpoint's state.json) to ``$OUT`` and
 runs ``python3 -m geoseg model info`` on it.
 
-Protocol for the session that has the device (files under /tmp survive only between calls
-made back to back on the warm machine: about 30 s; make the calls one after the other)::
+Protocol when a GPU machine is at hand (files under /tmp survive only between calls made
+back to back while the machine is held: about 30 s; make the calls one after the other)::
 
     .venv/bin/python benchmarks/gpu_train.py pack     # here: prints the calls to make
-    # then, for K = 1 .. N, one device call each (kind left out: an H100), straight after the
+    # then, for K = 1 .. N, one call each on the GPU machine (an H100), straight after the
     # previous one returns; with N = 3, as on 2026-12-06:
     {"command": "python3 benchmarks/gpu_train.py run",
      "carry": [".gpu_pack/part1"], "timeout_s": 120}
@@ -53,8 +55,8 @@ made back to back on the warm machine: about 30 s; make the calls one after the 
      "carry": [".gpu_pack/part3"], "timeout_s": 570}
     # the last call trains; $OUT/ comes back with model/ (model.json, weights.safetensors),
     # train.log, history.json, model_info.txt and run.json. Copy model/ to its place here.
-    # Then give the machine back. Device time: its start (1-2 min), the staging calls (under
-    # a minute each, mostly pip) and the training call (at most 9 min): 12-13 of the 15 min.
+    # Then release the machine. GPU time: its start (1-2 min), the staging calls (under a
+    # minute each, mostly pip) and the training call (at most 9 min): 12-13 minutes.
 
 If a call finds an earlier part missing (the machine went cold between calls), ``run`` says
 so and exits 3 without training: start again from part 1. A training call that is repeated on
@@ -95,15 +97,15 @@ SITE = Path("/tmp/site")
 DERIVED = "train_gpu.yml"
 PART_FILE = "part.json"
 
-#: What one call may carry, the working tree included (the device tool's limit).
+#: What one call may carry, the working tree included (the runner's limit).
 LIMIT = 64 * 2**20
 #: Room left in every call for the working tree to grow between ``pack`` and the calls.
 MARGIN = 3 * 2**20
 #: More calls than this cannot be made back to back reliably: refuse instead.
 MAX_PARTS = 4
 
-#: Distributions training imports that the device's python3 lacks (its package list:
-#: /work/.library/device/KINDS.md), carried as wheels at this venv's versions. rasterio's
+#: Distributions training imports that the device's python3 lacks (its documented
+#: package list), carried as wheels at this venv's versions. rasterio's
 #: own needs affine, cligj and click-plugins (attrs, certifi, click, pyparsing are there);
 #: pyproj gives ground resolutions (without it geoseg silently takes CRS units as metres);
 #: croniter is imported by the CLI; segmentation-models-pytorch needs huggingface-hub, which

@@ -23,8 +23,8 @@ from .conftest import REPO
 SCRIPT = REPO / "benchmarks" / "gpu_train.py"
 CONFIG = REPO / "data_samples" / "train_cities.yml"
 
-#: python3's packages on the device machines ('cuda' image; /work/.library/device/KINDS.md,
-#: read 2026-11-17): what training may import there without a wheel.
+#: python3's packages on the GPU machines (their 'cuda' image's documented list, as of
+#: 2026-11-17): what training may import there without a wheel.
 _DEVICE_LIST = """absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc
     anyio attrs
     botorch build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy
