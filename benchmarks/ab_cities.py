@@ -11,7 +11,8 @@ the earlier model knew). The same budget also compares encoders and input scalin
 cities: ``lite2`` swaps Lite0 for EfficientNet-Lite2 (ImageNet start too), ``six-half`` and
 ``lite2-half`` scale the input as the Lite weights were trained, (x - 127.5) / 127.5, instead
 of ImageNet's mean and std; ``six-seed1`` is ``six`` with another seed, to show how far runs
-that differ only by chance land apart. Each run trains into ``bench_out/ab-cities/<run>/``
+that differ only by chance land apart; ``banepa3`` and ``banepa3-seed1`` draw Banepa three
+times as often. Each run trains into ``bench_out/ab-cities/<run>/``
 and is then scored by ``benchmarks/eval_real.py`` on every scene it knows; the score tables
 are printed side by side. ``--cache``: a chip cache folder of an earlier run of the same
 scenes (linked, not copied: the cache is keyed by its inputs), to skip decoding them again.
@@ -32,19 +33,22 @@ from _common import ROOT, machine
 
 CONFIG = ROOT / "data_samples" / "train_cities.yml"
 OUT = ROOT / "bench_out" / "ab-cities"
-# run name -> (the scenes it keeps, None for all; what it changes in the model section, and in
-# the optim section)
+# run name -> (the scenes it keeps, None for all; what it changes in the model section and in
+# the optim section; scene weights it sets)
 HALF = {"scale": 255, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 LITE2 = {"encoder": "tu-tf_efficientnet_lite2", "encoder_weights": "lite2-imagenet"}
-RUNS: dict[str, tuple[set[str] | None, dict[str, Any], dict[str, Any]]] = {
-    "six": (None, {}, {}),
-    "three": ({"banepa", "vegas", "paris"}, {}, {}),
+RUNS: dict[str, tuple[set[str] | None, dict[str, Any], dict[str, Any], dict[str, float]]] = {
+    "six": (None, {}, {}, {}),
+    "three": ({"banepa", "vegas", "paris"}, {}, {}, {}),
     # the encoders' own input scaling: the Lite weights were trained on (x - 127) / 128
-    "six-half": (None, {"normalization": HALF}, {}),
-    "lite2": (None, LITE2, {}),
-    "lite2-half": (None, {**LITE2, "normalization": HALF}, {}),
+    "six-half": (None, {"normalization": HALF}, {}, {}),
+    "lite2": (None, LITE2, {}, {}),
+    "lite2-half": (None, {**LITE2, "normalization": HALF}, {}, {}),
     # another seed of "six": how far two runs that differ only by chance land apart
-    "six-seed1": (None, {}, {"seed": 1}),
+    "six-seed1": (None, {}, {"seed": 1}, {}),
+    # the aerial town drawn three times as often (Austin is aerial imagery too), two seeds
+    "banepa3": (None, {}, {}, {"banepa": 3.0}),
+    "banepa3-seed1": (None, {}, {"seed": 1}, {"banepa": 3.0}),
 }
 
 
@@ -58,11 +62,12 @@ def write_config(name: str, epochs: int, chips: int) -> Path:
     bench_out (paths made absolute, so the file can live there)."""
     doc: dict[str, Any] = yaml.safe_load(CONFIG.read_text())
     base = CONFIG.parent
-    keep, model, optim = RUNS[name]
+    keep, model, optim, weights = RUNS[name]
     scenes = []
     for scene in doc["scenes"]:
         if keep is not None and scene["name"] not in keep:
             continue
+        scene["weight"] = weights.get(scene["name"], scene.get("weight", 1.0))
         scene["image"] = os.path.normpath(base / scene["image"])
         for label in scene.get("labels", []):
             label["path"] = os.path.normpath(base / label["path"])

@@ -286,12 +286,14 @@ def test_validation_iou_weighs_every_scene_the_same(folder: Path, tmp_path: Path
     assert iou[1] == pytest.approx(0.5)
 
 
-def test_the_cities_config_reads_every_scene_and_never_austin() -> None:
-    """data_samples/train_cities.yml is valid; where ../shared/data is present its globs pair
-    every image with its mask, and no scene reads Austin, the unseen-city check."""
+@pytest.mark.parametrize("name", ["train_cities.yml", "train_cities_aerial.yml"])
+def test_the_cities_config_reads_every_scene_and_never_austin(name: str) -> None:
+    """data_samples/train_cities.yml (and its variant with Banepa drawn more often) is valid;
+    where ../shared/data is present its globs pair every image with its mask, and no scene
+    reads Austin, the unseen-city check."""
     from geoseg.train.config import load_config
 
-    path = Path(__file__).resolve().parents[1] / "data_samples" / "train_cities.yml"
+    path = Path(__file__).resolve().parents[1] / "data_samples" / name
     cfg = load_config(path)
     names = [s.display_name() for s in cfg.scenes]
     assert names == ["banepa", "atlanta", "rio", "dubai", "vegas", "paris"]
