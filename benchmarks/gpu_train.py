@@ -302,6 +302,8 @@ def gridded_scene(
     ``ids`` are the class ids found in the label raster (255: not labelled), ``classes`` the
     model's, and the scene's labelled classes are declared as the original ones (its
     ``classes``, or those its label sources burn)."""
+    from geoseg.train.config import SceneConfig
+
     ids = set(ids)
     values = {i: classes[i] for i in sorted(ids) if 0 < i < len(classes)}
     label: dict[str, Any] = {"kind": "raster", "path": labels, "values": values}
@@ -313,21 +315,8 @@ def gridded_scene(
     out = {k: v for k, v in scene.items() if k not in ("image", "labels", "gsd_m", "fill")}
     out["image"] = image
     out["labels"] = [label]
-    out["classes"] = list(scene.get("classes") or burned_classes(scene))
+    out["classes"] = SceneConfig.model_validate(scene).labelled()
     return out
-
-
-def burned_classes(scene: dict[str, Any]) -> list[str]:
-    """The classes a raw scene entry's label sources burn (SceneConfig.labelled's rule)."""
-    names: list[str] = []
-    for src in scene["labels"]:
-        if src.get("kind", "vector") == "vector":
-            found = [src["class"]] + ([src["contact_class"]] if src.get("contact_class") else [])
-        else:
-            table = src.get("values") or src.get("colors") or {}
-            found = list(dict.fromkeys(table.values()))
-        names += [n for n in found if n not in names]
-    return names
 
 
 # ------------------------------------------------------------------------------------ pack
@@ -469,6 +458,7 @@ def _scene_grid(cfg: Any, sc: Any, cache_root: Path) -> tuple[Any, Any]:
     chip cache exactly as training decodes it."""
     from geoseg.train.cache import cache_key, cache_scene
     from geoseg.train.chips import virtual_grid
+    from geoseg.train.dataset import _fill
     from geoseg.train.labels import load_scene_labels
     from geoseg.train.scenes import expand_scene, open_image
 
@@ -476,9 +466,7 @@ def _scene_grid(cfg: Any, sc: Any, cache_root: Path) -> tuple[Any, Any]:
     (item,) = expand_scene(sc)
     image = open_image(item.image, sc.gsd_m)
     grid = virtual_grid(image, spec.gsd_m) if (cfg.resample and spec.gsd_m) else None
-    fill = None
-    if sc.fill is not None:
-        fill = tuple(sc.fill) * len(spec.bands) if len(sc.fill) == 1 else tuple(sc.fill)
+    fill = _fill(sc.fill, len(spec.bands), sc.image)
     labels = load_scene_labels(sc, image, spec.classes, grid, sources=item.labels, fill=fill)
     key = cache_key(labels, spec.bands)
     if key is None:
