@@ -17,6 +17,7 @@ keep out of training, runs
 
     python benchmarks/eval_real.py data_samples/model [--out bench_out/eval] [--shared ../shared]
         [--scenes banepa_east,austin] [--predict-args='--tta flips']
+    python benchmarks/eval_real.py data_samples/model --tune [--tune-write]
 
 Prints one table and writes ``<out>/scores.json``.
 """
@@ -101,33 +102,43 @@ def geoseg(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def tune_contact(args: argparse.Namespace) -> None:
-    """SpaceNet F1 of Banepa's buildings per contact threshold, on a part of the training area."""
-    from geoseg.evaluate import evaluate_buildings
-
+def tune(args: argparse.Namespace) -> None:
+    """``geoseg model tune`` on TRAINING parts of Banepa (x 0.5-0.75) and Atlanta (x 0-0.75),
+    the two training scenes with building polygons: the vectorizer's minimum area and contact
+    threshold are chosen without looking at held-out data."""
     out: Path = args.out / "tune"
     out.mkdir(parents=True, exist_ok=True)
     banepa = args.shared / "data" / "open" / "banepa_buildings_rgb"
+    atlanta = args.shared / "data" / "real" / "atlanta_buildings_rgb"
     with rasterio.open(banepa / "banepa_train_rgb.tif") as src:
         c0, c1 = round(0.5 * src.width), round(0.75 * src.width)
-        image = crop(src.name, Window(c0, 0, c1 - c0, src.height), out / "banepa_train_part.tif")
-    clip_truth(banepa / "banepa_osm_buildings.geojson", image, out / "truth.geojson")
-    geoseg("predict", str(image), "--model", str(args.model), "--out", str(out), "--device", "cpu")
-    print("threshold  F1     precision  recall")
-    for t in (0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1):
-        d = out / f"t{t}"
-        geoseg(
-            "vectorize",
-            str(out / "banepa_train_part.probs.tif"),
-            "--out",
-            str(d),
-            "--layer",
-            "building=polygons",
-            "--contact-threshold",
-            str(t),
-        )
-        s = evaluate_buildings(d / "banepa_train_part.buildings.geojson", out / "truth.geojson")
-        print(f"{t:<9}  {s.f1:.3f}  {s.precision:.3f}      {s.recall:.3f}", flush=True)
+        b_img = crop(src.name, Window(c0, 0, c1 - c0, src.height), out / "banepa_train_part.tif")
+    with rasterio.open(atlanta / "atlanta_sn4_nadir10_rgb.tif") as src:
+        c1 = round(0.75 * src.width)
+        a_img = crop(src.name, Window(0, 0, c1, src.height), out / "atlanta_train_part.tif")
+    clip_truth(banepa / "banepa_osm_buildings.geojson", b_img, out / "b.geojson")
+    clip_truth(atlanta / "atlanta_sn4_nadir10_buildings.geojson", a_img, out / "a.geojson")
+    geoseg(
+        "predict",
+        str(b_img),
+        str(a_img),
+        "--model",
+        str(args.model),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    )
+    scenes = [
+        "--scene",
+        str(out / "banepa_train_part.probs.tif"),
+        str(out / "b.geojson"),
+        "--scene",
+        str(out / "atlanta_train_part.probs.tif"),
+        str(out / "a.geojson"),
+    ]
+    write = ["--write"] if args.tune_write else []
+    geoseg("model", "tune", str(args.model), *scenes, "--json", str(out / "tune.json"), *write)
 
 
 #: The scenes that :func:`evaluate` can cut and score, by name.
@@ -457,14 +468,19 @@ def main() -> None:
         help=f"the scenes to score, comma-separated among {', '.join(SCENES)} (default: all)",
     )
     ap.add_argument(
-        "--tune-contact",
+        "--tune",
         action="store_true",
-        help="instead: F1 per --contact-threshold on a TRAINING part of Banepa (x 0.5-0.75),\n"
-        "to choose the threshold without looking at held-out data",
+        help="instead: geoseg model tune (minimum building area, contact threshold) on\n"
+        "TRAINING parts of Banepa and Atlanta, without looking at held-out data",
+    )
+    ap.add_argument(
+        "--tune-write",
+        action="store_true",
+        help="with --tune: store the best settings in the model's model.json",
     )
     args = ap.parse_args()
-    if args.tune_contact:
-        tune_contact(args)
+    if args.tune:
+        tune(args)
         return
     names = tuple(n.strip() for n in args.scenes.split(",") if n.strip())
     unknown = sorted(set(names) - set(SCENES))

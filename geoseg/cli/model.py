@@ -185,6 +185,93 @@ def halo(bundle: Path, write: bool) -> None:
         click.echo(f"updated {b.path / 'model.json'}")
 
 
+def _grid(value: str | None, name: str) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"comma-separated numbers, got {value!r}", param_hint=name
+        ) from None
+
+
+@model.command("tune")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option(
+    "--scene",
+    "scenes",
+    type=(str, str),
+    multiple=True,
+    required=True,
+    metavar="PROBS TRUTH",
+    help="A <stem>.probs.tif that BUNDLE made and a vector file of the true building "
+    "footprints there (repeatable; the scores are pooled).",
+)
+@click.option(
+    "--min-area",
+    "min_areas",
+    default=None,
+    metavar="LIST",
+    help="Minimum building areas to try, m², comma-separated (default 2,5,10,15,20,30).",
+)
+@click.option(
+    "--contact-threshold",
+    "contacts",
+    default=None,
+    metavar="LIST",
+    help="Contact thresholds to try, comma-separated (default 0.2,0.3,0.4,0.5); for a model "
+    "with a building_contact class.",
+)
+@click.option("--write", is_flag=True, help="Store the best settings in BUNDLE's model.json.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also write every combination's scores to this JSON file.",
+)
+def tune(
+    bundle: Path,
+    scenes: tuple[tuple[str, str], ...],
+    min_areas: str | None,
+    contacts: str | None,
+    write: bool,
+    json_path: Path | None,
+) -> None:
+    """Choose BUNDLE's building vectorizer settings (minimum area, contact threshold) by the
+    SpaceNet F1 on labelled scenes. With --write they go into model.json, where predict,
+    vectorize and pipelines use them unless told otherwise. Tune on data the model was
+    trained on or on other data of your own, never on the data you measure it on."""
+    from geoseg.cli.evaluate import write_report
+    from geoseg.cli.options import Progress
+    from geoseg.models.bundle import load_bundle, write_spec
+    from geoseg.tune import CONTACT_THRESHOLDS, MIN_AREAS_M2, tune_buildings
+
+    b = load_bundle(bundle)
+    areas = _grid(min_areas, "--min-area") or MIN_AREAS_M2
+    thresholds = _grid(contacts, "--contact-threshold") or CONTACT_THRESHOLDS
+    progress = Progress("vectorizing", lambda msg: click.echo(msg, err=True), unit="run")
+    try:
+        result = tune_buildings(b, scenes, areas, thresholds, progress=progress)
+    finally:
+        progress.close()
+    best = result.best
+    click.echo("min area m²  contact  F1     precision  recall  TP / FP / FN")
+    for r in result.rows:
+        mark = "  <- best" if r == best else ""
+        contact = "-" if r.contact_threshold is None else f"{r.contact_threshold:g}"
+        click.echo(
+            f"{r.min_area_m2:>11g}  {contact:>7}  {r.f1:.3f}  {r.precision:.3f}      "
+            f"{r.recall:.3f}   {r.tp} / {r.fp} / {r.fn}{mark}"
+        )
+    if json_path is not None:
+        write_report(json_path, {"model": b.ident, **result.to_dict()})
+    if write:
+        write_spec(b.path, b.spec.model_copy(update={"vectorize": result.defaults()}))
+        click.echo(f"updated {b.path / 'model.json'}: {result.defaults().settings()}")
+
+
 @model.command("info")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print model.json as JSON.")
@@ -212,6 +299,13 @@ def info(bundle: Path, as_json: bool) -> None:
         ("chunk / halo", f"{s.chunk} / {s.halo} px"),
         ("gsd", f"{s.gsd_m:g} m" if s.gsd_m else "unknown"),
         ("started from", s.encoder_weights or "random weights"),
+        (
+            "vectorize",
+            ", ".join(f"{k} {v:g}" for k, v in s.vectorize.settings().items())
+            + (f" ({s.vectorize.chosen_on})" if s.vectorize.chosen_on else "")
+            if s.vectorize is not None and s.vectorize.settings()
+            else "the vectorizer's defaults",
+        ),
         ("weights sha256", b.sha256),
         ("weights size", f"{b.weights_path.stat().st_size / 2**20:.1f} MiB"),
     ]

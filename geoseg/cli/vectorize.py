@@ -42,7 +42,8 @@ def build_options(**kwargs: Any) -> VectorizeOptions:
 
 
 def vectorize_options(f: Any) -> Any:
-    """The options shared by ``geoseg vectorize`` and ``geoseg predict --vectorize``."""
+    """The options of ``geoseg vectorize`` (``geoseg predict --vectorize`` takes the defaults,
+    or the settings chosen for its model)."""
     opts = [
         click.option(
             "--threshold",
@@ -55,7 +56,8 @@ def vectorize_options(f: Any) -> Any:
             "min_area_m2",
             type=float,
             default=None,
-            help="Drop polygons smaller than this, in square metres (default 2).",
+            help="Drop polygons smaller than this, in square metres (default: the model's "
+            "chosen value, else 2).",
         ),
         click.option(
             "--simplify",
@@ -88,7 +90,7 @@ def vectorize_options(f: Any) -> Any:
             type=click.FloatRange(0, 1, min_open=True),
             default=None,
             help="Cut pixels whose building_contact probability reaches this out of buildings "
-            "(default 0.4; lower splits more).",
+            "(default: the model's chosen value, else 0.4; lower splits more).",
         ),
         click.option(
             "--road-polygons/--no-road-polygons",

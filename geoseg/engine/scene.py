@@ -187,7 +187,8 @@ def remove_stale_outputs(
 
 def output_tags(bundle: Bundle, scene: Scene, tta: str = "none") -> dict[str, str]:
     """Metadata stored in every output raster, read back by ``geoseg vectorize``; the
-    test-time augmentation mode (``GEOSEG_TTA``) when there was one."""
+    test-time augmentation mode (``GEOSEG_TTA``) when there was one, and the vectorizer
+    settings chosen for the model (``GEOSEG_VECTORIZE``) when it has any."""
     tags = {
         "GEOSEG_CLASSES": json.dumps(bundle.spec.classes),
         "GEOSEG_MODEL": bundle.ident,
@@ -197,6 +198,10 @@ def output_tags(bundle: Bundle, scene: Scene, tta: str = "none") -> dict[str, st
     }
     if tta != "none":
         tags["GEOSEG_TTA"] = tta
+    if bundle.spec.vectorize is not None and bundle.spec.vectorize.settings():
+        from geoseg.vectorize.source import VECTORIZE_TAG
+
+        tags[VECTORIZE_TAG] = json.dumps(bundle.spec.vectorize.settings(), sort_keys=True)
     return tags
 
 

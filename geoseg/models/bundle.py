@@ -28,6 +28,7 @@ __all__ = [
     "Bundle",
     "ModelSpec",
     "Normalization",
+    "VectorizeDefaults",
     "SCHEMA_VERSION",
     "build_module",
     "load_bundle",
@@ -81,6 +82,31 @@ class Normalization(BaseModel):
         return out
 
 
+class VectorizeDefaults(BaseModel):
+    """Vectorizer settings chosen for one model, on its training data: they replace the
+    vectorizer's defaults for its predictions, and a setting that a user gives wins over them
+    (see :meth:`geoseg.vectorize.VectorizeOptions.under`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_area_m2: float | None = Field(
+        None, ge=0, description="Drop polygons smaller than this (square metres)."
+    )
+    contact_threshold: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Cut pixels whose building_contact probability reaches this out of buildings.",
+    )
+    chosen_on: str = Field(
+        "", description="Where and how these values were chosen, for the record."
+    )
+
+    def settings(self) -> dict[str, float]:
+        """The values set, by vectorizer option name (``chosen_on`` left out)."""
+        return self.model_dump(exclude_none=True, exclude={"chosen_on"})
+
+
 class ModelSpec(BaseModel):
     """Everything needed to rebuild a model and feed it correctly; stored as ``model.json``."""
 
@@ -112,6 +138,10 @@ class ModelSpec(BaseModel):
         "(e.g. 'lite0-imagenet (file, sha256 …)', 'imagenet'); None: random.",
     )
     description: str = ""
+    vectorize: VectorizeDefaults | None = Field(
+        None,
+        description="Vectorizer settings chosen for this model; a user's own settings win.",
+    )
 
     @field_validator("bands")
     @classmethod
@@ -265,7 +295,7 @@ def save_bundle(
         follow_umask(tmp / WEIGHTS_FILE)
         digest = file_sha256(tmp / WEIGHTS_FILE)
         spec = spec.model_copy(update={"weights_sha256": digest})
-        (tmp / SPEC_FILE).write_text(spec.model_dump_json(indent=2) + "\n")
+        (tmp / SPEC_FILE).write_text(spec_json(spec))
         if out.exists():
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -293,8 +323,17 @@ def write_spec(path: str | os.PathLike[str], spec: ModelSpec) -> None:
     """Replace the ``model.json`` of bundle directory ``path`` atomically."""
     target = Path(path) / SPEC_FILE
     tmp = target.with_name(f".{SPEC_FILE}.partial")
-    tmp.write_text(spec.model_dump_json(indent=2) + "\n")
+    tmp.write_text(spec_json(spec))
     os.replace(tmp, target)
+
+
+def spec_json(spec: ModelSpec) -> str:
+    """``model.json``'s text; ``vectorize`` only when set (bundles without it stay as they
+    were written before it existed)."""
+    return (
+        spec.model_dump_json(indent=2, exclude={"vectorize"} if spec.vectorize is None else None)
+        + "\n"
+    )
 
 
 def read_spec(path: str | os.PathLike[str]) -> ModelSpec:

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -32,6 +32,9 @@ from geoseg.errors import ConfigError, GeosegError
 from geoseg.io.remote import is_remote, list_matching, redact, remote_key, remote_name
 from geoseg.vectorize.options import Format, LayerKind, VectorizeOptions
 from geoseg.yamlio import safe_load_unique
+
+if TYPE_CHECKING:
+    from geoseg.models.bundle import ModelSpec
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -341,8 +344,9 @@ class PipelineConfig(_Strict):
         """``outputs.dir`` when it is an object-store prefix (s3://, gs://, az://), else None."""
         return self.outputs.dir if is_remote(self.outputs.dir) else None
 
-    def config_hash(self) -> str:
-        """SHA-256 of every setting that changes the outputs (not inputs, compute or schedule)."""
+    def config_hash(self, model: ModelSpec | None = None) -> str:
+        """SHA-256 of every setting that changes the outputs (not inputs, compute or schedule);
+        with ``model``, the vectorizer settings chosen for it count where they apply."""
         relevant = {
             "schema_version": self.schema_version,
             # tta, backend and max_resample_ratio only when set: pipelines hashed before they
@@ -353,7 +357,7 @@ class PipelineConfig(_Strict):
                 | ({"backend"} if self.predict.backend == "auto" else set())
                 | ({"max_resample_ratio"} if self.predict.max_resample_ratio == 8.0 else set()),
             ),
-            "vectorize": self.vectorize_options().model_dump(mode="json"),
+            "vectorize": self.vectorize_options(model).model_dump(mode="json"),
             # compress only when set: pipelines hashed before it existed keep their hash
             "outputs": self.outputs.model_dump(
                 mode="json",
@@ -366,17 +370,22 @@ class PipelineConfig(_Strict):
         blob = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def vectorize_options(self) -> VectorizeOptions:
-        """The vectorizer's options, with ``outputs.layers`` and ``outputs.formats`` applied."""
+    def vectorize_options(self, model: ModelSpec | None = None) -> VectorizeOptions:
+        """The vectorizer's options, with ``outputs.layers`` and ``outputs.formats`` applied,
+        and the settings chosen for ``model`` (``model.json``'s ``vectorize``) in place of
+        those this file does not set."""
         update: dict[str, Any] = {}
         if self.outputs.layers is not None:
             update["layers"] = dict(self.outputs.layers)
         if self.outputs.formats is not None:
             update["formats"] = list(self.outputs.formats)
-        if not update:
-            return self.vectorize
-        given = self.vectorize.model_dump(exclude_unset=True)  # defaults stay defaults
-        return VectorizeOptions.model_validate({**given, **update})
+        options = self.vectorize
+        if update:
+            given = self.vectorize.model_dump(exclude_unset=True)  # defaults stay defaults
+            options = VectorizeOptions.model_validate({**given, **update})
+        if model is not None and model.vectorize is not None:
+            options = options.under(model.vectorize.settings())
+        return options
 
     @model_validator(mode="after")
     def _one_place_for_layers(self) -> PipelineConfig:

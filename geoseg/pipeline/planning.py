@@ -132,7 +132,7 @@ def plan_run(
     stems = scene_stems(paths, config.stac_items())
     _check_unique_stems(paths, stems)
     broken = config.stac_errors()
-    config_hash = config.config_hash()
+    config_hash = config.config_hash(bundle.spec)
     planned = []
     for path, stem in zip(paths, stems, strict=True):
         if str(path) in broken:

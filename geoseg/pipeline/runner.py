@@ -192,7 +192,7 @@ class _SceneJob:
         self.run_id = run_id
         self.progress = progress
         self.stop = stop
-        self.config_hash = config.config_hash()
+        self.config_hash = config.config_hash(bundle.spec)
         self.changes: SceneChanges | None = None
         if config.changes is not None:
             from datetime import UTC, datetime
@@ -309,7 +309,11 @@ class _SceneJob:
             self.client,
             progress=chunks,
             extra_tags={"GEOSEG_STAC_ITEM": item} if item else None,
-            vectorize=self.config.vectorize_options() if self.config.outputs.vectors else None,
+            vectorize=(
+                self.config.vectorize_options(self.bundle.spec)
+                if self.config.outputs.vectors
+                else None
+            ),
             vector_client=self.vector_client,
         )
         files = {name: str(p) for name, p in pred.rasters().items()}
@@ -417,7 +421,7 @@ def run_pipeline(
         run_id = ledger.start_run(
             config.name,
             config.source,
-            config.config_hash(),
+            config.config_hash(bundle.spec),
             bundle.sha256,
             bundle.ident,
             scheduler_address(config, scheduler) or "local",
@@ -443,7 +447,7 @@ def run_pipeline(
                         ledger_key(p.path),
                         p.size,
                         p.mtime_ns,
-                        config.config_hash(),
+                        config.config_hash(bundle.spec),
                         bundle.sha256,
                         p.reason,
                     )
@@ -508,7 +512,7 @@ def _run_scenes(
     from geoseg.vectorize.run import vector_cluster
 
     in_flight = config.compute.scenes_in_flight
-    vectorize = config.vectorize_options() if config.outputs.vectors else None
+    vectorize = config.vectorize_options(bundle.spec) if config.outputs.vectors else None
     with (
         vector_cluster(options, vectorize) as vector_client,
         client_factory(options) as client,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -95,6 +96,15 @@ class VectorizeOptions(BaseModel):
         description="Local worker processes when no client is given. Beside a prediction, "
         "unless set: half the cores when that is more (the rest feed the model).",
     )
+
+    def under(self, defaults: Mapping[str, Any]) -> VectorizeOptions:
+        """These options with ``defaults`` (a model's chosen settings, see
+        :class:`geoseg.models.bundle.VectorizeDefaults`) in place of the settings not given
+        explicitly; the settings given keep their values."""
+        unset = {k: v for k, v in defaults.items() if k not in self.model_fields_set}
+        if all(getattr(self, k) == v for k, v in unset.items()):
+            return self
+        return type(self).model_validate({**self.model_dump(exclude_unset=True), **unset})
 
     @field_validator("formats", mode="before")
     @classmethod

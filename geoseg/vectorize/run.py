@@ -192,6 +192,7 @@ class _Vectorization:
         """``rank(window)``: when the pixels of a task's window can be read (tasks are taken in
         that order); default: all at once."""
         self.pred = pred
+        options = options.under(pred.model_settings)
         frames = frames_for(pred)
         plan = _layer_plan(pred, options)
         self.plan = plan

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 __all__ = ["ClassWindow", "Prediction", "describe_prediction", "open_prediction", "read_class"]
 
 
+#: The tag of a prediction raster that holds the vectorizer settings chosen for its model.
+VECTORIZE_TAG = "GEOSEG_VECTORIZE"
+
+
 @dataclass(frozen=True)
 class Prediction:
     """Metadata of a ``<stem>.probs.tif`` or ``<stem>.mask.tif``; holds no pixels.
@@ -34,6 +38,8 @@ class Prediction:
     class mask is available); ``mask`` is the class-id raster when that was the input.
     ``staged``: where a raster still being written is read from instead (its tiles in the
     writer's scratch file, by path; see :class:`geoseg.io.tiles.StoredTiles`).
+    ``model_settings``: the vectorizer settings chosen for the model that made it (its
+    ``GEOSEG_VECTORIZE`` tag; see :class:`geoseg.models.bundle.VectorizeDefaults`).
     """
 
     path: str
@@ -51,6 +57,7 @@ class Prediction:
     probs: str | None
     mask: str | None
     staged: dict[str, StoredTiles] = field(default_factory=dict, compare=False, repr=False)
+    model_settings: dict[str, float] = field(default_factory=dict)
 
     def class_index(self, name: str) -> int:
         """Index of class ``name`` (its id in the mask, its band - 1 in the probabilities)."""
@@ -162,7 +169,27 @@ def describe_prediction(
         model=tags.get("GEOSEG_MODEL", ""),
         probs=probs,
         mask=None if is_probs else path,
+        model_settings=_model_settings(shown, tags),
     )
+
+
+def _model_settings(shown: str, tags: dict[str, str]) -> dict[str, float]:
+    """The ``GEOSEG_VECTORIZE`` tag of a prediction, checked; {} when it has none."""
+    from pydantic import ValidationError
+
+    from geoseg.errors import describe_validation_error
+    from geoseg.models.bundle import VectorizeDefaults
+
+    raw = tags.get(VECTORIZE_TAG)
+    if raw is None:
+        return {}
+    try:
+        return VectorizeDefaults.model_validate_json(raw).settings()
+    except ValidationError as exc:
+        raise InputError(
+            f"{shown}: its {VECTORIZE_TAG} tag (the model's vectorizer settings) is not "
+            f"valid: {describe_validation_error(exc)}"
+        ) from exc
 
 
 @dataclass

@@ -1,0 +1,208 @@
+"""Choosing a model's building vectorizer settings on labelled scenes (``geoseg model tune``).
+
+The model's probabilities are vectorized at every combination of a grid of minimum areas and
+contact thresholds, each result is scored against the truth (the SpaceNet building metric,
+pooled over the scenes), and the best combination can be stored in the bundle's
+``model.json`` (``vectorize``; see :class:`geoseg.models.bundle.VectorizeDefaults`), where
+``geoseg predict``, ``geoseg vectorize`` and pipelines take it in place of the vectorizer's
+defaults. Tune on scenes the model was trained on or on other data of your own, never on the
+data you measure it on.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from geoseg.errors import ConfigError, InputError
+from geoseg.models.bundle import Bundle, VectorizeDefaults
+
+__all__ = [
+    "CONTACT_THRESHOLDS",
+    "MIN_AREAS_M2",
+    "TuneResult",
+    "TuneRow",
+    "tune_buildings",
+]
+
+#: The minimum building areas tried by default (square metres).
+MIN_AREAS_M2 = (2.0, 5.0, 10.0, 15.0, 20.0, 30.0)
+#: The contact thresholds tried by default, for a model with a contact class.
+CONTACT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
+
+
+@dataclass(frozen=True)
+class TuneRow:
+    """The pooled building scores of one combination of settings."""
+
+    min_area_m2: float
+    contact_threshold: float | None
+    tp: int
+    fp: int
+    fn: int
+
+    @property
+    def precision(self) -> float:
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
+
+    @property
+    def f1(self) -> float:
+        p, r = self.precision, self.recall
+        return 2 * p * r / (p + r) if p + r else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "precision": self.precision, "recall": self.recall, "f1": self.f1}
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """Every combination's scores, in the order tried, and the scenes they pool."""
+
+    rows: list[TuneRow]
+    scenes: list[str]
+
+    @property
+    def best(self) -> TuneRow:
+        """The highest F1; on a tie, the smaller minimum area, then the contact threshold
+        nearest the vectorizer's default (0.4)."""
+        return max(
+            self.rows,
+            key=lambda r: (
+                round(r.f1, 9),
+                -r.min_area_m2,
+                -abs((r.contact_threshold or 0.4) - 0.4),
+            ),
+        )
+
+    def defaults(self, note: str = "") -> VectorizeDefaults:
+        """The best row as a model's vectorizer settings, with where they were chosen."""
+        b = self.best
+        chosen_on = (
+            f"F1 {b.f1:.3f} (precision {b.precision:.3f}, recall {b.recall:.3f}) on "
+            f"{', '.join(self.scenes)} by geoseg model tune"
+        )
+        return VectorizeDefaults(
+            min_area_m2=b.min_area_m2,
+            contact_threshold=b.contact_threshold,
+            chosen_on=f"{chosen_on}; {note}" if note else chosen_on,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scenes": self.scenes,
+            "best": self.best.to_dict(),
+            "rows": [r.to_dict() for r in self.rows],
+        }
+
+
+def _checked_grid(
+    values: Sequence[float], name: str, low: float, high: float | None
+) -> list[float]:
+    grid = sorted(dict.fromkeys(float(v) for v in values))
+    if not grid:
+        raise ConfigError(f"{name}: give at least one value")
+    bad = [v for v in grid if v < low or (high is not None and v > high)]
+    if bad:
+        upper = f" and at most {high:g}" if high is not None else ""
+        raise ConfigError(f"{name}: values must be at least {low:g}{upper}, got {bad}")
+    return grid
+
+
+def _truth(path: str | os.PathLike[str], pred: Any) -> Any:
+    """The truth's polygons within the prediction's extent, in the prediction's CRS."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from geoseg.evaluate import _polygons, read_layer
+
+    gdf = read_layer(path)
+    _polygons(gdf, str(path))  # polygons only: a clear error otherwise
+    t = pred.transform
+    x0, y0 = t.c, t.f
+    x1, y1 = t.c + t.a * pred.width, t.f + t.e * pred.height
+    extent = box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+    gdf = gdf.to_crs(pred.crs_wkt)
+    gdf = gdf[gdf.intersects(extent)]
+    clipped = gdf.geometry.make_valid().intersection(extent)
+    return gpd.GeoDataFrame(geometry=clipped[~clipped.is_empty], crs=gdf.crs)
+
+
+def tune_buildings(
+    bundle: Bundle,
+    scenes: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
+    min_areas_m2: Sequence[float] = MIN_AREAS_M2,
+    contact_thresholds: Sequence[float] = CONTACT_THRESHOLDS,
+    progress: Callable[[int, int], None] | None = None,
+) -> TuneResult:
+    """Score every (minimum area, contact threshold) on ``scenes``: pairs of a probability
+    raster that ``bundle`` made (``<stem>.probs.tif`` of ``geoseg predict``) and a vector file
+    of the true building footprints there (truth outside the raster is left out).
+
+    The contact thresholds apply only to a model with a ``building_contact`` class. Each
+    combination runs the vectorizer itself, so the scores are those its settings give.
+    ``progress(done, total)`` is called after each vectorization.
+    """
+    import geopandas as gpd
+
+    from geoseg.evaluate import _polygons, building_scores, metric_pair
+    from geoseg.vectorize.options import CONTACT_CLASS, VectorizeOptions
+    from geoseg.vectorize.run import vectorize_prediction
+    from geoseg.vectorize.source import open_prediction
+
+    if not scenes:
+        raise ConfigError("give at least one prediction and its truth")
+    areas = _checked_grid(min_areas_m2, "minimum areas", 0.0, None)
+    contacts: list[float | None] = [None]
+    if CONTACT_CLASS in bundle.spec.classes:
+        contacts = list(_checked_grid(contact_thresholds, "contact thresholds", 1e-6, 1.0))
+    if "building" not in bundle.spec.classes:
+        raise ConfigError(f"{bundle.path}: the model has no 'building' class to tune")
+    preds, truths, names = [], [], []
+    for probs, truth in scenes:
+        pred = open_prediction(probs)
+        if pred.kind != "probs":
+            raise InputError(f"{probs}: needs the class probabilities (a <stem>.probs.tif)")
+        made_by = pred.model.rpartition("@")[2]
+        if not made_by or not bundle.sha256.startswith(made_by):
+            raise InputError(
+                f"{probs}: was made by model {pred.model or 'unknown'}, not by "
+                f"{bundle.ident} ({bundle.path}); predict it with this model first"
+            )
+        preds.append(pred)
+        truths.append(_truth(truth, pred))
+        names.append(pred.stem)
+    total = len(areas) * len(contacts) * len(preds)
+    done = 0
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="geoseg-tune-") as tmp:
+        for contact in contacts:
+            for area in areas:
+                tp = fp = fn = 0
+                for i, (pred, truth) in enumerate(zip(preds, truths, strict=True)):
+                    given: dict[str, Any] = {
+                        "min_area_m2": area,
+                        "layers": {"building": "polygons"},
+                        "workers": 1,
+                    }
+                    if contact is not None:
+                        given["contact_threshold"] = contact
+                    out = Path(tmp) / f"{i}"
+                    outs = vectorize_prediction(pred.path, out, VectorizeOptions(**given))
+                    path = outs.layers["buildings"].paths["geojson"]
+                    found = gpd.read_file(path)
+                    p, t = metric_pair(found, truth)
+                    s = building_scores(_polygons(p, str(path)), list(t.geometry))
+                    tp, fp, fn = tp + s.tp, fp + s.fp, fn + s.fn
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+                rows.append(TuneRow(area, contact, tp, fp, fn))
+    return TuneResult(rows, names)

@@ -1,0 +1,196 @@
+"""Vectorizer settings chosen for a model: stored in model.json, carried by its predictions,
+used in place of the vectorizer's defaults (a user's own setting wins), and chosen on labelled
+scenes by ``geoseg model tune``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyogrio
+import pytest
+import rasterio
+from click.testing import CliRunner
+from rasterio.features import shapes
+from shapely.geometry import shape
+
+from geoseg.cli import cli
+from geoseg.errors import InputError, ModelError
+from geoseg.models.bundle import VectorizeDefaults, load_bundle, read_spec, spec_json
+from geoseg.pipeline.config import parse_pipeline
+from geoseg.vectorize import VectorizeOptions, vectorize_prediction
+from tests.conftest import write_tif
+from tests.vectorize_helpers import CLASSES, TILED, UTM, UTM_TRANSFORM
+
+#: Four 20 px (10 m) square buildings and four 4 px (2 m, 4 m²) specks: 0.5 m pixels.
+BIG = [(10, 10), (10, 50), (50, 10), (50, 50)]
+SPECKS = [(35, 35), (35, 80), (80, 35), (80, 80)]
+
+
+def _ids() -> np.ndarray:
+    ids = np.zeros((100, 100), np.uint8)
+    for r, c in BIG:
+        ids[r : r + 20, c : c + 20] = 1
+    for r, c in SPECKS:
+        ids[r : r + 4, c : c + 4] = 1
+    return ids
+
+
+def _probs(path: Path, model: str = "m@0123456789ab", **extra: str) -> Path:
+    ids = _ids()
+    probs = np.zeros((len(CLASSES), *ids.shape), np.uint8)
+    for k in range(len(CLASSES)):
+        probs[k][ids == k] = 230
+    tags = {
+        "GEOSEG_CLASSES": json.dumps(CLASSES),
+        "GEOSEG_MODEL": model,
+        "GEOSEG_SCENE": "town.tif",
+        **extra,
+    }
+    return write_tif(path, probs, crs=UTM, transform=UTM_TRANSFORM, tags=tags, **TILED)
+
+
+def _truth(path: Path) -> Path:
+    """The four big buildings only: the specks are false positives."""
+    ids = np.zeros((100, 100), np.uint8)
+    for r, c in BIG:
+        ids[r : r + 20, c : c + 20] = 1
+    polys = [shape(g) for g, v in shapes(ids, mask=ids == 1, transform=UTM_TRANSFORM) if v == 1]
+    import geopandas as gpd
+
+    gpd.GeoDataFrame(geometry=polys, crs=UTM).to_file(path)
+    return path
+
+
+def _count(probs: Path, out: Path, **given: Any) -> int:
+    options = VectorizeOptions(layers={"building": "polygons"}, **given)
+    outs = vectorize_prediction(probs, out, options)
+    return len(pyogrio.read_dataframe(outs.layers["buildings"].paths["geojson"]))
+
+
+def test_a_models_settings_replace_only_the_defaults() -> None:
+    chosen = {"min_area_m2": 12.0, "contact_threshold": 0.3}
+    assert VectorizeOptions().under(chosen).min_area_m2 == 12.0
+    assert VectorizeOptions().under(chosen).contact_threshold == 0.3
+    mine = VectorizeOptions(min_area_m2=1.0, regularize=True).under(chosen)
+    assert (mine.min_area_m2, mine.contact_threshold, mine.regularize) == (1.0, 0.3, True)
+    same = VectorizeOptions()
+    assert same.under({}) is same
+
+
+def test_model_json_checks_the_settings_and_omits_them_when_unset(tmp_path: Path) -> None:
+    spec = read_spec(Path(__file__).parents[1] / "data_samples" / "model")
+    assert '"vectorize"' not in spec_json(spec.model_copy(update={"vectorize": None}))
+    raw = json.loads(spec_json(spec))
+    raw["vectorize"] = {"min_area": 10}
+    (tmp_path / "model.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match=r"model.json: invalid model spec: vectorize.min_area"):
+        read_spec(tmp_path)
+    raw["vectorize"] = {"min_area_m2": -1}
+    (tmp_path / "model.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match=r"vectorize.min_area_m2"):
+        read_spec(tmp_path)
+
+
+def test_a_predictions_model_settings_apply_unless_given(tmp_path: Path) -> None:
+    plain = _probs(tmp_path / "plain.probs.tif")
+    tagged = _probs(tmp_path / "town.probs.tif", GEOSEG_VECTORIZE='{"min_area_m2": 10}')
+    assert _count(plain, tmp_path / "a") == 8  # the default (2 m²) keeps the 4 m² specks
+    assert _count(tagged, tmp_path / "b") == 4  # the model's 10 m² drops them
+    assert _count(tagged, tmp_path / "c", min_area_m2=2.0) == 8  # the user's setting wins
+    res = CliRunner().invoke(cli, ["vectorize", str(tagged), "-o", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    assert "buildings: 4 features" in res.output
+    args = ["vectorize", str(tagged), "-o", str(tmp_path / "e"), "--min-area", "0"]
+    res = CliRunner().invoke(cli, args)
+    assert "buildings: 8 features" in res.output
+
+
+def test_a_broken_settings_tag_names_the_file(tmp_path: Path) -> None:
+    bad = _probs(tmp_path / "town.probs.tif", GEOSEG_VECTORIZE='{"min_area_m2": "big"}')
+    with pytest.raises(InputError, match=r"town.probs.tif: its GEOSEG_VECTORIZE tag .* not valid"):
+        _count(bad, tmp_path / "o")
+
+
+def test_predict_records_the_models_settings(tmp_path: Path, make_bundle: Any) -> None:
+    chosen = VectorizeDefaults(min_area_m2=7.5, chosen_on="a test")
+    bundle = make_bundle(vectorize=chosen)
+    scene = write_tif(
+        tmp_path / "scene.tif",
+        np.random.default_rng(0).integers(0, 255, (3, 64, 64), dtype=np.uint8),
+    )
+    args = ["predict", str(scene), "-m", str(bundle.path), "-o", str(tmp_path / "o")]
+    res = CliRunner().invoke(cli, [*args, "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    for name in ("scene.probs.tif", "scene.mask.tif"):
+        with rasterio.open(tmp_path / "o" / name) as src:
+            assert json.loads(src.tags()["GEOSEG_VECTORIZE"]) == {"min_area_m2": 7.5}
+    res = CliRunner().invoke(cli, [*args[:3], str(make_bundle().path), "-o", str(tmp_path / "p")])
+    assert res.exit_code == 0, res.output
+    with rasterio.open(tmp_path / "p" / "scene.probs.tif") as src:
+        assert "GEOSEG_VECTORIZE" not in src.tags()
+    res = CliRunner().invoke(cli, ["model", "info", str(bundle.path)])
+    assert "min_area_m2 7.5 (a test)" in res.output
+
+
+PIPELINE = """\
+schema_version: 1
+name: p
+inputs: {paths: ["scenes/*.tif"]}
+model: model
+outputs: {dir: out}
+"""
+
+
+def test_a_pipeline_uses_the_models_settings_and_its_own_first() -> None:
+    spec = read_spec(Path(__file__).parents[1] / "data_samples" / "model")
+    plain = spec.model_copy(update={"vectorize": None})
+    chosen = spec.model_copy(update={"vectorize": VectorizeDefaults(min_area_m2=10)})
+    other = spec.model_copy(update={"vectorize": VectorizeDefaults(min_area_m2=20)})
+    c = parse_pipeline(PIPELINE, "p.yml")
+    assert c.vectorize_options(chosen).min_area_m2 == 10
+    assert c.config_hash(plain) == c.config_hash()  # pipelines hashed before keep their hash
+    assert len({c.config_hash(plain), c.config_hash(chosen), c.config_hash(other)}) == 3
+    own = parse_pipeline(PIPELINE + "vectorize: {min_area_m2: 12}\n", "p.yml")
+    assert own.vectorize_options(chosen).min_area_m2 == 12
+    assert own.config_hash(chosen) == own.config_hash(other) == own.config_hash(plain)
+
+
+def test_tune_chooses_the_best_settings_and_writes_them(tmp_path: Path, make_bundle: Any) -> None:
+    import shutil
+
+    src = make_bundle()
+    bundle = tmp_path / "model"
+    shutil.copytree(src.path, bundle)
+    probs = _probs(tmp_path / "town.probs.tif", model=src.ident)
+    truth = _truth(tmp_path / "truth.gpkg")
+    report = tmp_path / "tune.json"
+    args = ["model", "tune", str(bundle), "--scene", str(probs), str(truth)]
+    res = CliRunner().invoke(cli, [*args, "--min-area", "2,10,500", "--json", str(report)])
+    assert res.exit_code == 0, res.output
+    rows = {r["min_area_m2"]: r for r in json.loads(report.read_text())["rows"]}
+    assert (rows[2.0]["tp"], rows[2.0]["fp"], rows[2.0]["fn"]) == (4, 4, 0)
+    assert (rows[10.0]["tp"], rows[10.0]["fp"], rows[10.0]["fn"]) == (4, 0, 0)
+    assert (rows[500.0]["tp"], rows[500.0]["fn"]) == (0, 4)
+    assert json.loads(report.read_text())["best"]["min_area_m2"] == 10.0
+    assert load_bundle(bundle).spec.vectorize is None  # not without --write
+    res = CliRunner().invoke(cli, [*args, "--min-area", "2,10", "--write"])
+    assert res.exit_code == 0, res.output
+    written = load_bundle(bundle)  # the weights' hash still holds
+    assert written.sha256 == src.sha256
+    assert written.spec.vectorize is not None
+    assert written.spec.vectorize.settings() == {"min_area_m2": 10.0}
+    assert "F1 1.000" in written.spec.vectorize.chosen_on
+    assert "town" in written.spec.vectorize.chosen_on
+
+
+def test_tune_refuses_another_models_prediction(tmp_path: Path, make_bundle: Any) -> None:
+    bundle = make_bundle()
+    probs = _probs(tmp_path / "town.probs.tif", model="other@0123456789ab")
+    truth = _truth(tmp_path / "truth.gpkg")
+    args = ["model", "tune", str(bundle.path), "--scene", str(probs), str(truth)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code != 0
+    assert "town.probs.tif: was made by model other@0123456789ab" in res.output
