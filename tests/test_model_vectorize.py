@@ -135,6 +135,27 @@ def test_predict_records_the_models_settings(tmp_path: Path, make_bundle: Any) -
     assert "min_area_m2 7.5 (a test)" in res.output
 
 
+def test_predict_vectorize_uses_the_models_settings(tmp_path: Path, make_bundle: Any) -> None:
+    """The layers made while a scene is predicted follow the model's settings, as those that
+    ``geoseg vectorize`` makes from the finished raster do."""
+    chosen = VectorizeDefaults(min_area_m2=1e9)
+    bundle = make_bundle(classes=["background", "building"], vectorize=chosen)
+    scene = write_tif(
+        tmp_path / "scene.tif",
+        np.random.default_rng(0).integers(0, 255, (3, 96, 96), dtype=np.uint8),
+    )
+    args = ["predict", str(scene), "-m", str(bundle.path), "-o", str(tmp_path / "o")]
+    res = CliRunner().invoke(cli, [*args, "--device", "cpu", "--vectorize"])
+    assert res.exit_code == 0, res.output
+    assert "buildings: 0 features" in res.output
+    probs = tmp_path / "o" / "scene.probs.tif"
+    res = CliRunner().invoke(cli, ["vectorize", str(probs), "-o", str(tmp_path / "v")])
+    assert "buildings: 0 features" in res.output
+    args = ["vectorize", str(probs), "-o", str(tmp_path / "w"), "--min-area", "0"]
+    res = CliRunner().invoke(cli, args)
+    assert "buildings: 0 features" not in res.output  # the random model does find some
+
+
 PIPELINE = """\
 schema_version: 1
 name: p

@@ -402,6 +402,6 @@ def _prediction(scene: Scene, bundle: Bundle, path: Path, probs: bool) -> Predic
         scene.height,
         scene.crs,
         scene.transform,
-        {"GEOSEG_SCENE": os.path.basename(redact(scene.path)), "GEOSEG_MODEL": bundle.ident},
+        output_tags(bundle, scene),  # what the raster's tags will say
         os.fspath(path) if probs else None,
     )
