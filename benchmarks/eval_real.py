@@ -17,7 +17,7 @@ keep out of training, runs
 
     python benchmarks/eval_real.py data_samples/model [--out bench_out/eval] [--shared ../shared]
         [--scenes banepa_east,austin] [--predict-args='--tta flips']
-    python benchmarks/eval_real.py data_samples/model --tune [--tune-write]
+    python benchmarks/eval_real.py data_samples/model --tune [--tune-args='--write']
 
 Prints one table and writes ``<out>/scores.json``.
 """
@@ -137,8 +137,8 @@ def tune(args: argparse.Namespace) -> None:
         str(out / "atlanta_train_part.probs.tif"),
         str(out / "a.geojson"),
     ]
-    write = ["--write"] if args.tune_write else []
-    geoseg("model", "tune", str(args.model), *scenes, "--json", str(out / "tune.json"), *write)
+    more = shlex.split(args.tune_args)
+    geoseg("model", "tune", str(args.model), *scenes, "--json", str(out / "tune.json"), *more)
 
 
 #: The scenes that :func:`evaluate` can cut and score, by name.
@@ -474,9 +474,10 @@ def main() -> None:
         "TRAINING parts of Banepa and Atlanta, without looking at held-out data",
     )
     ap.add_argument(
-        "--tune-write",
-        action="store_true",
-        help="with --tune: store the best settings in the model's model.json",
+        "--tune-args",
+        default="",
+        help="with --tune: more arguments for geoseg model tune, one string:\n"
+        "--tune-args='--contact-threshold 0.4 --write'",
     )
     args = ap.parse_args()
     if args.tune:

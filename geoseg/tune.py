@@ -31,7 +31,8 @@ __all__ = [
 
 #: The minimum building areas tried by default (square metres).
 MIN_AREAS_M2 = (2.0, 5.0, 10.0, 15.0, 20.0, 30.0)
-#: The contact thresholds tried by default, for a model with a contact class.
+#: The contact thresholds tried by default, for a model with a contact class (from 0.5 up, a
+#: threshold cuts only the pixels where contact is the likeliest class: all give one result).
 CONTACT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
 
 
