@@ -215,3 +215,22 @@ def test_tune_refuses_another_models_prediction(tmp_path: Path, make_bundle: Any
     res = CliRunner().invoke(cli, args)
     assert res.exit_code != 0
     assert "town.probs.tif: was made by model other@0123456789ab" in res.output
+
+
+def test_tune_that_cannot_write_says_so_and_keeps_model_json(
+    tmp_path: Path, make_bundle: Any
+) -> None:
+    import shutil
+
+    src = make_bundle()
+    bundle = tmp_path / "model"
+    shutil.copytree(src.path, bundle)
+    probs = _probs(tmp_path / "town.probs.tif", model=src.ident)
+    truth = _truth(tmp_path / "truth.gpkg")
+    before = (bundle / "model.json").read_bytes()
+    (bundle / ".model.json.partial").mkdir()  # where the new model.json would be written
+    args = ["model", "tune", str(bundle), "--scene", str(probs), str(truth), "--write"]
+    res = CliRunner().invoke(cli, [*args, "--min-area", "2,10"])
+    assert res.exit_code != 0
+    assert f"{bundle / 'model.json'}: cannot write" in res.output
+    assert (bundle / "model.json").read_bytes() == before

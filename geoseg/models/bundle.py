@@ -6,6 +6,7 @@ against the recorded SHA-256, and the tensors against the architecture the spec 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from geoseg.errors import ModelError, describe_validation_error, first_line
+from geoseg.errors import ModelError, OutputError, describe_validation_error, first_line
 from geoseg.models._smp import import_smp
 
 if TYPE_CHECKING:
@@ -323,8 +324,13 @@ def write_spec(path: str | os.PathLike[str], spec: ModelSpec) -> None:
     """Replace the ``model.json`` of bundle directory ``path`` atomically."""
     target = Path(path) / SPEC_FILE
     tmp = target.with_name(f".{SPEC_FILE}.partial")
-    tmp.write_text(spec_json(spec))
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(spec_json(spec))
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
 
 
 def spec_json(spec: ModelSpec) -> str:
