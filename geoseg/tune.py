@@ -118,22 +118,20 @@ def _checked_grid(
 
 
 def _truth(path: str | os.PathLike[str], pred: Any) -> Any:
-    """The truth's polygons within the prediction's extent, in the prediction's CRS."""
-    import geopandas as gpd
+    """The truth's polygons within the prediction's extent, in the prediction's CRS (cut as
+    ``geoseg changes`` cuts buildings to an area: only the polygonal part of each piece)."""
     from shapely.geometry import box
 
+    from geoseg.changes import _cut
     from geoseg.evaluate import _polygons, read_layer
 
     gdf = read_layer(path)
-    _polygons(gdf, str(path))  # polygons only: a clear error otherwise
+    gdf["geometry"] = _polygons(gdf, str(path))  # polygons only: a clear error otherwise
     t = pred.transform
     x0, y0 = t.c, t.f
     x1, y1 = t.c + t.a * pred.width, t.f + t.e * pred.height
     extent = box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
-    gdf = gdf.to_crs(pred.crs_wkt)
-    gdf = gdf[gdf.intersects(extent)]
-    clipped = gdf.geometry.make_valid().intersection(extent)
-    return gpd.GeoDataFrame(geometry=clipped[~clipped.is_empty], crs=gdf.crs)
+    return _cut(gdf.to_crs(pred.crs_wkt), extent, 0.0)
 
 
 def tune_buildings(

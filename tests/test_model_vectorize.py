@@ -234,3 +234,25 @@ def test_tune_that_cannot_write_says_so_and_keeps_model_json(
     assert res.exit_code != 0
     assert f"{bundle / 'model.json'}: cannot write" in res.output
     assert (bundle / "model.json").read_bytes() == before
+
+
+def test_tune_leaves_out_truth_that_only_touches_the_prediction(
+    tmp_path: Path, make_bundle: Any
+) -> None:
+    """A building beside the raster, sharing only its edge, cuts to a line: no building to
+    find there, so no false negative."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from geoseg.tune import tune_buildings
+
+    bundle = make_bundle()
+    probs = _probs(tmp_path / "town.probs.tif", model=bundle.ident)
+    truth = gpd.read_file(_truth(tmp_path / "truth.gpkg"))
+    right = UTM_TRANSFORM.c + 0.5 * 100  # the raster's east edge (100 px of 0.5 m)
+    top = UTM_TRANSFORM.f
+    beside = box(right, top - 20, right + 10, top - 10)
+    with_neighbour = tmp_path / "with_neighbour.gpkg"
+    gpd.GeoDataFrame(geometry=[*truth.geometry, beside], crs=truth.crs).to_file(with_neighbour)
+    rows = tune_buildings(bundle, [(probs, with_neighbour)], [10.0]).rows
+    assert (rows[0].tp, rows[0].fp, rows[0].fn) == (4, 0, 0)
