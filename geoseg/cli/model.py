@@ -76,6 +76,13 @@ def spec_options(f: F) -> F:
             help="Recommended halo, px, or 'auto' to measure the model's receptive field.",
         ),
         click.option("--gsd", type=float, default=None, help="Ground sample distance, metres."),
+        click.option(
+            "--input-low-pass",
+            type=float,
+            default=None,
+            help="Blur every input to this effective ground resolution (metres, coarser than "
+            "--gsd) before the network, as the model was trained.",
+        ),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -103,6 +110,7 @@ def build_spec(kw: dict[str, Any]) -> ModelSpec:
             chunk=kw["chunk"],
             halo=0 if kw["halo"] == "auto" else _int(kw["halo"], "--halo"),
             gsd_m=kw["gsd"],
+            input_low_pass_m=kw["input_low_pass"],
         )
     except ValidationError as exc:
         problems = describe_validation_error(exc)
@@ -164,10 +172,13 @@ def import_(weights: Path, out: Path, **kw: Any) -> None:
 
 
 def _measure(spec: ModelSpec, module: Any) -> int:
+    """The seamless halo of ``module`` as prediction runs it (behind the input filter)."""
     from geoseg.models.halo import bundle_halo
+    from geoseg.models.lowpass import LowPassed, with_low_pass
 
     click.echo("measuring the receptive field for a seamless halo …", err=True)
-    return bundle_halo(module, spec)
+    net = module if isinstance(module, LowPassed) else with_low_pass(module, spec)
+    return bundle_halo(net, spec)
 
 
 @model.command("halo")
@@ -277,7 +288,7 @@ def tune(
 @click.option("--json", "as_json", is_flag=True, help="Print model.json as JSON.")
 def info(bundle: Path, as_json: bool) -> None:
     """Show a bundle's spec and verify its weights (hash, tensor names and shapes)."""
-    from geoseg.models.bundle import check_weights, load_bundle
+    from geoseg.models.bundle import check_weights, load_bundle, low_pass_sigma_px
 
     b = load_bundle(bundle)
     check_weights(b)
@@ -298,6 +309,12 @@ def info(bundle: Path, as_json: bool) -> None:
         ("classes", ", ".join(f"{i}={c}" for i, c in enumerate(s.classes))),
         ("chunk / halo", f"{s.chunk} / {s.halo} px"),
         ("gsd", f"{s.gsd_m:g} m" if s.gsd_m else "unknown"),
+        (
+            "input filter",
+            f"blurred to {s.input_low_pass_m:g} m (Gaussian, sigma {low_pass_sigma_px(s):.2f} px)"
+            if s.input_low_pass_m
+            else "none",
+        ),
         ("started from", s.encoder_weights or "random weights"),
         (
             "vectorize",

@@ -175,6 +175,8 @@ def conversion_key(bundle: Bundle) -> str:
         "torch": version("torch"),  # not imported: a cached network needs no torch
         "openvino": ov.__version__,
     }
+    if spec.input_low_pass_m is not None:  # keys of bundles without it stay as they were
+        fields["input_low_pass"] = [spec.input_low_pass_m, spec.gsd_m]
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 

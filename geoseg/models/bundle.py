@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ __all__ = [
     "build_module",
     "load_bundle",
     "load_module",
+    "low_pass_sigma_px",
     "save_bundle",
     "write_spec",
 ]
@@ -132,6 +134,13 @@ class ModelSpec(BaseModel):
     chunk: int = Field(512, ge=32, description="Recommended chunk core size, pixels.")
     halo: int = Field(64, ge=0, description="Recommended halo on each side, pixels.")
     gsd_m: float | None = Field(None, gt=0, description="Ground sample distance trained at, m.")
+    input_low_pass_m: float | None = Field(
+        None,
+        gt=0,
+        description="Effective ground resolution (m) every input is blurred to before the "
+        "network, in training and prediction (a Gaussian; see geoseg.models.lowpass); "
+        "None: inputs as they are.",
+    )
     weights_sha256: str | None = Field(None, description="SHA-256 of weights.safetensors.")
     encoder_weights: str | None = Field(
         None,
@@ -171,6 +180,15 @@ class ModelSpec(BaseModel):
         for label, values in (("mean", self.normalization.mean), ("std", self.normalization.std)):
             if values and len(values) != n:
                 raise ValueError(f"normalization.{label} has {len(values)} values for {n} bands")
+        if (
+            self.input_low_pass_m is not None
+            and self.gsd_m is not None
+            and self.input_low_pass_m <= self.gsd_m
+        ):
+            raise ValueError(
+                f"input_low_pass_m ({self.input_low_pass_m} m) must be coarser than gsd_m "
+                f"({self.gsd_m} m)"
+            )
         return self
 
     @property
@@ -197,6 +215,23 @@ DECODER_CHANNELS_ARCHS = {
     "FPN": False,
     "PSPNet": False,
 }
+
+
+#: Gaussian full width at half maximum over σ.
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+
+def low_pass_sigma_px(spec: ModelSpec) -> float:
+    """The σ (model pixels) of the Gaussian that ``spec``'s input filter blurs with
+    (:mod:`geoseg.models.lowpass`); 0.0 for a spec without ``input_low_pass_m``."""
+    if spec.input_low_pass_m is None:
+        return 0.0
+    if spec.gsd_m is None:
+        raise ModelError(
+            f"input_low_pass_m ({spec.input_low_pass_m} m) needs the model's gsd_m to be set"
+        )
+    extra = math.sqrt(max(spec.input_low_pass_m**2 - spec.gsd_m**2, 0.0))
+    return extra / FWHM_PER_SIGMA / spec.gsd_m
 
 
 @dataclass(frozen=True)
@@ -333,13 +368,15 @@ def write_spec(path: str | os.PathLike[str], spec: ModelSpec) -> None:
         raise OutputError(f"{target}: cannot write ({exc.strerror or exc})") from exc
 
 
+#: Optional fields written to ``model.json`` only when set, so that bundles without them stay
+#: byte for byte as they were written before the fields existed.
+OPTIONAL_FIELDS = ("input_low_pass_m", "vectorize")
+
+
 def spec_json(spec: ModelSpec) -> str:
-    """``model.json``'s text; ``vectorize`` only when set (bundles without it stay as they
-    were written before it existed)."""
-    return (
-        spec.model_dump_json(indent=2, exclude={"vectorize"} if spec.vectorize is None else None)
-        + "\n"
-    )
+    """``model.json``'s text; the :data:`OPTIONAL_FIELDS` only when set."""
+    unset = {name for name in OPTIONAL_FIELDS if getattr(spec, name) is None}
+    return spec.model_dump_json(indent=2, exclude=unset or None) + "\n"
 
 
 def read_spec(path: str | os.PathLike[str]) -> ModelSpec:
@@ -442,12 +479,15 @@ def decoder_params_lower_bound(spec: ModelSpec) -> int:
 
 
 def load_module(bundle: Bundle) -> torch.nn.Module:
-    """Build the bundle's module and load its weights (strictly), in eval mode."""
+    """Build the bundle's module and load its weights (strictly), in eval mode; behind the
+    spec's input filter (``input_low_pass_m``) when it has one."""
+    from geoseg.models.lowpass import with_low_pass
+
     state = read_safetensors(bundle.weights_path)
     module = build_module(bundle.spec)
     _check_state_dict(bundle.spec, state, source=str(bundle.weights_path), module=module)
     module.load_state_dict(state, strict=True)
-    return module.eval()
+    return with_low_pass(module, bundle.spec).eval()
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

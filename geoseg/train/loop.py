@@ -143,6 +143,11 @@ class _Trainer:
 
         o = cfg.optim
         self.cfg, self.prep, self.module, self.device, self.speed = cfg, prep, module, device, speed
+        from geoseg.models.lowpass import with_low_pass
+
+        # what the forward passes run: the module behind the spec's input filter, if any (the
+        # optimizer, checkpoints and bundle hold the module's own weights)
+        self.net = with_low_pass(module, prep.spec)
         self.optimizer = torch.optim.AdamW(
             module.parameters(), lr=o.lr, weight_decay=o.weight_decay
         )
@@ -241,7 +246,7 @@ class _Trainer:
         x, y, unknown = x.to(self.device), y.to(self.device), unknown.to(self.device)
         dtype = self.autocast or torch.float32
         with torch.autocast(self.device.type, dtype=dtype, enabled=self.autocast is not None):
-            logits = self.module(x)
+            logits = self.net(x)
         loss = self.loss_fn(logits.float(), y, unknown)  # the loss in fp32
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -311,7 +316,7 @@ class _Trainer:
         """Validate, keep the best bundle, save the state; the epoch's report."""
         o = self.cfg.optim
         val_loss, iou, per_scene = evaluate_chips(
-            self.module,
+            self.net,
             self.prep,
             self.val_chips,
             o.batch_size,

@@ -1,0 +1,180 @@
+"""The input low-pass filter (``model.json``'s ``input_low_pass_m``): the spec, the filter
+itself against scipy's Gaussian, prediction through torch and OpenVINO with seamless tiles,
+and training that runs the filter it records."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+from pydantic import ValidationError
+
+from geoseg.engine.cluster import open_client
+from geoseg.engine.options import PredictOptions
+from geoseg.engine.scene import predict_scene
+from geoseg.errors import ModelError
+from geoseg.io.raster import open_scene
+from geoseg.models.bundle import ModelSpec, load_bundle, load_module, read_spec, spec_json
+from geoseg.models.lowpass import LowPassed, low_pass_sigma_px
+from tests.conftest import FULL, write_tif
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Converted networks go to a fresh cache: none converted by another test is reused."""
+    monkeypatch.setenv("GEOSEG_CACHE", str(tmp_path / "geoseg-cache"))
+
+
+#: the test scenes' 1 m grid, blurred to 3 m: σ = √8 / 2.3548 = 1.20 px
+LOW_PASS = {"gsd_m": 1.0, "input_low_pass_m": 3.0}
+
+
+def test_sigma_follows_the_resolutions() -> None:
+    spec = ModelSpec(gsd_m=0.3, input_low_pass_m=0.6)
+    assert low_pass_sigma_px(spec) == pytest.approx(math.sqrt(0.36 - 0.09) / 2.35482 / 0.3)
+    assert low_pass_sigma_px(ModelSpec(gsd_m=0.3)) == 0.0
+    with pytest.raises(ModelError, match=r"input_low_pass_m \(0.6 m\) needs the model's gsd_m"):
+        low_pass_sigma_px(ModelSpec(input_low_pass_m=0.6))
+
+
+def test_spec_refuses_a_filter_finer_than_the_model(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match=r"input_low_pass_m \(0.3 m\) must be coarser"):
+        ModelSpec(gsd_m=0.3, input_low_pass_m=0.3)
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({"gsd_m": 0.5, "input_low_pass_m": 0.4}))
+    with pytest.raises(ModelError, match=rf"{path}: invalid model spec: .*must be coarser"):
+        read_spec(path)
+    path.write_text(json.dumps({"gsd_m": 0.5, "input_low_pass_m": -1}))
+    with pytest.raises(ModelError, match="input_low_pass_m"):
+        read_spec(path)
+
+
+def test_model_json_names_the_filter_only_when_set(tmp_path: Path) -> None:
+    assert "input_low_pass_m" not in spec_json(ModelSpec(gsd_m=0.3))  # bundles as before
+    text = spec_json(ModelSpec(gsd_m=0.3, input_low_pass_m=0.6))
+    assert json.loads(text)["input_low_pass_m"] == 0.6
+    (tmp_path / "model.json").write_text(text)
+    assert read_spec(tmp_path).input_low_pass_m == 0.6
+
+
+def test_the_network_sees_the_input_blurred(make_bundle: Any) -> None:
+    """The loaded module is the network behind a Gaussian equal to scipy's (edges replicated,
+    3 σ reach), with the network's own weights and state dict."""
+    import torch
+    from scipy.ndimage import gaussian_filter
+
+    plain = load_module(make_bundle(seed=2, gsd_m=1.0))
+    filtered = load_module(make_bundle(seed=2, **LOW_PASS))
+    assert isinstance(filtered, LowPassed) and not isinstance(plain, LowPassed)
+    assert filtered.sigma == pytest.approx(math.sqrt(8) / 2.35482, rel=1e-4)
+    assert list(filtered.state_dict()) == list(plain.state_dict())
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 40, 56)).astype(np.float32)
+    blurred = np.stack(
+        [
+            [gaussian_filter(b, filtered.sigma, mode="nearest", truncate=3.0) for b in img]
+            for img in x
+        ]
+    )
+    with torch.no_grad():
+        np.testing.assert_allclose(filtered.blur(torch.from_numpy(x)).numpy(), blurred, atol=1e-5)
+        got = filtered(torch.from_numpy(x)).numpy()
+        want = plain(torch.from_numpy(blurred.astype(np.float32))).numpy()
+        unfiltered = plain(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.abs(got - unfiltered).max() > 1e-2  # the filter changes what the network says
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_prediction_runs_the_filter_and_stays_seamless(
+    tmp_path: Path, make_bundle: Any, backend: str
+) -> None:
+    """96 px chunks vs one window for the whole scene, through each backend; and the output is
+    not the unfiltered network's (a random network says nearly the same everywhere, so the
+    check is on how many probabilities change, not by how much)."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    rng = np.random.default_rng(4)
+    scene = write_tif(tmp_path / "s.tif", rng.integers(1, 256, (3, 197, 300), dtype=np.uint8))
+    filtered = make_bundle(seed=1, encoder="mobilenet_v2", **FULL, **LOW_PASS)
+    plain = make_bundle(seed=1, encoder="mobilenet_v2", **FULL, gsd_m=1.0)
+
+    def run(bundle: Any, out: str, chunk: int) -> np.ndarray:
+        options = PredictOptions(
+            device="cpu", precision="fp32", chunk=chunk, halo=64, backend=backend
+        )
+        with open_client(options) as client:
+            res = predict_scene(open_scene(scene), bundle, tmp_path / out, options, client)
+        with rasterio.open(res.probs) as src:
+            return src.read().astype(int)
+
+    small, whole = run(filtered, "small", 96), run(filtered, "whole", 1024)
+    assert np.abs(small - whole).max() <= 1
+    # the same weights on the same scene: without the filter the output would be identical
+    assert (whole != run(plain, "plain", 1024)).mean() > 0.25
+
+
+def test_openvino_converts_the_filter_with_the_network(make_bundle: Any) -> None:
+    pytest.importorskip("openvino")
+    from geoseg.models import backends
+    from geoseg.models.predictor import BundleFactory, TorchPredictor
+
+    filtered = make_bundle(seed=6, **LOW_PASS)
+    plain = make_bundle(seed=6, gsd_m=1.0)
+    assert filtered.sha256 == plain.sha256  # the same weights file
+    assert backends.conversion_key(filtered) != backends.conversion_key(plain)
+    x = np.random.default_rng(1).normal(size=(1, 3, 64, 96)).astype(np.float32)
+    factory = BundleFactory(str(filtered.path), filtered.sha256, "cpu", "fp32", backend="openvino")
+    got = factory.build()(x)
+    want = TorchPredictor(load_module(filtered), "cpu", "fp32")(x)
+    assert np.abs(got - want).max() <= 2 / 255
+
+
+def test_training_runs_the_filter_and_records_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from geoseg.train.config import parse_config
+    from geoseg.train.loop import train
+    from tests.test_train import _config
+
+    calls: list[tuple[int, ...]] = []
+    blur = LowPassed.blur
+
+    def counted(self: LowPassed, x: Any) -> Any:
+        calls.append(tuple(x.shape))
+        return blur(self, x)
+
+    monkeypatch.setattr(LowPassed, "blur", counted)
+    raw = _config(tmp_path, epochs=1)
+    raw["model"]["input_low_pass_m"] = 2.5  # the scene's 1 m grid, blurred to 2.5 m
+    train(parse_config(raw, "test"))
+    bundle = load_bundle(raw["out"])
+    assert bundle.spec.input_low_pass_m == 2.5
+    chips = [s for s in calls if s[-2:] == (32, 32)]
+    assert chips, "no training or validation chip went through the filter"
+    raw["model"]["input_low_pass_m"] = 0.5  # finer than the 1 m the scene is trained at
+    raw["out"] = str(tmp_path / "finer")
+    with pytest.raises(Exception, match="must be coarser than gsd_m"):
+        train(parse_config(raw, "test"))
+
+
+def test_model_init_records_the_filter_and_info_shows_it(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from geoseg.cli import cli
+
+    base = ["model", "init", "--encoder", "resnet18", "--encoder-depth", "3"]
+    base += ["--decoder-channels", "16,8,8", "--halo", "auto", "--gsd", "1"]
+    res = CliRunner().invoke(cli, [*base, str(tmp_path / "m"), "--input-low-pass", "3"])
+    assert res.exit_code == 0, res.output
+    assert read_spec(tmp_path / "m").input_low_pass_m == 3.0
+    res = CliRunner().invoke(cli, ["model", "info", str(tmp_path / "m")])
+    assert "input filter: blurred to 3 m (Gaussian, sigma 1.20 px)" in res.output
+    res = CliRunner().invoke(cli, [*base, str(tmp_path / "n"), "--input-low-pass", "0.5"])
+    assert res.exit_code != 0 and "must be coarser than gsd_m" in res.output
+    assert not (tmp_path / "n").exists()
