@@ -19,8 +19,15 @@ from geoseg.engine.options import PredictOptions
 from geoseg.engine.scene import predict_scene
 from geoseg.errors import ModelError
 from geoseg.io.raster import open_scene
-from geoseg.models.bundle import ModelSpec, load_bundle, load_module, read_spec, spec_json
-from geoseg.models.lowpass import LowPassed, low_pass_sigma_px
+from geoseg.models.bundle import (
+    ModelSpec,
+    load_bundle,
+    load_module,
+    low_pass_sigma_px,
+    read_spec,
+    spec_json,
+)
+from geoseg.models.lowpass import LowPassed
 from tests.conftest import FULL, write_tif
 
 

@@ -487,7 +487,7 @@ def load_module(bundle: Bundle) -> torch.nn.Module:
     module = build_module(bundle.spec)
     _check_state_dict(bundle.spec, state, source=str(bundle.weights_path), module=module)
     module.load_state_dict(state, strict=True)
-    return with_low_pass(module, bundle.spec).eval()
+    return with_low_pass(module, low_pass_sigma_px(bundle.spec)).eval()
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

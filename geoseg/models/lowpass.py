@@ -6,7 +6,8 @@ A model trained mostly on satellite imagery resampled to a finer grid (0.5 m pix
 a sharp aerial scene from another city as that town. ``ModelSpec.input_low_pass_m`` blurs
 every input, in training and in prediction, to that ground resolution: a Gaussian whose full
 width at half maximum grows the model's pixel size ``gsd_m`` to ``input_low_pass_m``
-(σ = √(low_pass² − gsd²) / (2 √(2 ln 2)), in model pixels).
+(σ = √(low_pass² − gsd²) / (2 √(2 ln 2)), in model pixels: ``low_pass_sigma_px`` in
+``geoseg.models.bundle``).
 
 The filter is a fixed depthwise convolution inside the network's forward pass, so every backend
 (torch on CPU or GPU, the converted OpenVINO network) runs it, the measured seamless halo
@@ -17,17 +18,11 @@ the bundle's weights file is the network's alone.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from geoseg.models.bundle import low_pass_sigma_px
-
-if TYPE_CHECKING:
-    from geoseg.models.bundle import ModelSpec
-
-__all__ = ["LowPassed", "low_pass_sigma_px", "with_low_pass"]
+__all__ = ["LowPassed", "with_low_pass"]
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -71,7 +66,7 @@ class LowPassed(torch.nn.Module):
         return self.net.load_state_dict(*args, **kwargs)
 
 
-def with_low_pass(net: torch.nn.Module, spec: ModelSpec) -> torch.nn.Module:
-    """``net`` behind the input filter ``spec`` asks for, or ``net`` itself."""
-    sigma = low_pass_sigma_px(spec)
+def with_low_pass(net: torch.nn.Module, sigma: float) -> torch.nn.Module:
+    """``net`` behind a filter of ``sigma`` px (``geoseg.models.bundle.low_pass_sigma_px`` of
+    its spec), or ``net`` itself where ``sigma`` is 0."""
     return LowPassed(net, sigma) if sigma > 0 else net
