@@ -185,3 +185,16 @@ def test_model_init_records_the_filter_and_info_shows_it(tmp_path: Path) -> None
     res = CliRunner().invoke(cli, [*base, str(tmp_path / "n"), "--input-low-pass", "0.5"])
     assert res.exit_code != 0 and "must be coarser than gsd_m" in res.output
     assert not (tmp_path / "n").exists()
+
+
+def test_a_pipeline_runs_its_scenes_again_when_the_filter_changes() -> None:
+    """The ledger knows the model by its weights' hash, which the filter leaves alone: the
+    filter counts in the pipeline's settings hash instead (only when set)."""
+    from geoseg.pipeline.config import parse_pipeline
+    from tests.test_model_vectorize import PIPELINE
+
+    c = parse_pipeline(PIPELINE, "p.yml")
+    plain = ModelSpec(gsd_m=0.3)
+    assert c.config_hash(plain) == c.config_hash()  # pipelines hashed before keep their hash
+    hashes = {c.config_hash(plain.model_copy(update={"input_low_pass_m": v})) for v in (0.5, 0.6)}
+    assert len(hashes | {c.config_hash(plain)}) == 3

@@ -346,7 +346,8 @@ class PipelineConfig(_Strict):
 
     def config_hash(self, model: ModelSpec | None = None) -> str:
         """SHA-256 of every setting that changes the outputs (not inputs, compute or schedule);
-        with ``model``, the vectorizer settings chosen for it count where they apply."""
+        with ``model``, the vectorizer settings chosen for it count where they apply, and its
+        input filter (``input_low_pass_m``) when it has one."""
         relevant = {
             "schema_version": self.schema_version,
             # tta, backend and max_resample_ratio only when set: pipelines hashed before they
@@ -367,6 +368,10 @@ class PipelineConfig(_Strict):
         }
         if self.changes is not None:  # only when set: pipelines without it keep their hash
             relevant["changes"] = self.changes.model_dump(mode="json", exclude={"living"})
+        if model is not None and model.input_low_pass_m is not None:
+            # the model's input filter changes its outputs on the same weights (the ledger's
+            # model hash); only when set: pipelines whose model has none keep their hash
+            relevant["input_low_pass_m"] = model.input_low_pass_m
         blob = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()
 
