@@ -198,3 +198,33 @@ def test_a_pipeline_runs_its_scenes_again_when_the_filter_changes() -> None:
     assert c.config_hash(plain) == c.config_hash()  # pipelines hashed before keep their hash
     hashes = {c.config_hash(plain.model_copy(update={"input_low_pass_m": v})) for v in (0.5, 0.6)}
     assert len(hashes | {c.config_hash(plain)}) == 3
+
+
+def test_workers_that_outlive_a_run_build_the_changed_filter(
+    tmp_path: Path, make_bundle: Any
+) -> None:
+    """One cluster, two runs: model.json's filter set between them (same weights, same path)
+    must give the filtered output, not the first run's cached predictor."""
+    import shutil
+
+    rng = np.random.default_rng(5)
+    scene = write_tif(tmp_path / "s.tif", rng.integers(1, 256, (3, 96, 128), dtype=np.uint8))
+    path = tmp_path / "model"
+    shutil.copytree(make_bundle(seed=3, gsd_m=1.0).path, path)
+    options = PredictOptions(device="cpu", precision="fp32", chunk=64, halo=16)
+
+    def probs(out: Path | None) -> np.ndarray:
+        assert out is not None
+        with rasterio.open(out) as src:
+            return src.read()
+
+    with open_client(options) as client:
+        first = predict_scene(open_scene(scene), load_bundle(path), tmp_path / "a", options, client)
+        (path / "model.json").write_text(spec_json(read_spec(path).model_copy(update=LOW_PASS)))
+        second = predict_scene(
+            open_scene(scene), load_bundle(path), tmp_path / "b", options, client
+        )
+    with open_client(options) as client:  # fresh workers
+        fresh = predict_scene(open_scene(scene), load_bundle(path), tmp_path / "c", options, client)
+    np.testing.assert_array_equal(probs(second.probs), probs(fresh.probs))
+    assert (probs(first.probs) != probs(second.probs)).mean() > 0.25
