@@ -1,13 +1,17 @@
-"""Helpers shared by the benchmark scripts: wall time and peak RSS of a child process."""
+"""Helpers shared by the benchmark scripts: wall time and peak RSS of a child process, the
+machine, and side-by-side timing of forward passes on a real chunk window."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +63,33 @@ def scene_args(doc: str, size: int = 8192) -> argparse.Namespace:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=2048)
     return ap.parse_args()
+
+
+def austin_window(spec: Any, shared: Path) -> tuple[Any, Any]:
+    """(normalized batch of one, window): the first chunk window (chunk plus halo) of Inria
+    Austin in ``../shared/data`` as ``geoseg predict`` cuts it for model ``spec`` on a CPU."""
+    from geoseg.engine.options import PredictOptions
+    from geoseg.engine.plan import scene_grid
+    from geoseg.io.raster import open_scene
+    from geoseg.io.reader import read_padded
+
+    scene = open_scene(shared / "data" / "real" / "austin_buildings_rgb" / "aerial_sample.tif")
+    window = scene_grid(scene, spec, PredictOptions(device="cpu")).at(0, 0).padded
+    data, valid = read_padded(scene, window, tuple(spec.bands))
+    return spec.normalization.apply(data, valid)[None], window
+
+
+def interleaved_seconds(
+    runs: Mapping[str, Callable[[Any], Any]], x: Any, passes: int
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(median, all) seconds of ``run(x)`` per run: one untimed pass each (allocation,
+    compilation), then ``passes`` rounds, the order reversed every other round."""
+    for run in runs.values():
+        run(x)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for r in range(passes):
+        for key in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+            t0 = time.perf_counter()
+            runs[key](x)
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(t) for k, t in times.items()}, times

@@ -13,7 +13,8 @@
    OpenVINO (the precision ``auto`` gives), interleaved over ``--passes`` rounds.
 
     python benchmarks/bench_lowpass.py [--model data_samples/model] [--blur-m 0.4,0.5,0.6]
-        [--low-pass none,0.5,0.6,0.75,1.0] [--skip-blur] [--passes 5] [--out bench_out/lowpass]
+        [--low-pass none,0.5,0.6,0.75,1.0] [--skip-blur | --forward-only] [--passes 5]
+        [--out bench_out/lowpass]
         [--shared ../shared]
 
 Writes ``<out>/lowpass.json``.
@@ -24,16 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
-from _common import machine
+from _common import austin_window, interleaved_seconds, machine
 from eval_real import (
     REPO,
     clip_truth,
@@ -156,19 +155,12 @@ def filter_sweep(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def forward_seconds(plain: Path, filtered: Path, shared: Path, passes: int) -> dict[str, Any]:
     """Part 3: median seconds of one forward pass, each backend, without and with the filter."""
-    from geoseg.engine.options import PredictOptions
-    from geoseg.engine.plan import scene_grid
-    from geoseg.io.raster import open_scene
-    from geoseg.io.reader import read_padded
     from geoseg.models.bundle import load_bundle, load_module
     from geoseg.models.predictor import BundleFactory, TorchPredictor, resolve_precision
 
     bundles = {"without": load_bundle(plain), "with": load_bundle(filtered)}
     spec = bundles["without"].spec
-    scene = open_scene(shared / "data" / "real" / "austin_buildings_rgb" / "aerial_sample.tif")
-    window = scene_grid(scene, spec, PredictOptions(device="cpu")).at(0, 0).padded
-    data, valid = read_padded(scene, window, tuple(spec.bands))
-    x = spec.normalization.apply(data, valid)[None]
+    x, window = austin_window(spec, shared)
     precision = resolve_precision("auto", "cpu")
     runs: dict[str, Any] = {}
     for key, b in bundles.items():
@@ -177,15 +169,7 @@ def forward_seconds(plain: Path, filtered: Path, shared: Path, passes: int) -> d
         )
         factory = BundleFactory(str(b.path), b.sha256, "cpu", precision, backend="openvino")
         runs[f"openvino, {key} filter"] = factory.build()
-    for run in runs.values():  # first passes allocate and compile: not timed
-        run(x)
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for r in range(passes):
-        for key in list(runs) if r % 2 == 0 else list(runs)[::-1]:
-            t0 = time.perf_counter()
-            runs[key](x)
-            times[key].append(time.perf_counter() - t0)
-    med = {k: statistics.median(t) for k, t in times.items()}
+    med, times = interleaved_seconds(runs, x, passes)
     print(f"forward pass, {window.height}x{window.width} px window, {precision}:")
     for k, v in med.items():
         base = med[k.replace("with filter", "without filter")]
@@ -199,6 +183,7 @@ def main() -> None:
     ap.add_argument("--blur-m", default="0.4,0.5,0.6", help="effective resolutions, metres")
     ap.add_argument("--low-pass", default="none,0.5,0.6,0.75,1.0", help="'none' or metres")
     ap.add_argument("--skip-blur", action="store_true", help="parts 2 and 3 only")
+    ap.add_argument("--forward-only", action="store_true", help="part 3 only")
     ap.add_argument("--passes", type=int, default=5, help="timed rounds of part 3")
     ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "lowpass")
     ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
@@ -206,13 +191,15 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"model: {args.model}")
     result: dict[str, Any] = {"model": str(args.model), "machine": machine()}
-    if not args.skip_blur:
+    if not (args.skip_blur or args.forward_only):
         result["blurred_input_building_iou"] = blur_inputs(args)
-    result["filter"] = filter_sweep(args)
+    if not args.forward_only:
+        result["filter"] = filter_sweep(args)
     values = [v.strip() for v in args.low_pass.split(",") if v.strip() and v.strip() != "none"]
     if values:
+        widest = max(values, key=float)
         plain = with_filter(args.model, None, args.out / "bundle-none")
-        filtered = args.out / f"bundle-{max(values, key=float)}"
+        filtered = with_filter(args.model, float(widest), args.out / f"bundle-{widest}")
         result["forward"] = forward_seconds(plain, filtered, args.shared, args.passes)
     (args.out / "lowpass.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
 

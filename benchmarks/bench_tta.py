@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rasterio
-from _common import machine
+from _common import austin_window, interleaved_seconds, machine
 from eval_real import REPO, evaluate
 
 MODES = ("none", "flips", "d4")
@@ -50,34 +49,20 @@ def end_to_end(
 
 def forward_seconds(model: Path, shared: Path, modes: list[str], passes: int) -> dict[str, Any]:
     """Median seconds of one forward pass per mode on Austin's first chunk window."""
-    from geoseg.engine.options import PredictOptions
-    from geoseg.engine.plan import scene_grid
-    from geoseg.io.raster import open_scene
-    from geoseg.io.reader import read_padded
     from geoseg.models.bundle import load_bundle, load_module
     from geoseg.models.predictor import TorchPredictor, resolve_precision
 
     bundle = load_bundle(model)
     spec = bundle.spec
-    scene = open_scene(shared / "data" / "real" / "austin_buildings_rgb" / "aerial_sample.tif")
-    window = scene_grid(scene, spec, PredictOptions(device="cpu")).at(0, 0).padded
-    data, valid = read_padded(scene, window, tuple(spec.bands))
-    x = spec.normalization.apply(data, valid)[None]
+    x, window = austin_window(spec, shared)
     precision = resolve_precision("auto", "cpu")
     module = load_module(bundle)
     preds = {m: TorchPredictor(module, "cpu", precision, spec.activation, m) for m in modes}
-    for pred in preds.values():  # first passes allocate: not timed
-        pred(x)
-    times: dict[str, list[float]] = {m: [] for m in modes}
-    for r in range(passes):
-        for mode in modes if r % 2 == 0 else modes[::-1]:
-            t0 = time.perf_counter()
-            preds[mode](x)
-            times[mode].append(time.perf_counter() - t0)
+    seconds, times = interleaved_seconds(preds, x, passes)
     return {
         "window_px": [int(window.height), int(window.width)],
         "precision": precision,
-        "seconds": {m: statistics.median(t) for m, t in times.items()},
+        "seconds": seconds,
         "all_seconds": times,
     }
 
