@@ -173,15 +173,11 @@ def import_(weights: Path, out: Path, **kw: Any) -> None:
 
 def _measure(spec: ModelSpec, module: Any) -> int:
     """The seamless halo of ``module`` as prediction runs it (behind the input filter)."""
-    from geoseg.models.bundle import low_pass_sigma_px
+    from geoseg.models.bundle import with_input_filter
     from geoseg.models.halo import bundle_halo
-    from geoseg.models.lowpass import LowPassed, with_low_pass
 
     click.echo("measuring the receptive field for a seamless halo …", err=True)
-    net = (
-        module if isinstance(module, LowPassed) else with_low_pass(module, low_pass_sigma_px(spec))
-    )
-    return bundle_halo(net, spec)
+    return bundle_halo(with_input_filter(module, spec), spec)
 
 
 @model.command("halo")

@@ -78,7 +78,7 @@ def bundle_factory(bundle: Bundle, options: PredictOptions) -> BundleFactory:
         options.tta,
         resolve_backend(options.backend, device),
         local_threads(options) if not options.scheduler else 1,
-        bundle.spec.input_low_pass_m,
+        bundle.spec_sha256,
     )
 
 

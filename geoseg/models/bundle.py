@@ -37,6 +37,7 @@ __all__ = [
     "load_module",
     "low_pass_sigma_px",
     "save_bundle",
+    "with_input_filter",
     "write_spec",
 ]
 
@@ -245,6 +246,12 @@ class Bundle:
     @property
     def weights_path(self) -> Path:
         return self.path / WEIGHTS_FILE
+
+    @property
+    def spec_sha256(self) -> str:
+        """SHA-256 of ``model.json`` as this spec writes it: with the weights' hash, what
+        names the network a predictor runs (its input filter, normalization, classes)."""
+        return hashlib.sha256(spec_json(self.spec).encode()).hexdigest()
 
     @property
     def ident(self) -> str:
@@ -478,16 +485,25 @@ def decoder_params_lower_bound(spec: ModelSpec) -> int:
     return sum(9 * c * c for c in spec.decoder_channels)
 
 
+def with_input_filter(module: torch.nn.Module, spec: ModelSpec) -> torch.nn.Module:
+    """``module`` as training and prediction run it: behind ``spec``'s input filter
+    (``input_low_pass_m``, :mod:`geoseg.models.lowpass`) when it has one; a module already
+    behind its filter as it is."""
+    from geoseg.models.lowpass import LowPassed, with_low_pass
+
+    if isinstance(module, LowPassed):
+        return module
+    return with_low_pass(module, low_pass_sigma_px(spec))
+
+
 def load_module(bundle: Bundle) -> torch.nn.Module:
     """Build the bundle's module and load its weights (strictly), in eval mode; behind the
     spec's input filter (``input_low_pass_m``) when it has one."""
-    from geoseg.models.lowpass import with_low_pass
-
     state = read_safetensors(bundle.weights_path)
     module = build_module(bundle.spec)
     _check_state_dict(bundle.spec, state, source=str(bundle.weights_path), module=module)
     module.load_state_dict(state, strict=True)
-    return with_low_pass(module, low_pass_sigma_px(bundle.spec)).eval()
+    return with_input_filter(module, bundle.spec).eval()
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -289,10 +289,11 @@ class BundleFactory:
     backend: str = "torch"
     #: passes that may run side by side in one process (worker threads; OpenVINO's streams)
     streams: int = 1
-    #: the bundle's input filter (``input_low_pass_m``) when this recipe was made: the recipe
-    #: keys the per-process predictor cache, so on workers that outlive a run a model.json
-    #: whose filter changed builds a new predictor (changed weights are refused by hash)
-    input_low_pass_m: float | None = None
+    #: the hash of the bundle's model.json when this recipe was made (``Bundle.spec_sha256``):
+    #: the recipe keys the per-process predictor cache, so on workers that outlive a run a
+    #: model.json that changed (its input filter, say) builds a new predictor; changed weights
+    #: are refused by their hash
+    spec_sha256: str = ""
 
     def build(self) -> Predictor:
         from geoseg.models.bundle import load_bundle

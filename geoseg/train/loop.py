@@ -143,12 +143,11 @@ class _Trainer:
 
         o = cfg.optim
         self.cfg, self.prep, self.module, self.device, self.speed = cfg, prep, module, device, speed
-        from geoseg.models.bundle import low_pass_sigma_px
-        from geoseg.models.lowpass import with_low_pass
+        from geoseg.models.bundle import with_input_filter
 
         # what the forward passes run: the module behind the spec's input filter, if any (the
         # optimizer, checkpoints and bundle hold the module's own weights)
-        self.net = with_low_pass(module, low_pass_sigma_px(prep.spec))
+        self.net = with_input_filter(module, prep.spec)
         self.optimizer = torch.optim.AdamW(
             module.parameters(), lr=o.lr, weight_decay=o.weight_decay
         )
