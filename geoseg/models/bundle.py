@@ -32,6 +32,7 @@ __all__ = [
     "Normalization",
     "VectorizeDefaults",
     "SCHEMA_VERSION",
+    "blur_sigma_px",
     "build_module",
     "load_bundle",
     "load_module",
@@ -231,8 +232,15 @@ def low_pass_sigma_px(spec: ModelSpec) -> float:
         raise ModelError(
             f"input_low_pass_m ({spec.input_low_pass_m} m) needs the model's gsd_m to be set"
         )
-    extra = math.sqrt(max(spec.input_low_pass_m**2 - spec.gsd_m**2, 0.0))
-    return extra / FWHM_PER_SIGMA / spec.gsd_m
+    return blur_sigma_px(spec.gsd_m, spec.input_low_pass_m)
+
+
+def blur_sigma_px(gsd_m: float, resolution_m: float) -> float:
+    """The σ (pixels of ``gsd_m``) of the Gaussian that blurs imagery at ``gsd_m`` to the
+    effective ground resolution ``resolution_m``: its full width at half maximum grows the
+    pixel size to it (σ = √(resolution² − gsd²) / 2.355 / gsd; 0.0 for one not coarser)."""
+    extra = math.sqrt(max(resolution_m**2 - gsd_m**2, 0.0))
+    return extra / FWHM_PER_SIGMA / gsd_m
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LowPassed", "with_low_pass"]
+__all__ = ["LowPassed", "gaussian_blur", "with_low_pass"]
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -31,6 +31,20 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return (k / k.sum()).float()
+
+
+def gaussian_blur(
+    x: torch.Tensor, sigma: float, kernel: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x`` (N, C, H, W) blurred by a separable Gaussian of ``sigma`` px, each band alike,
+    edges replicated (``kernel``: :func:`gaussian_kernel` of ``sigma``, when already made)."""
+    c = x.shape[1]
+    k = gaussian_kernel(sigma).to(x.device) if kernel is None else kernel
+    k = k.to(dtype=x.dtype)
+    r = k.numel() // 2
+    x = F.pad(x, (r, r, r, r), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 class LowPassed(torch.nn.Module):
@@ -49,12 +63,7 @@ class LowPassed(torch.nn.Module):
         self.register_buffer("kernel", gaussian_kernel(sigma), persistent=False)
 
     def blur(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[1]
-        k = self.kernel.to(dtype=x.dtype)
-        r = k.numel() // 2
-        x = F.pad(x, (r, r, r, r), mode="replicate")
-        x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-        return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+        return gaussian_blur(x, self.sigma, self.kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.blur(x))

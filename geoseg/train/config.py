@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from geoseg.errors import ConfigError, describe_validation_error
 from geoseg.io.remote import is_remote
-from geoseg.models.bundle import ModelSpec
+from geoseg.models.bundle import WEIGHTS_FILE, ModelSpec, file_sha256
 
 __all__ = [
     "ChipConfig",
@@ -246,6 +246,15 @@ class ChipConfig(_Strict):
         lt=0.5,
         description="Random per-band gain and offset of training chips (fraction of the range).",
     )
+    blur_m: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Random sharpness: each training chip is blurred to an effective ground "
+        "resolution drawn uniformly between model.gsd_m (as it is) and this, in metres (a "
+        "Gaussian, as model.input_low_pass_m), so that sharpness does not tell the network "
+        "which scene, or which kind of imagery, a chip came from. None: chips as they are.",
+    )
 
     @model_validator(mode="after")
     def _block_holds_chip(self) -> ChipConfig:
@@ -283,6 +292,13 @@ class TrainConfig(_Strict):
         "imagenet, lite0-imagenet, lite1-imagenet, lite2-imagenet or a weights file; "
         "model.normalization.mean/std, when given (e.g. ImageNet's for a pretrained encoder), "
         "are kept instead of computed."
+    )
+    init: Path | None = Field(
+        None,
+        description="A bundle whose weights start the run (fine-tuning, e.g. data_samples/model "
+        "on your own scenes). Its arch, encoder, decoder, bands and classes must be model's; "
+        "model.normalization is taken from it (a different one given is an error), and "
+        "model.encoder_weights is not used. A run that resumes goes on from its checkpoint.",
     )
     scenes: list[SceneConfig] = Field(min_length=1)
     chips: ChipConfig = Field(default_factory=lambda: ChipConfig.model_validate({}))
@@ -353,6 +369,12 @@ class TrainConfig(_Strict):
                         f"{scene.image}: classes lists {name!r}, not one of the model classes "
                         f"{self.model.classes}"
                     )
+        blur = self.chips.blur_m
+        if blur is not None and (self.model.gsd_m is None or blur <= self.model.gsd_m):
+            raise ValueError(
+                f"chips.blur_m ({blur} m) needs model.gsd_m set and finer than it "
+                f"(model.gsd_m: {self.model.gsd_m})"
+            )
         if self.chips.sampling == "random" and not any(s.holdout for s in self.scenes):
             raise ValueError("chips.sampling random needs a holdout rectangle in some scene")
         return self
@@ -374,6 +396,11 @@ class TrainConfig(_Strict):
         data["optim"].pop("precision")
         for scene in data["scenes"]:
             scene.pop("name")  # a label for reports only
+        if self.init is not None:  # the starting weights, wherever the bundle lies
+            try:
+                data["init"] = file_sha256(self.init / WEIGHTS_FILE)
+            except OSError:
+                data["init"] = "missing"  # loading the bundle says why
         return hashlib.sha256(repr(sorted(_flatten(data))).encode()).hexdigest()
 
 
@@ -389,7 +416,7 @@ def _resolve(raw: Any, base: Path) -> Any:
     """Make the config's relative paths relative to ``base`` (the config file's directory)."""
     if not isinstance(raw, dict):
         return raw
-    for key in ("out", "checkpoint", "snapshot"):
+    for key in ("out", "checkpoint", "snapshot", "init"):
         if isinstance(raw.get(key), str):
             raw[key] = os.path.normpath(base / raw[key])
     for scene in raw.get("scenes") or []:

@@ -20,9 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from geoseg.errors import ModelError
+from geoseg.errors import ConfigError, ModelError
 from geoseg.io.reader import read_padded
-from geoseg.models.bundle import Bundle, build_module, load_bundle, save_bundle
+from geoseg.models.bundle import (
+    Bundle,
+    build_module,
+    check_weights,
+    load_bundle,
+    read_safetensors,
+    save_bundle,
+)
 from geoseg.models.encoders import init_encoder
 from geoseg.models.predictor import resolve_device
 from geoseg.train.cache import ChipCache
@@ -163,6 +170,8 @@ class _Trainer:
         self.memory_format = torch.channels_last if speed.channels_last else torch.contiguous_format
         norm = prep.spec.normalization.arrays(len(prep.spec.bands))
         self.std = torch.tensor(norm[1][:, 0, 0])
+        gsd = prep.spec.gsd_m
+        self.blur = (gsd, cfg.chips.blur_m) if cfg.chips.blur_m and gsd else None
         fingerprint = cfg.fingerprint()
         self.ckpt = Checkpoint(cfg.checkpoint_dir, fingerprint)
         self.snapshot = Snapshot(cfg.snapshot, fingerprint) if cfg.snapshot else None
@@ -235,7 +244,7 @@ class _Trainer:
             if b < first:
                 continue
             x, y, unknown = chip_tensors(self.prep, batch, cpu, c.size, self.cache)
-            x, y = augment(x, y, gen, c.color_jitter, self.std)
+            x, y = augment(x, y, gen, c.color_jitter, self.std, self.blur)
             yield b, x.contiguous(memory_format=self.memory_format), y, unknown, gen.get_state()
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, unknown: torch.Tensor, lr: float) -> float:
@@ -386,14 +395,26 @@ def train(
     device = torch.device(resolve_device(cfg.optim.device))
     if cfg.optim.threads:
         torch.set_num_threads(cfg.optim.threads)
+    start = None
+    if cfg.init is not None:
+        cfg, start = _fine_tune_start(cfg)
     prep = prepare(cfg)
     o = cfg.optim
 
     torch.manual_seed(o.seed)
     module = build_module(prep.spec)
-    source = init_encoder(
-        module, prep.spec.encoder, prep.spec.encoder_depth, cfg.model.encoder_weights
-    )
+    if start is None:
+        source = init_encoder(
+            module, prep.spec.encoder, prep.spec.encoder_depth, cfg.model.encoder_weights
+        )
+    else:
+        module.load_state_dict(read_safetensors(start.weights_path), strict=True)
+        source = (
+            f"fine-tuned from the bundle {start.spec.name!r} (weights sha256 "
+            f"{start.sha256[:12]}…), whose encoder started from "
+            f"{start.spec.encoder_weights or 'random weights'}"
+        )
+        log.info("starting from the weights of %s", start.path)
     prep = replace(prep, spec=prep.spec.model_copy(update={"encoder_weights": source}))
     module = module.to(device)
     if speed.channels_last:
@@ -430,6 +451,41 @@ def train(
         len(run.val_chips),
         resumed_from,
     )
+
+
+#: the spec fields a bundle must share with the config to start its training (``init``)
+_INIT_FIELDS = ("arch", "encoder", "encoder_depth", "decoder_channels", "bands", "classes")
+
+
+def _fine_tune_start(cfg: TrainConfig) -> tuple[TrainConfig, Bundle]:
+    """The ``init`` bundle, its weights checked against the config's model, and the config
+    with the bundle's normalization (the inputs those weights were trained on)."""
+    assert cfg.init is not None
+    bundle = load_bundle(cfg.init)
+    check_weights(bundle)
+    want, have = cfg.model, bundle.spec
+    for name in _INIT_FIELDS:
+        if getattr(want, name) != getattr(have, name):
+            raise ConfigError(
+                f"{cfg.init}: cannot start training from this bundle: its {name} is "
+                f"{getattr(have, name)!r}, the config's model.{name} is {getattr(want, name)!r}"
+            )
+    given, kept = want.normalization, have.normalization
+    same = given.scale == kept.scale and (
+        not given.mean
+        or (
+            np.allclose(given.mean, kept.mean, rtol=1e-6, atol=1e-9)
+            and np.allclose(given.std, kept.std, rtol=1e-6, atol=1e-9)
+        )
+    )
+    if not same:
+        raise ConfigError(
+            f"{cfg.init}: its weights were trained on inputs normalized as {kept.model_dump()}, "
+            f"the config's model.normalization is {given.model_dump()}; leave mean and std out "
+            "to keep the bundle's"
+        )
+    model = want.model_copy(update={"normalization": kept})
+    return cfg.model_copy(update={"model": model}), bundle
 
 
 def _store_seamless_halo(bundle: Bundle, cfg: TrainConfig) -> Bundle:

@@ -38,11 +38,17 @@ def augment(
     gen: torch.Generator,
     color: float = 0.0,
     std: torch.Tensor | None = None,
+    blur: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random flips and 90° rotations, the same for each image (N, C, H, W) and label (N, H, W);
     with ``color`` > 0 also a random brightness gain and per-band gain and offset of up to that
-    fraction (in scaled pixel units, ``std`` (C,) the normalization's std)."""
+    fraction (in scaled pixel units, ``std`` (C,) the normalization's std); with ``blur``
+    (the chips' ground resolution, the coarsest) also a Gaussian blur of each image to an
+    effective resolution drawn uniformly between the two (``chips.blur_m``)."""
     import torch
+
+    from geoseg.models.bundle import blur_sigma_px
+    from geoseg.models.lowpass import gaussian_blur
 
     xs, ys = [], []
     for xi, yi in zip(x, y, strict=True):
@@ -59,6 +65,12 @@ def augment(
             # x = (v - mean) / std; v' = v * gain + offset  →  x' = x * gain + (mean (gain - 1)
             # + offset) / std; the mean term is folded in as gain applied around the mean
             xi = xi * gain[:, None, None] + (offset / scale)[:, None, None]
+        if blur is not None:
+            gsd, coarsest = blur
+            draw = float(torch.rand((), generator=gen))
+            sigma = blur_sigma_px(gsd, gsd + draw * (coarsest - gsd))
+            if sigma > 0:
+                xi = gaussian_blur(xi[None], sigma)[0]
         xs.append(xi)
         ys.append(yi)
     return torch.stack(xs), torch.stack(ys)
