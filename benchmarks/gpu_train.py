@@ -279,6 +279,11 @@ def derive_config(
     ``budget`` (epochs, chips_per_epoch, batch_size); everything else as it is."""
     if len(scenes) != len(raw["scenes"]):
         raise PackError(f"{len(scenes)} derived scenes for {len(raw['scenes'])} configured")
+    if raw.get("init"):
+        raise PackError(
+            f"the config starts from a bundle (init: {raw['init']}); this script packs "
+            "scenes, not bundles: train configs that start from the encoder's weights"
+        )
     out = copy.deepcopy(raw)
     out["scenes"] = [dict(s) for s in scenes]
     out["chips"] = {**out.get("chips", {}), "chips_per_epoch": budget["chips_per_epoch"]}

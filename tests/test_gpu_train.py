@@ -139,6 +139,8 @@ def test_derived_config_keeps_the_training_choices(gt: ModuleType, tmp_path: Pat
     assert (tiny["optim"]["epochs"], tiny["optim"]["batch_size"]) == (1, 2)
     with pytest.raises(gt.PackError):
         gt.derive_config(raw, scenes[:-1], gt.GPU_BUDGET, "cuda")
+    with pytest.raises(gt.PackError, match="init: model"):
+        gt.derive_config({**raw, "init": "model"}, scenes, gt.GPU_BUDGET, "cuda")
 
 
 def test_gridded_scene_declares_the_same_classes(gt: ModuleType, tmp_path: Path) -> None:

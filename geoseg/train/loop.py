@@ -467,8 +467,8 @@ def _fine_tune_start(cfg: TrainConfig) -> tuple[TrainConfig, Bundle]:
     for name in _INIT_FIELDS:
         if getattr(want, name) != getattr(have, name):
             raise ConfigError(
-                f"{cfg.init}: cannot start training from this bundle: its {name} is "
-                f"{getattr(have, name)!r}, the config's model.{name} is {getattr(want, name)!r}"
+                f"{cfg.init}: cannot start training from this bundle: {name} "
+                f"{getattr(have, name)!r} there, {getattr(want, name)!r} in the config's model"
             )
     given, kept = want.normalization, have.normalization
     same = given.scale == kept.scale and (
