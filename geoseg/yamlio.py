@@ -1,4 +1,5 @@
-"""YAML reading for configs: safe (no Python tags), and a key given twice is an error.
+"""YAML reading for configs: safe (no Python tags), and a key given twice is an error; and
+the node a validation error's location points at (:func:`node_at`), for its line.
 
 PyYAML's ``safe_load`` keeps the last of two equal keys silently (``name:`` twice in a
 pipeline file ran under the second name); here it fails with the line of the second one.
@@ -6,11 +7,12 @@ pipeline file ran under the second name); here it fails with the line of the sec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
 
-__all__ = ["UniqueKeyLoader", "safe_load_unique"]
+__all__ = ["UniqueKeyLoader", "node_at", "safe_load_unique"]
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -34,3 +36,25 @@ class UniqueKeyLoader(yaml.SafeLoader):
 def safe_load_unique(text: str) -> Any:
     """``yaml.safe_load`` that raises ``yaml.YAMLError`` for a key given twice in a mapping."""
     return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def node_at(node: yaml.Node | None, loc: Sequence[int | str]) -> yaml.Node | None:
+    """The YAML node at pydantic error location ``loc`` (as deep as it exists): a mapping's
+    last key names its key node, so an error points at the line of the field."""
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            child = None
+            for k, v in node.value:
+                if k.value == key:
+                    child = k if key == loc[-1] else v
+                    break
+            if child is None:
+                return node
+            node = child
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int):
+            if key >= len(node.value):
+                return node
+            node = node.value[key]
+        else:
+            return node
+    return node

@@ -23,10 +23,10 @@ from geoseg.models.bundle import (
     ModelSpec,
     load_bundle,
     load_module,
-    low_pass_sigma_px,
     read_spec,
     spec_json,
 )
+from geoseg.models.input_filter import low_pass_sigma_px
 from geoseg.models.lowpass import LowPassed
 from tests.conftest import FULL, write_tif
 
@@ -228,3 +228,127 @@ def test_workers_that_outlive_a_run_build_the_changed_filter(
         fresh = predict_scene(open_scene(scene), load_bundle(path), tmp_path / "c", options, client)
     np.testing.assert_array_equal(probs(second.probs), probs(fresh.probs))
     assert (probs(first.probs) != probs(second.probs)).mean() > 0.25
+
+
+# --- a run's own input filter (--input-filter, predict.input_filter) -------------------------
+
+
+def test_input_filter_values_are_checked_and_canonical() -> None:
+    from geoseg.errors import ConfigError
+    from geoseg.models.input_filter import parse_input_filter
+
+    assert parse_input_filter(" Model") == "model" and parse_input_filter("OFF") == "off"
+    assert parse_input_filter(0.80) == "0.8" and parse_input_filter("1") == "1"
+    for bad in ("0", "-1", "nan", "inf", "sharp", ""):
+        with pytest.raises(ConfigError, match="input filter must be model, off or an effective"):
+            parse_input_filter(bad)
+
+
+def test_a_runs_filter_replaces_the_models_and_a_stronger_one_grows_the_halo() -> None:
+    from geoseg.errors import ConfigError
+    from geoseg.models.input_filter import filter_reach_px, filtered_spec
+    from geoseg.models.lowpass import gaussian_kernel
+
+    for sigma in (0.1, 0.74, 1.0, 1.2, 5.08):  # the halo counts on the kernel's own reach
+        assert gaussian_kernel(sigma).numel() == 2 * filter_reach_px(sigma) + 1
+    spec = ModelSpec(**LOW_PASS, halo=64)  # σ 1.20 px, reach 4 px; stride 32
+    assert filtered_spec(spec, "model") is spec and filtered_spec(spec, "3") is spec
+    off = filtered_spec(spec, "off")
+    assert off.input_low_pass_m is None and off.halo == 64 and low_pass_sigma_px(off) == 0
+    weaker = filtered_spec(spec, "2")  # σ 0.73 px, reach 3 px: the model's halo holds
+    assert weaker.input_low_pass_m == 2.0 and weaker.halo == 64
+    stronger = filtered_spec(spec, "12")  # σ 5.08 px, reach 16 px: 12 px more, one stride
+    assert stronger.input_low_pass_m == 12.0 and stronger.halo == 96
+    assert filtered_spec(stronger, "12") == stronger  # applied again: the same
+    assert filtered_spec(ModelSpec(gsd_m=1.0, halo=64), "12").halo == 96  # no filter: reach 0
+    with pytest.raises(ConfigError, match=r"m/x: the input filter \(0.5 m\) must be coarser"):
+        filtered_spec(spec, "0.5", source="m/x")
+    with pytest.raises(ConfigError, match="needs the model's gsd_m"):
+        filtered_spec(ModelSpec(), "2")
+    assert filtered_spec(ModelSpec(), "off").input_low_pass_m is None
+
+
+def test_predict_takes_the_runs_filter_and_records_it(tmp_path: Path, make_bundle: Any) -> None:
+    """``--input-filter off`` on a filtered bundle gives exactly what the same weights give
+    without a filter; a stronger filter stays seamless (its halo grown); a filter finer than
+    the model is refused before anything is written; the outputs' tag names the choice."""
+    from click.testing import CliRunner
+
+    from geoseg.cli import cli
+
+    rng = np.random.default_rng(7)
+    scene = write_tif(tmp_path / "s.tif", rng.integers(1, 256, (3, 150, 230), dtype=np.uint8))
+    filtered = make_bundle(seed=8, encoder="mobilenet_v2", **FULL, **LOW_PASS, halo=64)
+    plain = make_bundle(seed=8, encoder="mobilenet_v2", **FULL, gsd_m=1.0, halo=64)
+
+    def predict(bundle: Any, out: str, *args: str) -> tuple[np.ndarray, dict[str, str]]:
+        base = ["predict", str(scene), "--model", str(bundle.path), "--out", str(tmp_path / out)]
+        base += ["--device", "cpu", "--precision", "fp32", "--backend", "torch"]
+        res = CliRunner().invoke(cli, [*base, *args])
+        assert res.exit_code == 0, res.output
+        with rasterio.open(tmp_path / out / "s.probs.tif") as src:
+            return src.read().astype(int), src.tags()
+
+    default, tags = predict(filtered, "default", "--chunk", "1024")
+    off, off_tags = predict(filtered, "off", "--chunk", "1024", "--input-filter", "off")
+    want, _ = predict(plain, "plain", "--chunk", "1024")
+    np.testing.assert_array_equal(off, want)
+    assert (default != off).mean() > 0.25
+    assert "GEOSEG_INPUT_FILTER" not in tags and off_tags["GEOSEG_INPUT_FILTER"] == "off"
+
+    strong_whole, strong_tags = predict(filtered, "sw", "--chunk", "1024", "--input-filter", "6")
+    strong_tiled, _ = predict(filtered, "st", "--chunk", "64", "--input-filter", "6.0")
+    assert np.abs(strong_whole - strong_tiled).max() <= 1
+    assert strong_tags["GEOSEG_INPUT_FILTER"] == "6" and (strong_whole != default).mean() > 0.05
+
+    base = ["predict", str(scene), "--model", str(filtered.path), "--out", str(tmp_path / "x")]
+    res = CliRunner().invoke(cli, [*base, "--input-filter", "0.5"])
+    assert res.exit_code != 0
+    assert f"{filtered.path}: the input filter (0.5 m) must be coarser" in res.output
+    res = CliRunner().invoke(cli, [*base, "--input-filter", "soft"])
+    assert res.exit_code != 0 and "Invalid value for '--input-filter'" in res.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_pipeline_takes_its_own_filter(tmp_path: Path) -> None:
+    """``predict.input_filter``: validated where the file says it, counted in the settings
+    hash only when set (pipelines written before keep theirs), handed to the engine, recorded
+    in the outputs, and one the model cannot take fails before any scene runs."""
+    from geoseg.errors import ConfigError
+    from geoseg.pipeline import load_pipeline, run_pipeline
+    from geoseg.pipeline.config import parse_pipeline
+    from geoseg.pipeline.planning import dry_run
+    from geoseg.pipeline.runner import predict_options
+    from tests.pipeline_support import make_model, make_scene, write_pipeline
+    from tests.test_model_vectorize import PIPELINE
+
+    base = parse_pipeline(PIPELINE, "p.yml")
+    same = parse_pipeline(PIPELINE + "predict: {input_filter: model}\n", "p.yml")
+    off = parse_pipeline(PIPELINE + "predict: {input_filter: 'off'}\n", "p.yml")
+    metres = parse_pipeline(PIPELINE + "predict: {input_filter: 0.80}\n", "p.yml")
+    assert base.config_hash() == same.config_hash()
+    assert len({base.config_hash(), off.config_hash(), metres.config_hash()}) == 3
+    assert predict_options(off).input_filter == "off"
+    assert predict_options(metres).input_filter == "0.8"
+    with pytest.raises(ConfigError) as e:
+        parse_pipeline(PIPELINE + "predict: {input_filter: soft}\n", "p.yml")
+    assert "p.yml" in str(e.value) and "predict.input_filter" in str(e.value)
+
+    (tmp_path / "scenes").mkdir()
+    make_scene(tmp_path / "scenes" / "s0.tif", 0, 0, 96)
+    make_model(tmp_path / "model")  # gsd 0.5 m, no filter of its own
+    job = tmp_path / "p.yml"
+    predict = {"device": "cpu", "precision": "fp32", "chunk": 64}
+    fine = load_pipeline(write_pipeline(job, predict={**predict, "input_filter": 0.4}))
+    with pytest.raises(ConfigError, match=r"input filter \(0.4 m\) must be coarser"):
+        dry_run(fine)
+    with pytest.raises(ConfigError, match=r"input filter \(0.4 m\) must be coarser"):
+        run_pipeline(fine)
+    assert not (tmp_path / "out").exists()
+    blurred = load_pipeline(write_pipeline(job, predict={**predict, "input_filter": 1.5}))
+    assert [r.status for r in run_pipeline(blurred).results] == ["done"]
+    with rasterio.open(tmp_path / "out" / "s0" / "s0.mask.tif") as src:
+        assert src.tags()["GEOSEG_INPUT_FILTER"] == "1.5"
+    plain = load_pipeline(write_pipeline(job, predict=predict))
+    [planned] = dry_run(plain)
+    assert planned.action == "run" and planned.reason.startswith("pipeline settings changed")

@@ -287,7 +287,8 @@ def tune(
 @click.option("--json", "as_json", is_flag=True, help="Print model.json as JSON.")
 def info(bundle: Path, as_json: bool) -> None:
     """Show a bundle's spec and verify its weights (hash, tensor names and shapes)."""
-    from geoseg.models.bundle import check_weights, load_bundle, low_pass_sigma_px
+    from geoseg.models.bundle import check_weights, load_bundle
+    from geoseg.models.input_filter import low_pass_sigma_px
 
     b = load_bundle(bundle)
     check_weights(b)

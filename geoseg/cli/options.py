@@ -45,6 +45,30 @@ tta_option = click.option(
 )
 
 
+def _input_filter(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from geoseg.errors import ConfigError
+    from geoseg.models.input_filter import parse_input_filter
+
+    try:
+        return parse_input_filter(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+#: ``--input-filter``, for the commands that run a model on scenes.
+input_filter_option = click.option(
+    "--input-filter",
+    default="model",
+    show_default=True,
+    metavar="model|off|METRES",
+    callback=_input_filter,
+    help="The blur in front of the network. model: the model's own (input_low_pass_m in "
+    "model.json; the demo model's is 0.6 m); off: the imagery as it is (sharp imagery like the "
+    "town a model learned can score better); METRES: blur every input to that effective "
+    "ground resolution (coarser than the model's; the halo grows to its reach).",
+)
+
+
 #: ``--backend``, for the commands that run a model on scenes (values:
 #: :data:`geoseg.models.backends.BACKENDS`, not imported here: the CLI starts without torch).
 backend_option = click.option(

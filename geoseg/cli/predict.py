@@ -15,6 +15,7 @@ from geoseg.cli.options import (
     Progress,
     backend_option,
     compute_options,
+    input_filter_option,
     resample_option,
     tta_option,
 )
@@ -61,6 +62,7 @@ log = logging.getLogger("geoseg.cli")
     "than the model's GSD (with --resample): their time and memory grow with the ratio.",
 )
 @tta_option
+@input_filter_option
 @backend_option
 @click.option(
     "--vectorize",
@@ -103,6 +105,7 @@ def predict(
     resample: bool = True,
     max_resample_ratio: float = 8.0,
     tta: str = "none",
+    input_filter: str = "model",
     backend: str = "auto",
     also_vectorize: bool = False,
     outputs: str = "probs,mask",
@@ -123,7 +126,8 @@ def predict(
     from geoseg.vectorize.options import VectorizeOptions
     from geoseg.vectorize.run import vector_cluster
 
-    bundle = load_bundle(model_path)
+    # a filter the model cannot take fails here, before any scene is read
+    bundle = load_bundle(model_path).with_input_filter(input_filter)
     options = PredictOptions(
         chunk=chunk,
         halo=halo,
@@ -139,6 +143,7 @@ def predict(
         compress=compress,
         tta=tta,
         backend=backend,
+        input_filter=input_filter,
     )
     # not installed: say so before any work
     resolved = resolve_backend(backend, resolve_device(device))

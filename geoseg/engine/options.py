@@ -14,6 +14,7 @@ from geoseg.engine.resample import (
 from geoseg.errors import ConfigError
 from geoseg.io.tiles import COMPRESSIONS, DEFAULT_COMPRESS
 from geoseg.models.backends import BACKENDS, tta_transforms
+from geoseg.models.input_filter import parse_input_filter
 from geoseg.runtime import cpu_cores
 
 if TYPE_CHECKING:
@@ -61,9 +62,14 @@ class PredictOptions:
     #: OpenVINO on a CPU when it is installed, else torch (``geoseg predict`` and pipelines
     #: default to auto)
     backend: str = "torch"
+    #: the input filter (:func:`geoseg.models.input_filter.parse_input_filter`): ``model`` keeps the
+    #: bundle's ``input_low_pass_m``, ``off`` predicts without one, metres blur every input
+    #: to that effective ground resolution
+    input_filter: str = "model"
 
     def __post_init__(self) -> None:
         tta_transforms(self.tta)  # raises ConfigError on an unknown mode
+        object.__setattr__(self, "input_filter", parse_input_filter(self.input_filter))
         if not (math.isfinite(self.max_resample_ratio) and self.max_resample_ratio >= 1):
             raise ConfigError(
                 f"max resample ratio must be a finite number >= 1, got {self.max_resample_ratio}"

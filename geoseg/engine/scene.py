@@ -79,6 +79,7 @@ def bundle_factory(bundle: Bundle, options: PredictOptions) -> BundleFactory:
         resolve_backend(options.backend, device),
         local_threads(options) if not options.scheduler else 1,
         bundle.spec_sha256,
+        options.input_filter,
     )
 
 
@@ -97,7 +98,7 @@ def warm_up(
     if options.scheduler or not (device.startswith("cuda") or on_cpu):
         return None
     factory = bundle_factory(bundle, options)
-    spec = bundle.spec
+    spec = bundle.with_input_filter(options.input_filter).spec
     padded = scene_grid(scene, spec, options).at(0, 0).padded
     shape = (options.batch_size, len(spec.bands), int(padded.height), int(padded.width))
 
@@ -186,10 +187,13 @@ def remove_stale_outputs(
     return removed
 
 
-def output_tags(bundle: Bundle, scene: Scene, tta: str = "none") -> dict[str, str]:
+def output_tags(
+    bundle: Bundle, scene: Scene, tta: str = "none", input_filter: str = "model"
+) -> dict[str, str]:
     """Metadata stored in every output raster, read back by ``geoseg vectorize``; the
-    test-time augmentation mode (``GEOSEG_TTA``) when there was one, and the vectorizer
-    settings chosen for the model (``GEOSEG_VECTORIZE``) when it has any."""
+    test-time augmentation mode (``GEOSEG_TTA``) when there was one, the input filter a run
+    chose in place of the model's (``GEOSEG_INPUT_FILTER``: ``off`` or metres), and the
+    vectorizer settings chosen for the model (``GEOSEG_VECTORIZE``) when it has any."""
     tags = {
         "GEOSEG_CLASSES": json.dumps(bundle.spec.classes),
         "GEOSEG_MODEL": bundle.ident,
@@ -199,6 +203,8 @@ def output_tags(bundle: Bundle, scene: Scene, tta: str = "none") -> dict[str, st
     }
     if tta != "none":
         tags["GEOSEG_TTA"] = tta
+    if input_filter != "model":
+        tags["GEOSEG_INPUT_FILTER"] = input_filter
     if bundle.spec.vectorize is not None and bundle.spec.vectorize.settings():
         from geoseg.vectorize.source import VECTORIZE_TAG
 
@@ -234,6 +240,7 @@ def predict_scene(
     names the options' mode whatever the factory). ``progress(done, total)`` is called after
     each chunk is written.
     """
+    bundle = bundle.with_input_filter(options.input_filter)  # its halo with a stronger one
     spec = bundle.spec
     notes = check_compatible(scene, spec, resample=options.resample)
     for note in notes:
@@ -296,7 +303,7 @@ def predict_scene(
     total, done, skipped = len(grid), 0, 0
     writer = RasterWriter(
         scene,
-        {**output_tags(bundle, scene, options.tta), **(extra_tags or {})},
+        {**output_tags(bundle, scene, options.tta, options.input_filter), **(extra_tags or {})},
         write_in_background(options, device),
         compress=options.compress,
     )

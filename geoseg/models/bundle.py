@@ -10,10 +10,9 @@ import contextlib
 import hashlib
 import inspect
 import json
-import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from geoseg.errors import ModelError, OutputError, describe_validation_error, first_line
 from geoseg.models._smp import import_smp
+from geoseg.models.input_filter import filtered_spec, low_pass_sigma_px
 
 if TYPE_CHECKING:
     import torch
@@ -32,11 +32,9 @@ __all__ = [
     "Normalization",
     "VectorizeDefaults",
     "SCHEMA_VERSION",
-    "blur_sigma_px",
     "build_module",
     "load_bundle",
     "load_module",
-    "low_pass_sigma_px",
     "save_bundle",
     "with_input_filter",
     "write_spec",
@@ -219,30 +217,6 @@ DECODER_CHANNELS_ARCHS = {
 }
 
 
-#: Gaussian full width at half maximum over σ.
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
-
-
-def low_pass_sigma_px(spec: ModelSpec) -> float:
-    """The σ (model pixels) of the Gaussian that ``spec``'s input filter blurs with
-    (:mod:`geoseg.models.lowpass`); 0.0 for a spec without ``input_low_pass_m``."""
-    if spec.input_low_pass_m is None:
-        return 0.0
-    if spec.gsd_m is None:
-        raise ModelError(
-            f"input_low_pass_m ({spec.input_low_pass_m} m) needs the model's gsd_m to be set"
-        )
-    return blur_sigma_px(spec.gsd_m, spec.input_low_pass_m)
-
-
-def blur_sigma_px(gsd_m: float, resolution_m: float) -> float:
-    """The σ (pixels of ``gsd_m``) of the Gaussian that blurs imagery at ``gsd_m`` to the
-    effective ground resolution ``resolution_m``: its full width at half maximum grows the
-    pixel size to it (σ = √(resolution² − gsd²) / 2.355 / gsd; 0.0 for one not coarser)."""
-    extra = math.sqrt(max(resolution_m**2 - gsd_m**2, 0.0))
-    return extra / FWHM_PER_SIGMA / gsd_m
-
-
 @dataclass(frozen=True)
 class Bundle:
     """A loaded bundle: its directory, its spec, and the hash that identifies the weights."""
@@ -260,6 +234,12 @@ class Bundle:
         """SHA-256 of ``model.json`` as this spec writes it: with the weights' hash, what
         names the network a predictor runs (its input filter, normalization, classes)."""
         return hashlib.sha256(spec_json(self.spec).encode()).hexdigest()
+
+    def with_input_filter(self, choice: str) -> Bundle:
+        """This bundle as a run with input filter ``choice`` sees it
+        (:func:`filtered_spec`); the weights and their hash stay the same."""
+        spec = filtered_spec(self.spec, choice, source=str(self.path))
+        return self if spec is self.spec else replace(self, spec=spec)
 
     @property
     def ident(self) -> str:

@@ -7,7 +7,7 @@ a sharp aerial scene from another city as that town. ``ModelSpec.input_low_pass_
 every input, in training and in prediction, to that ground resolution: a Gaussian whose full
 width at half maximum grows the model's pixel size ``gsd_m`` to ``input_low_pass_m``
 (σ = √(low_pass² − gsd²) / (2 √(2 ln 2)), in model pixels: ``low_pass_sigma_px`` in
-``geoseg.models.bundle``).
+``geoseg.models.input_filter``).
 
 The filter is a fixed depthwise convolution inside the network's forward pass, so every backend
 (torch on CPU or GPU, the converted OpenVINO network) runs it, the measured seamless halo
@@ -27,7 +27,7 @@ __all__ = ["LowPassed", "gaussian_blur", "with_low_pass"]
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
     """A normalized 1-D Gaussian of ``sigma`` px, reaching 3 σ each side (float32)."""
-    radius = max(1, math.ceil(3.0 * sigma))
+    radius = max(1, math.ceil(3.0 * sigma))  # geoseg.models.input_filter.filter_reach_px
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return (k / k.sum()).float()
@@ -76,6 +76,6 @@ class LowPassed(torch.nn.Module):
 
 
 def with_low_pass(net: torch.nn.Module, sigma: float) -> torch.nn.Module:
-    """``net`` behind a filter of ``sigma`` px (``geoseg.models.bundle.low_pass_sigma_px`` of
+    """``net`` behind a filter of ``sigma`` px (``geoseg.models.input_filter.low_pass_sigma_px`` of
     its spec), or ``net`` itself where ``sigma`` is 0."""
     return LowPassed(net, sigma) if sigma > 0 else net

@@ -294,6 +294,8 @@ class BundleFactory:
     #: model.json that changed (its input filter, say) builds a new predictor; changed weights
     #: are refused by their hash
     spec_sha256: str = ""
+    #: the run's input filter (:func:`geoseg.models.input_filter.parse_input_filter`)
+    input_filter: str = "model"
 
     def build(self) -> Predictor:
         from geoseg.models.bundle import load_bundle
@@ -303,6 +305,7 @@ class BundleFactory:
             raise ModelError(
                 f"{self.path}: weights changed while running (hash {bundle.sha256[:12]})"
             )
+        bundle = bundle.with_input_filter(self.input_filter)
         if self.backend == "openvino":
             from geoseg.models.backends import openvino_predictor
 

@@ -31,7 +31,7 @@ from pydantic import (
 from geoseg.errors import ConfigError, GeosegError
 from geoseg.io.remote import is_remote, list_matching, redact, remote_key, remote_name
 from geoseg.vectorize.options import Format, LayerKind, VectorizeOptions
-from geoseg.yamlio import safe_load_unique
+from geoseg.yamlio import node_at, safe_load_unique
 
 if TYPE_CHECKING:
     from geoseg.models.bundle import ModelSpec
@@ -130,11 +130,26 @@ class PredictSettings(_Strict):
         description="Test-time augmentation: average each chunk's class probabilities over its "
         "flips (flips: 4 forward passes) or its flips and quarter turns (d4: 8 passes).",
     )
+    input_filter: str = Field(
+        "model",
+        description="The blur in front of the network. model: the model's own "
+        "(input_low_pass_m in model.json); off: the imagery as it is; a number: blur every "
+        "input to that effective ground resolution in metres (coarser than the model's).",
+    )
     backend: Literal["auto", "torch", "openvino"] = Field(
         "auto",
         description="Inference backend. auto: OpenVINO on a CPU when it is installed, else "
         "torch (always on a GPU); openvino needs the geoseg[openvino] extra.",
     )
+
+    @field_validator("input_filter", mode="before")
+    @classmethod
+    def _input_filter(cls, v: object) -> str:
+        from geoseg.models.input_filter import parse_input_filter
+
+        if not isinstance(v, str | int | float) or isinstance(v, bool):
+            raise ValueError(f"input_filter must be model, off or metres, got {v!r}")
+        return parse_input_filter(v)
 
     @field_validator("device")
     @classmethod
@@ -350,11 +365,12 @@ class PipelineConfig(_Strict):
         input filter (``input_low_pass_m``) when it has one."""
         relevant = {
             "schema_version": self.schema_version,
-            # tta, backend and max_resample_ratio only when set: pipelines hashed before they
-            # existed keep their hash
+            # tta, input_filter, backend and max_resample_ratio only when set: pipelines hashed
+            # before they existed keep their hash
             "predict": self.predict.model_dump(
                 mode="json",
                 exclude=({"tta"} if self.predict.tta == "none" else set())
+                | ({"input_filter"} if self.predict.input_filter == "model" else set())
                 | ({"backend"} if self.predict.backend == "auto" else set())
                 | ({"max_resample_ratio"} if self.predict.max_resample_ratio == 8.0 else set()),
             ),
@@ -508,27 +524,6 @@ class PipelineConfig(_Strict):
         return any(fnmatch(name, pat) or fnmatch(str(path), pat) for pat in pats)
 
 
-def _node_at(node: yaml.Node | None, loc: Sequence[int | str]) -> yaml.Node | None:
-    """The YAML node at pydantic error location ``loc`` (as deep as it exists)."""
-    for key in loc:
-        if isinstance(node, yaml.MappingNode):
-            child = None
-            for k, v in node.value:
-                if k.value == key:
-                    child = k if key == loc[-1] else v
-                    break
-            if child is None:
-                return node
-            node = child
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int):
-            if key >= len(node.value):
-                return node
-            node = node.value[key]
-        else:
-            return node
-    return node
-
-
 def _clean_loc(loc: Sequence[int | str]) -> list[int | str]:
     """A pydantic error location without the union tags it inserts (``compute.local.x``)."""
     out: list[int | str] = []
@@ -540,7 +535,7 @@ def _clean_loc(loc: Sequence[int | str]) -> list[int | str]:
 
 
 def _where(root: yaml.Node | None, loc: Sequence[int | str]) -> str:
-    node = _node_at(root, _clean_loc(loc))
+    node = node_at(root, _clean_loc(loc))
     return f"line {node.start_mark.line + 1}" if node is not None else "top level"
 
 

@@ -127,7 +127,9 @@ def _decide(
 def plan_run(
     config: PipelineConfig, bundle: Bundle, ledger: Ledger | None, force: bool = False
 ) -> list[PlannedScene]:
-    """Every scene the inputs match, each with what to do and why."""
+    """Every scene the inputs match, each with what to do and why. :class:`ConfigError` for
+    an input filter the model cannot take, before any scene."""
+    bundle.with_input_filter(config.predict.input_filter)
     paths = config.scene_paths()
     stems = scene_stems(paths, config.stac_items())
     _check_unique_stems(paths, stems)

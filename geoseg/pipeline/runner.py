@@ -142,6 +142,7 @@ def predict_options(config: PipelineConfig, scheduler: str | None = None) -> Pre
         max_resample_ratio=p.max_resample_ratio,
         tta=p.tta,
         backend=p.backend,
+        input_filter=p.input_filter,
         threads=c.threads,
         workers=workers,
         scheduler=scheduler_address(config, scheduler),

@@ -47,7 +47,7 @@ def augment(
     effective resolution drawn uniformly between the two (``chips.blur_m``)."""
     import torch
 
-    from geoseg.models.bundle import blur_sigma_px
+    from geoseg.models.input_filter import blur_sigma_px
     from geoseg.models.lowpass import gaussian_blur
 
     xs, ys = [], []
