@@ -104,8 +104,9 @@ def geoseg(*args: str) -> None:
 
 def tune(args: argparse.Namespace) -> None:
     """``geoseg model tune`` on TRAINING parts of Banepa (x 0.5-0.75) and Atlanta (x 0-0.75),
-    the two training scenes with building polygons: the vectorizer's minimum area and contact
-    threshold are chosen without looking at held-out data."""
+    the two training scenes with building polygons, and of Las Vegas (x 0-0.75) and Paris
+    (y 0-0.6), the road scenes: the vectorizer's minimum area, contact threshold and road
+    gap-bridging distance are chosen without looking at held-out data."""
     out: Path = args.out / "tune"
     out.mkdir(parents=True, exist_ok=True)
     banepa = args.shared / "data" / "open" / "banepa_buildings_rgb"
@@ -118,10 +119,23 @@ def tune(args: argparse.Namespace) -> None:
         a_img = crop(src.name, Window(0, 0, c1, src.height), out / "atlanta_train_part.tif")
     clip_truth(banepa / "banepa_osm_buildings.geojson", b_img, out / "b.geojson")
     clip_truth(atlanta / "atlanta_sn4_nadir10_buildings.geojson", a_img, out / "a.geojson")
+    roads = args.shared / "data" / "real"
+    vegas = roads / "vegas_roads_rgb" / "RGB-PanSharpen_AOI_2_Vegas_img0.tif"
+    paris = roads / "paris_roads_rgb" / "RGB-PanSharpen_img1447.tif"
+    with rasterio.open(vegas) as src:
+        c1 = round(0.75 * src.width)
+        v_img = crop(vegas, Window(0, 0, c1, src.height), out / "vegas_train_part.tif")
+    with rasterio.open(paris) as src:
+        r1 = round(0.6 * src.height)
+        p_img = crop(paris, Window(0, 0, src.width, r1), out / "paris_train_part.tif")
+    clip_truth(vegas.parent / "AOI_2_Vegas_img0_roads.geojson", v_img, out / "v.geojson")
+    clip_truth(paris.parent / "OSMroads_img1447.geojson", p_img, out / "p.geojson")
     geoseg(
         "predict",
         str(b_img),
         str(a_img),
+        str(v_img),
+        str(p_img),
         "--model",
         str(args.model),
         "--out",
@@ -136,6 +150,12 @@ def tune(args: argparse.Namespace) -> None:
         "--scene",
         str(out / "atlanta_train_part.probs.tif"),
         str(out / "a.geojson"),
+        "--road-scene",
+        str(out / "vegas_train_part.probs.tif"),
+        str(out / "v.geojson"),
+        "--road-scene",
+        str(out / "paris_train_part.probs.tif"),
+        str(out / "p.geojson"),
     ]
     more = shlex.split(args.tune_args)
     geoseg("model", "tune", str(args.model), *scenes, "--json", str(out / "tune.json"), *more)
@@ -470,8 +490,9 @@ def main() -> None:
     ap.add_argument(
         "--tune",
         action="store_true",
-        help="instead: geoseg model tune (minimum building area, contact threshold) on\n"
-        "TRAINING parts of Banepa and Atlanta, without looking at held-out data",
+        help="instead: geoseg model tune (minimum building area, contact threshold, road\n"
+        "gap bridging) on TRAINING parts of Banepa, Atlanta, Las Vegas and Paris, without\n"
+        "looking at held-out data",
     )
     ap.add_argument(
         "--tune-args",

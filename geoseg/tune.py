@@ -1,8 +1,10 @@
-"""Choosing a model's building vectorizer settings on labelled scenes (``geoseg model tune``).
+"""Choosing a model's vectorizer settings on labelled scenes (``geoseg model tune``).
 
 The model's probabilities are vectorized at every combination of a grid of minimum areas and
 contact thresholds, each result is scored against the truth (the SpaceNet building metric,
-pooled over the scenes), and the best combination can be stored in the bundle's
+pooled over the scenes); road centerlines at every gap-bridging distance of a grid, each
+scored by APLS against true centerlines (the mean over the scenes). The best settings can be
+stored in the bundle's
 ``model.json`` (``vectorize``; see :class:`geoseg.models.bundle.VectorizeDefaults`), where
 ``geoseg predict``, ``geoseg vectorize`` and pipelines take it in place of the vectorizer's
 defaults. Tune on scenes the model was trained on or on other data of your own, never on the
@@ -16,17 +18,24 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from geoseg.errors import ConfigError, InputError
 from geoseg.models.bundle import Bundle, VectorizeDefaults
 
+if TYPE_CHECKING:
+    from geoseg.vectorize.source import Prediction
+
 __all__ = [
+    "BRIDGES_M",
     "CONTACT_THRESHOLDS",
     "MIN_AREAS_M2",
+    "RoadTuneResult",
+    "RoadTuneRow",
     "TuneResult",
     "TuneRow",
     "tune_buildings",
+    "tune_roads",
 ]
 
 #: The minimum building areas tried by default (square metres).
@@ -34,6 +43,8 @@ MIN_AREAS_M2 = (2.0, 5.0, 10.0, 15.0, 20.0, 30.0)
 #: The contact thresholds tried by default, for a model with a contact class (from 0.5 up, a
 #: threshold cuts only the pixels where contact is the likeliest class: all give one result).
 CONTACT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
+#: The road gap-bridging distances tried by default (metres; 0: no bridging).
+BRIDGES_M = (0.0, 5.0, 10.0, 15.0, 20.0, 30.0)
 
 
 @dataclass(frozen=True)
@@ -134,6 +145,27 @@ def _truth(path: str | os.PathLike[str], pred: Any) -> Any:
     return _cut(gdf.to_crs(pred.crs_wkt), extent, 0.0)
 
 
+def _predictions(
+    bundle: Bundle, scenes: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]]
+) -> list[Prediction]:
+    """The probability rasters of ``scenes``, each checked to be ``bundle``'s."""
+    from geoseg.vectorize.source import open_prediction
+
+    preds = []
+    for probs, _truth_path in scenes:
+        pred = open_prediction(probs)
+        if pred.kind != "probs":
+            raise InputError(f"{probs}: needs the class probabilities (a <stem>.probs.tif)")
+        made_by = pred.model.rpartition("@")[2]
+        if not made_by or not bundle.sha256.startswith(made_by):
+            raise InputError(
+                f"{probs}: was made by model {pred.model or 'unknown'}, not by "
+                f"{bundle.ident} ({bundle.path}); predict it with this model first"
+            )
+        preds.append(pred)
+    return preds
+
+
 def tune_buildings(
     bundle: Bundle,
     scenes: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
@@ -154,7 +186,6 @@ def tune_buildings(
     from geoseg.evaluate import _polygons, building_scores, metric_pair
     from geoseg.vectorize.options import CONTACT_CLASS, VectorizeOptions
     from geoseg.vectorize.run import vectorize_prediction
-    from geoseg.vectorize.source import open_prediction
 
     if not scenes:
         raise ConfigError("give at least one prediction and its truth")
@@ -164,20 +195,9 @@ def tune_buildings(
         contacts = list(_checked_grid(contact_thresholds, "contact thresholds", 1e-6, 1.0))
     if "building" not in bundle.spec.classes:
         raise ConfigError(f"{bundle.path}: the model has no 'building' class to tune")
-    preds, truths, names = [], [], []
-    for probs, truth in scenes:
-        pred = open_prediction(probs)
-        if pred.kind != "probs":
-            raise InputError(f"{probs}: needs the class probabilities (a <stem>.probs.tif)")
-        made_by = pred.model.rpartition("@")[2]
-        if not made_by or not bundle.sha256.startswith(made_by):
-            raise InputError(
-                f"{probs}: was made by model {pred.model or 'unknown'}, not by "
-                f"{bundle.ident} ({bundle.path}); predict it with this model first"
-            )
-        preds.append(pred)
-        truths.append(_truth(truth, pred))
-        names.append(pred.stem)
+    preds = _predictions(bundle, scenes)
+    truths = [_truth(truth, pred) for pred, (_, truth) in zip(preds, scenes, strict=True)]
+    names = [pred.stem for pred in preds]
     total = len(areas) * len(contacts) * len(preds)
     done = 0
     rows = []
@@ -205,3 +225,112 @@ def tune_buildings(
                         progress(done, total)
                 rows.append(TuneRow(area, contact, tp, fp, fn))
     return TuneResult(rows, names)
+
+
+@dataclass(frozen=True)
+class RoadTuneRow:
+    """The road scores of one bridging distance, per scene."""
+
+    bridge_m: float
+    apls: tuple[float, ...]
+    iou: tuple[float, ...]
+
+    @property
+    def mean_apls(self) -> float:
+        return sum(self.apls) / len(self.apls)
+
+    @property
+    def mean_iou(self) -> float:
+        return sum(self.iou) / len(self.iou)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "mean_apls": self.mean_apls, "mean_iou": self.mean_iou}
+
+
+@dataclass(frozen=True)
+class RoadTuneResult:
+    """Every bridging distance's scores, in the order tried, and the scenes they cover."""
+
+    rows: list[RoadTuneRow]
+    scenes: list[str]
+
+    @property
+    def best(self) -> RoadTuneRow:
+        """The highest mean APLS; on a tie, the shorter bridge (fewer roads made up)."""
+        return max(self.rows, key=lambda r: (round(r.mean_apls, 9), -r.bridge_m))
+
+    def record(self) -> str:
+        """Where the best distance was chosen, for ``roads_chosen_on``."""
+        b = self.best
+        return (
+            f"APLS {b.mean_apls:.3f} (buffer IoU {b.mean_iou:.3f}) on {', '.join(self.scenes)} "
+            "by geoseg model tune"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scenes": self.scenes,
+            "best": self.best.to_dict(),
+            "rows": [r.to_dict() for r in self.rows],
+        }
+
+
+def _truth_lines(path: str | os.PathLike[str], pred: Prediction) -> Any:
+    """The truth's centerlines cut to the prediction's extent, in the prediction's CRS."""
+    from shapely.geometry import box
+
+    from geoseg.evaluate import _lines, read_layer
+
+    gdf = read_layer(path)
+    _lines(gdf, str(path))  # lines only: a clear error otherwise
+    t = pred.transform
+    x0, y0 = t.c, t.f
+    x1, y1 = t.c + t.a * pred.width, t.f + t.e * pred.height
+    extent = box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+    gdf = gdf.to_crs(pred.crs_wkt)
+    gdf["geometry"] = gdf.geometry.intersection(extent)
+    return gdf[~gdf.geometry.is_empty & gdf.geom_type.isin(["LineString", "MultiLineString"])]
+
+
+def tune_roads(
+    bundle: Bundle,
+    scenes: Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
+    bridges_m: Sequence[float] = BRIDGES_M,
+    progress: Callable[[int, int], None] | None = None,
+) -> RoadTuneResult:
+    """Score every gap-bridging distance on ``scenes``: pairs of a probability raster that
+    ``bundle`` made and a vector file of the true road centerlines there (cut to the raster).
+    Each distance runs the vectorizer itself; APLS and the 6 m buffer IoU of
+    :func:`geoseg.evaluate.road_scores` are kept per scene. ``progress(done, total)`` is
+    called after each vectorization."""
+    import geopandas as gpd
+
+    from geoseg.evaluate import _lines, metric_pair, road_scores
+    from geoseg.vectorize.options import VectorizeOptions
+    from geoseg.vectorize.run import vectorize_prediction
+
+    if not scenes:
+        raise ConfigError("give at least one prediction and its true centerlines")
+    bridges = _checked_grid(bridges_m, "bridge distances", 0.0, None)
+    if "road" not in bundle.spec.classes:
+        raise ConfigError(f"{bundle.path}: the model has no 'road' class to tune")
+    preds = _predictions(bundle, scenes)
+    truths = [_truth_lines(truth, pred) for pred, (_, truth) in zip(preds, scenes, strict=True)]
+    total, done, rows = len(bridges) * len(preds), 0, []
+    with tempfile.TemporaryDirectory(prefix="geoseg-tune-") as tmp:
+        for bridge in bridges:
+            apls, iou = [], []
+            for i, (pred, truth) in enumerate(zip(preds, truths, strict=True)):
+                given = {"layers": {"road": "centerlines"}, "bridge_m": bridge, "workers": 1}
+                out = Path(tmp) / f"{i}"
+                outs = vectorize_prediction(pred.path, out, VectorizeOptions(**given))
+                path = outs.layers["roads"].paths["geojson"]
+                p, t = metric_pair(gpd.read_file(path), truth)
+                s = road_scores(_lines(p, str(path)), _lines(t, "truth"))
+                apls.append(s.apls)
+                iou.append(s.iou)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            rows.append(RoadTuneRow(bridge, tuple(apls), tuple(iou)))
+    return RoadTuneResult(rows, [pred.stem for pred in preds])

@@ -259,3 +259,71 @@ def test_tune_leaves_out_truth_that_only_touches_the_prediction(
     gpd.GeoDataFrame(geometry=[*truth.geometry, beside], crs=truth.crs).to_file(with_neighbour)
     rows = tune_buildings(bundle, [(probs, with_neighbour)], [10.0]).rows
     assert (rows[0].tp, rows[0].fp, rows[0].fn) == (4, 0, 0)
+
+
+def _broken_road(path: Path, model: str, **extra: str) -> tuple[Path, Any]:
+    """Probabilities of a road broken for 12 px (its centerlines 10 m apart) and a crossing
+    road, made by ``model``; and the true centerlines (the road unbroken)."""
+    import geopandas as gpd
+    from shapely.geometry import LineString
+
+    from tests.vectorize_helpers import probs_from_classes
+
+    classes = np.zeros((120, 400), np.uint8)  # 0.5 m pixels
+    classes[40:49, 10:190] = 2
+    classes[40:49, 202:390] = 2
+    classes[44:120, 296:305] = 2  # a road south from it
+    probs = probs_from_classes(classes)
+    tags = {"GEOSEG_CLASSES": json.dumps(CLASSES), "GEOSEG_MODEL": model, **extra}
+    write_tif(path, probs, crs=UTM, transform=UTM_TRANSFORM, tags=tags, **TILED)
+    t = UTM_TRANSFORM
+    truth = [
+        LineString([t @ (10, 44.5), t @ (390, 44.5)]),
+        LineString([t @ (300.5, 44.5), t @ (300.5, 120)]),
+    ]
+    return path, gpd.GeoDataFrame(geometry=truth, crs=UTM)
+
+
+def test_tune_chooses_the_bridge_for_roads_and_keeps_the_building_settings(
+    tmp_path: Path, make_bundle: Any
+) -> None:
+    import shutil
+
+    src = make_bundle(classes=CLASSES)
+    bundle = tmp_path / "model"
+    shutil.copytree(src.path, bundle)
+    spec = read_spec(bundle).model_copy(
+        update={"vectorize": VectorizeDefaults(min_area_m2=12.0, chosen_on="by hand")}
+    )
+    (bundle / "model.json").write_text(spec_json(spec))
+    probs, truth = _broken_road(tmp_path / "road.probs.tif", src.ident)
+    truth.to_file(tmp_path / "roads.gpkg")
+    report = tmp_path / "tune.json"
+    args = ["model", "tune", str(bundle), "--road-scene", str(probs), str(tmp_path / "roads.gpkg")]
+    res = CliRunner().invoke(cli, [*args, "--bridge", "0,8,12", "--json", str(report), "--write"])
+    assert res.exit_code == 0, res.output
+    rows = {r["bridge_m"]: r for r in json.loads(report.read_text())["roads"]["rows"]}
+    assert rows[0.0]["mean_apls"] == rows[8.0]["mean_apls"] < rows[12.0]["mean_apls"] - 0.2
+    chosen = load_bundle(bundle).spec.vectorize
+    assert chosen is not None
+    assert chosen.settings() == {"min_area_m2": 12.0, "bridge_m": 12.0}
+    assert chosen.chosen_on == "by hand" and "road" in chosen.roads_chosen_on
+    res = CliRunner().invoke(cli, ["model", "tune", str(bundle)])
+    assert res.exit_code != 0 and "give at least one --scene or --road-scene" in res.output
+
+
+def test_a_models_bridge_reaches_the_vectorizer_and_a_users_wins(tmp_path: Path) -> None:
+    from geoseg.vectorize.source import VECTORIZE_TAG
+
+    tag = {VECTORIZE_TAG: json.dumps({"bridge_m": 12.0})}
+    probs, _ = _broken_road(tmp_path / "road.probs.tif", "m@0123456789ab", **tag)
+
+    def roads(out: str, **given: Any) -> int:
+        options = VectorizeOptions(layers={"road": "centerlines"}, **given)
+        outs = vectorize_prediction(probs, tmp_path / out, options)
+        return len(pyogrio.read_dataframe(outs.layers["roads"].paths["geojson"]))
+
+    # the junction cuts the east-west road in two, and the south road is the third line; the
+    # gap cuts it once more
+    assert roads("model") == 3
+    assert roads("mine", bridge_m=0.0) == 4  # the user's own setting wins: no bridge

@@ -213,10 +213,18 @@ def _grid(value: str | None, name: str) -> list[float] | None:
     "scenes",
     type=(str, str),
     multiple=True,
-    required=True,
     metavar="PROBS TRUTH",
     help="A <stem>.probs.tif that BUNDLE made and a vector file of the true building "
     "footprints there (repeatable; the scores are pooled).",
+)
+@click.option(
+    "--road-scene",
+    "road_scenes",
+    type=(str, str),
+    multiple=True,
+    metavar="PROBS TRUTH",
+    help="A <stem>.probs.tif that BUNDLE made and a vector file of the true road "
+    "centerlines there (repeatable; APLS is averaged): chooses the gap-bridging distance.",
 )
 @click.option(
     "--min-area",
@@ -233,6 +241,13 @@ def _grid(value: str | None, name: str) -> list[float] | None:
     help="Contact thresholds to try, comma-separated (default 0.2,0.3,0.4,0.5); for a model "
     "with a building_contact class.",
 )
+@click.option(
+    "--bridge",
+    "bridges",
+    default=None,
+    metavar="LIST",
+    help="Road gap-bridging distances to try, m, comma-separated (default 0,5,10,15,20,30).",
+)
 @click.option("--write", is_flag=True, help="Store the best settings in BUNDLE's model.json.")
 @click.option(
     "--json",
@@ -244,42 +259,69 @@ def _grid(value: str | None, name: str) -> list[float] | None:
 def tune(
     bundle: Path,
     scenes: tuple[tuple[str, str], ...],
+    road_scenes: tuple[tuple[str, str], ...],
     min_areas: str | None,
     contacts: str | None,
+    bridges: str | None,
     write: bool,
     json_path: Path | None,
 ) -> None:
-    """Choose BUNDLE's building vectorizer settings (minimum area, contact threshold) by the
-    SpaceNet F1 on labelled scenes. With --write they go into model.json, where predict,
-    vectorize and pipelines use them unless told otherwise. Tune on data the model was
-    trained on or on other data of your own, never on the data you measure it on."""
+    """Choose BUNDLE's vectorizer settings on labelled scenes: for buildings (--scene) the
+    minimum area and contact threshold by the SpaceNet F1, for roads (--road-scene) the
+    gap-bridging distance by APLS. With --write they go into model.json (the settings of the
+    kind not tuned stay as they were), where predict, vectorize and pipelines use them unless
+    told otherwise. Tune on data the model was trained on or on other data of your own, never
+    on the data you measure it on."""
     from geoseg.cli.evaluate import write_report
     from geoseg.cli.options import Progress
-    from geoseg.models.bundle import load_bundle, write_spec
-    from geoseg.tune import CONTACT_THRESHOLDS, MIN_AREAS_M2, tune_buildings
+    from geoseg.models.bundle import VectorizeDefaults, load_bundle, write_spec
+    from geoseg.tune import BRIDGES_M, CONTACT_THRESHOLDS, MIN_AREAS_M2, tune_buildings, tune_roads
 
+    if not scenes and not road_scenes:
+        raise click.UsageError("give at least one --scene or --road-scene")
     b = load_bundle(bundle)
     areas = _grid(min_areas, "--min-area") or MIN_AREAS_M2
     thresholds = _grid(contacts, "--contact-threshold") or CONTACT_THRESHOLDS
+    distances = _grid(bridges, "--bridge") or BRIDGES_M
     progress = Progress("vectorizing", lambda msg: click.echo(msg, err=True), unit="run")
     try:
-        result = tune_buildings(b, scenes, areas, thresholds, progress=progress)
+        result = tune_buildings(b, scenes, areas, thresholds, progress) if scenes else None
+        roads = tune_roads(b, road_scenes, distances, progress) if road_scenes else None
     finally:
         progress.close()
-    best = result.best
-    click.echo("min area m²  contact  F1     precision  recall  TP / FP / FN")
-    for r in result.rows:
-        mark = "  <- best" if r == best else ""
-        contact = "-" if r.contact_threshold is None else f"{r.contact_threshold:g}"
-        click.echo(
-            f"{r.min_area_m2:>11g}  {contact:>7}  {r.f1:.3f}  {r.precision:.3f}      "
-            f"{r.recall:.3f}   {r.tp} / {r.fp} / {r.fn}{mark}"
-        )
+    report: dict[str, Any] = {"model": b.ident}
+    current = b.spec.vectorize or VectorizeDefaults()
+    update: dict[str, Any] = {}
+    if result is not None:
+        best = result.best
+        click.echo("min area m²  contact  F1     precision  recall  TP / FP / FN")
+        for r in result.rows:
+            mark = "  <- best" if r == best else ""
+            contact = "-" if r.contact_threshold is None else f"{r.contact_threshold:g}"
+            click.echo(
+                f"{r.min_area_m2:>11g}  {contact:>7}  {r.f1:.3f}  {r.precision:.3f}      "
+                f"{r.recall:.3f}   {r.tp} / {r.fp} / {r.fn}{mark}"
+            )
+        report.update(result.to_dict())
+        update.update(result.defaults().model_dump(include={"min_area_m2", "contact_threshold"}))
+        update["chosen_on"] = result.defaults().chosen_on
+    if roads is not None:
+        best_road = roads.best
+        click.echo(f"bridge m  mean APLS  mean IoU  APLS per scene ({', '.join(roads.scenes)})")
+        for rr in roads.rows:
+            mark = "  <- best" if rr == best_road else ""
+            per = " ".join(f"{a:.3f}" for a in rr.apls)
+            click.echo(
+                f"{rr.bridge_m:>8g}  {rr.mean_apls:.3f}      {rr.mean_iou:.3f}     {per}{mark}"
+            )
+        report["roads"] = roads.to_dict()
+        update.update(bridge_m=best_road.bridge_m, roads_chosen_on=roads.record())
     if json_path is not None:
-        write_report(json_path, {"model": b.ident, **result.to_dict()})
+        write_report(json_path, report)
     if write:
-        write_spec(b.path, b.spec.model_copy(update={"vectorize": result.defaults()}))
-        click.echo(f"updated {b.path / 'model.json'}: {result.defaults().settings()}")
+        chosen = current.model_copy(update=update)
+        write_spec(b.path, b.spec.model_copy(update={"vectorize": chosen}))
+        click.echo(f"updated {b.path / 'model.json'}: {chosen.settings()}")
 
 
 @model.command("info")

@@ -79,6 +79,14 @@ def vectorize_options(f: Any) -> Any:
             help="Prune dangling road edges shorter than this, in metres (default 10).",
         ),
         click.option(
+            "--bridge",
+            "bridge_m",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="Join a dangling road end to the nearest road ahead of it (within 35°) up to "
+            "this many metres away: roads broken by trees or shadows (default 0 = off).",
+        ),
+        click.option(
             "--split-touching/--merge-touching",
             "split_touching",
             default=None,

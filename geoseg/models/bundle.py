@@ -101,13 +101,19 @@ class VectorizeDefaults(BaseModel):
         le=1,
         description="Cut pixels whose building_contact probability reaches this out of buildings.",
     )
+    bridge_m: float | None = Field(
+        None, ge=0, description="Join dangling road ends to a road ahead within this (m)."
+    )
     chosen_on: str = Field(
-        "", description="Where and how these values were chosen, for the record."
+        "", description="Where and how the building values were chosen, for the record."
+    )
+    roads_chosen_on: str = Field(
+        "", description="Where and how bridge_m was chosen, for the record."
     )
 
     def settings(self) -> dict[str, float]:
-        """The values set, by vectorizer option name (``chosen_on`` left out)."""
-        return self.model_dump(exclude_none=True, exclude={"chosen_on"})
+        """The values set, by vectorizer option name (the records left out)."""
+        return self.model_dump(exclude_none=True, exclude={"chosen_on", "roads_chosen_on"})
 
 
 class ModelSpec(BaseModel):

@@ -315,7 +315,8 @@ class PipelineConfig(_Strict):
     vectorize: VectorizeOptions = Field(
         default_factory=VectorizeOptions,
         description="Vectorizer settings (threshold, min_area_m2, simplify_m, regularize, "
-        "spur_m, road_polygons, precision, chunk, halo); see geoseg.vectorize.VectorizeOptions.",
+        "spur_m, bridge_m, road_polygons, precision, chunk, halo); see "
+        "geoseg.vectorize.VectorizeOptions.",
     )
     outputs: Outputs
     compute: Compute = Field(default_factory=lambda: LocalCompute.model_validate({}))
@@ -363,6 +364,7 @@ class PipelineConfig(_Strict):
         """SHA-256 of every setting that changes the outputs (not inputs, compute or schedule);
         with ``model``, the vectorizer settings chosen for it count where they apply, and its
         input filter (``input_low_pass_m``) when it has one."""
+        vectorize = self.vectorize_options(model)
         relevant = {
             "schema_version": self.schema_version,
             # tta, input_filter, backend and max_resample_ratio only when set: pipelines hashed
@@ -374,7 +376,10 @@ class PipelineConfig(_Strict):
                 | ({"backend"} if self.predict.backend == "auto" else set())
                 | ({"max_resample_ratio"} if self.predict.max_resample_ratio == 8.0 else set()),
             ),
-            "vectorize": self.vectorize_options(model).model_dump(mode="json"),
+            # bridge_m only when set: pipelines hashed before it existed keep their hash
+            "vectorize": vectorize.model_dump(
+                mode="json", exclude={"bridge_m"} if not vectorize.bridge_m else set()
+            ),
             # compress only when set: pipelines hashed before it existed keep their hash
             "outputs": self.outputs.model_dump(
                 mode="json",

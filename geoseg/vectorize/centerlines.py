@@ -48,6 +48,8 @@ class CenterlineJob:
     spur_m: float
     simplify_m: float
     halo: int
+    #: join dangling ends to a road ahead within this distance; 0 = off (see _bridge_gaps)
+    bridge_m: float = 0.0
 
 
 @dataclass
@@ -300,7 +302,8 @@ def _length_m(coords: np.ndarray, pixel_m: tuple[float, float]) -> float:
 
 
 def build_centerlines(job: CenterlineJob, pix: SkeletonPixels) -> FeatureBatch:
-    """Trace, prune spurs shorter than ``spur_m``, join through 2-way nodes, simplify."""
+    """Trace, prune spurs shorter than ``spur_m``, bridge gaps up to ``bridge_m``, join through
+    2-way nodes, simplify."""
     import networkx as nx
 
     if len(pix) == 0:
@@ -325,6 +328,7 @@ def build_centerlines(job: CenterlineJob, pix: SkeletonPixels) -> FeatureBatch:
             length=_length_m(c, job.frames.pixel_m),
         )
     _prune_spurs(graph, job.spur_m)
+    _bridge_gaps(graph, job.bridge_m, job.frames.pixel_m)
     _join_through(graph)
     return _finish(job, graph, rows, cols, wid, conf, width)
 
@@ -348,6 +352,154 @@ def _prune_spurs(graph: nx.MultiGraph, spur_m: float) -> None:
             graph.remove_edge(u, v, key)
         graph.remove_nodes_from([n for n in list(graph.nodes) if graph.degree(n) == 0])
         _join_through(graph)
+
+
+#: A dangling end's direction is taken over this much of its own line (metres) ...
+BRIDGE_AIM_M = 6.0
+#: ... and a gap is bridged only to a road ahead of it, within this angle of that direction.
+BRIDGE_MAX_ANGLE_DEG = 35.0
+
+
+def _end_aims(
+    graph: nx.MultiGraph, scale: np.ndarray
+) -> dict[int, tuple[np.ndarray, np.ndarray, tuple[int, int, int], np.ndarray]]:
+    """Each dangling end (a node of degree 1): its position and unit direction outward
+    (metres), its edge (u, v, key), and its last skeleton pixel (as an index array)."""
+    aims = {}
+    for n in sorted(graph.nodes):
+        if graph.degree(n) != 1:
+            continue
+        ((_, other, key, d),) = graph.edges(n, keys=True, data=True)
+        coords, pixels = _oriented(d, other)  # other → n
+        if not len(pixels):
+            continue
+        c = coords * scale
+        back = np.cumsum(np.hypot(*np.diff(c[::-1], axis=0).T))
+        i = min(int(np.searchsorted(back, BRIDGE_AIM_M)), len(c) - 2) if len(c) > 1 else -1
+        if i < 0:
+            continue
+        v = c[-1] - c[::-1][i + 1]
+        norm = float(np.hypot(*v))
+        if norm > 0:
+            aims[n] = (c[-1], v / norm, (n, other, key), pixels[-1:])
+    return aims
+
+
+def _bridge_gaps(graph: nx.MultiGraph, bridge_m: float, pixel_m: tuple[float, float]) -> None:
+    """Join each dangling end to the nearest road ahead of it within ``bridge_m``: a straight
+    segment to the nearest point of another edge (that edge split there, or its end node when
+    the point is one) that lies within :data:`BRIDGE_MAX_ANGLE_DEG` of the end's direction;
+    an end bridged to another end counts as bridged for both. Shortest gaps first; each end
+    bridges once (it may still be the target of another end's bridge). A road lost under a
+    tree or a shadow is one line again, and a side street that stops short of the road it
+    meets joins it."""
+    if bridge_m <= 0:
+        return
+    scale = np.array(pixel_m, dtype=np.float64)
+    aims = _end_aims(graph, scale)
+    if not aims:
+        return
+    edges = [(u, v, k) for u, v, k in graph.edges(keys=True)]
+    lines = [shapely.LineString(graph.edges[e]["coords"] * scale) for e in edges]
+    tree = shapely.STRtree(lines)
+    cos_max = np.cos(np.radians(BRIDGE_MAX_ANGLE_DEG))
+    found = []
+    for n, (p, aim, own, _) in aims.items():
+        point = shapely.Point(p)
+        for i in tree.query(point, predicate="dwithin", distance=bridge_m).tolist():
+            if {edges[i][0], edges[i][1]} == {own[0], own[1]} and edges[i][2] == own[2]:
+                continue
+            t = float(lines[i].project(point))
+            q = np.array(lines[i].interpolate(t).coords[0])
+            gap = q - p
+            dist = float(np.hypot(*gap))
+            if 0 < dist <= bridge_m and float(gap @ aim) >= cos_max * dist:
+                found.append((dist, n, i, t))
+    done: set[int] = set()
+    split: set[int] = set()
+    next_node = max(graph.nodes) + 1
+    next_key = max(k for _, _, k in edges) + 1
+    for dist, n, i, t in sorted(found, key=lambda f: (f[0], f[1], f[2])):
+        if n in done or i in split:
+            continue
+        u, v, key = edges[i]
+        target = _split_at(graph, (u, v, key), t, scale, next_node, next_key)
+        if target is None:
+            continue
+        if target == next_node:
+            split.add(i)
+            next_node += 1
+            next_key += 1
+        if target == n or graph.has_edge(n, target):
+            continue
+        a = aims[n][0] / scale
+        b = _node_xy(graph, target)
+        graph.add_edge(  # with the end's last pixel, for a width should it stay a line
+            n,
+            target,
+            key=next_key,
+            coords=np.array([a, b]),
+            pixels=aims[n][3],
+            start=n,
+            length=dist,
+            bridge=True,
+        )
+        next_key += 1
+        done.update((n, target))
+
+
+def _node_xy(graph: nx.MultiGraph, node: int) -> np.ndarray:
+    """A node's pixel-space position: where its edges' coordinates meet it."""
+    _, other, d = next(iter(graph.edges(node, data=True)))
+    return np.asarray(_oriented(d, other)[0][-1] if other != node else d["coords"][0])
+
+
+def _split_at(
+    graph: nx.MultiGraph,
+    edge: tuple[int, int, int],
+    t_m: float,
+    scale: np.ndarray,
+    new_node: int,
+    new_key: int,
+) -> int | None:
+    """The node at ``t_m`` metres along ``edge`` (from its ``start``): one of its end nodes
+    within a metre of it, else ``new_node``, inserted at the edge's nearest vertex by splitting
+    it in two (``new_key`` the second part's key); None when the edge has too few skeleton
+    pixels to give each part one."""
+    u, v, key = edge
+    d = graph.edges[edge]
+    first = d["start"]
+    last = v if first == u else u
+    coords, pixels = d["coords"], d["pixels"]
+    along = np.r_[0.0, np.cumsum(np.hypot(*(np.diff(coords, axis=0) * scale).T))]
+    if t_m <= 1.0:
+        return int(first)
+    if t_m >= along[-1] - 1.0:
+        return int(last)
+    if len(pixels) < 2 or len(coords) < 3:
+        return None
+    c = int(np.clip(np.argmin(np.abs(along - t_m)), 1, len(coords) - 2))
+    j = int(np.clip(c, 1, len(pixels) - 1))
+    graph.remove_edge(u, v, key)
+    graph.add_edge(
+        first,
+        new_node,
+        key=key,
+        coords=coords[: c + 1],
+        pixels=pixels[:j],
+        start=first,
+        length=float(along[c]),
+    )
+    graph.add_edge(
+        new_node,
+        last,
+        key=new_key,
+        coords=coords[c:],
+        pixels=pixels[j:],
+        start=new_node,
+        length=float(along[-1] - along[c]),
+    )
+    return new_node
 
 
 def _oriented(d: dict[str, Any], frm: int) -> tuple[np.ndarray, np.ndarray]:
@@ -401,6 +553,10 @@ def _finish(
         ],
         dtype=np.int64,
     ).reshape(-1, 2)
+    # a bridge left a line of its own (both its ends junctions) shares its pixel with the
+    # line it leaves: its id comes from a key no pixel has
+    bridges = np.array([bool(d.get("bridge")) for d in data])
+    key[bridges, 0] = -1 - key[bridges, 0]
     n = len(lines)
     with np.errstate(invalid="ignore"):
         width_m = np.array(

@@ -61,6 +61,14 @@ class VectorizeOptions(BaseModel):
         ge=0.0,
         description="Prune dangling centerline edges shorter than this (m).",
     )
+    bridge_m: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Join each dangling centerline end to the nearest road ahead of it (within "
+        "35° of its direction) when one lies within this distance (m): a road broken under a "
+        "tree or a shadow becomes one line, a side street that stops short meets its road; "
+        "0 = off.",
+    )
     split_touching: bool = Field(
         default=True,
         description=f"Pixels of class {CONTACT_CLASS!r} (shared walls and narrow gaps, from a "

@@ -232,6 +232,7 @@ class _Vectorization:
                     options.spur_m,
                     options.simplify_m,
                     options.halo,
+                    options.bridge_m,
                 )
                 self.jobs[layer] = cj
                 for ch in grid:

@@ -1,0 +1,117 @@
+"""Road gap bridging (``geoseg vectorize --bridge``): APLS and buffer IoU at a grid of bridge
+distances, on the TRAINING parts of SpaceNet 3 Las Vegas (x 0-0.75) and Paris (y 0-0.6),
+where a distance is chosen, and on their held-out parts (x 0.75-1, y 0.6-1), which only
+report. The model predicts each part once; each distance vectorizes the same probabilities.
+
+    python benchmarks/tune_roads.py data_samples/model [--out bench_out/roads]
+        [--bridges 0,5,10,15,20,30] [--predict-args='--tta flips']
+
+Prints one row per distance and scene part, and the distance with the best mean APLS over
+the training parts; writes ``<out>/roads.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import rasterio
+from rasterio.windows import Window
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eval_real import REPO, clip_truth, crop, geoseg  # noqa: E402
+
+from geoseg.evaluate import evaluate_roads  # noqa: E402
+
+VEGAS = ("vegas_roads_rgb", "RGB-PanSharpen_AOI_2_Vegas_img0.tif", "AOI_2_Vegas_img0_roads.geojson")
+PARIS = ("paris_roads_rgb", "RGB-PanSharpen_img1447.tif", "OSMroads_img1447.geojson")
+
+
+def cut(shared: Path, out: Path) -> dict[str, tuple[Path, Path, bool]]:
+    """name → (image, truth, is a training part): the two parts of each road scene."""
+    parts: dict[str, tuple[Path, Path, bool]] = {}
+    for (folder, image, truth), axis, split in ((VEGAS, "x", 0.75), (PARIS, "y", 0.6)):
+        img = shared / "data" / "real" / folder / image
+        city = folder.split("_")[0]
+        with rasterio.open(img) as src:
+            w, h = src.width, src.height
+        if axis == "x":
+            c = round(split * w)
+            windows = {"train": Window(0, 0, c, h), "held-out": Window(c, 0, w - c, h)}
+        else:
+            r = round(split * h)
+            windows = {"train": Window(0, 0, w, r), "held-out": Window(0, r, w, h - r)}
+        for role, win in windows.items():
+            name = f"{city}_{role}"
+            part = crop(img, win, out / f"{name}.tif")
+            t = out / f"{name}_truth.geojson"
+            clip_truth(img.parent / truth, part, t)
+            parts[name] = (part, t, role == "train")
+    return parts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--out", type=Path, default=REPO / "bench_out" / "roads")
+    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    ap.add_argument("--bridges", default="0,5,10,15,20,30", help="bridge distances (m)")
+    ap.add_argument("--predict-args", default="", help="more arguments for geoseg predict")
+    args = ap.parse_args()
+    bridges = [float(b) for b in args.bridges.split(",")]
+    args.out.mkdir(parents=True, exist_ok=True)
+    parts = cut(args.shared, args.out)
+    pred = args.out / "pred"
+    geoseg(
+        "predict",
+        *(str(p[0]) for p in parts.values()),
+        "--model",
+        str(args.model),
+        "--out",
+        str(pred),
+        "--device",
+        "cpu",
+        *shlex.split(args.predict_args),
+    )
+    rows = []
+    for bridge in bridges:
+        vec = args.out / f"bridge{bridge:g}"
+        geoseg(
+            "vectorize",
+            *(str(pred / f"{name}.probs.tif") for name in parts),
+            "--out",
+            str(vec),
+            "--layer",
+            "road=centerlines",
+            "--bridge",
+            f"{bridge:g}",
+        )
+        for name, (_, truth, train) in parts.items():
+            r = evaluate_roads(vec / f"{name}.roads.geojson", truth, 6.0)
+            rows.append({"bridge_m": bridge, "part": name, "train": train, **r.to_dict()})
+    (args.out / "roads.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
+    print(f"{'bridge (m)':>10} {'part':<16} {'IoU':>6} {'APLS':>6} {'t→p':>6} {'p→t':>6}")
+    for r in rows:
+        print(
+            f"{r['bridge_m']:>10g} {r['part']:<16} {r['iou']:>6.3f} {r['apls']:>6.3f} "
+            f"{r['apls_truth_to_pred']:>6.3f} {r['apls_pred_to_truth']:>6.3f}"
+        )
+
+    def mean_apls(b: float, train: bool) -> float:
+        got = [r["apls"] for r in rows if r["bridge_m"] == b and r["train"] == train]
+        return sum(got) / len(got)
+
+    best = max(bridges, key=lambda b: (mean_apls(b, True), -b))
+    for b in bridges:
+        mark = "  <- best on the training parts" if b == best else ""
+        print(
+            f"bridge {b:g} m: mean APLS training parts {mean_apls(b, True):.3f}, "
+            f"held-out {mean_apls(b, False):.3f}{mark}"
+        )
+
+
+if __name__ == "__main__":
+    main()
