@@ -25,6 +25,9 @@ beside the working tree. The parts hold
   on the same grid; the derived config declares each scene's labelled classes explicitly, so
   the partial-label loss sees the same sets. Scenes given as globs of chips (Rio, Dubai) are
   copied file for file;
+- for a config that starts from a bundle (``init``, e.g. ``train_cities_finetune.yml``), that
+  bundle's model.json and weights (7.7 MB for the demo model), checked to hash as the
+  original after the copy;
 - in the part of the last call (the lightest), ``run/train_gpu.yml``: train_cities.yml with
   the paths above, device cuda and the GPU budget (see ``GPU_BUDGET``); model, classes,
   label choices, hold-outs, weights, seed, augmentation and schedule are unchanged.
@@ -96,6 +99,8 @@ STAGE = Path("/tmp/geoseg-gpu")
 SITE = Path("/tmp/site")
 DERIVED = "train_gpu.yml"
 PART_FILE = "part.json"
+#: Where a fine-tuning config's starting bundle (``init``) travels, beside ``data``.
+INIT = "init"
 
 #: What one call may carry, the working tree included (the runner's limit).
 LIMIT = 64 * 2**20
@@ -273,18 +278,22 @@ def derive_config(
     scenes: Sequence[dict[str, Any]],
     budget: dict[str, Any],
     device: str,
+    init: str | None = None,
 ) -> dict[str, Any]:
     """The config the device trains: ``raw`` (train_cities.yml as read) with its scenes
-    replaced by ``scenes`` (paths inside the pack), outputs inside the stage, ``device`` and
+    replaced by ``scenes`` (paths inside the pack), its starting bundle by ``init`` (the
+    packed copy, for a config with ``init``), outputs inside the stage, ``device`` and
     ``budget`` (epochs, chips_per_epoch, batch_size); everything else as it is."""
     if len(scenes) != len(raw["scenes"]):
         raise PackError(f"{len(scenes)} derived scenes for {len(raw['scenes'])} configured")
-    if raw.get("init"):
+    if bool(raw.get("init")) != (init is not None):
         raise PackError(
-            f"the config starts from a bundle (init: {raw['init']}); this script packs "
-            "scenes, not bundles: train configs that start from the encoder's weights"
+            f"the config's init ({raw.get('init')}) and the packed bundle ({init}) disagree: "
+            "pack the bundle a config starts from (pack_init), and only then"
         )
     out = copy.deepcopy(raw)
+    if init is not None:
+        out["init"] = init
     out["scenes"] = [dict(s) for s in scenes]
     out["chips"] = {**out.get("chips", {}), "chips_per_epoch": budget["chips_per_epoch"]}
     out["optim"] = {
@@ -342,9 +351,14 @@ def pack(args: argparse.Namespace) -> int:
     shutil.rmtree(build, ignore_errors=True)
     (build / "data").mkdir(parents=True)
     scenes, items, originals = pack_data(config, raw, build)
+    init = None
+    if raw.get("init"):
+        init_items = pack_init(config.parent / raw["init"], build)
+        items += init_items
+        init = f"../{INIT}"
     budget = TINY_BUDGET if args.tiny else GPU_BUDGET
     device = args.device or ("cpu" if args.tiny else "cuda")
-    derived = derive_config(raw, scenes, budget, device)
+    derived = derive_config(raw, scenes, budget, device, init)
     (build / "run").mkdir()
     check_derived(derived, build / "run", originals)
     print(f"{len(originals)} re-gridded scene(s) decode to the original's chips exactly")
@@ -408,6 +422,28 @@ def pack_data(
         scenes.append(entry)
         items += new
     return scenes, items, originals
+
+
+def pack_init(bundle: Path, build: Path) -> list[Item]:
+    """The bundle a fine-tuning config starts from (``init``), copied to ``build/init``
+    (model.json and weights.safetensors; training reads nothing else of it) and loaded back:
+    the copy's weights must hash as the original's."""
+    from geoseg.errors import GeosegError
+    from geoseg.models.bundle import SPEC_FILE, WEIGHTS_FILE, load_bundle
+
+    try:
+        original = load_bundle(bundle)
+    except GeosegError as exc:
+        raise PackError(f"init: {exc}") from exc
+    dest = build / INIT
+    dest.mkdir(parents=True, exist_ok=True)
+    items = []
+    for name in (SPEC_FILE, WEIGHTS_FILE):
+        shutil.copyfile(original.path / name, dest / name)
+        items.append(Item(dest / name, f"{INIT}/{name}", (dest / name).stat().st_size))
+    if load_bundle(dest).sha256 != original.sha256:
+        raise PackError(f"init: the copy of {bundle} does not hash as the original")
+    return items
 
 
 def safe_name(name: str, taken: set[str]) -> str:
@@ -652,7 +688,7 @@ def stage_part(part: Path, stage: Path, site: Path, force_wheels: bool = False) 
             *map(str, todo),
         ]  # fmt: skip
         subprocess.run(cmd, check=True)
-    for top in ("site", "data"):
+    for top in ("site", "data", INIT):
         src = part / top
         if src.is_dir():
             shutil.copytree(src, site if top == "site" else stage / top, dirs_exist_ok=True)

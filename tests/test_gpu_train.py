@@ -139,8 +139,42 @@ def test_derived_config_keeps_the_training_choices(gt: ModuleType, tmp_path: Pat
     assert (tiny["optim"]["epochs"], tiny["optim"]["batch_size"]) == (1, 2)
     with pytest.raises(gt.PackError):
         gt.derive_config(raw, scenes[:-1], gt.GPU_BUDGET, "cuda")
-    with pytest.raises(gt.PackError, match="init: model"):
+    with pytest.raises(gt.PackError, match=r"init \(model\) and the packed bundle \(None\)"):
         gt.derive_config({**raw, "init": "model"}, scenes, gt.GPU_BUDGET, "cuda")
+    with pytest.raises(gt.PackError, match="disagree"):
+        gt.derive_config(raw, scenes, gt.GPU_BUDGET, "cuda", "../init")
+
+
+def test_a_fine_tuning_config_travels_with_its_bundle(
+    gt: ModuleType, tmp_path: Path, make_bundle: Any
+) -> None:
+    """``init``: the bundle is packed (model.json and weights, hashed again after the copy),
+    the derived config points at the packed copy, and staging puts it where that path leads."""
+    from geoseg.models.bundle import load_bundle
+    from geoseg.train.config import parse_config
+
+    bundle = make_bundle(seed=4)
+    build = tmp_path / "build"
+    items = gt.pack_init(bundle.path, build)
+    assert sorted(i.dest for i in items) == ["init/model.json", "init/weights.safetensors"]
+    assert load_bundle(build / "init").sha256 == bundle.sha256
+    with pytest.raises(gt.PackError, match="init: .*nowhere"):
+        gt.pack_init(tmp_path / "nowhere", build)
+
+    raw = _raw()
+    raw["init"] = "../out/model-cities"
+    scenes = [{**s, "image": f"../data/{i}.tif"} for i, s in enumerate(raw["scenes"])]
+    derived = gt.derive_config(raw, scenes, gt.GPU_BUDGET, "cuda", f"../{gt.INIT}")
+    stage = tmp_path / "stage"
+    part = tmp_path / "pack" / "part1"
+    for item in items:
+        (part / item.dest).parent.mkdir(parents=True, exist_ok=True)
+        (part / item.dest).write_bytes(item.source.read_bytes())
+    (part / gt.PART_FILE).write_text(json.dumps({"pack": "p", "part": 1, "of": 2, "bytes": 1}))
+    gt.stage_part(part, stage, tmp_path / "site")
+    cfg = parse_config(derived, "derived", stage / "run-p")
+    assert cfg.init == stage / "init"
+    assert load_bundle(cfg.init).sha256 == bundle.sha256
 
 
 def test_gridded_scene_declares_the_same_classes(gt: ModuleType, tmp_path: Path) -> None:
