@@ -128,21 +128,25 @@ def _checked_grid(
     return grid
 
 
-def _truth(path: str | os.PathLike[str], pred: Any) -> Any:
+def _truth(path: str | os.PathLike[str], pred: Prediction) -> Any:
     """The truth's polygons within the prediction's extent, in the prediction's CRS (cut as
     ``geoseg changes`` cuts buildings to an area: only the polygonal part of each piece)."""
-    from shapely.geometry import box
-
     from geoseg.changes import _cut
     from geoseg.evaluate import _polygons, read_layer
 
     gdf = read_layer(path)
     gdf["geometry"] = _polygons(gdf, str(path))  # polygons only: a clear error otherwise
+    return _cut(gdf.to_crs(pred.crs_wkt), _extent(pred), 0.0)
+
+
+def _extent(pred: Prediction) -> Any:
+    """The prediction raster's footprint, a box in its CRS."""
+    from shapely.geometry import box
+
     t = pred.transform
     x0, y0 = t.c, t.f
     x1, y1 = t.c + t.a * pred.width, t.f + t.e * pred.height
-    extent = box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
-    return _cut(gdf.to_crs(pred.crs_wkt), extent, 0.0)
+    return box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
 
 
 def _predictions(
@@ -277,18 +281,12 @@ class RoadTuneResult:
 
 def _truth_lines(path: str | os.PathLike[str], pred: Prediction) -> Any:
     """The truth's centerlines cut to the prediction's extent, in the prediction's CRS."""
-    from shapely.geometry import box
-
     from geoseg.evaluate import _lines, read_layer
 
     gdf = read_layer(path)
     _lines(gdf, str(path))  # lines only: a clear error otherwise
-    t = pred.transform
-    x0, y0 = t.c, t.f
-    x1, y1 = t.c + t.a * pred.width, t.f + t.e * pred.height
-    extent = box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
     gdf = gdf.to_crs(pred.crs_wkt)
-    gdf["geometry"] = gdf.geometry.intersection(extent)
+    gdf["geometry"] = gdf.geometry.intersection(_extent(pred))
     return gdf[~gdf.geometry.is_empty & gdf.geom_type.isin(["LineString", "MultiLineString"])]
 
 
