@@ -62,9 +62,9 @@ class PredictOptions:
     #: OpenVINO on a CPU when it is installed, else torch (``geoseg predict`` and pipelines
     #: default to auto)
     backend: str = "torch"
-    #: the input filter (:func:`geoseg.models.input_filter.parse_input_filter`): ``model`` keeps the
-    #: bundle's ``input_low_pass_m``, ``off`` predicts without one, metres blur every input
-    #: to that effective ground resolution
+    #: the input filter (:func:`geoseg.models.input_filter.parse_input_filter`): ``model``
+    #: keeps the bundle's ``input_low_pass_m``, ``off`` predicts without one, metres blur
+    #: every input to that effective ground resolution
     input_filter: str = "model"
 
     def __post_init__(self) -> None:
