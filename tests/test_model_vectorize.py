@@ -132,7 +132,7 @@ def test_predict_records_the_models_settings(tmp_path: Path, make_bundle: Any) -
     with rasterio.open(tmp_path / "p" / "scene.probs.tif") as src:
         assert "GEOSEG_VECTORIZE" not in src.tags()
     res = CliRunner().invoke(cli, ["model", "info", str(bundle.path)])
-    assert "min_area_m2 7.5 (a test)" in res.output
+    assert "min_area_m2 7.5; buildings chosen on: a test" in res.output
 
 
 def test_predict_vectorize_uses_the_models_settings(tmp_path: Path, make_bundle: Any) -> None:
@@ -308,6 +308,10 @@ def test_tune_chooses_the_bridge_for_roads_and_keeps_the_building_settings(
     assert chosen is not None
     assert chosen.settings() == {"min_area_m2": 12.0, "bridge_m": 12.0}
     assert chosen.chosen_on == "by hand" and "road" in chosen.roads_chosen_on
+    res = CliRunner().invoke(cli, ["model", "info", str(bundle)])
+    assert "min_area_m2 12, bridge_m 12; buildings chosen on: by hand; roads chosen on: APLS" in (
+        res.output
+    )
     res = CliRunner().invoke(cli, ["model", "tune", str(bundle)])
     assert res.exit_code != 0 and "give at least one --scene or --road-scene" in res.output
 

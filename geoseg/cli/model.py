@@ -361,7 +361,14 @@ def info(bundle: Path, as_json: bool) -> None:
         (
             "vectorize",
             ", ".join(f"{k} {v:g}" for k, v in s.vectorize.settings().items())
-            + (f" ({s.vectorize.chosen_on})" if s.vectorize.chosen_on else "")
+            + "".join(
+                f"; {label}: {note}"
+                for label, note in (
+                    ("buildings chosen on", s.vectorize.chosen_on),
+                    ("roads chosen on", s.vectorize.roads_chosen_on),
+                )
+                if note
+            )
             if s.vectorize is not None and s.vectorize.settings()
             else "the vectorizer's defaults",
         ),
