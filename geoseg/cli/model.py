@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -283,12 +284,15 @@ def tune(
     areas = _grid(min_areas, "--min-area") or MIN_AREAS_M2
     thresholds = _grid(contacts, "--contact-threshold") or CONTACT_THRESHOLDS
     distances = _grid(bridges, "--bridge") or BRIDGES_M
-    progress = Progress("vectorizing", lambda msg: click.echo(msg, err=True), unit="run")
+    echo = partial(click.echo, err=True)
+    progress = Progress("vectorizing buildings", echo, unit="run")
+    road_progress = Progress("vectorizing roads", echo, unit="run")
     try:
         result = tune_buildings(b, scenes, areas, thresholds, progress) if scenes else None
-        roads = tune_roads(b, road_scenes, distances, progress) if road_scenes else None
+        roads = tune_roads(b, road_scenes, distances, road_progress) if road_scenes else None
     finally:
         progress.close()
+        road_progress.close()
     report: dict[str, Any] = {"model": b.ident}
     current = b.spec.vectorize or VectorizeDefaults()
     update: dict[str, Any] = {}
