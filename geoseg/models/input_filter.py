@@ -50,8 +50,8 @@ def blur_sigma_px(gsd_m: float, resolution_m: float) -> float:
 
 def filter_reach_px(sigma: float) -> int:
     """How far (model pixels) a Gaussian of ``sigma`` px reaches each side: 3 σ, at least 1;
-    0 for no filter (``sigma`` 0). The radius of :func:`geoseg.models.lowpass.gaussian_kernel`
-    (which imports torch; this module does not)."""
+    0 for no filter (``sigma`` 0). The radius of :func:`geoseg.models.lowpass.gaussian_kernel`,
+    and what a halo must add for it (here without torch, which that module imports)."""
     return max(1, math.ceil(3.0 * sigma)) if sigma > 0 else 0
 
 

@@ -17,17 +17,17 @@ the bundle's weights file is the network's alone.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+
+from geoseg.models.input_filter import filter_reach_px
 
 __all__ = ["LowPassed", "gaussian_blur", "with_low_pass"]
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
     """A normalized 1-D Gaussian of ``sigma`` px, reaching 3 σ each side (float32)."""
-    radius = max(1, math.ceil(3.0 * sigma))  # geoseg.models.input_filter.filter_reach_px
+    radius = filter_reach_px(sigma)
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return (k / k.sum()).float()
@@ -76,6 +76,6 @@ class LowPassed(torch.nn.Module):
 
 
 def with_low_pass(net: torch.nn.Module, sigma: float) -> torch.nn.Module:
-    """``net`` behind a filter of ``sigma`` px (``geoseg.models.input_filter.low_pass_sigma_px`` of
-    its spec), or ``net`` itself where ``sigma`` is 0."""
+    """``net`` behind a filter of ``sigma`` px (``low_pass_sigma_px`` of its spec, in
+    :mod:`geoseg.models.input_filter`), or ``net`` itself where ``sigma`` is 0."""
     return LowPassed(net, sigma) if sigma > 0 else net
