@@ -64,6 +64,48 @@ def crop(src_path: Path, window: Window, dst: Path) -> Path:
     return dst
 
 
+#: The road scenes by city: folder under data/real, image, true centerlines, and the hold-out
+#: of data_samples/train_cities.yml (the axis it cuts, and where the training part ends).
+ROAD_SCENES = {
+    "vegas": (
+        "vegas_roads_rgb",
+        "RGB-PanSharpen_AOI_2_Vegas_img0.tif",
+        "AOI_2_Vegas_img0_roads.geojson",
+        "x",
+        0.75,
+    ),
+    "paris": (
+        "paris_roads_rgb",
+        "RGB-PanSharpen_img1447.tif",
+        "OSMroads_img1447.geojson",
+        "y",
+        0.6,
+    ),
+}
+
+
+def road_files(data: Path, city: str) -> tuple[Path, Path]:
+    """The image and the true centerlines of road scene ``city`` (:data:`ROAD_SCENES`)."""
+    folder, image, truth, _, _ = ROAD_SCENES[city]
+    return data / "real" / folder / image, data / "real" / folder / truth
+
+
+def road_part(data: Path, city: str, held_out: bool, dst: Path) -> Path:
+    """The training part, or with ``held_out`` the held-out part, of road scene ``city``,
+    cut to ``dst``."""
+    img = road_files(data, city)[0]
+    _, _, _, axis, split = ROAD_SCENES[city]
+    with rasterio.open(img) as src:
+        w, h = src.width, src.height
+    if axis == "x":
+        c = round(split * w)
+        window = Window(c, 0, w - c, h) if held_out else Window(0, 0, c, h)
+    else:
+        r = round(split * h)
+        window = Window(0, r, w, h - r) if held_out else Window(0, 0, w, r)
+    return crop(img, window, dst)
+
+
 def clip_truth(vector: Path, image: Path, dst: Path) -> gpd.GeoDataFrame:
     """Truth features clipped to ``image``'s extent, saved as GeoJSON (EPSG:4326)."""
     with rasterio.open(image) as src:
@@ -119,17 +161,11 @@ def tune(args: argparse.Namespace) -> None:
         a_img = crop(src.name, Window(0, 0, c1, src.height), out / "atlanta_train_part.tif")
     clip_truth(banepa / "banepa_osm_buildings.geojson", b_img, out / "b.geojson")
     clip_truth(atlanta / "atlanta_sn4_nadir10_buildings.geojson", a_img, out / "a.geojson")
-    roads = args.shared / "data" / "real"
-    vegas = roads / "vegas_roads_rgb" / "RGB-PanSharpen_AOI_2_Vegas_img0.tif"
-    paris = roads / "paris_roads_rgb" / "RGB-PanSharpen_img1447.tif"
-    with rasterio.open(vegas) as src:
-        c1 = round(0.75 * src.width)
-        v_img = crop(vegas, Window(0, 0, c1, src.height), out / "vegas_train_part.tif")
-    with rasterio.open(paris) as src:
-        r1 = round(0.6 * src.height)
-        p_img = crop(paris, Window(0, 0, src.width, r1), out / "paris_train_part.tif")
-    clip_truth(vegas.parent / "AOI_2_Vegas_img0_roads.geojson", v_img, out / "v.geojson")
-    clip_truth(paris.parent / "OSMroads_img1447.geojson", p_img, out / "p.geojson")
+    data = args.shared / "data"
+    v_img = road_part(data, "vegas", False, out / "vegas_train_part.tif")
+    p_img = road_part(data, "paris", False, out / "paris_train_part.tif")
+    clip_truth(road_files(data, "vegas")[1], v_img, out / "v.geojson")
+    clip_truth(road_files(data, "paris")[1], p_img, out / "p.geojson")
     geoseg(
         "predict",
         str(b_img),
@@ -231,19 +267,9 @@ def cut_scenes(data: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]
                 src.name, Window(c0, 0, src.width - c0, src.height), out / "banepa_east.tif"
             )
     if "vegas_east" in names:
-        vegas_img = data / "real" / "vegas_roads_rgb" / "RGB-PanSharpen_AOI_2_Vegas_img0.tif"
-        with rasterio.open(vegas_img) as src:
-            c0 = round(0.75 * src.width)
-            scenes["vegas_east"] = crop(
-                vegas_img, Window(c0, 0, src.width - c0, src.height), out / "vegas_east.tif"
-            )
+        scenes["vegas_east"] = road_part(data, "vegas", True, out / "vegas_east.tif")
     if "paris_south" in names:
-        paris_img = data / "real" / "paris_roads_rgb" / "RGB-PanSharpen_img1447.tif"
-        with rasterio.open(paris_img) as src:
-            r0 = round(0.6 * src.height)
-            scenes["paris_south"] = crop(
-                paris_img, Window(0, r0, src.width, src.height - r0), out / "paris_south.tif"
-            )
+        scenes["paris_south"] = road_part(data, "paris", True, out / "paris_south.tif")
     if "austin" in names:
         scenes["austin"] = data / "real" / "austin_buildings_rgb" / "aerial_sample.tif"
     if "atlanta_east" in names:
@@ -419,8 +445,8 @@ def evaluate(
             "building_iou": pooled_iou(pairs),
         }
     for name, vec in (
-        ("vegas_east", data / "real" / "vegas_roads_rgb" / "AOI_2_Vegas_img0_roads.geojson"),
-        ("paris_south", data / "real" / "paris_roads_rgb" / "OSMroads_img1447.geojson"),
+        ("vegas_east", road_files(data, "vegas")[1]),
+        ("paris_south", road_files(data, "paris")[1]),
     ):
         if name in scenes:
             clip_truth(vec, scenes[name], out / f"{name}_truth.geojson")

@@ -18,38 +18,23 @@ import shlex
 import sys
 from pathlib import Path
 
-import rasterio
-from rasterio.windows import Window
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_real import REPO, clip_truth, crop, geoseg  # noqa: E402
+from eval_real import REPO, ROAD_SCENES, clip_truth, geoseg, road_files, road_part  # noqa: E402
 
 from geoseg.evaluate import evaluate_roads  # noqa: E402
-
-VEGAS = ("vegas_roads_rgb", "RGB-PanSharpen_AOI_2_Vegas_img0.tif", "AOI_2_Vegas_img0_roads.geojson")
-PARIS = ("paris_roads_rgb", "RGB-PanSharpen_img1447.tif", "OSMroads_img1447.geojson")
 
 
 def cut(shared: Path, out: Path) -> dict[str, tuple[Path, Path, bool]]:
     """name → (image, truth, is a training part): the two parts of each road scene."""
     parts: dict[str, tuple[Path, Path, bool]] = {}
-    for (folder, image, truth), axis, split in ((VEGAS, "x", 0.75), (PARIS, "y", 0.6)):
-        img = shared / "data" / "real" / folder / image
-        city = folder.split("_")[0]
-        with rasterio.open(img) as src:
-            w, h = src.width, src.height
-        if axis == "x":
-            c = round(split * w)
-            windows = {"train": Window(0, 0, c, h), "held-out": Window(c, 0, w - c, h)}
-        else:
-            r = round(split * h)
-            windows = {"train": Window(0, 0, w, r), "held-out": Window(0, r, w, h - r)}
-        for role, win in windows.items():
+    data = shared / "data"
+    for city in ROAD_SCENES:
+        for role, held_out in (("train", False), ("held-out", True)):
             name = f"{city}_{role}"
-            part = crop(img, win, out / f"{name}.tif")
-            t = out / f"{name}_truth.geojson"
-            clip_truth(img.parent / truth, part, t)
-            parts[name] = (part, t, role == "train")
+            part = road_part(data, city, held_out, out / f"{name}.tif")
+            truth = out / f"{name}_truth.geojson"
+            clip_truth(road_files(data, city)[1], part, truth)
+            parts[name] = (part, truth, not held_out)
     return parts
 
 
