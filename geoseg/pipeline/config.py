@@ -144,12 +144,10 @@ class PredictSettings(_Strict):
 
     @field_validator("input_filter", mode="before")
     @classmethod
-    def _input_filter(cls, v: object) -> str:
+    def _input_filter(cls, v: str | float) -> str:
         from geoseg.models.input_filter import parse_input_filter
 
-        if not isinstance(v, str | int | float) or isinstance(v, bool):
-            raise ValueError(f"input_filter must be model, off or metres, got {v!r}")
-        return parse_input_filter(v)
+        return parse_input_filter(v)  # anything else (a list, true) is no resolution either
 
     @field_validator("device")
     @classmethod
