@@ -325,6 +325,10 @@ def test_a_pipeline_takes_its_own_filter(tmp_path: Path) -> None:
     base = parse_pipeline(PIPELINE, "p.yml")
     same = parse_pipeline(PIPELINE + "predict: {input_filter: model}\n", "p.yml")
     off = parse_pipeline(PIPELINE + "predict: {input_filter: 'off'}\n", "p.yml")
+    bare = parse_pipeline(PIPELINE + "predict:\n  input_filter: off\n", "p.yml")  # YAML: false
+    assert bare.predict.input_filter == "off" and bare.config_hash() == off.config_hash()
+    with pytest.raises(ConfigError, match="predict.input_filter"):
+        parse_pipeline(PIPELINE + "predict: {input_filter: on}\n", "p.yml")  # YAML: true
     metres = parse_pipeline(PIPELINE + "predict: {input_filter: 0.80}\n", "p.yml")
     assert base.config_hash() == same.config_hash()
     assert len({base.config_hash(), off.config_hash(), metres.config_hash()}) == 3

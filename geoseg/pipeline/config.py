@@ -147,6 +147,8 @@ class PredictSettings(_Strict):
     def _input_filter(cls, v: str | float) -> str:
         from geoseg.models.input_filter import parse_input_filter
 
+        if v is False:  # YAML reads a bare `off` (or `no`) as false
+            return "off"
         return parse_input_filter(v)  # anything else (a list, true) is no resolution either
 
     @field_validator("device")
