@@ -120,3 +120,14 @@ def train(
         f"{result.train_chips} train chips per epoch / {result.val_chips} val chips; "
         f"wrote {result.bundle.path} ({result.bundle.ident})"
     )
+    avg = result.averaged
+    if avg is not None:
+        ious = " ".join(f"{k}={_fmt(v)}" for k, v in avg.val_iou.items())
+        click.echo(
+            f"mean of epochs {avg.first}-{avg.last}: IoU {ious}  score {avg.score:.3f} "
+            f"({'above' if avg.score > result.best_score else 'not above'} the best epoch's); "
+            f"wrote {avg.bundle.path} ({avg.bundle.ident})"
+        )
+        for scene, values in avg.val_iou_by_scene.items():
+            shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items() if k != "background")
+            log.info("  %s: IoU %s", scene, shown)

@@ -272,6 +272,19 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     dice_weight: float = Field(1.0, ge=0, description="Loss = cross-entropy + this × Dice.")
+    lovasz_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Adds this × the Lovász-softmax loss (a surrogate of each class's IoU, "
+        "over the chips whose scene labels the class) to the loss; 0: none.",
+    )
+    average_from_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="Also average the weights at the end of this epoch (1-based) and every "
+        "later one, measure the mean's BatchNorm statistics on training chips, validate it and "
+        "write it as the bundle <out>-averaged beside the best epoch's; None: no averaging.",
+    )
     seed: int = 0
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     threads: int | None = Field(None, ge=1, description="Torch CPU threads.")
@@ -281,6 +294,15 @@ class OptimConfig(_Strict):
         "with native bf16 (AVX512-BF16, AMX), fp32 elsewhere; fp32 forces full precision. "
         "The loss is always computed in fp32.",
     )
+
+    @model_validator(mode="after")
+    def _average_within_run(self) -> OptimConfig:
+        if self.average_from_epoch is not None and self.average_from_epoch > self.epochs:
+            raise ValueError(
+                f"average_from_epoch {self.average_from_epoch} is after the last epoch "
+                f"({self.epochs})"
+            )
+        return self
 
 
 class TrainConfig(_Strict):
@@ -394,6 +416,9 @@ class TrainConfig(_Strict):
         data["optim"].pop("device")
         data["optim"].pop("threads")
         data["optim"].pop("precision")
+        data["optim"].pop("average_from_epoch")  # never changes what is trained
+        if not data["optim"]["lovasz_weight"]:
+            data["optim"].pop("lovasz_weight")  # runs from before it keep their fingerprint
         for scene in data["scenes"]:
             scene.pop("name")  # a label for reports only
         if self.init is not None:  # the starting weights, wherever the bundle lies

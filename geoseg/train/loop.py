@@ -32,6 +32,14 @@ from geoseg.models.bundle import (
 )
 from geoseg.models.encoders import init_encoder
 from geoseg.models.predictor import resolve_device
+from geoseg.train.average import (
+    averaged_out,
+    clear_epoch_weights,
+    epoch_weights_file,
+    mean_weights,
+    measure_batchnorm,
+    save_epoch_weights,
+)
 from geoseg.train.cache import ChipCache
 from geoseg.train.checkpoint import Checkpoint, Snapshot, position
 from geoseg.train.chips import Chip
@@ -60,6 +68,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "AveragedResult",
     "EpochReport",
     "Speedups",
     "TrainResult",
@@ -96,8 +105,23 @@ class EpochReport:
 
 
 @dataclass
+class AveragedResult:
+    """The mean of the weights of epochs ``first``..``last`` (1-based; ``missing`` of them had
+    no kept weights), BatchNorm measured again, validated like an epoch."""
+
+    bundle: Bundle
+    first: int
+    last: int
+    score: float
+    val_iou: dict[str, float]
+    val_iou_by_scene: dict[str, dict[str, float]]
+    missing: list[int] = field(default_factory=list)
+
+
+@dataclass
 class TrainResult:
-    """What a run produced: the best bundle and the history of every epoch so far."""
+    """What a run produced: the best bundle and the history of every epoch so far; with
+    ``optim.average_from_epoch`` also the averaged bundle."""
 
     bundle: Bundle
     best_epoch: int
@@ -106,6 +130,7 @@ class TrainResult:
     train_chips: int = 0
     val_chips: int = 0
     resumed_from: int | None = None
+    averaged: AveragedResult | None = None
 
 
 @contextlib.contextmanager
@@ -158,7 +183,7 @@ class _Trainer:
         self.optimizer = torch.optim.AdamW(
             module.parameters(), lr=o.lr, weight_decay=o.weight_decay
         )
-        self.loss_fn = PartialLoss(o.dice_weight)
+        self.loss_fn = PartialLoss(o.dice_weight, o.lovasz_weight)
         self.train_chips = prep.chips.split("train")
         self.val_chips = prep.chips.split("val")
         self.random_sampling = cfg.chips.sampling == "random"
@@ -186,6 +211,7 @@ class _Trainer:
         is missing or behind it; return its ``partial`` epoch (or {})."""
         if restart:
             self.ckpt.clear()
+            clear_epoch_weights(self.ckpt.path)
         full = self.ckpt.peek()
         snap = self.snapshot.peek() if self.snapshot and not restart else None
         if snap is not None and full is not None and snap["fingerprint"] != self.ckpt.fingerprint:
@@ -319,10 +345,8 @@ class _Trainer:
             stop.signum,
         )
 
-    def _finish(
-        self, epoch: int, losses: list[float], lr: float, n_chips: int, seconds: float
-    ) -> EpochReport:
-        """Validate, keep the best bundle, save the state; the epoch's report."""
+    def _validate(self) -> tuple[float, dict[str, float], float, dict[str, dict[str, float]]]:
+        """(loss, IoU per class, score, IoU per class of each scene) on the validation chips."""
         o = self.cfg.optim
         val_loss, iou, per_scene = evaluate_chips(
             self.net,
@@ -334,9 +358,22 @@ class _Trainer:
             cache=self.cache,
             autocast=self.autocast,
         )
-        named = {c: float(v) for c, v in zip(self.prep.spec.classes, iou, strict=True)}
+        classes = self.prep.spec.classes
+        named = {c: float(v) for c, v in zip(classes, iou, strict=True)}
         fg = [v for v in iou[1:] if not np.isnan(v)]
-        score = float(np.mean(fg)) if fg else 0.0
+        by_scene = {
+            scene: {c: float(v) for c, v in zip(classes, values, strict=True) if not np.isnan(v)}
+            for scene, values in per_scene.items()
+        }
+        return val_loss, named, float(np.mean(fg)) if fg else 0.0, by_scene
+
+    def _finish(
+        self, epoch: int, losses: list[float], lr: float, n_chips: int, seconds: float
+    ) -> EpochReport:
+        """Validate, keep the best bundle (and the epoch's weights when averaging), save the
+        state; the epoch's report."""
+        o = self.cfg.optim
+        val_loss, named, score, by_scene = self._validate()
         is_best = score > self.best_score
         if is_best:
             self.best_score, self.best_epoch = score, epoch
@@ -348,14 +385,7 @@ class _Trainer:
             train_loss=float(np.mean(losses)) if losses else math.nan,
             val_loss=val_loss,
             val_iou=named,
-            val_iou_by_scene={
-                scene: {
-                    c: float(v)
-                    for c, v in zip(self.prep.spec.classes, values, strict=True)
-                    if not np.isnan(v)
-                }
-                for scene, values in per_scene.items()
-            },
+            val_iou_by_scene=by_scene,
             score=score,
             best=is_best,
             lr=lr,
@@ -363,9 +393,59 @@ class _Trainer:
             seconds=seconds,
         )
         self.history.append(report)
+        if o.average_from_epoch is not None and epoch + 1 >= o.average_from_epoch:
+            save_epoch_weights(self.module, epoch_weights_file(self.ckpt.path, epoch))
         self.done_epoch = epoch
         self.save(None)
         return report
+
+    def average(self) -> AveragedResult:
+        """The mean of the kept epochs' weights, its BatchNorm statistics measured on a draw
+        of training chips that no epoch used, validated and written to ``<out>-averaged``."""
+        import torch
+
+        o, c = self.cfg.optim, self.cfg.chips
+        assert o.average_from_epoch is not None
+        epochs = range(o.average_from_epoch - 1, o.epochs)
+        files = {e: epoch_weights_file(self.ckpt.path, e) for e in epochs}
+        missing = [e + 1 for e, f in files.items() if not f.is_file()]
+        if missing:
+            log.warning(
+                "%s: no kept weights of epochs %s (a run resumed from a snapshot, or averaging "
+                "set during the run); averaging the others",
+                self.ckpt.path / "epochs",
+                ", ".join(map(str, missing)),
+            )
+        kept = [f for f in files.values() if f.is_file()]
+        if not kept:
+            raise ModelError(f"{self.ckpt.path}: no kept epoch weights to average")
+        self.module.load_state_dict(mean_weights(kept), strict=True)
+        self.module.to(self.device)
+        chips = (
+            random_chips(self.cfg, self.prep, o.epochs)
+            if self.random_sampling
+            else (self.train_chips)
+        )
+        cpu = torch.device("cpu")
+        batches = (
+            chip_tensors(self.prep, batch, cpu, c.size, self.cache)[0].contiguous(
+                memory_format=self.memory_format
+            )
+            for batch in chip_batches(chips, o.batch_size, range(len(chips)))
+        )
+        measure_batchnorm(self.net, batches, self.device, self.autocast)
+        _, named, score, by_scene = self._validate()
+        out = averaged_out(self.cfg.out)
+        save_bundle(
+            self.prep.spec,
+            self.module.state_dict(),
+            out,
+            dtype=_torch_dtype(self.cfg.weights_dtype),
+        )
+        bundle = _store_seamless_halo(load_bundle(out), self.cfg)
+        return AveragedResult(
+            bundle, o.average_from_epoch, o.epochs, score, named, by_scene, missing
+        )
 
 
 def _torch_dtype(name: str) -> torch.dtype | None:
@@ -442,14 +522,17 @@ def train(
                 )
     if run.best_epoch < 0 or not (cfg.out / "model.json").exists():
         raise ModelError(f"{cfg.out}: training finished without writing a bundle")
+    best = _store_seamless_halo(load_bundle(cfg.out), cfg)
+    averaged = run.average() if o.average_from_epoch is not None else None
     return TrainResult(
-        _store_seamless_halo(load_bundle(cfg.out), cfg),
+        best,
         run.best_epoch,
         run.best_score,
         run.history,
         run.n_train,
         len(run.val_chips),
         resumed_from,
+        averaged,
     )
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "chip_tensors",
     "evaluate_chips",
     "known_classes",
+    "lovasz_softmax",
     "lr_factor",
     "random_chips",
 ]
@@ -85,16 +86,17 @@ def known_classes(unknown: torch.Tensor) -> torch.Tensor:
 
 
 class PartialLoss:
-    """Cross-entropy + Dice for partial labels.
+    """Cross-entropy + Dice (+ Lovász-softmax) for partial labels.
 
     ``unknown`` (N, K) marks, per chip, the classes its scene does not label. An unburned pixel
     (class 0) of such a chip is "background or one of those": its cross-entropy is
     -log of the summed probability of that set, so no unlabelled class is ever taught as
-    background. Dice of class k is computed over the chips whose scene labels k.
+    background. Dice and Lovász of class k are computed over the chips whose scene labels k.
     """
 
-    def __init__(self, dice_weight: float) -> None:
+    def __init__(self, dice_weight: float, lovasz_weight: float = 0.0) -> None:
         self.dice_weight = dice_weight
+        self.lovasz_weight = lovasz_weight
 
     def __call__(
         self, logits: torch.Tensor, y: torch.Tensor, unknown: torch.Tensor | None = None
@@ -116,6 +118,8 @@ class PartialLoss:
         loss = nll[keep].mean() if keep.any() else logits.sum() * 0.0
         if self.dice_weight:
             loss = loss + self.dice_weight * self._dice(logp.exp(), target, keep, unknown)
+        if self.lovasz_weight:
+            loss = loss + self.lovasz_weight * lovasz_softmax(logp.exp(), target, keep, unknown)
         return loss
 
     @staticmethod
@@ -135,6 +139,36 @@ class PartialLoss:
             return probs.sum() * 0.0
         dice = 1.0 - (2.0 * inter + 1e-6) / (card + 1e-6)
         return dice[present].mean()
+
+
+def lovasz_softmax(
+    probs: torch.Tensor, target: torch.Tensor, keep: torch.Tensor, unknown: torch.Tensor
+) -> torch.Tensor:
+    """Lovász-softmax loss (Berman et al. 2018, the convex surrogate of 1 − IoU), the mean over
+    the classes present: each class over the valid pixels of the chips whose scene labels it
+    (``known_classes``), all those chips' pixels pooled."""
+    import torch
+
+    labelled = known_classes(unknown)
+    losses = []
+    for cls in range(probs.shape[1]):
+        chips = labelled[:, cls]
+        if not chips.any():
+            continue
+        valid = keep[chips]
+        fg = (target[chips] == cls)[valid].to(probs.dtype)
+        if not fg.any():
+            continue
+        errors = (fg - probs[chips, cls][valid]).abs()
+        errors, order = torch.sort(errors, descending=True)
+        fg = fg[order]
+        total = fg.sum()
+        jaccard = 1.0 - (total - fg.cumsum(0)) / (total + (1.0 - fg).cumsum(0))
+        grad = torch.cat((jaccard[:1], jaccard[1:] - jaccard[:-1]))
+        losses.append(torch.dot(errors, grad))
+    if not losses:
+        return probs.sum() * 0.0
+    return torch.stack(losses).mean()
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
