@@ -516,8 +516,8 @@ def main() -> None:
     ap.add_argument(
         "--tune",
         action="store_true",
-        help="instead: geoseg model tune (minimum building area, contact threshold, road\n"
-        "gap bridging) on TRAINING parts of Banepa, Atlanta, Las Vegas and Paris, without\n"
+        help="instead: geoseg model tune (minimum building area, contact threshold, valley cut,\n"
+        "road gap bridging) on TRAINING parts of Banepa, Atlanta, Las Vegas and Paris, without\n"
         "looking at held-out data",
     )
     ap.add_argument(

@@ -1,18 +1,19 @@
 """Choosing a model's vectorizer settings on labelled scenes (``geoseg model tune``).
 
-The model's probabilities are vectorized at every combination of a grid of minimum areas and
-contact thresholds, each result is scored against the truth (the SpaceNet building metric,
-pooled over the scenes); road centerlines at every gap-bridging distance of a grid, each
-scored by APLS against true centerlines (the mean over the scenes). The best settings can be
-stored in the bundle's
-``model.json`` (``vectorize``; see :class:`geoseg.models.bundle.VectorizeDefaults`), where
-``geoseg predict``, ``geoseg vectorize`` and pipelines take it in place of the vectorizer's
-defaults. Tune on scenes the model was trained on or on other data of your own, never on the
-data you measure it on.
+The model's probabilities are vectorized at every combination of a grid of minimum areas,
+contact thresholds and valley cuts (widths and depths), each result is scored against the
+truth (the SpaceNet building metric, pooled over the scenes); road centerlines at every
+gap-bridging distance of a grid, each scored by APLS against true centerlines (the mean over
+the scenes). The best settings can be stored in the bundle's ``model.json`` (``vectorize``;
+see :class:`geoseg.models.bundle.VectorizeDefaults`), where ``geoseg predict``,
+``geoseg vectorize`` and pipelines take it in place of the vectorizer's defaults. Tune on
+scenes the model was trained on or on other data of your own, never on the data you measure
+it on.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -30,6 +31,8 @@ __all__ = [
     "BRIDGES_M",
     "CONTACT_THRESHOLDS",
     "MIN_AREAS_M2",
+    "VALLEYS_M",
+    "VALLEY_DEPTHS",
     "RoadTuneResult",
     "RoadTuneRow",
     "TuneResult",
@@ -43,6 +46,9 @@ MIN_AREAS_M2 = (2.0, 5.0, 10.0, 15.0, 20.0, 30.0)
 #: The contact thresholds tried by default, for a model with a contact class (from 0.5 up, a
 #: threshold cuts only the pixels where contact is the likeliest class: all give one result).
 CONTACT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
+#: The valley-cut widths tried by default (metres; 0: no valley cut), and their depths.
+VALLEYS_M = (0.0, 1.5, 2.0, 3.0)
+VALLEY_DEPTHS = (0.1,)
 #: The road gap-bridging distances tried by default (metres; 0: no bridging).
 BRIDGES_M = (0.0, 5.0, 10.0, 15.0, 20.0, 30.0)
 
@@ -56,6 +62,8 @@ class TuneRow:
     tp: int
     fp: int
     fn: int
+    valley_m: float = 0.0
+    valley_depth: float | None = None
 
     @property
     def precision(self) -> float:
@@ -84,13 +92,16 @@ class TuneResult:
     @property
     def best(self) -> TuneRow:
         """The highest F1; on a tie, the smaller minimum area, then the contact threshold
-        nearest the vectorizer's default (0.4)."""
+        nearest the vectorizer's default (0.4), then the narrower and deeper valley cut (the
+        fewest pixels cut)."""
         return max(
             self.rows,
             key=lambda r: (
                 round(r.f1, 9),
                 -r.min_area_m2,
                 -abs((r.contact_threshold or 0.4) - 0.4),
+                -r.valley_m,
+                r.valley_depth or 0.0,
             ),
         )
 
@@ -104,8 +115,15 @@ class TuneResult:
         return VectorizeDefaults(
             min_area_m2=b.min_area_m2,
             contact_threshold=b.contact_threshold,
+            valley_m=b.valley_m if self.valleys_tried else None,
+            valley_depth=b.valley_depth,
             chosen_on=f"{chosen_on}; {note}" if note else chosen_on,
         )
+
+    @property
+    def valleys_tried(self) -> bool:
+        """Whether any row cut valleys (else the valley settings were not tuned)."""
+        return any(r.valley_m for r in self.rows)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -176,12 +194,16 @@ def tune_buildings(
     min_areas_m2: Sequence[float] = MIN_AREAS_M2,
     contact_thresholds: Sequence[float] = CONTACT_THRESHOLDS,
     progress: Callable[[int, int], None] | None = None,
+    valleys_m: Sequence[float] = VALLEYS_M,
+    valley_depths: Sequence[float] = VALLEY_DEPTHS,
 ) -> TuneResult:
-    """Score every (minimum area, contact threshold) on ``scenes``: pairs of a probability
+    """Score every (minimum area, contact threshold, valley width and depth) on ``scenes``:
+    pairs of a probability
     raster that ``bundle`` made (``<stem>.probs.tif`` of ``geoseg predict``) and a vector file
     of the true building footprints there (truth outside the raster is left out).
 
-    The contact thresholds apply only to a model with a ``building_contact`` class. Each
+    The contact thresholds apply only to a model with a ``building_contact`` class; the
+    depths only to valley widths above 0 (width 0 is tried once, without a cut). Each
     combination runs the vectorizer itself, so the scores are those its settings give.
     ``progress(done, total)`` is called after each vectorization.
     """
@@ -199,35 +221,42 @@ def tune_buildings(
         contacts = list(_checked_grid(contact_thresholds, "contact thresholds", 1e-6, 1.0))
     if "building" not in bundle.spec.classes:
         raise ConfigError(f"{bundle.path}: the model has no 'building' class to tune")
+    widths = _checked_grid(valleys_m, "valley widths", 0.0, None)
+    depths = _checked_grid(valley_depths, "valley depths", 1e-6, 1.0)
+    valleys: list[tuple[float, float | None]] = [(w, d) for w in widths if w for d in depths]
+    if 0.0 in widths:
+        valleys.insert(0, (0.0, None))
     preds = _predictions(bundle, scenes)
     truths = [_truth(truth, pred) for pred, (_, truth) in zip(preds, scenes, strict=True)]
     names = [pred.stem for pred in preds]
-    total = len(areas) * len(contacts) * len(preds)
+    total = len(areas) * len(contacts) * len(valleys) * len(preds)
     done = 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="geoseg-tune-") as tmp:
-        for contact in contacts:
-            for area in areas:
-                tp = fp = fn = 0
-                for i, (pred, truth) in enumerate(zip(preds, truths, strict=True)):
-                    given: dict[str, Any] = {
-                        "min_area_m2": area,
-                        "layers": {"building": "polygons"},
-                        "workers": 1,
-                    }
-                    if contact is not None:
-                        given["contact_threshold"] = contact
-                    out = Path(tmp) / f"{i}"
-                    outs = vectorize_prediction(pred.path, out, VectorizeOptions(**given))
-                    path = outs.layers["buildings"].paths["geojson"]
-                    found = gpd.read_file(path)
-                    p, t = metric_pair(found, truth)
-                    s = building_scores(_polygons(p, str(path)), list(t.geometry))
-                    tp, fp, fn = tp + s.tp, fp + s.fp, fn + s.fn
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
-                rows.append(TuneRow(area, contact, tp, fp, fn))
+        for contact, (valley, depth), area in itertools.product(contacts, valleys, areas):
+            tp = fp = fn = 0
+            for i, (pred, truth) in enumerate(zip(preds, truths, strict=True)):
+                given: dict[str, Any] = {
+                    "min_area_m2": area,
+                    "layers": {"building": "polygons"},
+                    "workers": 1,
+                }
+                if contact is not None:
+                    given["contact_threshold"] = contact
+                given["valley_m"] = valley
+                if depth is not None:
+                    given["valley_depth"] = depth
+                out = Path(tmp) / f"{i}"
+                outs = vectorize_prediction(pred.path, out, VectorizeOptions(**given))
+                path = outs.layers["buildings"].paths["geojson"]
+                found = gpd.read_file(path)
+                p, t = metric_pair(found, truth)
+                s = building_scores(_polygons(p, str(path)), list(t.geometry))
+                tp, fp, fn = tp + s.tp, fp + s.fp, fn + s.fn
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            rows.append(TuneRow(area, contact, tp, fp, fn, valley, depth))
     return TuneResult(rows, names)
 
 

@@ -243,6 +243,20 @@ def _grid(value: str | None, name: str) -> list[float] | None:
     "with a building_contact class.",
 )
 @click.option(
+    "--valley",
+    "valleys",
+    default=None,
+    metavar="LIST",
+    help="Valley-cut widths to try, m, comma-separated (default 0,1.5,2,3; 0: no cut).",
+)
+@click.option(
+    "--valley-depth",
+    "valley_depths",
+    default=None,
+    metavar="LIST",
+    help="Valley-cut depths to try, comma-separated (default 0.1).",
+)
+@click.option(
     "--bridge",
     "bridges",
     default=None,
@@ -263,12 +277,14 @@ def tune(
     road_scenes: tuple[tuple[str, str], ...],
     min_areas: str | None,
     contacts: str | None,
+    valleys: str | None,
+    valley_depths: str | None,
     bridges: str | None,
     write: bool,
     json_path: Path | None,
 ) -> None:
     """Choose BUNDLE's vectorizer settings on labelled scenes: for buildings (--scene) the
-    minimum area and contact threshold by the SpaceNet F1, for roads (--road-scene) the
+    minimum area, contact threshold and valley cut by the SpaceNet F1, for roads (--road-scene) the
     gap-bridging distance by APLS. With --write they go into model.json (the settings of the
     kind not tuned stay as they were), where predict, vectorize and pipelines use them unless
     told otherwise. Tune on data the model was trained on or on other data of your own, never
@@ -276,7 +292,15 @@ def tune(
     from geoseg.cli.evaluate import write_report
     from geoseg.cli.options import Progress
     from geoseg.models.bundle import VectorizeDefaults, load_bundle, write_spec
-    from geoseg.tune import BRIDGES_M, CONTACT_THRESHOLDS, MIN_AREAS_M2, tune_buildings, tune_roads
+    from geoseg.tune import (
+        BRIDGES_M,
+        CONTACT_THRESHOLDS,
+        MIN_AREAS_M2,
+        VALLEY_DEPTHS,
+        VALLEYS_M,
+        tune_buildings,
+        tune_roads,
+    )
 
     if not scenes and not road_scenes:
         raise click.UsageError("give at least one --scene or --road-scene")
@@ -284,11 +308,17 @@ def tune(
     areas = _grid(min_areas, "--min-area") or MIN_AREAS_M2
     thresholds = _grid(contacts, "--contact-threshold") or CONTACT_THRESHOLDS
     distances = _grid(bridges, "--bridge") or BRIDGES_M
+    widths = _grid(valleys, "--valley") or VALLEYS_M
+    depths = _grid(valley_depths, "--valley-depth") or VALLEY_DEPTHS
     echo = partial(click.echo, err=True)
     progress = Progress("vectorizing buildings", echo, unit="run")
     road_progress = Progress("vectorizing roads", echo, unit="run")
     try:
-        result = tune_buildings(b, scenes, areas, thresholds, progress) if scenes else None
+        result = (
+            tune_buildings(b, scenes, areas, thresholds, progress, widths, depths)
+            if scenes
+            else None
+        )
         roads = tune_roads(b, road_scenes, distances, road_progress) if road_scenes else None
     finally:
         progress.close()
@@ -298,16 +328,20 @@ def tune(
     update: dict[str, Any] = {}
     if result is not None:
         best = result.best
-        click.echo("min area m²  contact  F1     precision  recall  TP / FP / FN")
+        click.echo("min area m²  contact  valley m / depth  F1     precision  recall  TP / FP / FN")
         for r in result.rows:
             mark = "  <- best" if r == best else ""
             contact = "-" if r.contact_threshold is None else f"{r.contact_threshold:g}"
+            valley = f"{r.valley_m:g} / {r.valley_depth:g}" if r.valley_depth else "-"
             click.echo(
-                f"{r.min_area_m2:>11g}  {contact:>7}  {r.f1:.3f}  {r.precision:.3f}      "
-                f"{r.recall:.3f}   {r.tp} / {r.fp} / {r.fn}{mark}"
+                f"{r.min_area_m2:>11g}  {contact:>7}  {valley:>16}  {r.f1:.3f}  "
+                f"{r.precision:.3f}      {r.recall:.3f}   {r.tp} / {r.fp} / {r.fn}{mark}"
             )
         report.update(result.to_dict())
-        update.update(result.defaults().model_dump(include={"min_area_m2", "contact_threshold"}))
+        fields = {"min_area_m2", "contact_threshold"}
+        if result.valleys_tried:  # else the model's valley settings stay as they are
+            fields |= {"valley_m", "valley_depth"}
+        update.update(result.defaults().model_dump(include=fields))
         update["chosen_on"] = result.defaults().chosen_on
     if roads is not None:
         best_road = roads.best

@@ -101,6 +101,23 @@ def vectorize_options(f: Any) -> Any:
             "(default: the model's chosen value, else 0.4; lower splits more).",
         ),
         click.option(
+            "--valley",
+            "valley_m",
+            type=click.FloatRange(min=0),
+            default=None,
+            help="Also cut building pixels whose probability dips below its surroundings "
+            "within a square this many metres wide (shared walls the contact class misses): "
+            "more touching buildings told apart (default: the model's chosen value, else 0 = "
+            "off; needs the probabilities).",
+        ),
+        click.option(
+            "--valley-depth",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=None,
+            help="How deep (in probability) a dip must be for --valley to cut it (default: the "
+            "model's chosen value, else 0.1).",
+        ),
+        click.option(
             "--road-polygons/--no-road-polygons",
             default=None,
             help="Also write road polygons (<stem>.road_areas).",

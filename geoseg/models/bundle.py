@@ -104,6 +104,15 @@ class VectorizeDefaults(BaseModel):
     bridge_m: float | None = Field(
         None, ge=0, description="Join dangling road ends to a road ahead within this (m)."
     )
+    valley_m: float | None = Field(
+        None,
+        ge=0,
+        description="Cut building pixels that lie valley_depth below their closing over a "
+        "square this wide (m); 0: off.",
+    )
+    valley_depth: float | None = Field(
+        None, gt=0, le=1, description="The probability depth of a valley that valley_m cuts."
+    )
     chosen_on: str = Field(
         "", description="Where and how the building values were chosen, for the record."
     )

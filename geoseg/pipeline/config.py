@@ -315,7 +315,7 @@ class PipelineConfig(_Strict):
     vectorize: VectorizeOptions = Field(
         default_factory=VectorizeOptions,
         description="Vectorizer settings (threshold, min_area_m2, simplify_m, regularize, "
-        "spur_m, bridge_m, road_polygons, precision, chunk, halo); see "
+        "spur_m, bridge_m, valley_m, valley_depth, road_polygons, precision, chunk, halo); see "
         "geoseg.vectorize.VectorizeOptions.",
     )
     outputs: Outputs
@@ -376,9 +376,12 @@ class PipelineConfig(_Strict):
                 | ({"backend"} if self.predict.backend == "auto" else set())
                 | ({"max_resample_ratio"} if self.predict.max_resample_ratio == 8.0 else set()),
             ),
-            # bridge_m only when set: pipelines hashed before it existed keep their hash
+            # bridge_m and the valley cut only when set: pipelines hashed before they existed
+            # keep their hash
             "vectorize": vectorize.model_dump(
-                mode="json", exclude={"bridge_m"} if not vectorize.bridge_m else set()
+                mode="json",
+                exclude=({"bridge_m"} if not vectorize.bridge_m else set())
+                | ({"valley_m", "valley_depth"} if not vectorize.valley_m else set()),
             ),
             # compress only when set: pipelines hashed before it existed keep their hash
             "outputs": self.outputs.model_dump(

@@ -84,6 +84,22 @@ class VectorizeOptions(BaseModel):
         "best for the earlier demo model on a training part of Banepa (F1 0.502, against 0.486 "
         "at 0.5); for the six-city model the held-out data gave no better value.",
     )
+    valley_m: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Also cut out of buildings the pixels where the building probability lies "
+        "at least valley_depth below its closing (grey-level) over a square this wide (m): the "
+        "thin dips along shared walls and narrow gaps that the contact class misses, so that "
+        "touching buildings become separate polygons; 0 = off. Needs the probabilities; off "
+        "when split_touching is false.",
+    )
+    valley_depth: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=1.0,
+        description="How far (in probability) below its surroundings a pixel must lie to be cut "
+        "with valley_m.",
+    )
     road_polygons: bool = Field(
         default=False,
         description="Also write polygons of centerline classes (<class>_areas).",

@@ -20,7 +20,7 @@ from geoseg.vectorize.export import render_geojson
 from geoseg.vectorize.features import FeatureBatch, stable_ids
 from geoseg.vectorize.geometry import Frames
 from geoseg.vectorize.regularize import regularize_polygons
-from geoseg.vectorize.source import Prediction, read_class
+from geoseg.vectorize.source import Prediction, read_class, read_valleys
 from geoseg.vectorize.trace import trace_polygons
 
 __all__ = ["ChunkPolygons", "Pieces", "PolygonJob", "finish_polygons", "polygonize_chunk"]
@@ -46,6 +46,9 @@ class PolygonJob:
     also: tuple[str, ...] = ()
     #: (class, probability): pixels where that class is at least that likely are cut out
     cut: tuple[str, float] | None = None
+    #: (square side in pixels, odd; depth): pixels in valleys of the class's probability that
+    #: deep are cut out (:func:`geoseg.vectorize.source.read_valleys`)
+    valley: tuple[int, float] | None = None
 
 
 @dataclass
@@ -116,6 +119,8 @@ def polygonize_chunk(
 ) -> ChunkPolygons:
     """Polygonize one chunk core; ``seams``: which sides (top, bottom, left, right) are seams."""
     cw = read_class(job.pred, job.cls, core, job.threshold, job.also, job.cut)
+    if job.valley is not None:
+        cw.fg &= ~read_valleys(job.pred, job.cls, core, *job.valley)
     origin = (int(core.row_off), int(core.col_off))
     labels, n = ndimage.label(cw.fg)
     if n == 0:

@@ -37,7 +37,7 @@ from geoseg.vectorize.centerlines import (
     with_context,
 )
 from geoseg.vectorize.export import LayerWriter
-from geoseg.vectorize.geometry import frames_for
+from geoseg.vectorize.geometry import Frames, frames_for
 from geoseg.vectorize.options import CONTACT_CLASS, LayerOutput, VectorizeOptions, VectorizeOutputs
 from geoseg.vectorize.polygons import ChunkPolygons, PolygonJob, finish_polygons, polygonize_chunk
 from geoseg.vectorize.seams import SeamMerger
@@ -152,6 +152,26 @@ def _contact(
     return (), (CONTACT_CLASS, options.contact_threshold)
 
 
+def _valley(
+    pred: Prediction, cls: str, frames: Frames, options: VectorizeOptions
+) -> tuple[int, float] | None:
+    """(square side in pixels, odd, at least 3; depth) of the valley cut for buildings, from
+    ``valley_m`` in this raster's pixels; None when off, when touching buildings are merged
+    (``split_touching`` false) or without probabilities."""
+    if cls != "building" or not options.valley_m or not options.split_touching:
+        return None
+    if pred.probs is None:
+        log.warning(
+            "%s: valley_m needs the class probabilities (a .probs.tif); buildings are not "
+            "cut along valleys",
+            redact(pred.path),
+        )
+        return None
+    px = sum(frames.pixel_m) / 2
+    side = max(3, round(options.valley_m / px))
+    return side + 1 - side % 2, options.valley_depth
+
+
 def _layer_plan(pred: Prediction, options: VectorizeOptions) -> list[tuple[str, str, str]]:
     """(class, layer name, kind) for every layer to write."""
     plan: list[tuple[str, str, str]] = []
@@ -216,12 +236,15 @@ class _Vectorization:
                     options.precision,
                     len(options.formats) > 1,
                     *_contact(pred, cls, options),
+                    _valley(pred, cls, frames, options),
                 )
                 self.jobs[layer] = pj
+                # a valley cut reads the closing's reach around the core
+                reach = pj.valley[0] - 1 if pj.valley is not None else 0
                 for ch in grid:
                     seams = (ch.row > 0, ch.row < rows - 1, ch.col > 0, ch.col < cols - 1)
                     self.tasks.append((layer, polygonize_chunk, (pj, ch.index, ch.core, seams)))
-                    self.reads.append(ch.core)
+                    self.reads.append(with_context(ch.core, reach) if reach else ch.core)
             else:
                 cj = CenterlineJob(
                     pred,
