@@ -92,8 +92,10 @@ def test_the_averaged_bundle_is_the_mean_of_the_kept_epochs_with_batchnorm_measu
     # the mean of the epochs' statistics is replaced by those of the averaged network
     assert any(not torch.allclose(got[k], mean[k], rtol=1e-3, atol=1e-4) for k in stats)
     assert 0 <= avg.score <= 1 and set(avg.val_iou) == {"background", "building", "road"}
-    # the best epoch's bundle is still the run's bundle
+    # the best epoch's bundle is still the run's bundle; the averaged one says what it is
     assert result.bundle.path == tmp_path / "model"
+    assert "mean of those after epochs 2-3" in avg.bundle.spec.description
+    assert "mean of" not in result.bundle.spec.description
 
 
 def test_an_averaging_run_stopped_and_resumed_averages_the_same_weights(tmp_path: Path) -> None:

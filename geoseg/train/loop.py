@@ -436,16 +436,19 @@ class _Trainer:
         measure_batchnorm(self.net, batches, self.device, self.autocast)
         _, named, score, by_scene = self._validate()
         out = averaged_out(self.cfg.out)
+        first, last = o.average_from_epoch, o.epochs
+        left_out = f" (left out, without kept weights: {missing})" if missing else ""
+        note = f"Its weights are the mean of those after epochs {first}-{last}{left_out}."
+        spec = self.prep.spec
+        spec = spec.model_copy(update={"description": f"{spec.description} {note}".strip()})
         save_bundle(
-            self.prep.spec,
+            spec,
             self.module.state_dict(),
             out,
             dtype=_torch_dtype(self.cfg.weights_dtype),
         )
         bundle = _store_seamless_halo(load_bundle(out), self.cfg)
-        return AveragedResult(
-            bundle, o.average_from_epoch, o.epochs, score, named, by_scene, missing
-        )
+        return AveragedResult(bundle, first, last, score, named, by_scene, missing)
 
 
 def _torch_dtype(name: str) -> torch.dtype | None:
