@@ -41,8 +41,9 @@ under ``.gpu_pack`` into /tmp (wheels installed with pip into /tmp/site, data
 copied to /tmp/geoseg-gpu), and once all parts are staged, trains: ``python3 -m geoseg train``
 with a hard deadline (SIGTERM: the trainer finishes its batch, saves and exits 130; the best
 epoch's bundle is already written), then copies the bundle (model.json, fp16
-weights.safetensors), the log and the history (the checkpoint's state.json) to ``$OUT`` and
-runs ``python3 -m geoseg model info`` on it.
+weights.safetensors; with ``optim.average_from_epoch`` also the averaged bundle), the log and
+the history (the checkpoint's state.json) to ``$OUT`` and runs ``python3 -m geoseg model info``
+on it.
 
 Protocol when a GPU machine is at hand (files under /tmp survive only between calls made
 back to back while the machine is held: about 30 s; make the calls one after the other)::
@@ -57,7 +58,8 @@ back to back while the machine is held: about 30 s; make the calls one after the
     {"command": "python3 benchmarks/gpu_train.py run",
      "carry": [".gpu_pack/part3"], "timeout_s": 570}
     # the last call trains; $OUT/ comes back with model/ (model.json, weights.safetensors),
-    # train.log, history.json, model_info.txt and run.json. Copy model/ to its place here.
+    # model-averaged/ for a config that averages epochs, train.log, history.json,
+    # model_info.txt and run.json. Copy model/ to its place here.
     # Then release the machine. GPU time: its start (1-2 min), the staging calls (under a
     # minute each, mostly pip) and the training call (at most 9 min): 12-13 minutes.
 
@@ -822,7 +824,8 @@ def finish(
     seconds: float,
     info: str,
 ) -> int:
-    """Copy the bundle, history and a summary to ``out``; run ``geoseg model info``."""
+    """Copy the bundle (and the averaged one, when the config averages epochs), history and a
+    summary to ``out``; run ``geoseg model info``."""
     bundle = folder / "model"
     history: list[dict[str, Any]] = []
     state = folder / "checkpoint" / "state" / "state.json"
@@ -846,6 +849,13 @@ def finish(
         (out / "model_info.txt").write_text(text)
         print(text, end="")
         shipped = r.returncode == 0
+    averaged = folder / "model-averaged"  # a config with optim.average_from_epoch
+    if shipped and all(
+        (averaged / name).exists() for name in ("model.json", "weights.safetensors")
+    ):
+        (out / "model-averaged").mkdir(exist_ok=True)
+        for name in ("model.json", "weights.safetensors"):
+            shutil.copyfile(averaged / name, out / "model-averaged" / name)
     best = max(history, key=lambda h: h.get("score") or -1.0, default=None)
     summary = {
         "exit_code": code,  # 0: all epochs and the halo measurement done; 130: stopped, saved

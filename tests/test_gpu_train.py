@@ -237,6 +237,23 @@ def test_run_refuses_without_all_parts(gt: ModuleType, tmp_path: Path) -> None:
     assert (tmp_path / "stage" / "run-abc" / gt.DERIVED).exists()
 
 
+def test_finish_brings_back_the_bundle_and_the_averaged_one(gt: ModuleType, tmp_path: Path) -> None:
+    import shutil
+
+    folder, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    shutil.copytree(REPO / "data_samples" / "model", folder / "model")
+    env = dict(os.environ)
+    assert gt.finish(folder, out, env, 0, False, 1.0, "cpu") == 0
+    assert (out / "model" / "weights.safetensors").exists()
+    assert not (out / "model-averaged").exists()
+    shutil.copytree(REPO / "data_samples" / "model", folder / "model-averaged")
+    assert gt.finish(folder, out, env, 0, False, 1.0, "cpu") == 0
+    assert (out / "model-averaged" / "model.json").read_bytes() == (
+        folder / "model-averaged" / "model.json"
+    ).read_bytes()
+
+
 def _imported_distributions(imports: Path) -> set[str]:
     """Distributions of the top-level modules an ``-X importtime`` log shows, that import here
     (failed optional imports show too) and are not the standard library's."""
