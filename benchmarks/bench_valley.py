@@ -24,7 +24,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_real import BUILDING_SCENES, REPO, evaluate, geoseg  # noqa: E402
+from eval_real import (  # noqa: E402
+    BUILDING_SCENES,
+    BUILDING_STEMS,
+    REPO,
+    building_truth,
+    evaluate,
+    geoseg,
+)
 
 from geoseg.evaluate import evaluate_buildings  # noqa: E402
 
@@ -40,13 +47,11 @@ def main() -> None:
     pred = args.out / "pred"
     demo = REPO / "data_samples"
     geoseg("predict", str(demo / "banepa_rgb.tif"), "--model", str(args.model), "--out", str(pred))
-    austin = args.shared / "data" / "real" / "austin_buildings_rgb"
     truths = {
-        "banepa_east": args.out / "banepa_truth.geojson",
-        "aerial_sample": austin / "aerial_sample_buildings_from_mask.DERIVED.geojson",
-        "atlanta_east": args.out / "atlanta_truth.geojson",
-        "banepa_rgb": demo / "banepa_buildings.geojson",
+        BUILDING_STEMS[name]: building_truth(args.shared / "data", args.out, name)
+        for name in BUILDING_SCENES
     }
+    truths["banepa_rgb"] = demo / "banepa_buildings.geojson"
     rows = []
     for setting in args.grid.split(","):
         width, _, depth = setting.partition(":")

@@ -209,6 +209,12 @@ SCENES = (
 )
 #: The scenes with building polygons (F1 with touching buildings merged, too).
 BUILDING_SCENES = ("banepa_east", "austin", "atlanta_east")
+#: The file stem of each building scene's prediction (Austin's image keeps its own name).
+BUILDING_STEMS = {
+    "banepa_east": "banepa_east",
+    "austin": "aerial_sample",
+    "atlanta_east": "atlanta_east",
+}
 #: Images of a scene of several files are keyed "scene/stem" in :func:`cut_scenes`.
 RIO_HOLDOUT = ("img63", "img64")
 #: Dubai's held-out tile, its colours (see data_samples/train_cities.yml), and the ground
@@ -254,6 +260,19 @@ def pooled_iou(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
     inter = sum(int(np.count_nonzero(p & t & k)) for p, t, k in pairs)
     union = sum(int(np.count_nonzero((p | t) & k)) for p, t, k in pairs)
     return inter / union if union else float("nan")
+
+
+def building_truth(data: Path, out: Path, name: str) -> Path:
+    """The true footprints of building scene ``name`` (among :data:`BUILDING_SCENES`):
+    Austin's in ``data``, the held-out parts' as :func:`evaluate` clips them into ``out``."""
+    if name == "austin":
+        return (
+            data
+            / "real"
+            / "austin_buildings_rgb"
+            / "aerial_sample_buildings_from_mask.DERIVED.geojson"
+        )
+    return out / f"{name.split('_')[0]}_truth.geojson"
 
 
 def cut_scenes(data: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]:
@@ -327,16 +346,11 @@ def evaluate(
     )
     predict_s = time.perf_counter() - t0
     merged = out / "merged"
-    stems = {
-        "banepa_east": "banepa_east",
-        "austin": "aerial_sample",
-        "atlanta_east": "atlanta_east",
-    }
     buildings = [n for n in BUILDING_SCENES if n in scenes]
     if buildings:
         geoseg(
             "vectorize",
-            *(str(pred / f"{stems[n]}.probs.tif") for n in buildings),
+            *(str(pred / f"{BUILDING_STEMS[n]}.probs.tif") for n in buildings),
             "--out",
             str(merged),
             "--merge-touching",
@@ -353,14 +367,13 @@ def evaluate(
         truth = clip_truth(
             banepa / "banepa_osm_buildings.geojson",
             scenes["banepa_east"],
-            out / "banepa_truth.geojson",
+            building_truth(data, out, "banepa_east"),
         )
         t_mask = truth_mask(truth, scenes["banepa_east"])
         m = pred / "banepa_east.mask.tif"
-        b = evaluate_buildings(pred / "banepa_east.buildings.geojson", out / "banepa_truth.geojson")
-        bm = evaluate_buildings(
-            merged / "banepa_east.buildings.geojson", out / "banepa_truth.geojson"
-        )
+        b_poly = building_truth(data, out, "banepa_east")
+        b = evaluate_buildings(pred / "banepa_east.buildings.geojson", b_poly)
+        bm = evaluate_buildings(merged / "banepa_east.buildings.geojson", b_poly)
         scores["banepa_east"] = {
             "truth_buildings": len(truth),
             "building_iou": pixel_iou(
@@ -374,7 +387,7 @@ def evaluate(
         with rasterio.open(austin / "aerial_sample_gt_mask.tif") as src:
             a_truth = src.read(1) > 0
         am = pred / "aerial_sample.mask.tif"
-        a_poly = austin / "aerial_sample_buildings_from_mask.DERIVED.geojson"
+        a_poly = building_truth(data, out, "austin")
         scores["austin"] = {
             "building_iou": pixel_iou(
                 predicted(am, classes, ("building", "building_contact")), a_truth
@@ -387,7 +400,7 @@ def evaluate(
             ).to_dict(),
         }
     if "atlanta_east" in scenes:
-        atl_truth = out / "atlanta_truth.geojson"
+        atl_truth = building_truth(data, out, "atlanta_east")
         truth = clip_truth(
             data / "real" / "atlanta_buildings_rgb" / "atlanta_sn4_nadir10_buildings.geojson",
             scenes["atlanta_east"],

@@ -106,32 +106,28 @@ def measure_batchnorm(
     batches: Iterable[torch.Tensor],
     device: torch.device,
     autocast: torch.dtype | None,
-) -> int:
+) -> None:
     """Replace the running statistics of every BatchNorm layer of ``net`` by their mean over
     ``batches`` (images only, forward passes without gradients); every other layer stays in
-    eval mode (no dropout or stochastic depth). Returns the number of images seen; ``net`` is
-    left in eval mode."""
+    eval mode (no dropout or stochastic depth). ``net`` is left in eval mode."""
     import torch
 
     norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     net.eval()
     if not norms:
-        return 0
+        return
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative mean over the batches
         m.train()
-    seen = 0
     dtype = autocast or torch.float32
     try:
         with torch.no_grad():
             for x in batches:
                 with torch.autocast(device.type, dtype=dtype, enabled=autocast is not None):
                     net(x.to(device))
-                seen += int(x.shape[0])
     finally:
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
         net.eval()
-    return seen
