@@ -416,16 +416,14 @@ class _Trainer:
                 self.ckpt.path / "epochs",
                 ", ".join(map(str, missing)),
             )
-        kept = [f for f in files.values() if f.is_file()]
+        kept = [f for e, f in files.items() if e + 1 not in missing]
         if not kept:
             raise ModelError(f"{self.ckpt.path}: no kept epoch weights to average")
         self.module.load_state_dict(mean_weights(kept), strict=True)
         self.module.to(self.device)
-        chips = (
-            random_chips(self.cfg, self.prep, o.epochs)
-            if self.random_sampling
-            else (self.train_chips)
-        )
+        chips = self.train_chips
+        if self.random_sampling:  # a draw that no epoch trained on
+            chips = random_chips(self.cfg, self.prep, o.epochs)
         cpu = torch.device("cpu")
         batches = (
             chip_tensors(self.prep, batch, cpu, c.size, self.cache)[0].contiguous(
