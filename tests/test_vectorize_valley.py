@@ -3,7 +3,6 @@ shared wall that the contact class misses, the same in tiles as in one piece."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +22,7 @@ from tests.conftest import write_tif
 from tests.test_model_vectorize import PIPELINE
 from tests.test_predict import IdentityFactory
 from tests.test_vectorize_stream import features, probability_scene
-from tests.vectorize_helpers import CLASSES, TILED, UTM, UTM_TRANSFORM
-
-
-def _tags(stem: str, model: str = "m@0123456789ab") -> dict[str, str]:
-    return {
-        "GEOSEG_CLASSES": json.dumps(CLASSES),
-        "GEOSEG_MODEL": model,
-        "GEOSEG_SCENE": f"{stem}.tif",
-    }
+from tests.vectorize_helpers import TILED, UTM, UTM_TRANSFORM, tags
 
 
 def _terrace(tmp: Path, model: str = "m@0123456789ab") -> Path:
@@ -50,7 +41,7 @@ def _terrace(tmp: Path, model: str = "m@0123456789ab") -> Path:
         np.round(probs * 255).astype(np.uint8),
         crs=UTM,
         transform=UTM_TRANSFORM,
-        tags=_tags("terrace", model),
+        tags=tags("terrace", model),
         **TILED,
     )
 
@@ -88,7 +79,7 @@ def _field(tmp: Path, seed: int = 0) -> Path:
         np.round(probs * 255).astype(np.uint8),
         crs=UTM,
         transform=UTM_TRANSFORM,
-        tags=_tags("field"),
+        tags=tags("field"),
         **TILED,
     )
 
@@ -163,7 +154,7 @@ def test_cli_and_pipelines_take_the_valley_cut(tmp_path: Path) -> None:
         crs=UTM,
         transform=UTM_TRANSFORM,
         nodata=255,
-        tags=_tags("terrace"),
+        tags=tags("terrace"),
         **TILED,
     )
     res = CliRunner().invoke(

@@ -28,10 +28,10 @@ DATA = next(
 )
 
 
-def tags(stem: str) -> dict[str, str]:
+def tags(stem: str, model: str = "unet@0123456789ab") -> dict[str, str]:
     return {
         "GEOSEG_CLASSES": json.dumps(CLASSES),
-        "GEOSEG_MODEL": "unet@0123456789ab",
+        "GEOSEG_MODEL": model,
         "GEOSEG_SCENE": f"{stem}.tif",
     }
 
