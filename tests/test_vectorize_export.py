@@ -168,13 +168,15 @@ def test_options_forbid_unknown_fields() -> None:
     assert VectorizeOptions(formats=("gpkg",)).formats == ("geojson", "gpkg")
 
 
-def test_polygons_geos_cannot_snap_are_made_valid_not_a_crash() -> None:
+def test_polygons_geos_cannot_snap_are_made_valid_not_a_crash(tmp_path: Path) -> None:
     """A traced polygon can self-intersect once in lon/lat (near-touching vertices move a
     little differently); GEOS's set_precision then raises "side location conflict". Found by
-    benchmarks/bench_outputs.py on a synthetic 8192² scene: the whole vectorize failed."""
+    benchmarks/bench_outputs.py on a synthetic 8192² scene: the whole vectorize failed. Such a
+    polygon was then written with a geometry object in place of its coordinates, which GDAL
+    read as a null geometry (found on a dense town, benchmarks/montenegro.py)."""
     import shapely
 
-    from geoseg.vectorize.export import _coordinate_lists, snap_to_grid
+    from geoseg.vectorize.export import _geometries, snap_to_grid
 
     wkt = (
         "POLYGON ((15.015890239339006 45.14642235385251, 15.015924588746756 45.146438552119825, "
@@ -190,5 +192,20 @@ def test_polygons_geos_cannot_snap_are_made_valid_not_a_crash() -> None:
     snapped = snap_to_grid(np.array([ok, bad]), 1e-7)
     assert snapped[0].equals(shapely.set_precision(ok, 1e-7))
     assert snapped[1].is_valid and abs(snapped[1].area / bad.area - 1) < 0.05
-    coords = _coordinate_lists(np.array([ok, bad]), 7)
-    assert coords is not None and len(coords) == 2
+    geoms = _geometries(np.array([ok, bad]), 7, "Polygon")
+    assert geoms is not None and len(geoms) == 2
+    assert geoms[0] == {
+        "type": "Polygon",
+        "coordinates": [[[15.0, 45.0], [15.0001, 45.0], [15.0001, 45.0001], [15.0, 45.0]]],
+    }
+    # the snapped one is a whole geometry object, valid, with (nearly) the traced area
+    written = shapely.from_geojson(json.dumps(geoms[1]))
+    assert written.is_valid and abs(written.area / bad.area - 1) < 0.05
+    # and GDAL reads both (a geometry object nested in "coordinates" came back as null)
+    path = tmp_path / "snapped.geojson"
+    features = [
+        {"type": "Feature", "properties": {"i": i}, "geometry": g} for i, g in enumerate(geoms)
+    ]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    back = pyogrio.read_dataframe(path)
+    assert len(back) == 2 and back.geometry.notna().all() and back.geometry.is_valid.all()

@@ -40,12 +40,13 @@ def _column_values(col: np.ndarray) -> list[Any]:
     return [None if isinstance(v, float) and math.isnan(v) else v for v in out]
 
 
-def _coordinate_lists(g: np.ndarray, precision: int) -> list[Any] | None:
-    """GeoJSON ``coordinates`` of each geometry, rounded to ``precision`` decimals.
+def _geometries(g: np.ndarray, precision: int, geometry_type: str) -> list[Any] | None:
+    """GeoJSON geometry objects of ``g``, coordinates rounded to ``precision`` decimals.
 
-    All geometries must be non-empty polygons or all linestrings; returns None otherwise.
-    Coordinates are rounded with numpy (no GEOS snapping); a geometry that rounding would make
-    invalid is snapped to the grid with :func:`shapely.set_precision` instead.
+    All geometries must be non-empty polygons or all linestrings (``geometry_type``); returns
+    None otherwise. Coordinates are rounded with numpy (no GEOS snapping); a geometry that
+    rounding would make invalid is snapped to the grid with :func:`shapely.set_precision`
+    instead, and written as what that gives (a polygon may become a multipolygon).
     """
     types = shapely.get_type_id(g)
     if len(g) == 0 or not ((types == 3).all() or (types == 1).all()):
@@ -55,13 +56,15 @@ def _coordinate_lists(g: np.ndarray, precision: int) -> list[Any] | None:
     rounded = shapely.from_ragged_array(kind, coords, offsets)
     bad = np.flatnonzero(~shapely.is_valid(rounded))
     xy: list[Any] = coords.tolist()
+    parts: list[Any]
     if kind == shapely.GeometryType.LINESTRING:
         (ends,) = offsets
-        out = [xy[a:b] for a, b in zip(ends[:-1].tolist(), ends[1:].tolist(), strict=True)]
+        parts = [xy[a:b] for a, b in zip(ends[:-1].tolist(), ends[1:].tolist(), strict=True)]
     else:
         rings, polys = offsets
         ring_xy = [xy[a:b] for a, b in zip(rings[:-1].tolist(), rings[1:].tolist(), strict=True)]
-        out = [ring_xy[a:b] for a, b in zip(polys[:-1].tolist(), polys[1:].tolist(), strict=True)]
+        parts = [ring_xy[a:b] for a, b in zip(polys[:-1].tolist(), polys[1:].tolist(), strict=True)]
+    out: list[Any] = [{"type": geometry_type, "coordinates": c} for c in parts]
     if len(bad):
         snapped = snap_to_grid(g[bad], 10.0**-precision)
         if kind == shapely.GeometryType.POLYGON:
@@ -112,15 +115,12 @@ def render_geojson(
         g = shapely.orient_polygons(g, exterior_cw=False)
     keep = ~shapely.is_empty(g)
     g = g[keep]
-    coords = _coordinate_lists(g, precision)
-    geometries: list[Any]
-    if coords is None:
+    geometries = _geometries(g, precision, geometry_type)
+    if geometries is None:
         snapped = snap_to_grid(g, 10.0**-precision)
         if geometry_type == "Polygon":
             snapped = shapely.orient_polygons(snapped, exterior_cw=False)
         geometries = [None if t is None else json.loads(t) for t in shapely.to_geojson(snapped)]
-    else:
-        geometries = [{"type": geometry_type, "coordinates": c} for c in coords]
     names = list(batch.columns)
     cols = [_column_values(batch.columns[n][keep]) for n in names]
     ids = cols[names.index("id")] if "id" in names else [None] * len(geometries)
