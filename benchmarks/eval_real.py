@@ -13,7 +13,9 @@ keep out of training, runs
 - SpaceNet 1 Rio de Janeiro, chips img63 and img64 (the southern strip): building pixel IoU
   (its masks merge touching buildings), black off-image corners left out;
 - Dubai, tile 2 (9 JPEGs without a georeference, written as GeoTIFFs at the estimated 0.6 m):
-  building pixel IoU over the labelled pixels.
+  building pixel IoU over the labelled pixels;
+- Montenegro, Brazil (0.35 m aerial, a dense town that no training saw; fetched once from the
+  package registry by ``benchmarks/montenegro.py``): building pixel IoU and F1.
 
     python benchmarks/eval_real.py data_samples/model [--out bench_out/eval] [--shared ../shared]
         [--scenes banepa_east,austin] [--predict-args='--tta flips']
@@ -36,6 +38,7 @@ from typing import Any
 import geopandas as gpd
 import numpy as np
 import rasterio
+from montenegro import fetch as fetch_montenegro
 from rasterio.features import rasterize
 from rasterio.windows import Window
 from shapely.geometry import box
@@ -206,14 +209,16 @@ SCENES = (
     "atlanta_east",
     "rio_holdout",
     "dubai_tile2",
+    "montenegro",
 )
 #: The scenes with building polygons (F1 with touching buildings merged, too).
-BUILDING_SCENES = ("banepa_east", "austin", "atlanta_east")
+BUILDING_SCENES = ("banepa_east", "austin", "atlanta_east", "montenegro")
 #: The file stem of each building scene's prediction (Austin's image keeps its own name).
 BUILDING_STEMS = {
     "banepa_east": "banepa_east",
     "austin": "aerial_sample",
     "atlanta_east": "atlanta_east",
+    "montenegro": "montenegro_rgb",
 }
 #: Images of a scene of several files are keyed "scene/stem" in :func:`cut_scenes`.
 RIO_HOLDOUT = ("img63", "img64")
@@ -264,7 +269,10 @@ def pooled_iou(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
 
 def building_truth(data: Path, out: Path, name: str) -> Path:
     """The true footprints of building scene ``name`` (among :data:`BUILDING_SCENES`):
-    Austin's in ``data``, the held-out parts' as :func:`evaluate` clips them into ``out``."""
+    Austin's in ``data``, Montenegro's where :func:`fetch_montenegro` keeps them, the held-out
+    parts' as :func:`evaluate` clips them into ``out``."""
+    if name == "montenegro":
+        return fetch_montenegro()[1]
     if name == "austin":
         return (
             data
@@ -308,6 +316,8 @@ def cut_scenes(data: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]
         for jpg in sorted(tile.glob("*.jpg")):
             dst = out / f"dubai_{DUBAI_TILE}_{jpg.stem}.tif"
             scenes[f"dubai_tile2/{jpg.stem}"] = georeference_jpeg(jpg, dst, DUBAI_GSD_M)
+    if "montenegro" in names:
+        scenes["montenegro"] = fetch_montenegro()[0]
     return scenes
 
 
@@ -420,6 +430,25 @@ def evaluate(
                 merged / "atlanta_east.buildings.geojson", atl_truth
             ).to_dict(),
         }
+    if "montenegro" in scenes:  # no training there
+        mn_truth = building_truth(data, out, "montenegro")
+        with rasterio.open(scenes["montenegro"]) as src:
+            mn_crs = src.crs
+        truth = gpd.read_file(mn_truth).to_crs(mn_crs)
+        m = pred / "montenegro_rgb.mask.tif"
+        scores["montenegro"] = {
+            "truth_buildings": len(truth),
+            "building_iou": pixel_iou(
+                predicted(m, classes, ("building", "building_contact")),
+                truth_mask(truth, scenes["montenegro"]),
+            ),
+            "f1_split": evaluate_buildings(
+                pred / "montenegro_rgb.buildings.geojson", mn_truth
+            ).to_dict(),
+            "f1_merged": evaluate_buildings(
+                merged / "montenegro_rgb.buildings.geojson", mn_truth
+            ).to_dict(),
+        }
     rio = [k for k in scenes if k.startswith("rio_holdout/")]
     if rio:  # building masks merge touching buildings: pixel IoU only
         pairs = []
@@ -492,6 +521,13 @@ def score_rows(scores: dict[str, Any]) -> list[tuple[str, float]]:
             ("Atlanta east: building IoU", at["building_iou"]),
             ("Atlanta east: F1, touching split", at["f1_split"]["f1"]),
             ("Atlanta east: F1, touching merged", at["f1_merged"]["f1"]),
+        ]
+    if "montenegro" in scores:
+        mn = scores["montenegro"]
+        rows += [
+            ("Montenegro: building IoU", mn["building_iou"]),
+            ("Montenegro: F1, touching split", mn["f1_split"]["f1"]),
+            ("Montenegro: F1, touching merged", mn["f1_merged"]["f1"]),
         ]
     if "rio_holdout" in scores:
         rows.append(("Rio img63-64: building IoU", scores["rio_holdout"]["building_iou"]))
