@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -30,6 +32,11 @@ SHA256 = "0aaa2f4d97fc38ef345464460fc81ba5c51716cf5285a02eb2d062e76759ee36"
 INSIDE = "pytorch_segmentation_models_trainer-1.4.0/tests/testing_data/data/build_masks_data/"
 TILES = INSIDE + "images/Ortoimagem_MI_2970-1-SO/"
 IMAGE, TRUTH = "montenegro_rgb.tif", "montenegro_buildings.geojson"
+#: Ten more images of the same 0.35 m orthoimagery (PNG, not georeferenced; image10 lies about
+#: 35 km south-west of Montenegro, the others could not be placed, and none is part of the
+#: Montenegro block), each with a building mask (0/255): kept in ``<dest>/chips/`` for
+#: training experiments, never for measuring.
+CHIPS = "pytorch_segmentation_models_trainer-1.4.0/tests/testing_data/data/"
 
 
 def _download(tmp: Path) -> Path:
@@ -62,8 +69,8 @@ def fetch(
     from rasterio.merge import merge
     from shapely.geometry import box
 
-    image, truth = dest / IMAGE, dest / TRUTH
-    if image.exists() and truth.exists():
+    image, truth, chips = dest / IMAGE, dest / TRUTH, dest / "chips"
+    if image.exists() and truth.exists() and chips.exists():
         return image, truth
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as t:
@@ -77,6 +84,9 @@ def fetch(
                 and (
                     m.name == INSIDE + "buildings.geojson"
                     or (m.name.startswith(TILES) and m.name.endswith(".tif"))
+                    or re.fullmatch(
+                        re.escape(CHIPS) + r"(images/image|labels/label)\d+\.png", m.name
+                    )
                 )
             ]
             tar.extractall(tmp, members=members, filter="data")
@@ -111,8 +121,18 @@ def fetch(
         polygons = polygons[~polygons.geometry.is_empty][["geometry"]]
         part_truth = tmp / TRUTH
         polygons.to_crs("EPSG:4326").to_file(part_truth, driver="GeoJSON")
+        part_chips = tmp / "chips"
+        for folder in ("images", "labels"):
+            (part_chips / folder).mkdir(parents=True)
+            for png in (tmp / CHIPS / folder).glob("*.png"):
+                os.replace(png, part_chips / folder / png.name)
+        if len(list((part_chips / "images").glob("*.png"))) != 10:
+            raise SystemExit(f"{path}: expected 10 training images with masks")
         os.replace(part, image)
         os.replace(part_truth, truth)
+        if chips.exists():
+            shutil.rmtree(chips)
+        os.replace(part_chips, chips)
     return image, truth
 
 
