@@ -6,8 +6,10 @@ The data ship in the source archive of the PyPI package ``pytorch-segmentation-m
 build_masks_data/``): 12 orthoimage tiles of about 571 x 571 px (EPSG:31982, 0.35 m) that
 form one 3 x 4 block of about 600 x 800 m, and 520 building polygons over it. :func:`fetch`
 downloads the archive once (pinned by its SHA-256, from the package registry), mosaics the
-tiles into one GeoTIFF and clips the polygons to it. Nothing of it is committed; a few
-buildings are not labelled.
+tiles into one GeoTIFF and clips the polygons to it; it also keeps ten other images of the
+same imagery with their building masks in ``<dest>/chips/`` (for the training experiments
+``data_samples/train_cities_brazil*.yml``). Nothing of it is committed; a few buildings are
+not labelled.
 
     python benchmarks/montenegro.py [--dest bench_out/montenegro]
 """
