@@ -283,6 +283,28 @@ def building_truth(data: Path, out: Path, name: str) -> Path:
     return out / f"{name.split('_')[0]}_truth.geojson"
 
 
+def polygon_scores(
+    name: str, truth: gpd.GeoDataFrame, image: Path, data: Path, out: Path, classes: list[str]
+) -> dict[str, Any]:
+    """Building pixel IoU (building and contact pixels) and SpaceNet F1, touching buildings
+    split and merged, of building scene ``name`` (its truth ``truth``, on ``image``'s CRS),
+    from the predictions that :func:`evaluate` writes into ``out``."""
+    from geoseg.evaluate import evaluate_buildings
+
+    stem, truth_path = BUILDING_STEMS[name], building_truth(data, out, name)
+    mask = predicted(out / "pred" / f"{stem}.mask.tif", classes, ("building", "building_contact"))
+    return {
+        "truth_buildings": len(truth),
+        "building_iou": pixel_iou(mask, truth_mask(truth, image)),
+        "f1_split": evaluate_buildings(
+            out / "pred" / f"{stem}.buildings.geojson", truth_path
+        ).to_dict(),
+        "f1_merged": evaluate_buildings(
+            out / "merged" / f"{stem}.buildings.geojson", truth_path
+        ).to_dict(),
+    }
+
+
 def cut_scenes(data: Path, out: Path, names: tuple[str, ...]) -> dict[str, Path]:
     """The held-out parts named ``names`` (among :data:`SCENES`), cut into ``out``."""
     banepa = data / "open" / "banepa_buildings_rgb"
@@ -379,20 +401,13 @@ def evaluate(
             scenes["banepa_east"],
             building_truth(data, out, "banepa_east"),
         )
-        t_mask = truth_mask(truth, scenes["banepa_east"])
-        m = pred / "banepa_east.mask.tif"
-        b_poly = building_truth(data, out, "banepa_east")
-        b = evaluate_buildings(pred / "banepa_east.buildings.geojson", b_poly)
-        bm = evaluate_buildings(merged / "banepa_east.buildings.geojson", b_poly)
-        scores["banepa_east"] = {
-            "truth_buildings": len(truth),
-            "building_iou": pixel_iou(
-                predicted(m, classes, ("building", "building_contact")), t_mask
-            ),
-            "building_iou_without_contact": pixel_iou(predicted(m, classes, ("building",)), t_mask),
-            "f1_split": b.to_dict(),
-            "f1_merged": bm.to_dict(),
-        }
+        scores["banepa_east"] = polygon_scores(
+            "banepa_east", truth, scenes["banepa_east"], data, out, classes
+        )
+        scores["banepa_east"]["building_iou_without_contact"] = pixel_iou(
+            predicted(pred / "banepa_east.mask.tif", classes, ("building",)),
+            truth_mask(truth, scenes["banepa_east"]),
+        )
     if "austin" in scenes:  # no training there
         with rasterio.open(austin / "aerial_sample_gt_mask.tif") as src:
             a_truth = src.read(1) > 0
@@ -410,45 +425,21 @@ def evaluate(
             ).to_dict(),
         }
     if "atlanta_east" in scenes:
-        atl_truth = building_truth(data, out, "atlanta_east")
         truth = clip_truth(
             data / "real" / "atlanta_buildings_rgb" / "atlanta_sn4_nadir10_buildings.geojson",
             scenes["atlanta_east"],
-            atl_truth,
+            building_truth(data, out, "atlanta_east"),
         )
-        m = pred / "atlanta_east.mask.tif"
-        scores["atlanta_east"] = {
-            "truth_buildings": len(truth),
-            "building_iou": pixel_iou(
-                predicted(m, classes, ("building", "building_contact")),
-                truth_mask(truth, scenes["atlanta_east"]),
-            ),
-            "f1_split": evaluate_buildings(
-                pred / "atlanta_east.buildings.geojson", atl_truth
-            ).to_dict(),
-            "f1_merged": evaluate_buildings(
-                merged / "atlanta_east.buildings.geojson", atl_truth
-            ).to_dict(),
-        }
+        scores["atlanta_east"] = polygon_scores(
+            "atlanta_east", truth, scenes["atlanta_east"], data, out, classes
+        )
     if "montenegro" in scenes:  # no training there
-        mn_truth = building_truth(data, out, "montenegro")
         with rasterio.open(scenes["montenegro"]) as src:
             mn_crs = src.crs
-        truth = gpd.read_file(mn_truth).to_crs(mn_crs)
-        m = pred / "montenegro_rgb.mask.tif"
-        scores["montenegro"] = {
-            "truth_buildings": len(truth),
-            "building_iou": pixel_iou(
-                predicted(m, classes, ("building", "building_contact")),
-                truth_mask(truth, scenes["montenegro"]),
-            ),
-            "f1_split": evaluate_buildings(
-                pred / "montenegro_rgb.buildings.geojson", mn_truth
-            ).to_dict(),
-            "f1_merged": evaluate_buildings(
-                merged / "montenegro_rgb.buildings.geojson", mn_truth
-            ).to_dict(),
-        }
+        truth = gpd.read_file(building_truth(data, out, "montenegro")).to_crs(mn_crs)
+        scores["montenegro"] = polygon_scores(
+            "montenegro", truth, scenes["montenegro"], data, out, classes
+        )
     rio = [k for k in scenes if k.startswith("rio_holdout/")]
     if rio:  # building masks merge touching buildings: pixel IoU only
         pairs = []
