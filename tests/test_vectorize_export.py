@@ -192,7 +192,7 @@ def test_polygons_geos_cannot_snap_are_made_valid_not_a_crash(tmp_path: Path) ->
     snapped = snap_to_grid(np.array([ok, bad]), 1e-7)
     assert snapped[0].equals(shapely.set_precision(ok, 1e-7))
     assert snapped[1].is_valid and abs(snapped[1].area / bad.area - 1) < 0.05
-    geoms = _geometries(np.array([ok, bad]), 7, "Polygon")
+    geoms = _geometries(np.array([ok, bad]), 7)
     assert geoms is not None and len(geoms) == 2
     assert geoms[0] == {
         "type": "Polygon",

@@ -40,13 +40,13 @@ def _column_values(col: np.ndarray) -> list[Any]:
     return [None if isinstance(v, float) and math.isnan(v) else v for v in out]
 
 
-def _geometries(g: np.ndarray, precision: int, geometry_type: str) -> list[Any] | None:
+def _geometries(g: np.ndarray, precision: int) -> list[Any] | None:
     """GeoJSON geometry objects of ``g``, coordinates rounded to ``precision`` decimals.
 
-    All geometries must be non-empty polygons or all linestrings (``geometry_type``); returns
-    None otherwise. Coordinates are rounded with numpy (no GEOS snapping); a geometry that
-    rounding would make invalid is snapped to the grid with :func:`shapely.set_precision`
-    instead, and written as what that gives (a polygon may become a multipolygon).
+    All geometries must be non-empty polygons or all linestrings; returns None otherwise.
+    Coordinates are rounded with numpy (no GEOS snapping); a geometry that rounding would make
+    invalid is snapped to the grid with :func:`shapely.set_precision` instead, and written as
+    what that gives (a polygon may become a multipolygon).
     """
     types = shapely.get_type_id(g)
     if len(g) == 0 or not ((types == 3).all() or (types == 1).all()):
@@ -64,7 +64,8 @@ def _geometries(g: np.ndarray, precision: int, geometry_type: str) -> list[Any] 
         rings, polys = offsets
         ring_xy = [xy[a:b] for a, b in zip(rings[:-1].tolist(), rings[1:].tolist(), strict=True)]
         parts = [ring_xy[a:b] for a, b in zip(polys[:-1].tolist(), polys[1:].tolist(), strict=True)]
-    out: list[Any] = [{"type": geometry_type, "coordinates": c} for c in parts]
+    name = "LineString" if kind == shapely.GeometryType.LINESTRING else "Polygon"
+    out: list[Any] = [{"type": name, "coordinates": c} for c in parts]
     if len(bad):
         snapped = snap_to_grid(g[bad], 10.0**-precision)
         if kind == shapely.GeometryType.POLYGON:
@@ -115,7 +116,7 @@ def render_geojson(
         g = shapely.orient_polygons(g, exterior_cw=False)
     keep = ~shapely.is_empty(g)
     g = g[keep]
-    geometries = _geometries(g, precision, geometry_type)
+    geometries = _geometries(g, precision)
     if geometries is None:
         snapped = snap_to_grid(g, 10.0**-precision)
         if geometry_type == "Polygon":
