@@ -49,6 +49,8 @@ CONTACT_THRESHOLDS = (0.2, 0.3, 0.4, 0.5)
 #: The valley-cut widths tried by default (metres; 0: no valley cut), and their depths.
 VALLEYS_M = (0.0, 1.5, 2.0, 3.0)
 VALLEY_DEPTHS = (0.1,)
+#: The building thresholds tried by default (0.5: the vectorizer's threshold).
+BUILDING_THRESHOLDS = (0.5, 0.6, 0.7)
 #: The road gap-bridging distances tried by default (metres; 0: no bridging).
 BRIDGES_M = (0.0, 5.0, 10.0, 15.0, 20.0, 30.0)
 
@@ -64,6 +66,7 @@ class TuneRow:
     fn: int
     valley_m: float = 0.0
     valley_depth: float | None = None
+    building_threshold: float = 0.5
 
     @property
     def precision(self) -> float:
@@ -93,7 +96,7 @@ class TuneResult:
     def best(self) -> TuneRow:
         """The highest F1; on a tie, the smaller minimum area, then the contact threshold
         nearest the vectorizer's default (0.4), then the narrower and deeper valley cut (the
-        fewest pixels cut)."""
+        fewest pixels cut), then the building threshold nearest the default (0.5)."""
         return max(
             self.rows,
             key=lambda r: (
@@ -102,6 +105,7 @@ class TuneResult:
                 -abs((r.contact_threshold or 0.4) - 0.4),
                 -r.valley_m,
                 r.valley_depth or 0.0,
+                -abs(r.building_threshold - 0.5),
             ),
         )
 
@@ -117,6 +121,7 @@ class TuneResult:
             contact_threshold=b.contact_threshold,
             valley_m=b.valley_m if self.valleys_tried else None,
             valley_depth=b.valley_depth,
+            building_threshold=b.building_threshold if self.thresholds_tried else None,
             chosen_on=f"{chosen_on}; {note}" if note else chosen_on,
         )
 
@@ -124,6 +129,11 @@ class TuneResult:
     def valleys_tried(self) -> bool:
         """Whether any row cut valleys (else the valley settings were not tuned)."""
         return any(r.valley_m for r in self.rows)
+
+    @property
+    def thresholds_tried(self) -> bool:
+        """Whether any row used a building threshold other than 0.5 (else it was not tuned)."""
+        return any(r.building_threshold != 0.5 for r in self.rows)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -196,8 +206,10 @@ def tune_buildings(
     progress: Callable[[int, int], None] | None = None,
     valleys_m: Sequence[float] = VALLEYS_M,
     valley_depths: Sequence[float] = VALLEY_DEPTHS,
+    building_thresholds: Sequence[float] = BUILDING_THRESHOLDS,
 ) -> TuneResult:
-    """Score every (minimum area, contact threshold, valley width and depth) on ``scenes``:
+    """Score every (minimum area, contact threshold, valley width and depth, building
+    threshold) on ``scenes``:
     pairs of a probability
     raster that ``bundle`` made (``<stem>.probs.tif`` of ``geoseg predict``) and a vector file
     of the true building footprints there (truth outside the raster is left out).
@@ -223,21 +235,24 @@ def tune_buildings(
         raise ConfigError(f"{bundle.path}: the model has no 'building' class to tune")
     widths = _checked_grid(valleys_m, "valley widths", 0.0, None)
     depths = _checked_grid(valley_depths, "valley depths", 1e-6, 1.0)
+    levels = _checked_grid(building_thresholds, "building thresholds", 1e-6, 1.0)
     valleys: list[tuple[float, float | None]] = [(w, d) for w in widths if w for d in depths]
     if 0.0 in widths:
         valleys.insert(0, (0.0, None))
     preds = _predictions(bundle, scenes)
     truths = [_truth(truth, pred) for pred, (_, truth) in zip(preds, scenes, strict=True)]
     names = [pred.stem for pred in preds]
-    total = len(areas) * len(contacts) * len(valleys) * len(preds)
+    total = len(areas) * len(contacts) * len(valleys) * len(levels) * len(preds)
     done = 0
     rows = []
     with tempfile.TemporaryDirectory(prefix="geoseg-tune-") as tmp:
-        for contact, (valley, depth), area in itertools.product(contacts, valleys, areas):
+        combos = itertools.product(levels, contacts, valleys, areas)
+        for level, contact, (valley, depth), area in combos:
             tp = fp = fn = 0
             for i, (pred, truth) in enumerate(zip(preds, truths, strict=True)):
                 given: dict[str, Any] = {
                     "min_area_m2": area,
+                    "building_threshold": level,
                     "layers": {"building": "polygons"},
                     "workers": 1,
                 }
@@ -256,7 +271,7 @@ def tune_buildings(
                 done += 1
                 if progress is not None:
                     progress(done, total)
-            rows.append(TuneRow(area, contact, tp, fp, fn, valley, depth))
+            rows.append(TuneRow(area, contact, tp, fp, fn, valley, depth, level))
     return TuneResult(rows, names)
 
 

@@ -205,8 +205,10 @@ def test_tune_chooses_the_best_settings_and_writes_them(tmp_path: Path, make_bun
     written = load_bundle(bundle)  # the weights' hash still holds
     assert written.sha256 == src.sha256
     assert written.spec.vectorize is not None
-    # the valley widths tried by default gain nothing on squares: none is chosen
-    assert written.spec.vectorize.settings() == {"min_area_m2": 10.0, "valley_m": 0.0}
+    # the valley widths and building thresholds tried by default gain nothing on squares:
+    # neither is chosen
+    settings = written.spec.vectorize.settings()
+    assert settings == {"min_area_m2": 10.0, "valley_m": 0.0, "building_threshold": 0.5}
     assert "F1 1.000" in written.spec.vectorize.chosen_on
     assert "town" in written.spec.vectorize.chosen_on
 

@@ -257,6 +257,13 @@ def _grid(value: str | None, name: str) -> list[float] | None:
     help="Valley-cut depths to try, comma-separated (default 0.1).",
 )
 @click.option(
+    "--building-threshold",
+    "levels",
+    default=None,
+    metavar="LIST",
+    help="Building probability thresholds to try, comma-separated (default 0.5,0.6,0.7).",
+)
+@click.option(
     "--bridge",
     "bridges",
     default=None,
@@ -279,12 +286,14 @@ def tune(
     contacts: str | None,
     valleys: str | None,
     valley_depths: str | None,
+    levels: str | None,
     bridges: str | None,
     write: bool,
     json_path: Path | None,
 ) -> None:
     """Choose BUNDLE's vectorizer settings on labelled scenes: for buildings (--scene) the
-    minimum area, contact threshold and valley cut by the SpaceNet F1, for roads (--road-scene) the
+    minimum area, contact threshold, valley cut and building threshold by the SpaceNet F1, for
+    roads (--road-scene) the
     gap-bridging distance by APLS. With --write they go into model.json (the settings of the
     kind not tuned stay as they were), where predict, vectorize and pipelines use them unless
     told otherwise. Tune on data the model was trained on or on other data of your own, never
@@ -294,6 +303,7 @@ def tune(
     from geoseg.models.bundle import VectorizeDefaults, load_bundle, write_spec
     from geoseg.tune import (
         BRIDGES_M,
+        BUILDING_THRESHOLDS,
         CONTACT_THRESHOLDS,
         MIN_AREAS_M2,
         VALLEY_DEPTHS,
@@ -310,12 +320,13 @@ def tune(
     distances = _grid(bridges, "--bridge") or BRIDGES_M
     widths = _grid(valleys, "--valley") or VALLEYS_M
     depths = _grid(valley_depths, "--valley-depth") or VALLEY_DEPTHS
+    bars = _grid(levels, "--building-threshold") or BUILDING_THRESHOLDS
     echo = partial(click.echo, err=True)
     progress = Progress("vectorizing buildings", echo, unit="run")
     road_progress = Progress("vectorizing roads", echo, unit="run")
     try:
         result = (
-            tune_buildings(b, scenes, areas, thresholds, progress, widths, depths)
+            tune_buildings(b, scenes, areas, thresholds, progress, widths, depths, bars)
             if scenes
             else None
         )
@@ -328,19 +339,25 @@ def tune(
     update: dict[str, Any] = {}
     if result is not None:
         best = result.best
-        click.echo("min area m²  contact  valley m / depth  F1     precision  recall  TP / FP / FN")
+        click.echo(
+            "threshold  min area m²  contact  valley m / depth  F1     precision  recall  "
+            "TP / FP / FN"
+        )
         for r in result.rows:
             mark = "  <- best" if r == best else ""
             contact = "-" if r.contact_threshold is None else f"{r.contact_threshold:g}"
             valley = f"{r.valley_m:g} / {r.valley_depth:g}" if r.valley_depth else "-"
             click.echo(
-                f"{r.min_area_m2:>11g}  {contact:>7}  {valley:>16}  {r.f1:.3f}  "
+                f"{r.building_threshold:>9g}  {r.min_area_m2:>11g}  {contact:>7}  {valley:>16}  "
+                f"{r.f1:.3f}  "
                 f"{r.precision:.3f}      {r.recall:.3f}   {r.tp} / {r.fp} / {r.fn}{mark}"
             )
         report.update(result.to_dict())
         fields = {"min_area_m2", "contact_threshold"}
         if result.valleys_tried:  # else the model's valley settings stay as they are
             fields |= {"valley_m", "valley_depth"}
+        if result.thresholds_tried:  # else the model's building threshold stays as it is
+            fields |= {"building_threshold"}
         update.update(result.defaults().model_dump(include=fields))
         update["chosen_on"] = result.defaults().chosen_on
     if roads is not None:

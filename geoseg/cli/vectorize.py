@@ -52,6 +52,14 @@ def vectorize_options(f: Any) -> Any:
             help="Probability threshold for a class (default 0.5).",
         ),
         click.option(
+            "--building-threshold",
+            type=click.FloatRange(0, 1, min_open=True),
+            default=None,
+            help="Probability threshold of building polygons, in place of --threshold: higher "
+            "parts neighbours that a yard or an alley barely separates (default: the model's "
+            "chosen value, else --threshold; needs the probabilities).",
+        ),
+        click.option(
             "--min-area",
             "min_area_m2",
             type=float,

@@ -95,6 +95,9 @@ class VectorizeDefaults(BaseModel):
     min_area_m2: float | None = Field(
         None, ge=0, description="Drop polygons smaller than this (square metres)."
     )
+    building_threshold: float | None = Field(
+        None, gt=0, le=1, description="The probability threshold of building polygons."
+    )
     contact_threshold: float | None = Field(
         None,
         gt=0,

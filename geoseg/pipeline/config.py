@@ -314,9 +314,9 @@ class PipelineConfig(_Strict):
     predict: PredictSettings = Field(default_factory=lambda: PredictSettings.model_validate({}))
     vectorize: VectorizeOptions = Field(
         default_factory=VectorizeOptions,
-        description="Vectorizer settings (threshold, min_area_m2, simplify_m, regularize, "
-        "spur_m, bridge_m, valley_m, valley_depth, road_polygons, precision, chunk, halo); see "
-        "geoseg.vectorize.VectorizeOptions.",
+        description="Vectorizer settings (threshold, building_threshold, min_area_m2, regularize, "
+        "simplify_m, spur_m, bridge_m, valley_m, valley_depth, road_polygons, precision, chunk, "
+        "halo); see geoseg.vectorize.VectorizeOptions.",
     )
     outputs: Outputs
     compute: Compute = Field(default_factory=lambda: LocalCompute.model_validate({}))
@@ -376,12 +376,13 @@ class PipelineConfig(_Strict):
                 | ({"backend"} if self.predict.backend == "auto" else set())
                 | ({"max_resample_ratio"} if self.predict.max_resample_ratio == 8.0 else set()),
             ),
-            # bridge_m and the valley cut only when set: pipelines hashed before they existed
-            # keep their hash
+            # bridge_m, the valley cut and building_threshold only when set: pipelines hashed
+            # before they existed keep their hash
             "vectorize": vectorize.model_dump(
                 mode="json",
                 exclude=({"bridge_m"} if not vectorize.bridge_m else set())
-                | ({"valley_m", "valley_depth"} if not vectorize.valley_m else set()),
+                | ({"valley_m", "valley_depth"} if not vectorize.valley_m else set())
+                | ({"building_threshold"} if vectorize.building_threshold is None else set()),
             ),
             # compress only when set: pipelines hashed before it existed keep their hash
             "outputs": self.outputs.model_dump(

@@ -41,6 +41,15 @@ class VectorizeOptions(BaseModel):
         le=1.0,
         description="A pixel is in a class when its probability >= this.",
     )
+    building_threshold: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="The threshold of the building class's polygons (building and, merged, "
+        "contact probability), in place of threshold: a higher one narrows buildings to their "
+        "surest pixels, which parts neighbours that a yard or an alley barely separates; None "
+        "= threshold. Needs the probabilities (a class mask is the likeliest class already).",
+    )
     min_area_m2: float = Field(
         default=2.0, ge=0.0, description="Drop polygons smaller than this (square metres)."
     )

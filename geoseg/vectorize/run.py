@@ -138,6 +138,13 @@ def _run(tasks: list[Task], client: Client | None, workers: int) -> Iterator[tup
         yield from stream_tasks(local, _call, iter(tasks), 2 * workers, "geoseg-vectorize")
 
 
+def _threshold(cls: str, options: VectorizeOptions) -> float:
+    """The probability threshold of class ``cls``'s polygons."""
+    if cls == "building" and options.building_threshold is not None:
+        return options.building_threshold
+    return options.threshold
+
+
 def _contact(
     pred: Prediction, cls: str, options: VectorizeOptions
 ) -> tuple[tuple[str, ...], tuple[str, float] | None]:
@@ -229,7 +236,7 @@ class _Vectorization:
                     frames,
                     cls,
                     layer,
-                    options.threshold,
+                    _threshold(cls, options),
                     options.min_area_m2,
                     options.simplify_m,
                     options.regularize and cls != "road",
