@@ -150,8 +150,9 @@ def geoseg(*args: str) -> None:
 def tune(args: argparse.Namespace) -> None:
     """``geoseg model tune`` on TRAINING parts of Banepa (x 0.5-0.75) and Atlanta (x 0-0.75),
     the two training scenes with building polygons, and of Las Vegas (x 0-0.75) and Paris
-    (y 0-0.6), the road scenes: the vectorizer's minimum area, contact threshold and road
-    gap-bridging distance are chosen without looking at held-out data."""
+    (y 0-0.6), the road scenes: the vectorizer's minimum area, contact threshold, valley cut,
+    building threshold and road gap-bridging distance are chosen without looking at held-out
+    data."""
     out: Path = args.out / "tune"
     out.mkdir(parents=True, exist_ok=True)
     banepa = args.shared / "data" / "open" / "banepa_buildings_rgb"
@@ -557,7 +558,7 @@ def main() -> None:
         "--tune",
         action="store_true",
         help="instead: geoseg model tune (minimum building area, contact threshold, valley cut,\n"
-        "road gap bridging) on TRAINING parts of Banepa, Atlanta, Las Vegas and Paris, without\n"
+        "building threshold, road gap bridging) on TRAINING parts of Banepa, Atlanta, Las Vegas and Paris, without\n"
         "looking at held-out data",
     )
     ap.add_argument(
