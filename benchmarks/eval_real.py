@@ -558,8 +558,8 @@ def main() -> None:
         "--tune",
         action="store_true",
         help="instead: geoseg model tune (minimum building area, contact threshold, valley cut,\n"
-        "building threshold, road gap bridging) on TRAINING parts of Banepa, Atlanta, Las Vegas and Paris, without\n"
-        "looking at held-out data",
+        "building threshold, road gap bridging) on TRAINING parts of Banepa, Atlanta, Las Vegas\n"
+        "and Paris, without looking at held-out data",
     )
     ap.add_argument(
         "--tune-args",

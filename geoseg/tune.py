@@ -209,10 +209,9 @@ def tune_buildings(
     building_thresholds: Sequence[float] = BUILDING_THRESHOLDS,
 ) -> TuneResult:
     """Score every (minimum area, contact threshold, valley width and depth, building
-    threshold) on ``scenes``:
-    pairs of a probability
-    raster that ``bundle`` made (``<stem>.probs.tif`` of ``geoseg predict``) and a vector file
-    of the true building footprints there (truth outside the raster is left out).
+    threshold) on ``scenes``: pairs of a probability raster that ``bundle`` made
+    (``<stem>.probs.tif`` of ``geoseg predict``) and a vector file of the true building
+    footprints there (truth outside the raster is left out).
 
     The contact thresholds apply only to a model with a ``building_contact`` class; the
     depths only to valley widths above 0 (width 0 is tried once, without a cut). Each

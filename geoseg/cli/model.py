@@ -258,7 +258,7 @@ def _grid(value: str | None, name: str) -> list[float] | None:
 )
 @click.option(
     "--building-threshold",
-    "levels",
+    "building_thresholds",
     default=None,
     metavar="LIST",
     help="Building probability thresholds to try, comma-separated (default 0.5,0.6,0.7).",
@@ -286,18 +286,17 @@ def tune(
     contacts: str | None,
     valleys: str | None,
     valley_depths: str | None,
-    levels: str | None,
+    building_thresholds: str | None,
     bridges: str | None,
     write: bool,
     json_path: Path | None,
 ) -> None:
     """Choose BUNDLE's vectorizer settings on labelled scenes: for buildings (--scene) the
     minimum area, contact threshold, valley cut and building threshold by the SpaceNet F1, for
-    roads (--road-scene) the
-    gap-bridging distance by APLS. With --write they go into model.json (the settings of the
-    kind not tuned stay as they were), where predict, vectorize and pipelines use them unless
-    told otherwise. Tune on data the model was trained on or on other data of your own, never
-    on the data you measure it on."""
+    roads (--road-scene) the gap-bridging distance by APLS. With --write they go into model.json
+    (the settings of the kind not tuned stay as they were), where predict, vectorize and
+    pipelines use them unless told otherwise. Tune on data the model was trained on or on other
+    data of your own, never on the data you measure it on."""
     from geoseg.cli.evaluate import write_report
     from geoseg.cli.options import Progress
     from geoseg.models.bundle import VectorizeDefaults, load_bundle, write_spec
@@ -320,13 +319,13 @@ def tune(
     distances = _grid(bridges, "--bridge") or BRIDGES_M
     widths = _grid(valleys, "--valley") or VALLEYS_M
     depths = _grid(valley_depths, "--valley-depth") or VALLEY_DEPTHS
-    bars = _grid(levels, "--building-threshold") or BUILDING_THRESHOLDS
+    levels = _grid(building_thresholds, "--building-threshold") or BUILDING_THRESHOLDS
     echo = partial(click.echo, err=True)
     progress = Progress("vectorizing buildings", echo, unit="run")
     road_progress = Progress("vectorizing roads", echo, unit="run")
     try:
         result = (
-            tune_buildings(b, scenes, areas, thresholds, progress, widths, depths, bars)
+            tune_buildings(b, scenes, areas, thresholds, progress, widths, depths, levels)
             if scenes
             else None
         )
