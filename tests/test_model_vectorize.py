@@ -13,8 +13,6 @@ import pyogrio
 import pytest
 import rasterio
 from click.testing import CliRunner
-from rasterio.features import shapes
-from shapely.geometry import shape
 
 from geoseg.cli import cli
 from geoseg.errors import InputError, ModelError
@@ -22,7 +20,7 @@ from geoseg.models.bundle import VectorizeDefaults, load_bundle, read_spec, spec
 from geoseg.pipeline.config import parse_pipeline
 from geoseg.vectorize import VectorizeOptions, vectorize_prediction
 from tests.conftest import write_tif
-from tests.vectorize_helpers import CLASSES, TILED, UTM, UTM_TRANSFORM
+from tests.vectorize_helpers import CLASSES, TILED, UTM, UTM_TRANSFORM, square_footprints
 
 #: Four 20 px (10 m) square buildings and four 4 px (2 m, 4 m²) specks: 0.5 m pixels.
 BIG = [(10, 10), (10, 50), (50, 10), (50, 50)]
@@ -54,14 +52,7 @@ def _probs(path: Path, model: str = "m@0123456789ab", **extra: str) -> Path:
 
 def _truth(path: Path) -> Path:
     """The four big buildings only: the specks are false positives."""
-    ids = np.zeros((100, 100), np.uint8)
-    for r, c in BIG:
-        ids[r : r + 20, c : c + 20] = 1
-    polys = [shape(g) for g, v in shapes(ids, mask=ids == 1, transform=UTM_TRANSFORM) if v == 1]
-    import geopandas as gpd
-
-    gpd.GeoDataFrame(geometry=polys, crs=UTM).to_file(path)
-    return path
+    return square_footprints(path, BIG)
 
 
 def _count(probs: Path, out: Path, **given: Any) -> int:

@@ -12,8 +12,6 @@ from typing import Any
 import numpy as np
 import pyogrio
 from click.testing import CliRunner
-from rasterio.features import shapes
-from shapely.geometry import shape
 
 from geoseg.cli import cli
 from geoseg.models.bundle import load_bundle
@@ -21,7 +19,7 @@ from geoseg.pipeline.config import parse_pipeline
 from geoseg.vectorize import VectorizeOptions, vectorize_prediction
 from tests.conftest import write_tif
 from tests.test_model_vectorize import PIPELINE
-from tests.vectorize_helpers import TILED, UTM, UTM_TRANSFORM, tags
+from tests.vectorize_helpers import TILED, UTM, UTM_TRANSFORM, square_footprints, tags
 
 #: Two 20 px (10 m) houses at 0.5 m, 6 px (3 m) apart, with a yard between them where the
 #: building probability is 0.55: one building at the 0.5 threshold, two at 0.6.
@@ -49,14 +47,7 @@ def _scene(tmp: Path, model: str = "m@0123456789ab", **extra: str) -> Path:
 
 def _truth(path: Path) -> Path:
     """The two houses, each on its own."""
-    import geopandas as gpd
-
-    ids = np.zeros((100, 100), np.uint8)
-    for r, c in HOUSES:
-        ids[r : r + 20, c : c + 20] = 1
-    polys = [shape(g) for g, v in shapes(ids, mask=ids == 1, transform=UTM_TRANSFORM) if v == 1]
-    gpd.GeoDataFrame(geometry=polys, crs=UTM).to_file(path)
-    return path
+    return square_footprints(path, HOUSES)
 
 
 def _layers(probs: Path, out: Path, **given: Any) -> tuple[Any, Any]:

@@ -85,3 +85,18 @@ def road_grid(size: int, spacing: int, width: int, offset: int = 0) -> np.ndarra
         m[start : start + width, 8 : size - 8] = True
         m[8 : size - 8, start : start + width] = True
     return m
+
+
+def square_footprints(path: Path, corners: list[tuple[int, int]], side: int = 20) -> Path:
+    """True footprints: a ``side`` px square from each (row, col) corner of a 100 x 100 px
+    grid at :data:`UTM_TRANSFORM`, each a polygon of its own, written to ``path``."""
+    import geopandas as gpd
+    from rasterio.features import shapes
+    from shapely.geometry import shape
+
+    ids = np.zeros((100, 100), np.uint8)
+    for r, c in corners:
+        ids[r : r + side, c : c + side] = 1
+    polys = [shape(g) for g, v in shapes(ids, mask=ids == 1, transform=UTM_TRANSFORM) if v == 1]
+    gpd.GeoDataFrame(geometry=polys, crs=UTM).to_file(path)
+    return path
