@@ -202,6 +202,8 @@ def test_tune_chooses_a_valley_cut_and_keeps_the_models_when_none_is_tried(
     )
     truth.to_file(tmp_path / "truth.gpkg")
     args = ["model", "tune", str(bundle), "--scene", str(probs), str(tmp_path / "truth.gpkg")]
+    # at the vectorizer's threshold: a building threshold of 0.7 would cut these 0.7 walls alone
+    args += ["--building-threshold", "0.5"]
     res = CliRunner().invoke(cli, [*args, "--min-area", "10", "--valley", "0,2", "--write"])
     assert res.exit_code == 0, res.output
     assert "2 / 0.1" in res.output
