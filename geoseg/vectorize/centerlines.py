@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 # scipy.sparse, scipy.spatial, scikit-image and networkx are imported where they are used:
 # they take most of a second to import, and polygon-only runs never need them.
 from geoseg.vectorize.geometry import Frames
-from geoseg.vectorize.source import Prediction, read_class
+from geoseg.vectorize.source import Prediction, read_class, with_context
 
 __all__ = [
     "CenterlineJob",
@@ -32,7 +32,6 @@ __all__ = [
     "build_centerlines",
     "skeleton_chunk",
     "trace_edges",
-    "with_context",
 ]
 
 
@@ -92,13 +91,6 @@ def _edge_background(fg: np.ndarray) -> np.ndarray:
     nb[:, 1:] |= fg[:, :-1]
     nb[:, :-1] |= fg[:, 1:]
     return nb & ~fg
-
-
-def with_context(core: Window, halo: int) -> Window:
-    """``core`` grown by ``halo`` pixels on every side: the window a skeleton task reads."""
-    return Window(
-        core.col_off - halo, core.row_off - halo, core.width + 2 * halo, core.height + 2 * halo
-    )
 
 
 def skeleton_chunk(job: CenterlineJob, core: Window) -> SkeletonPixels:

@@ -34,14 +34,13 @@ from geoseg.vectorize.centerlines import (
     SkeletonPixels,
     build_centerlines,
     skeleton_chunk,
-    with_context,
 )
 from geoseg.vectorize.export import LayerWriter
 from geoseg.vectorize.geometry import Frames, frames_for
 from geoseg.vectorize.options import CONTACT_CLASS, LayerOutput, VectorizeOptions, VectorizeOutputs
 from geoseg.vectorize.polygons import ChunkPolygons, PolygonJob, finish_polygons, polygonize_chunk
 from geoseg.vectorize.seams import SeamMerger
-from geoseg.vectorize.source import Prediction, inside, open_prediction
+from geoseg.vectorize.source import Prediction, inside, open_prediction, with_context
 
 if TYPE_CHECKING:
     from distributed import Client

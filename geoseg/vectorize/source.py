@@ -30,6 +30,7 @@ __all__ = [
     "open_prediction",
     "read_class",
     "read_valleys",
+    "with_context",
 ]
 
 
@@ -275,6 +276,14 @@ def read_class(
     return ClassWindow(fg, conf)
 
 
+def with_context(core: Window, halo: int) -> Window:
+    """``core`` grown by ``halo`` pixels on every side: the window a task reads when its
+    result needs that much context (a skeleton, a valley cut's closing)."""
+    return Window(
+        core.col_off - halo, core.row_off - halo, core.width + 2 * halo, core.height + 2 * halo
+    )
+
+
 def read_valleys(
     pred: Prediction, name: str, window: Window, size: int, depth: float
 ) -> np.ndarray:
@@ -291,8 +300,7 @@ def read_valleys(
     assert pred.probs is not None and size % 2 == 1
     r = size - 1
     h, w = int(window.height), int(window.width)
-    grown = Window(int(window.col_off) - r, int(window.row_off) - r, w + 2 * r, h + 2 * r)
-    p = _read_band(pred, pred.probs, pred.class_index(name) + 1, grown)
+    p = _read_band(pred, pred.probs, pred.class_index(name) + 1, with_context(window, r))
     closed = ndimage.grey_closing(p, size=(size, size))
     inner = (slice(r, r + h), slice(r, r + w))
     dip = closed[inner].astype(np.int16) - p[inner].astype(np.int16)
