@@ -815,6 +815,18 @@ def device_info() -> str:
     return (r.stdout or r.stderr).strip()
 
 
+def _copy_bundle(src: Path, dst: Path) -> bool:
+    """Copy bundle ``src`` (model.json, weights.safetensors) into ``dst``; False, copying
+    nothing, when either file is missing."""
+    names = ("model.json", "weights.safetensors")
+    if not all((src / name).exists() for name in names):
+        return False
+    dst.mkdir(exist_ok=True)
+    for name in names:
+        shutil.copyfile(src / name, dst / name)
+    return True
+
+
 def finish(
     folder: Path,
     out: Path,
@@ -832,12 +844,9 @@ def finish(
     if state.exists():
         shutil.copyfile(state, out / "history.json")
         history = json.loads(state.read_text()).get("history", [])
-    shipped = (bundle / "model.json").exists() and (bundle / "weights.safetensors").exists()
+    shipped = _copy_bundle(bundle, out / "model")
     text = ""
     if shipped:
-        (out / "model").mkdir(exist_ok=True)
-        for name in ("model.json", "weights.safetensors"):
-            shutil.copyfile(bundle / name, out / "model" / name)
         env = {k: v for k, v in env.items() if k != "PYTHONPROFILEIMPORTTIME"}
         r = subprocess.run(
             [sys.executable, "-m", "geoseg", "model", "info", str(out / "model")],
@@ -849,13 +858,8 @@ def finish(
         (out / "model_info.txt").write_text(text)
         print(text, end="")
         shipped = r.returncode == 0
-    averaged = folder / "model-averaged"  # a config with optim.average_from_epoch
-    if shipped and all(
-        (averaged / name).exists() for name in ("model.json", "weights.safetensors")
-    ):
-        (out / "model-averaged").mkdir(exist_ok=True)
-        for name in ("model.json", "weights.safetensors"):
-            shutil.copyfile(averaged / name, out / "model-averaged" / name)
+    if shipped:  # a config with optim.average_from_epoch wrote the averaged bundle too
+        _copy_bundle(folder / "model-averaged", out / "model-averaged")
     best = max(history, key=lambda h: h.get("score") or -1.0, default=None)
     summary = {
         "exit_code": code,  # 0: all epochs and the halo measurement done; 130: stopped, saved

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BRIDGES_M",
+    "BUILDING_THRESHOLDS",
     "CONTACT_THRESHOLDS",
     "MIN_AREAS_M2",
     "VALLEYS_M",
