@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -400,3 +401,41 @@ def test_demo_config_is_valid() -> None:
     labelled = [s.labelled() for s in cfg.scenes]
     assert labelled == [["building", "building_contact"], ["road"], ["road"]]
     assert all(s.holdout for s in cfg.scenes)
+
+
+def test_model_halo_measures_on_a_training_configs_scenes(tmp_path: Path) -> None:
+    """`geoseg model halo --samples-from CONFIG` measures on a window of each training scene,
+    as `geoseg train` does after training; a config with a missing scene is refused by name."""
+    from geoseg.train.loop import halo_samples
+
+    raw = _config(tmp_path)
+    config = tmp_path / "train.yml"
+    config.write_text(yaml.safe_dump(raw))
+    bundle = tmp_path / "bundle"
+    init = ["model", "init", str(bundle), "--encoder", "tu-resnet18", "--encoder-depth", "3"]
+    init += ["--decoder-channels", "16,8,8", "--bands", "1", "--dtype", "uint8", "--halo", "0"]
+    init += ["--classes", "background,building,road", "--scale", "255", "--chunk", "64"]
+    runner = CliRunner()
+    res = runner.invoke(cli, init)
+    assert res.exit_code == 0, res.output
+
+    samples = halo_samples(load_config(config), load_bundle(bundle).spec)
+    assert len(samples) == 1 and samples[0].shape == (1, 1152, 1152)
+    assert samples[0].dtype == np.float32 and np.isfinite(samples[0]).all()
+    assert np.ptp(samples[0]) > 0  # the scene's pixels, normalized, not an empty window
+
+    res = runner.invoke(cli, ["model", "halo", str(bundle), "--samples-from", str(config)])
+    assert res.exit_code == 0, res.output
+    found = re.search(r": seamless halo (\d+) px", res.output)
+    assert found, res.output
+    halo = int(found.group(1))
+    assert halo > 0 and halo % load_bundle(bundle).spec.stride == 0
+    res = runner.invoke(
+        cli, ["model", "halo", str(bundle), "--samples-from", str(config), "--write"]
+    )
+    assert res.exit_code == 0 and load_bundle(bundle).spec.halo == halo
+
+    raw["scenes"][0]["image"] = str(tmp_path / "missing.tif")
+    config.write_text(yaml.safe_dump(raw))
+    res = runner.invoke(cli, ["model", "halo", str(bundle), "--samples-from", str(config)])
+    assert res.exit_code != 0 and "missing.tif" in res.output, res.output

@@ -172,24 +172,39 @@ def import_(weights: Path, out: Path, **kw: Any) -> None:
     click.echo(f"wrote {bundle.path} ({bundle.ident}, halo {spec.halo} px)")
 
 
-def _measure(spec: ModelSpec, module: Any) -> int:
+def _measure(spec: ModelSpec, module: Any, samples: list[Any] | None = None) -> int:
     """The seamless halo of ``module`` as prediction runs it (behind the input filter)."""
     from geoseg.models.bundle import with_input_filter
     from geoseg.models.halo import bundle_halo
 
     click.echo("measuring the receptive field for a seamless halo …", err=True)
-    return bundle_halo(with_input_filter(module, spec), spec)
+    return bundle_halo(with_input_filter(module, spec), spec, samples=samples or ())
 
 
 @model.command("halo")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--write", is_flag=True, help="Store the measured halo in model.json.")
-def halo(bundle: Path, write: bool) -> None:
+@click.option(
+    "--samples-from",
+    "config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A training config (YAML): also measure on a window of each of its scenes, as "
+    "`geoseg train` does after training (real content can need a larger halo than the "
+    "synthetic inputs alone).",
+)
+def halo(bundle: Path, write: bool, config: Path | None) -> None:
     """Measure the halo (px) BUNDLE needs for tiled output to equal a whole-scene pass."""
     from geoseg.models.bundle import load_bundle, load_module, write_spec
 
     b = load_bundle(bundle)
-    measured = _measure(b.spec, load_module(b))
+    samples = None
+    if config is not None:
+        from geoseg.train.config import load_config
+        from geoseg.train.loop import halo_samples
+
+        samples = halo_samples(load_config(config), b.spec)
+    measured = _measure(b.spec, load_module(b), samples)
     click.echo(f"{b.ident}: seamless halo {measured} px (model.json says {b.spec.halo} px)")
     if write and measured != b.spec.halo:
         write_spec(b.path, b.spec.model_copy(update={"halo": measured}))

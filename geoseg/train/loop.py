@@ -24,6 +24,7 @@ from geoseg.errors import ConfigError, ModelError
 from geoseg.io.reader import read_padded
 from geoseg.models.bundle import (
     Bundle,
+    ModelSpec,
     build_module,
     check_weights,
     load_bundle,
@@ -73,6 +74,7 @@ __all__ = [
     "Speedups",
     "TrainResult",
     "TrainingStopped",
+    "halo_samples",
     "train",
 ]
 
@@ -574,24 +576,31 @@ def _fine_tune_start(cfg: TrainConfig) -> tuple[TrainConfig, Bundle]:
 
 def _store_seamless_halo(bundle: Bundle, cfg: TrainConfig) -> Bundle:
     """Measure the trained model's seamless halo on its training scenes; record it."""
-    from rasterio.windows import Window
-
     from geoseg.models.bundle import load_module, write_spec
     from geoseg.models.halo import bundle_halo
 
-    size = 128 + 2 * 512  # the measurement's core plus twice its largest halo, px
-    samples = []
-    for s in cfg.scenes:  # the first image of each scene (of a glob: the largest)
-        images = expand_scene(s)
-        scenes = [open_image(i.image, s.gsd_m) for i in images[:16]]
-        scene = max(scenes, key=lambda sc: sc.width * sc.height)
-        win = Window(scene.width // 2 - size // 2, scene.height // 2 - size // 2, size, size)
-        with no_georef_warning():
-            data, valid = read_padded(scene, win, bundle.spec.bands)
-        samples.append(bundle.spec.normalization.apply(data, valid))
+    samples = halo_samples(cfg, bundle.spec)
     halo = bundle_halo(load_module(bundle), bundle.spec, samples=samples)
     if halo == bundle.spec.halo:
         return bundle
     spec = bundle.spec.model_copy(update={"halo": halo})
     write_spec(bundle.path, spec)
     return Bundle(bundle.path, spec, bundle.sha256)
+
+
+def halo_samples(cfg: TrainConfig, spec: ModelSpec) -> list[np.ndarray]:
+    """A normalized window from the middle of each training scene (of a glob: the largest of
+    its first 16 images), large enough for the halo measurement's core and its largest halo."""
+    from rasterio.windows import Window
+
+    size = 128 + 2 * 512  # the measurement's core plus twice its largest halo, px
+    samples = []
+    for s in cfg.scenes:
+        images = expand_scene(s)
+        scenes = [open_image(i.image, s.gsd_m) for i in images[:16]]
+        scene = max(scenes, key=lambda sc: sc.width * sc.height)
+        win = Window(scene.width // 2 - size // 2, scene.height // 2 - size // 2, size, size)
+        with no_georef_warning():
+            data, valid = read_padded(scene, win, spec.bands)
+        samples.append(spec.normalization.apply(data, valid))
+    return samples
