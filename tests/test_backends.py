@@ -314,8 +314,9 @@ def test_one_compiled_network_per_stream_whatever_the_shapes(make_bundle: Any) -
 
 def test_the_cpu_chunk_with_openvino_follows_the_memory_budget(shipped: Any) -> None:
     """With OpenVINO on a CPU the chunk is the largest multiple of 512 px whose estimated peak
-    fits 1.5 GiB (the halo's share of the compute falls from 2.44x to 1.89x for the shipped
-    model's 288 px halo); test-time augmentation needs more memory per window, so a smaller
+    fits 1.5 GiB: for the shipped model's 352 px halo 1536 px in bf16 (the halo's share of the
+    compute falls from 2.85x to 2.13x), and the bundle's 1024 px in fp32, whose activations
+    take twice the memory; test-time augmentation needs more memory per window, so a smaller
     one; torch keeps the bundle's chunk; --chunk always wins."""
     from geoseg.engine import plan as engine_plan
     from geoseg.engine.plan import chunk_for, redundancy
@@ -325,12 +326,16 @@ def test_the_cpu_chunk_with_openvino_follows_the_memory_budget(shipped: Any) -> 
         width = height = 50_000
 
     spec = shipped.spec
+    halo = spec.halo
+    assert halo == 352
     ov = PredictOptions(device="cpu", backend="openvino", precision="bf16")
     chunk = chunk_for(spec, spec.halo, ov, Big())  # type: ignore[arg-type]
-    assert chunk == 1536 and redundancy(chunk, 288) < redundancy(spec.chunk, 288)
-    for precision in ("bf16", "fp32"):
+    assert chunk == 1536 and redundancy(chunk, halo) < redundancy(spec.chunk, halo)
+    for precision, expected in (("bf16", 1536), ("fp32", 1024)):
+        options = PredictOptions(device="cpu", backend="openvino", precision=precision)
+        assert chunk_for(spec, halo, options, Big()) == expected  # type: ignore[arg-type]
         factor = engine_plan.OPENVINO_PEAK_FACTOR[precision]
-        for side, fits in ((chunk + 2 * 288, True), (chunk + 512 + 2 * 288, False)):
+        for side, fits in ((expected + 2 * halo, True), (expected + 512 + 2 * halo, False)):
             need = engine_plan.CPU_BASE_BYTES + factor * engine_plan.forward_bytes_lower_bound(
                 spec, 1, side, side
             )

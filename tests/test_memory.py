@@ -186,6 +186,10 @@ def _banepa_mirrored(path: Path, size: int) -> Path:
     return write_tif(path, big, crs="EPSG:32645", transform=transform)
 
 
+class _Sized:
+    width = height = 3072
+
+
 @pytest.mark.slow  # about a minute: the shipped model on a 3072² scene, vectors included
 def test_the_shipped_model_stays_within_the_budget_in_every_process(tmp_path: Path) -> None:
     """`geoseg predict --vectorize` with the shipped model and the default backend (OpenVINO
@@ -237,7 +241,14 @@ def test_the_shipped_model_stays_within_the_budget_in_every_process(tmp_path: Pa
     thread.join()
     status, maxrss_kib = map(int, out.strip().splitlines()[-1].split()[1:])
     assert status == 0, out[-3000:]
-    assert "1536 px chunks for the 288 px halo" in out, out[-3000:]
+    from geoseg.engine.options import PredictOptions
+    from geoseg.engine.plan import chunk_for
+    from geoseg.models.bundle import load_bundle
+
+    spec = load_bundle(model).spec  # 1536 px in bf16 (native bf16 CPUs), 1024 px in fp32
+    options = PredictOptions(device="cpu", backend="openvino")
+    chunk = chunk_for(spec, spec.halo, options, _Sized())  # type: ignore[arg-type]
+    assert f"{chunk} px chunks for the {spec.halo} px halo" in out, out[-3000:]
     workers = [kib / 1024 for kib in peaks.values() if kib]
     assert workers, out[-3000:]  # the vectors ran in worker processes
     # wait4's figure is the largest of the process and its children: the main process's own

@@ -1,5 +1,5 @@
-"""Seams with the shipped model: ``data_samples/model`` (a trained EfficientNet-Lite0 U-Net,
-halo 288 model px) tiled in small chunks equals one whole-window pass on real crops, read at
+"""Seams with the shipped model: ``data_samples/model`` (a trained EfficientNet-Lite2 U-Net,
+halo 352 model px) tiled in small chunks equals one whole-window pass on real crops, read at
 the model's GSD (Banepa, 0.13 m on the ground) and as they are (Austin, 0.30 m)."""
 
 from __future__ import annotations

@@ -286,9 +286,18 @@ def test_validation_iou_weighs_every_scene_the_same(folder: Path, tmp_path: Path
     assert iou[1] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("name", ["train_cities.yml", "train_cities_aerial.yml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "train_cities.yml",
+        "train_cities_aerial.yml",
+        "train_cities_lite2.yml",
+        "train_cities_lite2_finetune.yml",
+    ],
+)
 def test_the_cities_config_reads_every_scene_and_never_austin(name: str) -> None:
-    """data_samples/train_cities.yml (and its variant with Banepa drawn more often) is valid;
+    """data_samples/train_cities.yml (and its variant with Banepa drawn more often, and the
+    shipped model's two Lite2 stages) is valid;
     where ../shared/data is present its globs pair every image with its mask, and no scene
     reads Austin, the unseen-city check."""
     from geoseg.train.config import load_config

@@ -91,9 +91,10 @@ CPU_BASE_BYTES = 400 * 2**20
 
 #: The peak of an OpenVINO forward pass plus the chunk's arrays around it (input, float
 #: probabilities, uint8 outputs), as a multiple of :func:`forward_bytes_lower_bound`, by
-#: precision. Measured on the shipped model (EfficientNet-Lite0 U-Net, 108 bytes per window
+#: precision. Measured on the Lite0 demo model (EfficientNet-Lite0 U-Net, 108 bytes per window
 #: pixel as that bound), end to end: 1.72x in bf16 (peak RSS 777 MiB at a 1600² window,
 #: 1130 MiB at 2112², 1461 MiB at 2624²); fp32 keeps 1.33x bf16's activations. With a margin.
+#: The Lite2 U-Net shipped since: estimated 1.35 GiB at a 2240² window in bf16, 1236 MiB measured.
 OPENVINO_PEAK_FACTOR = {"fp32": 2.3, "bf16": 1.9, "fp16": 1.9}
 
 

@@ -1,10 +1,10 @@
 """Inference backends behind :class:`geoseg.models.predictor.Predictor`: torch, and OpenVINO on
 CPUs.
 
-OpenVINO runs the shipped EfficientNet-Lite0 U-Net 2-3x faster than torch on a CPU at the same
-precision, and its speed per pixel does not drop as the window grows. A bundle's torch module
-is traced once and converted into OpenVINO's format with dynamic batch, height and width; the
-converted network is cached on disk (:func:`cache_root`), keyed by the weights' SHA-256, the
+OpenVINO runs the demo U-Nets (EfficientNet-Lite0, Lite2) 2-4x faster than torch on a CPU at
+the same precision, and its speed per pixel does not drop as the window grows. A bundle's torch
+module is traced once and converted into OpenVINO's format with dynamic batch, height and width;
+the converted network is cached on disk (:func:`cache_root`), keyed by the weights' SHA-256, the
 architecture and the library versions, so a batch of scenes converts once. Each window shape
 is compiled on first use for the asked precision; OpenVINO caches those compiled networks in
 the same folder.
