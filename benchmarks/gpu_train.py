@@ -351,11 +351,11 @@ def pack(args: argparse.Namespace) -> int:
 
     if GEOSEG_IGNORE != IGNORE:
         raise PackError(f"geoseg's IGNORE is {GEOSEG_IGNORE}, this script assumes {IGNORE}")
-    from geoseg.yamlio import safe_load_unique
+    from geoseg.train.config import read_config_mapping
 
     t0 = time.perf_counter()
     config = Path(args.config).resolve()
-    raw = safe_load_unique(config.read_text())
+    raw = read_config_mapping(config)  # with what it extends; paths made absolute
     root = Path(args.pack).resolve()
     build = root / "build"
     shutil.rmtree(build, ignore_errors=True)

@@ -439,3 +439,68 @@ def test_model_halo_measures_on_a_training_configs_scenes(tmp_path: Path) -> Non
     config.write_text(yaml.safe_dump(raw))
     res = runner.invoke(cli, ["model", "halo", str(bundle), "--samples-from", str(config)])
     assert res.exit_code != 0 and "missing.tif" in res.output, res.output
+
+
+def test_a_config_extends_another(tmp_path: Path) -> None:
+    """`extends: OTHER.yml` lays a config over another: mappings key by key, lists replaced,
+    `null` clears a key, each file's relative paths taken from its own folder; the result is
+    the same config as the written-out one, so a run's fingerprint does not change."""
+    raw = _config(tmp_path)
+    raw["snapshot"] = "snap.safetensors"
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    raw["out"] = "model"  # relative to base/
+    (base_dir / "base.yml").write_text(yaml.safe_dump(raw))
+    child = tmp_path / "child.yml"
+    child.write_text(
+        "extends: base/base.yml\n"
+        "model: {name: child, halo: 32}\n"
+        "optim: {epochs: 5}\n"
+        "chips: {size: 48}\n"
+        "snapshot: null\n"
+        "checkpoint: ckpt\n"  # relative to the child's folder
+    )
+    cfg = load_config(child)
+    assert (cfg.model.name, cfg.model.halo, cfg.model.encoder) == ("child", 32, "tu-resnet18")
+    assert (cfg.optim.epochs, cfg.optim.lr, cfg.optim.batch_size) == (5, 0.01, 8)
+    assert (cfg.chips.size, cfg.chips.stride) == (48, 16)
+    assert cfg.snapshot is None
+    assert cfg.out == base_dir / "model" and cfg.checkpoint == tmp_path / "ckpt"
+    assert cfg.scenes[0].image == str(tmp_path / "scene.tif")
+    written = dict(raw, snapshot=None, checkpoint=str(tmp_path / "ckpt"))
+    written["out"] = str(base_dir / "model")
+    written["model"] = {**raw["model"], "name": "child", "halo": 32}
+    written["optim"] = {**raw["optim"], "epochs": 5}
+    written["chips"] = {**raw["chips"], "size": 48}
+    assert cfg.fingerprint() == parse_config(written, "written").fingerprint()
+
+
+def test_extends_errors_name_the_files(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.yml", tmp_path / "b.yml"
+    a.write_text("extends: b.yml\n")
+    b.write_text("extends: a.yml\n")
+    with pytest.raises(ConfigError, match=r"a\.yml: extends b\.yml: .*b\.yml: extends a\.yml"):
+        load_config(a)
+    a.write_text("extends: missing.yml\n")
+    with pytest.raises(ConfigError, match=r"a\.yml: extends missing\.yml: .*cannot read config"):
+        load_config(a)
+    a.write_text("extends: [b.yml]\n")
+    with pytest.raises(ConfigError, match=r"a\.yml: extends must be the path of another"):
+        load_config(a)
+    b.write_text("- just a list\n")
+    a.write_text("extends: b.yml\n")
+    with pytest.raises(ConfigError, match=r"a\.yml: extends b\.yml, which is not a mapping"):
+        load_config(a)
+
+
+def test_the_shipped_models_configs_extend_the_six_city_config() -> None:
+    """train_cities_lite2.yml is train_cities.yml with the Lite2 encoder, and its second stage
+    starts from its bundle at a third of the learning rate, for 20 epochs."""
+    six = load_config(DATA / "train_cities.yml")
+    lite2 = load_config(DATA / "train_cities_lite2.yml")
+    second = load_config(DATA / "train_cities_lite2_finetune.yml")
+    assert lite2.model.encoder == "tu-tf_efficientnet_lite2" and lite2.snapshot is None
+    assert lite2.scenes == six.scenes and lite2.chips == six.chips
+    assert lite2.optim == six.optim and lite2.model.classes == six.model.classes
+    assert second.init == lite2.out and second.model == lite2.model
+    assert (second.optim.epochs, second.optim.lr) == (20, 0.0003)

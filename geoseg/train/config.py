@@ -28,6 +28,7 @@ __all__ = [
     "TrainConfig",
     "VectorLabels",
     "load_config",
+    "read_config_mapping",
 ]
 
 
@@ -466,16 +467,62 @@ def parse_config(raw: Any, source: str, base: Path | None = None) -> TrainConfig
 
 
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:
-    """Read and validate a YAML training config."""
+    """Read and validate a YAML training config (with the configs it ``extends``)."""
+    p = Path(path)
+    return parse_config(read_config_mapping(p), str(p))
+
+
+def read_config_mapping(path: Path) -> Any:
+    """A training config file as one mapping, its relative paths made absolute: with
+    ``extends: OTHER.yml`` (relative to the file), OTHER's mapping (itself read the same way)
+    with this file's keys laid over it, mappings key by key, anything else (lists included)
+    replaced; ``key: null`` clears a key that OTHER sets."""
+    return _read_extended(Path(path), ())
+
+
+def _read_yaml(p: Path) -> Any:
     import yaml
 
     from geoseg.yamlio import safe_load_unique
 
-    p = Path(path)
     try:
-        raw = safe_load_unique(p.read_text())
+        return safe_load_unique(p.read_text())
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config ({exc.strerror})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML ({exc})") from exc
-    return parse_config(raw, str(p), p.resolve().parent)
+
+
+def _read_extended(p: Path, chain: tuple[Path, ...]) -> Any:
+    raw = _read_yaml(p)
+    here = p.resolve()
+    if not isinstance(raw, dict) or "extends" not in raw:
+        return _resolve(raw, here.parent)
+    parent = raw.pop("extends")
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(
+            f"{p}: extends must be the path of another training config, got {parent!r}"
+        )
+    other = here.parent / parent
+    if other.resolve() in (*chain, here):
+        loop = " -> ".join(str(c) for c in (*chain, here, other.resolve()))
+        raise ConfigError(f"{p}: extends {parent}, which leads back to it ({loop})")
+    try:
+        base = _read_extended(other, (*chain, here))
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: extends {parent}: {exc}") from exc
+    if not isinstance(base, dict):
+        raise ConfigError(f"{p}: extends {parent}, which is not a mapping of settings")
+    return _overlay(base, _resolve(raw, here.parent))
+
+
+def _overlay(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _overlay(out[key], value)
+        elif value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
