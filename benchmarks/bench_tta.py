@@ -10,7 +10,7 @@ pixels whose class differs from the mode without augmentation. Time: the wall se
 ``geoseg predict --vectorize`` (one process for both scenes, start-up included; with
 ``--rounds`` > 1 the modes alternate their order and the median is kept), and the median
 seconds of one forward pass (``TorchPredictor``, the precision ``auto`` gives) on the first
-chunk window of Austin (chunk plus halo: 1600² px for the shipped model), modes interleaved.
+chunk window of Austin (chunk plus halo: 1728² px for the shipped model), modes interleaved.
 On a shared machine single figures drift: read the ratios, measured side by side.
 Writes ``<out>/tta.json``.
 """
