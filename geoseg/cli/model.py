@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -172,13 +172,13 @@ def import_(weights: Path, out: Path, **kw: Any) -> None:
     click.echo(f"wrote {bundle.path} ({bundle.ident}, halo {spec.halo} px)")
 
 
-def _measure(spec: ModelSpec, module: Any, samples: list[Any] | None = None) -> int:
+def _measure(spec: ModelSpec, module: Any, samples: Sequence[Any] = ()) -> int:
     """The seamless halo of ``module`` as prediction runs it (behind the input filter)."""
     from geoseg.models.bundle import with_input_filter
     from geoseg.models.halo import bundle_halo
 
     click.echo("measuring the receptive field for a seamless halo …", err=True)
-    return bundle_halo(with_input_filter(module, spec), spec, samples=samples or ())
+    return bundle_halo(with_input_filter(module, spec), spec, samples=samples)
 
 
 @model.command("halo")
@@ -198,7 +198,7 @@ def halo(bundle: Path, write: bool, config: Path | None) -> None:
     from geoseg.models.bundle import load_bundle, load_module, write_spec
 
     b = load_bundle(bundle)
-    samples = None
+    samples: Sequence[Any] = ()
     if config is not None:
         from geoseg.train.config import load_config
         from geoseg.train.loop import halo_samples
