@@ -6,7 +6,8 @@ keep out of training, runs
 
 - Banepa, eastern quarter (OpenAerialMap, OSM buildings): building pixel IoU, SpaceNet F1 at
   IoU >= 0.5, with touching buildings split (default) and merged (``--merge-touching``);
-- SpaceNet 3 Las Vegas, eastern quarter, and Paris, southern 40 %: road buffer IoU and APLS;
+- SpaceNet 3 Las Vegas, eastern quarter, and Paris, southern 40 %: road buffer IoU and APLS
+  (in-sample for the road gap bridging, which ``--tune`` chooses on these parts);
 - Inria Austin (0.30 m): building pixel IoU and F1 (its truth polygons merge touching
   buildings, so F1 there is measured against merged footprints);
 - SpaceNet 4 Atlanta, eastern quarter: building pixel IoU and F1;

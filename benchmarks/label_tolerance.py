@@ -14,6 +14,7 @@ needs no model: it reads the truth the way eval_real does.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import geopandas as gpd
@@ -32,11 +33,25 @@ from eval_real import (
     cut_scenes,
     truth_mask,
 )
+from rasterio.warp import transform
 from scipy import ndimage
 from skimage.morphology import disk
 
 #: The outline errors compared, in metres.
 ERRORS_M = (0.5, 1.0)
+
+
+def ground_px(src: rasterio.DatasetReader) -> float:
+    """Metres on the ground per pixel (along y) of an open raster: its own unit in a projected
+    CRS, corrected by the latitude's scale in Web Mercator, converted in a geographic one."""
+    res = abs(src.transform.e)
+    middle = (src.bounds.bottom + src.bounds.top) / 2
+    lat = transform(src.crs, "EPSG:4326", [src.bounds.left], [middle])[1][0]
+    if src.crs.is_geographic:
+        return res * 111_320
+    if src.crs.to_epsg() == 3857:
+        return res * math.cos(math.radians(lat))
+    return res
 
 
 def masks(data: Path, out: Path) -> dict[str, list[tuple[np.ndarray, np.ndarray, float]]]:
@@ -55,7 +70,9 @@ def masks(data: Path, out: Path) -> dict[str, list[tuple[np.ndarray, np.ndarray,
         / "atlanta_sn4_nadir10_buildings.geojson",
     }
     with rasterio.open(data / "real" / "austin_buildings_rgb" / "aerial_sample_gt_mask.tif") as src:
-        found["austin"] = [(src.read(1) > 0, np.ones((src.height, src.width), bool), src.res[0])]
+        found["austin"] = [
+            (src.read(1) > 0, np.ones((src.height, src.width), bool), ground_px(src))
+        ]
     for name in ("banepa_east", "atlanta_east", "montenegro"):
         image = scenes[name]
         if name in polygons:  # eval_real clips these to the held-out part
@@ -64,7 +81,7 @@ def masks(data: Path, out: Path) -> dict[str, list[tuple[np.ndarray, np.ndarray,
             truth = gpd.read_file(building_truth(data, out, name))
         with rasterio.open(image) as src:
             truth = truth.to_crs(src.crs)
-            px = abs(src.transform.a)
+            px = ground_px(src)
             shape = (src.height, src.width)
         found[name] = [(truth_mask(truth, image), np.ones(shape, bool), px)]
     found["rio_holdout"] = []
@@ -73,8 +90,7 @@ def masks(data: Path, out: Path) -> dict[str, list[tuple[np.ndarray, np.ndarray,
             truth_px = t.read(1) > 0
         with rasterio.open(scenes[f"rio_holdout/{stem}"]) as img:
             inside = img.read().any(axis=0)
-            # metres per pixel along y (the chips are in EPSG:4326)
-            px = abs(img.transform.e) * 111_320 if img.crs.is_geographic else abs(img.transform.e)
+            px = ground_px(img)
         found["rio_holdout"].append((truth_px, inside, px))
     found["dubai_tile2"] = []
     for key in sorted(k for k in scenes if k.startswith("dubai_tile2/")):
@@ -93,7 +109,7 @@ def tolerance(images: list[tuple[np.ndarray, np.ndarray, float]]) -> dict[str, f
     row: dict[str, float] = {}
     areas = []
     for truth, _, px in images:
-        labels, n = ndimage.label(truth)
+        labels, _ = ndimage.label(truth)
         areas.extend((np.bincount(labels.ravel())[1:] * px * px).tolist())
     row["grid_m"] = images[0][2]
     row["buildings"] = len(areas)

@@ -1,7 +1,10 @@
 """Road gap bridging (``geoseg vectorize --bridge``): APLS and buffer IoU at a grid of bridge
-distances, on the TRAINING parts of SpaceNet 3 Las Vegas (x 0-0.75) and Paris (y 0-0.6),
-where a distance is chosen, and on their held-out parts (x 0.75-1, y 0.6-1), which only
-report. The model predicts each part once; each distance vectorizes the same probabilities.
+distances, on the TRAINING parts of SpaceNet 3 Las Vegas (x 0-0.75) and Paris (y 0-0.6) and
+on their held-out parts (x 0.75-1, y 0.6-1). A model has learned its training parts' roads,
+which have few gaps there, so those parts hardly tell distances apart; ``eval_real.py --tune``
+chooses the distance on the held-out parts, and this script also scores each city at the
+distance chosen on the other cities' held-out parts, a figure that is not in-sample. The
+model predicts each part once; each distance vectorizes the same probabilities.
 
     python benchmarks/tune_roads.py data_samples/model [--out bench_out/roads]
         [--bridges 0,5,10,15,20,30] [--predict-args='--tta flips']
@@ -110,14 +113,14 @@ def main() -> None:
     print("chosen on the other cities' held-out parts (leave one city out):")
     for city in cities:
         others = [c for c in cities if c != city]
-        b = max(bridges, key=lambda b: (round(held_out(b, others), 9), -b))
-        crossed.append(held_out(b, [city]))
-        print(f"  {city}: {b:g} m (best on {', '.join(others)}): APLS {crossed[-1]:.3f}")
+        pick = max(bridges, key=lambda d: (round(held_out(d, others), 9), -d))
+        crossed.append(held_out(pick, [city]))
+        print(f"  {city}: {pick:g} m (best on {', '.join(others)}): APLS {crossed[-1]:.3f}")
     print(
         f"  mean APLS {sum(crossed) / len(crossed):.3f}, against {mean_apls(best, False):.3f} "
         f"at the training parts' choice ({best:g} m)"
     )
-    every = max(bridges, key=lambda b: (round(held_out(b, cities), 9), -b))
+    every = max(bridges, key=lambda d: (round(held_out(d, cities), 9), -d))
     print(f"best on every held-out part together: {every:g} m (APLS {held_out(every, cities):.3f})")
 
 
