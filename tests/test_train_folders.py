@@ -294,6 +294,7 @@ def test_validation_iou_weighs_every_scene_the_same(folder: Path, tmp_path: Path
         "train_cities_lite2.yml",
         "train_cities_lite2_finetune.yml",
         "train_cities_lite2_decoder.yml",
+        "train_cities_lite2_finetune_seed1.yml",
     ],
 )
 def test_the_cities_config_reads_every_scene_and_never_austin(name: str) -> None:
