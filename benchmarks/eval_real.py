@@ -168,9 +168,9 @@ def tune(args: argparse.Namespace) -> None:
     with rasterio.open(atlanta / "atlanta_sn4_nadir10_rgb.tif") as src:
         c1 = round(0.75 * src.width)
         a_img = crop(src.name, Window(0, 0, c1, src.height), out / "atlanta_train_part.tif")
-    clip_truth(banepa / "banepa_osm_buildings.geojson", b_img, out / "b.geojson")
-    clip_truth(atlanta / "atlanta_sn4_nadir10_buildings.geojson", a_img, out / "a.geojson")
     data = args.shared / "data"
+    clip_truth(polygon_source(data, "banepa_east"), b_img, out / "b.geojson")
+    clip_truth(polygon_source(data, "atlanta_east"), a_img, out / "a.geojson")
     v_img = road_part(data, "vegas", True, out / "vegas_held_out_part.tif")
     p_img = road_part(data, "paris", True, out / "paris_held_out_part.tif")
     clip_truth(road_files(data, "vegas")[1], v_img, out / "v.geojson")
@@ -264,6 +264,35 @@ def colour_mask(path: Path) -> np.ndarray:
 
     m = np.asarray(Image.open(path).convert("RGB")).astype(np.int64)
     return (m[..., 0] << 16) | (m[..., 1] << 8) | m[..., 2]
+
+
+def polygon_source(data: Path, name: str) -> Path:
+    """The footprints that held-out part ``name`` (banepa_east or atlanta_east) is clipped from."""
+    return {
+        "banepa_east": data / "open" / "banepa_buildings_rgb" / "banepa_osm_buildings.geojson",
+        "atlanta_east": data
+        / "real"
+        / "atlanta_buildings_rgb"
+        / "atlanta_sn4_nadir10_buildings.geojson",
+    }[name]
+
+
+def rio_truth(data: Path, stem: str, image: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Rio chip ``stem`` (``image``): its building mask, and the pixels scored (its black
+    off-image corners are not)."""
+    with rasterio.open(data / "real" / "rio_buildings_rgb" / "mask" / f"{stem}.tif") as t:
+        truth = t.read(1) > 0
+    with rasterio.open(image) as img:
+        inside = img.read().any(axis=0)
+    return truth, inside
+
+
+def dubai_truth(data: Path, stem: str) -> tuple[np.ndarray, np.ndarray]:
+    """Dubai held-out image ``stem``: its building pixels, and the pixels scored (labelled)."""
+    colours = colour_mask(
+        data / "real" / "dubai_landcover_rgb" / DUBAI_TILE / "masks" / f"{stem}.png"
+    )
+    return colours == DUBAI_BUILDING, ~np.isin(colours, DUBAI_UNLABELLED)
 
 
 def pooled_iou(pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
@@ -364,7 +393,6 @@ def evaluate(
     data = shared / "data"
     out.mkdir(parents=True, exist_ok=True)
     classes = load_bundle(model).spec.classes
-    banepa = data / "open" / "banepa_buildings_rgb"
     austin = data / "real" / "austin_buildings_rgb"
     scenes = cut_scenes(data, out, names)
     pred = out / "pred"
@@ -403,7 +431,7 @@ def evaluate(
     }
     if "banepa_east" in scenes:
         truth = clip_truth(
-            banepa / "banepa_osm_buildings.geojson",
+            polygon_source(data, "banepa_east"),
             scenes["banepa_east"],
             building_truth(data, out, "banepa_east"),
         )
@@ -432,7 +460,7 @@ def evaluate(
         }
     if "atlanta_east" in scenes:
         truth = clip_truth(
-            data / "real" / "atlanta_buildings_rgb" / "atlanta_sn4_nadir10_buildings.geojson",
+            polygon_source(data, "atlanta_east"),
             scenes["atlanta_east"],
             building_truth(data, out, "atlanta_east"),
         )
@@ -451,15 +479,10 @@ def evaluate(
         pairs = []
         for key in rio:
             stem = key.split("/", 1)[1]
-            with rasterio.open(data / "real" / "rio_buildings_rgb" / "mask" / f"{stem}.tif") as t:
-                truth_px = t.read(1) > 0
-            with rasterio.open(scenes[key]) as img:
-                inside = img.read().any(axis=0)  # black off-image corners are not scored
             pairs.append(
                 (
                     predicted(pred / f"{stem}.mask.tif", classes, ("building", "building_contact")),
-                    truth_px,
-                    inside,
+                    *rio_truth(data, stem, scenes[key]),
                 )
             )
         scores["rio_holdout"] = {"images": len(pairs), "building_iou": pooled_iou(pairs)}
@@ -468,16 +491,12 @@ def evaluate(
         pairs = []
         for key in dubai:
             stem = key.split("/", 1)[1]
-            colours = colour_mask(
-                data / "real" / "dubai_landcover_rgb" / DUBAI_TILE / "masks" / f"{stem}.png"
-            )
-            labelled = ~np.isin(colours, DUBAI_UNLABELLED)
             p = predicted(
                 pred / f"dubai_{DUBAI_TILE}_{stem}.mask.tif",
                 classes,
                 ("building", "building_contact"),
             )
-            pairs.append((p, colours == DUBAI_BUILDING, labelled))
+            pairs.append((p, *dubai_truth(data, stem)))
         scores["dubai_tile2"] = {
             "images": len(pairs),
             "gsd_m": DUBAI_GSD_M,

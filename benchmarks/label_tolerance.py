@@ -14,44 +14,35 @@ needs no model: it reads the truth the way eval_real does.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
 import rasterio
 from eval_real import (
-    DUBAI_BUILDING,
     DUBAI_GSD_M,
-    DUBAI_TILE,
-    DUBAI_UNLABELLED,
     REPO,
     RIO_HOLDOUT,
     building_truth,
     clip_truth,
-    colour_mask,
     cut_scenes,
+    dubai_truth,
+    polygon_source,
+    rio_truth,
     truth_mask,
 )
-from rasterio.warp import transform
 from scipy import ndimage
 from skimage.morphology import disk
+
+from geoseg.io.raster import ground_resolution
 
 #: The outline errors compared, in metres.
 ERRORS_M = (0.5, 1.0)
 
 
 def ground_px(src: rasterio.DatasetReader) -> float:
-    """Metres on the ground per pixel (along y) of an open raster: its own unit in a projected
-    CRS, corrected by the latitude's scale in Web Mercator, converted in a geographic one."""
-    res = abs(src.transform.e)
-    middle = (src.bounds.bottom + src.bounds.top) / 2
-    lat = transform(src.crs, "EPSG:4326", [src.bounds.left], [middle])[1][0]
-    if src.crs.is_geographic:
-        return res * 111_320
-    if src.crs.to_epsg() == 3857:
-        return res * math.cos(math.radians(lat))
-    return res
+    """Ground metres per pixel along y (rows) of an open raster, at its centre."""
+    return ground_resolution(src.crs, src.transform, src.width, src.height)[1]
 
 
 def masks(data: Path, out: Path) -> dict[str, list[tuple[np.ndarray, np.ndarray, float]]]:
@@ -62,23 +53,16 @@ def masks(data: Path, out: Path) -> dict[str, list[tuple[np.ndarray, np.ndarray,
         ("banepa_east", "austin", "atlanta_east", "rio_holdout", "dubai_tile2", "montenegro"),
     )
     found: dict[str, list[tuple[np.ndarray, np.ndarray, float]]] = {}
-    polygons = {
-        "banepa_east": data / "open" / "banepa_buildings_rgb" / "banepa_osm_buildings.geojson",
-        "atlanta_east": data
-        / "real"
-        / "atlanta_buildings_rgb"
-        / "atlanta_sn4_nadir10_buildings.geojson",
-    }
     with rasterio.open(data / "real" / "austin_buildings_rgb" / "aerial_sample_gt_mask.tif") as src:
         found["austin"] = [
             (src.read(1) > 0, np.ones((src.height, src.width), bool), ground_px(src))
         ]
     for name in ("banepa_east", "atlanta_east", "montenegro"):
         image = scenes[name]
-        if name in polygons:  # eval_real clips these to the held-out part
-            truth = clip_truth(polygons[name], image, out / f"{name.split('_')[0]}_truth.geojson")
-        else:
+        if name == "montenegro":
             truth = gpd.read_file(building_truth(data, out, name))
+        else:  # clipped to the held-out part, as eval_real does
+            truth = clip_truth(polygon_source(data, name), image, building_truth(data, out, name))
         with rasterio.open(image) as src:
             truth = truth.to_crs(src.crs)
             px = ground_px(src)
@@ -86,21 +70,14 @@ def masks(data: Path, out: Path) -> dict[str, list[tuple[np.ndarray, np.ndarray,
         found[name] = [(truth_mask(truth, image), np.ones(shape, bool), px)]
     found["rio_holdout"] = []
     for stem in RIO_HOLDOUT:
-        with rasterio.open(data / "real" / "rio_buildings_rgb" / "mask" / f"{stem}.tif") as t:
-            truth_px = t.read(1) > 0
-        with rasterio.open(scenes[f"rio_holdout/{stem}"]) as img:
-            inside = img.read().any(axis=0)
-            px = ground_px(img)
-        found["rio_holdout"].append((truth_px, inside, px))
-    found["dubai_tile2"] = []
-    for key in sorted(k for k in scenes if k.startswith("dubai_tile2/")):
-        stem = key.split("/", 1)[1]
-        colours = colour_mask(
-            data / "real" / "dubai_landcover_rgb" / DUBAI_TILE / "masks" / f"{stem}.png"
-        )
-        found["dubai_tile2"].append(
-            (colours == DUBAI_BUILDING, ~np.isin(colours, DUBAI_UNLABELLED), DUBAI_GSD_M)
-        )
+        image = scenes[f"rio_holdout/{stem}"]
+        with rasterio.open(image) as src:
+            px = ground_px(src)
+        found["rio_holdout"].append((*rio_truth(data, stem, image), px))
+    found["dubai_tile2"] = [
+        (*dubai_truth(data, key.split("/", 1)[1]), DUBAI_GSD_M)
+        for key in sorted(k for k in scenes if k.startswith("dubai_tile2/"))
+    ]
     return found
 
 
