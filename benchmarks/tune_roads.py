@@ -89,39 +89,42 @@ def main() -> None:
             f"{r['apls_truth_to_pred']:>6.3f} {r['apls_pred_to_truth']:>6.3f}"
         )
 
-    def mean_apls(b: float, train: bool) -> float:
-        got = [r["apls"] for r in rows if r["bridge_m"] == b and r["train"] == train]
+    training = [name for name, (_, _, train) in parts.items() if train]
+    held = [name for name in parts if name not in training]
+
+    def mean_apls(b: float, names: list[str]) -> float:
+        got = [r["apls"] for r in rows if r["bridge_m"] == b and r["part"] in names]
         return sum(got) / len(got)
 
-    best = max(bridges, key=lambda b: (mean_apls(b, True), -b))
+    def chosen(names: list[str]) -> float:
+        """The distance with the best mean APLS over ``names``; on a tie the shorter, as
+        ``geoseg model tune`` chooses."""
+        return max(bridges, key=lambda d: (round(mean_apls(d, names), 9), -d))
+
+    best = chosen(training)
     for b in bridges:
         mark = "  <- best on the training parts" if b == best else ""
         print(
-            f"bridge {b:g} m: mean APLS training parts {mean_apls(b, True):.3f}, "
-            f"held-out {mean_apls(b, False):.3f}{mark}"
+            f"bridge {b:g} m: mean APLS training parts {mean_apls(b, training):.3f}, "
+            f"held-out {mean_apls(b, held):.3f}{mark}"
         )
-
-    def held_out(b: float, cities: list[str]) -> float:
-        got = [r["apls"] for r in rows if r["bridge_m"] == b and r["part"] in cities]
-        return sum(got) / len(got)
 
     # The model learned its training parts' roads, which have few gaps there, so those parts
     # hardly tell distances apart. Choosing on the held-out part of the other cities, each
-    # city's own held-out part still only reports (ties: the shorter bridge).
-    cities = [f"{city}_held-out" for city in ROAD_SCENES]
+    # city's own held-out part still only reports.
     crossed = []
     print("chosen on the other cities' held-out parts (leave one city out):")
-    for city in cities:
-        others = [c for c in cities if c != city]
-        pick = max(bridges, key=lambda d: (round(held_out(d, others), 9), -d))
-        crossed.append(held_out(pick, [city]))
+    for city in held:
+        others = [c for c in held if c != city]
+        pick = chosen(others)
+        crossed.append(mean_apls(pick, [city]))
         print(f"  {city}: {pick:g} m (best on {', '.join(others)}): APLS {crossed[-1]:.3f}")
     print(
-        f"  mean APLS {sum(crossed) / len(crossed):.3f}, against {mean_apls(best, False):.3f} "
+        f"  mean APLS {sum(crossed) / len(crossed):.3f}, against {mean_apls(best, held):.3f} "
         f"at the training parts' choice ({best:g} m)"
     )
-    every = max(bridges, key=lambda d: (round(held_out(d, cities), 9), -d))
-    print(f"best on every held-out part together: {every:g} m (APLS {held_out(every, cities):.3f})")
+    every = chosen(held)
+    print(f"best on every held-out part together: {every:g} m (APLS {mean_apls(every, held):.3f})")
 
 
 if __name__ == "__main__":
